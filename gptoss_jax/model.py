@@ -1,0 +1,480 @@
+"""gpt-oss in Flax NNX: the whole architecture in one file.
+
+Implemented: RMSNorm with float32 math; YaRN RoPE (NTK-by-parts, no truncation of the ramp, the attention
+concentration folded into cos and sin, half-split rotation); grouped-query attention with a learned sink
+logit per query head and a 128-token window (including the current token) on sliding layers; router with
+bias, then top-k, then a softmax over the k; experts with interleaved gate/linear rows, the clamped SwiGLU
+with its +1, expert biases, MXFP4 weights kept packed and dequantized inside the expert computation; untied
+unembedding. bf16 by default, float32 for the exact mode; wherever the reference computes in float32
+(norms, RoPE tables, softmax), so do we.
+
+Axis letters used in every einsum and shape comment:
+  B batch, T query tokens, S key slots, D hidden, N query heads, K kv heads, G query heads per kv head
+  (N = K*G, query head n = k*G + g), H head dim, E experts, X selected experts (top-k), F expert width,
+  V vocabulary, C MXFP4 groups per row (in/32).
+
+The modules only create parameters and call the free functions below (`rms_norm`, `rope`, `attention`,
+`route`, `swiglu`, `moe`), so each piece is tested one to one against the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import mxfp4
+from .config import Config
+
+F32 = jnp.float32
+NEG_INF = -jnp.inf
+
+
+def _precision(dtype):
+    # float32 mode means float32 matmuls on every backend (TPU/GPU default to bf16/tf32 passes otherwise).
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
+
+
+def _einsum(spec, a, b, dtype):
+    """einsum with float32 accumulation, rounded once to `dtype` (what cuBLAS does in the reference)."""
+    out = jnp.einsum(spec, a, b, preferred_element_type=F32, precision=_precision(dtype))
+    return out.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ norms
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """y = x * rsqrt(mean(x^2) + eps) * scale, all in float32, cast back to x's dtype."""
+    t = x.astype(F32)
+    t = t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + eps)
+    return (t * scale.astype(F32)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- rope
+def rope_inv_freq(cfg: Config) -> tuple[np.ndarray, float]:
+    """YaRN inverse frequencies (H/2,) float32 and the attention concentration, as the reference computes.
+
+    low/high are NOT rounded (HF truncate=false): rounding them moves 2 of the 32 frequencies.
+    """
+    d = cfg.head_dim
+    base = np.float32(cfg.rope_theta)
+    freq = base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    s = cfg.rope_scaling_factor
+    if s <= 1.0:
+        return (1.0 / freq).astype(np.float32), 1.0
+    concentration = 0.1 * math.log(s) + 1.0
+    d_half = d / 2
+    low = d_half * math.log(cfg.initial_context_length / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(base)
+    high = d_half * math.log(cfg.initial_context_length / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+    if not 0 < low < high < d_half - 1:
+        raise ValueError(f"YaRN ramp out of range: low={low:.4f} high={high:.4f} for head_dim {d}")
+    interpolation = np.float32(1.0) / (np.float32(s) * freq)
+    extrapolation = np.float32(1.0) / freq
+    ramp = (np.arange(d_half, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    mask = np.float32(1) - np.clip(ramp, 0, 1)
+    inv_freq = interpolation * (1 - mask) + extrapolation * mask
+    return inv_freq.astype(np.float32), concentration
+
+
+def rope_cos_sin(positions: jax.Array, cfg: Config, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions (B,T) int -> cos, sin (B,T,H/2) in `dtype`; angles and trig in float32, then cast."""
+    inv_freq, conc = rope_inv_freq(cfg)
+    # An elementwise product, not a matmul: no bf16 pass can round the position (257 -> 256).
+    angles = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)
+    return (jnp.cos(angles) * conc).astype(dtype), (jnp.sin(angles) * conc).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split (NeoX) rotation: dim j pairs with j + H/2. x (B,T,...,H), cos/sin (B,T,H/2)."""
+    extra = x.ndim - cos.ndim
+    cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
+    sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------- attention
+def visible(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
+    """(B,T),(B,S) -> (B,T,S) bool. Negative key positions are empty/padding slots.
+
+    The window holds `window` keys INCLUDING the current one: keys q-window+1 .. q.
+    """
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    ok = (kp >= 0) & (kp <= qp)
+    if window:
+        ok &= kp > qp - window
+    return ok
+
+
+def attention_xla(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float):
+    """q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) f32 -> (B,T,K,G,H).
+
+    The sink is one extra logit per query head in the softmax, with no value: it joins the max and the
+    denominator, then is dropped, so the weights of the real keys sum to less than one.
+    """
+    dtype = q.dtype
+    s = _einsum("BTKGH,BSKH->BKGTS", q, k, dtype).astype(F32) * sm_scale
+    s = jnp.where(visible(q_pos, k_pos, window)[:, None, None], s, NEG_INF)
+    sink = jnp.broadcast_to(sinks.astype(F32)[None, :, :, None, None], s.shape[:-1] + (1,))
+    m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sink)
+    e = jnp.exp(s - m)
+    p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
+    return _einsum("BKGTS,BSKH->BTKGH", p.astype(dtype), v, dtype)
+
+
+def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, cfg: Config):
+    impl = _resolve(cfg.attention_impl)
+    if impl == "pallas":
+        from . import kernels
+
+        return kernels.attention(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale,
+                                 impl="pallas")  # fmt: skip
+    return attention_xla(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale)
+
+
+def _resolve(impl: str) -> str:
+    if impl == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return impl
+
+
+# -------------------------------------------------------------------------------------------------- moe
+def route(x: jax.Array, weight: jax.Array, bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """x (T,D), weight (D,E), bias (E) -> experts (T,X) int32, weights (T,X) in x.dtype.
+
+    Top-k of the biased logits FIRST, then a softmax over just those k (not softmax-then-top-k).
+    """
+    logits = _einsum("TD,DE->TE", x, weight, x.dtype) + bias.astype(x.dtype)
+    vals, idx = jax.lax.top_k(logits, k)
+    return idx.astype(jnp.int32), jax.nn.softmax(vals.astype(F32), axis=-1).astype(x.dtype)
+
+
+def swiglu(h: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """(..., 2F) interleaved [gate0, lin0, gate1, lin1, ...] -> (..., F).
+
+    The gate is clamped only from above; the linear half to [-limit, limit] and shifted by +1.
+    """
+    h = h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2)
+    gate, lin = h[..., 0], h[..., 1]
+    gate = jnp.minimum(gate, limit)
+    lin = jnp.clip(lin, -limit, limit)
+    return (gate * jax.nn.sigmoid(alpha * gate) * (lin + 1)).astype(h.dtype)
+
+
+def expert_weight(p: dict, name: str, e, dtype) -> jax.Array:
+    """Expert e's (out, in) weight for `name` in {"mlp1", "mlp2"}, dequantized here if packed.
+
+    `e` may be an int array of any shape (a gather of experts): the result has e.shape + (out, in).
+    """
+    if f"{name}_weight" in p:
+        return p[f"{name}_weight"][e].astype(dtype)
+    return mxfp4.dequantize(p[f"{name}_blocks"][e], p[f"{name}_scales"][e], dtype)
+
+
+def num_experts_of(p: dict) -> int:
+    return (p["mlp1_weight"] if "mlp1_weight" in p else p["mlp1_blocks"]).shape[0]
+
+
+def _expert_mlp(xs, w1, b1, w2, b2, cfg: Config):
+    """xs (...,D) with (...,2F,D)/(...,D,F) weights. Matmul, bias and SwiGLU each rounded to xs.dtype."""
+    dtype = xs.dtype
+    h = _einsum("...D,...FD->...F", xs, w1, dtype) + b1.astype(dtype)
+    a = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit)
+    return _einsum("...F,...DF->...D", a, w2, dtype) + b2.astype(dtype)
+
+
+def moe_experts_gather(x, idx, w, p, cfg: Config):
+    """Few tokens (decode): gather and dequantize only the selected experts' packed weights."""
+    dtype = x.dtype
+    w1 = expert_weight(p, "mlp1", idx, dtype)  # (T,X,2F,D)
+    w2 = expert_weight(p, "mlp2", idx, dtype)  # (T,X,D,F)
+    o = _expert_mlp(x[:, None, :], w1, p["mlp1_bias"][idx], w2, p["mlp2_bias"][idx], cfg)  # (T,X,D)
+    return jnp.einsum("TXD,TX->TD", o.astype(F32), w.astype(F32)).astype(dtype)
+
+
+def _tile_rows(m: int, e: int) -> int:
+    # About one tile per expert's average share, a power of two in [8, 256]: small enough that partly
+    # filled tiles waste little, large enough to keep the matmuls efficient.
+    avg = max(1, -(-m // e))
+    return int(min(256, max(8, 1 << (avg - 1).bit_length())))
+
+
+def moe_experts_grouped(x, idx, w, p, cfg: Config):
+    """Many tokens (prefill): sort the (token, expert) pairs by expert and run each expert's rows in tiles.
+
+    Each expert with tokens is dequantized once and multiplies only its own rows, so the work grows with
+    tokens x top-k, not with the number of experts (a dense all-experts product would be E/X times more).
+    Selections with idx outside [0, E) contribute nothing (used by expert parallelism for remote experts).
+    """
+    dtype = x.dtype
+    T, X = idx.shape
+    D = x.shape[-1]
+    E = num_experts_of(p)
+    M = T * X
+    flat = idx.reshape(M)
+    local = (flat >= 0) & (flat < E)
+    key = jnp.where(local, flat, E)  # remote selections sort to the end and are never computed
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=E + 1)[:E]
+    starts = jnp.cumsum(sizes) - sizes
+    tm = _tile_rows(M, E)
+    xs = jnp.concatenate([x[order // X], jnp.zeros((tm, D), dtype)], axis=0)  # (M+tm, D), slack for tiles
+    out = jnp.zeros((M + tm, D), dtype)
+
+    def expert(e, out):
+        def compute(out):
+            w1 = expert_weight(p, "mlp1", e, dtype)
+            w2 = expert_weight(p, "mlp2", e, dtype)
+            b1, b2 = p["mlp1_bias"][e], p["mlp2_bias"][e]
+            end = starts[e] + sizes[e]
+
+            def tile(j, out):
+                s = starts[e] + j * tm
+                o = _expert_mlp(jax.lax.dynamic_slice_in_dim(xs, s, tm), w1, b1, w2, b2, cfg)
+                keep = (s + jnp.arange(tm) < end)[:, None]  # rows past this expert belong to the next
+                cur = jax.lax.dynamic_slice_in_dim(out, s, tm)
+                return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, o, cur), s, 0)
+
+            return jax.lax.fori_loop(0, (sizes[e] + tm - 1) // tm, tile, out)
+
+        return jax.lax.cond(sizes[e] > 0, compute, lambda o: o, out)
+
+    out = jax.lax.fori_loop(0, E, expert, out)[:M]
+    wts = jnp.where(local, w.reshape(M), 0).astype(F32)[order]
+    combined = jnp.zeros((T, D), F32).at[order // X].add(out.astype(F32) * wts[:, None])
+    return combined.astype(dtype)
+
+
+def moe_experts_xla(x, idx, w, p, cfg: Config):
+    """Chooses the gather path when fewer selections than experts (decode), else the grouped path."""
+    if idx.shape[0] * idx.shape[1] < num_experts_of(p):
+        E = num_experts_of(p)
+        local = (idx >= 0) & (idx < E)
+        return moe_experts_gather(x, jnp.where(local, idx, 0), jnp.where(local, w, 0), p, cfg)
+    return moe_experts_grouped(x, idx, w, p, cfg)
+
+
+def moe(x: jax.Array, p: dict, cfg: Config) -> jax.Array:
+    """x (T,D) normed -> (T,D): route, then the selected experts."""
+    idx, w = route(x, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
+    return moe_experts(x, idx, w, p, cfg)
+
+
+def moe_experts(x, idx, w, p, cfg: Config):
+    if _resolve(cfg.moe_impl) == "pallas" and "mlp1_blocks" in p:
+        from . import kernels
+
+        return kernels.moe_experts(x, idx, w, p, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl="pallas")
+    return moe_experts_xla(x, idx, w, p, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def _param(rngs, shape, dtype, std=0.02):
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: Config, *, rngs: nnx.Rngs):
+        # The scale stays float32 (the reference upcasts it from bf16; the upcast is exact).
+        self.scale = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (dim,), F32))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Config, layer: int, *, rngs: nnx.Rngs):
+        D, K, G, H = cfg.hidden_size, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
+        dt = cfg.jax_dtype
+        self.cfg = cfg
+        self.window = cfg.sliding_window if cfg.sliding_layers[layer] else 0
+        self.norm = RMSNorm(D, cfg, rngs=rngs)
+        self.q_weight = _param(rngs, (D, K, G, H), dt)
+        self.q_bias = _param(rngs, (K, G, H), dt)
+        self.k_weight = _param(rngs, (D, K, H), dt)
+        self.k_bias = _param(rngs, (K, H), dt)
+        self.v_weight = _param(rngs, (D, K, H), dt)
+        self.v_bias = _param(rngs, (K, H), dt)
+        self.o_weight = _param(rngs, (K, G, H, D), dt)
+        self.o_bias = _param(rngs, (D,), dt)
+        self.sinks = _param(rngs, (K, G), F32, std=1.0)  # float32: exact upcast of the bf16 checkpoint
+
+    def __call__(self, x, cos, sin, q_pos, cache: dict | None):
+        """x (B,T,D); cache None (keys are these tokens) or this layer's cache dict -> (out, new cache)."""
+        cfg, dt = self.cfg, x.dtype
+        t = self.norm(x)
+        q = _einsum("BTD,DKGH->BTKGH", t, self.q_weight[...], dt) + self.q_bias[...]
+        k = _einsum("BTD,DKH->BTKH", t, self.k_weight[...], dt) + self.k_bias[...]
+        v = _einsum("BTD,DKH->BTKH", t, self.v_weight[...], dt) + self.v_bias[...]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            keys, vals, k_pos, new_cache = k, v, q_pos, None
+        else:
+            keys, vals, k_pos, new_cache = cache_attend_update(cache, k, v, q_pos, self.window)
+        o = attention(q, keys, vals, self.sinks[...], q_pos, k_pos, window=self.window, cfg=cfg)
+        y = _einsum("BTKGH,KGHD->BTD", o, self.o_weight[...], dt) + self.o_bias[...]
+        return x + y, new_cache
+
+
+def cache_attend_update(cache: dict, k, v, q_pos, window: int):
+    """Writes this chunk's k/v into the layer cache; returns what to attend over and the new cache.
+
+    Full layers: slots are global indices [index, index+T) of a buffer as long as the context.
+    Sliding layers: a ring of exactly `window` slots (slot = global index % window). The chunk attends over
+    ring-before-the-chunk + the chunk itself, so a chunk longer than the window still sees all its keys;
+    then the ring keeps the last `window` of them.
+    """
+    index, T = cache["index"], k.shape[1]
+    if not window:
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+        cp = jax.lax.dynamic_update_slice_in_dim(cache["pos"], q_pos, index, 1)
+        return ck, cv, cp, dict(cache, k=ck, v=cv, pos=cp)
+    W = cache["k"].shape[1]
+    keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+    vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+    k_pos = jnp.concatenate([cache["pos"], q_pos], axis=1)
+    n = min(T, W)
+    slots = (index + T - n + jnp.arange(n)) % W
+    new = dict(
+        cache,
+        k=cache["k"].at[:, slots].set(keys[:, W + T - n :]),
+        v=cache["v"].at[:, slots].set(vals[:, W + T - n :]),
+        pos=cache["pos"].at[:, slots].set(q_pos[:, T - n :]),
+    )
+    return keys, vals, k_pos, new
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+        dt = cfg.jax_dtype
+        self.cfg = cfg
+        self.norm = RMSNorm(D, cfg, rngs=rngs)
+        self.gate_weight = _param(rngs, (D, E), dt, std=0.5)
+        self.gate_bias = _param(rngs, (E,), dt)
+        for name, (rows, cols) in (("mlp1", (2 * F, D)), ("mlp2", (D, F))):
+            if cfg.expert_format == "mxfp4":
+                key = rngs.params()
+                blocks = jax.random.randint(key, (E, rows, cols // 32, 16), 0, 256).astype(jnp.uint8)
+                # exponent 2**-7 .. 2**-5 keeps random fp4 weights (|w| <= 6) at a sensible scale
+                scales = jax.random.randint(rngs.params(), (E, rows, cols // 32), 120, 123).astype(jnp.uint8)
+                setattr(self, f"{name}_blocks", nnx.Param(blocks))
+                setattr(self, f"{name}_scales", nnx.Param(scales))
+            else:
+                setattr(self, f"{name}_weight", _param(rngs, (E, rows, cols), dt))
+        self.mlp1_bias = _param(rngs, (E, 2 * F), dt)
+        self.mlp2_bias = _param(rngs, (E, D), dt)
+
+    def params(self) -> dict:
+        names = ("gate_weight", "gate_bias", "mlp1_bias", "mlp2_bias", "mlp1_blocks", "mlp1_scales",
+                 "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight")  # fmt: skip
+        return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
+
+    def __call__(self, x):
+        B, T, D = x.shape
+        y = moe(self.norm(x).reshape(B * T, D), self.params(), self.cfg)
+        return x + y.reshape(B, T, D)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Config, layer: int, *, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, layer, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, q_pos, cache):
+        x, cache = self.attn(x, cos, sin, q_pos, cache)
+        return self.mlp(x), cache
+
+
+class Transformer(nnx.Module):
+    """The whole model. `model(tokens)` -> float32 logits; `model.generate(...)` -> new tokens."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.jax_dtype
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dt, std=1.0)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.unembedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dt)
+
+    def hidden(self, tokens, positions, cache: dict | None = None):
+        """tokens (B,T) int32, positions (B,T) int32 (negative = padding) -> final-normed hidden (B,T,D)."""
+        dt = self.cfg.jax_dtype
+        x = self.embedding[...][tokens].astype(dt)
+        cos, sin = rope_cos_sin(positions, self.cfg, dt)
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            with jax.named_scope(f"layer{i}"):
+                lc = None if cache is None else dict(cache["layers"][i], index=cache["index"])
+                x, lc = block(x, cos, sin, positions, lc)
+                if lc is not None:
+                    lc.pop("index")
+                new_layers.append(lc)
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(cache, layers=new_layers, index=cache["index"] + tokens.shape[1])
+        return self.norm(x), new_cache
+
+    def logits(self, h):
+        """(…,D) -> float32 (…,V); rounded to the compute dtype first, as the reference returns them."""
+        return _einsum("...D,VD->...V", h, self.unembedding[...], h.dtype).astype(F32)
+
+    def __call__(self, tokens, positions=None):
+        """tokens int [B,T] (or [T]) -> float32 logits [B,T,V]. Full recompute, no cache."""
+        from .generate import check_tokens
+
+        tokens = check_tokens(tokens, self.cfg.vocab_size)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        h, _ = _forward_jit(self, tokens, positions)
+        return h
+
+    def generate(self, tokens, **kw):
+        """See `gptoss_jax.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, tokens, **kw)
+
+
+@nnx.jit
+def _forward_jit(model: Transformer, tokens, positions):
+    h, _ = model.hidden(tokens, positions)
+    return model.logits(h), None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def param_count(cfg: Config) -> int:
+    """Logical parameter count (a packed MXFP4 byte holds two parameters; scales are not parameters)."""
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        name = str(path[-2].key if hasattr(path[-1], "key") and path[-1].key == "value" else path[-1].key)
+        if name.endswith("_scales"):
+            continue
+        total += int(np.prod(leaf.shape)) * (2 if name.endswith("_blocks") else 1)
+    return total
+
+
+def param_bytes(cfg: Config, *, experts_only: bool = False) -> int:
+    """Bytes the parameters occupy in device memory (packed experts count their uint8 blocks + scales)."""
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        keys = "/".join(str(getattr(k, "key", k)) for k in path)
+        if experts_only and not any(s in keys for s in ("mlp1_", "mlp2_")):
+            continue
+        total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def abstract_model(cfg: Config) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: nothing allocated (for loading and planning)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+Params = dict[str, Any]

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random checkpoints in the real released layouts, written once per session.
+
+`tiny_cfg` uses distinct sizes on every axis (6 q heads, 2 kv heads, 5 experts, top-3, head_dim 16,
+hidden 64, expert width 96) and a sliding window of 8 so that short test sequences span several windows.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+from gptoss_jax.config import Config
+
+TEST_VOCAB = 1000
+TEST_WINDOW = 8
+
+
+def make_tiny_cfg(**kw) -> Config:
+    base = dict(vocab_size=TEST_VOCAB, sliding_window=TEST_WINDOW, pad_token_id=TEST_VOCAB - 1,
+                eos_token_ids=(TEST_VOCAB - 2,))  # fmt: skip
+    return Config.tiny(**(base | kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    return make_tiny_cfg()
+
+
+@pytest.fixture(scope="session")
+def hf_ckpt(tmp_path_factory, tiny_cfg):
+    """A 3-shard Hugging Face layout checkpoint (index + model-0000N-of-00002.safetensors)."""
+    from conversion.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf", tiny_cfg, layout="hf", shards=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def original_ckpt(tmp_path_factory, tiny_cfg):
+    """The same weights in OpenAI's original/ layout (fused qkv, 2 shards with the 120b naming)."""
+    from conversion.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "orig", tiny_cfg, layout="original", shards=2, seed=1)

@@ -98,10 +98,13 @@ class Config:
         return jnp.dtype(self.dtype)
 
     def replace(self, **kw) -> Config:
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        _check_known(kw)
         return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def _build(cls, args: dict, overrides: dict) -> Config:
+        _check_known(overrides)
+        return cls(**(args | overrides))
 
     def architecture_dict(self) -> dict:
         """The fields that describe the network (what a checkpoint stores), JSON-ready."""
@@ -158,7 +161,7 @@ class Config:
         base = dict(num_hidden_layers=24, num_experts=32, experts_per_token=4, vocab_size=201088,
                     hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
                     num_key_value_heads=8)  # fmt: skip
-        return cls(**(base | kw))
+        return cls._build(base, kw)
 
     @classmethod
     def gpt_oss_120b(cls, **kw) -> Config:
@@ -171,7 +174,7 @@ class Config:
         base = dict(num_hidden_layers=4, num_experts=5, experts_per_token=3, vocab_size=201088,
                     hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=6,
                     num_key_value_heads=2, sliding_window=128, initial_context_length=4096)  # fmt: skip
-        return cls(**(base | kw))
+        return cls._build(base, kw)
 
     @classmethod
     def preset(cls, name: str, **kw) -> Config:
@@ -191,7 +194,7 @@ class Config:
         for k in ("rms_norm_eps", "swiglu_alpha"):
             if k in d:
                 args[k] = d[k]
-        return cls(**(args | kw))
+        return cls._build(args, kw)
 
     @classmethod
     def from_hf_config(cls, d: dict, **kw) -> Config:
@@ -236,7 +239,7 @@ class Config:
             pad_token_id=d.get("pad_token_id") or 199999,
             eos_token_ids=tuple(sorted({*(eos if isinstance(eos, list) else [eos]), 199999, 200002, 200012})),
         )  # fmt: skip
-        return cls(**(args | kw))
+        return cls._build(args, kw)
 
     def to_hf_config(self) -> dict:
         """A Hugging Face `config.json` for this architecture (used to write synthetic checkpoints)."""
@@ -287,3 +290,9 @@ class Config:
 
     def to_original_config(self) -> dict:
         return {k: getattr(self, k) for k in ORIGINAL_KEYS}
+
+
+def _check_known(kw: dict) -> None:
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")

@@ -131,16 +131,18 @@ def rules(cfg: Config, layout: str, expert_format: str | None = None) -> list[Ru
     return R
 
 
-def check_sources(rule_list: list[Rule], available: dict[str, tuple[tuple[int, ...], str, str]]) -> None:
+def check_sources(rule_list: list[Rule], available: dict[str, tuple[tuple[int, ...], str, str]],
+                  where: str = "checkpoint", config: str = "the config") -> None:  # fmt: skip
     """available: source name -> (shape, safetensors dtype name, file). Raises CheckpointError on the first
-    missing, unexpected, wrong-shape or wrong-dtype tensor."""
+    missing, unexpected, wrong-shape or wrong-dtype tensor. `where` (the folder) and `config` (its
+    config.json) are named in the messages."""
     needed: dict[str, tuple] = {}
     for r in rule_list:
         for src, shape, dts in zip(r.sources, r.shapes, r.dtypes):
             needed[src] = (shape, dts)
     missing = [s for s in needed if s not in available]
     if missing:
-        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = sorted(s for s in available if s not in needed)
     if extra:
         raise CheckpointError(f"{available[extra[0]][2]}: unexpected tensor {extra[0]} (not part of this "
@@ -148,6 +150,7 @@ def check_sources(rule_list: list[Rule], available: dict[str, tuple[tuple[int, .
     for src, (shape, dts) in needed.items():
         got_shape, got_dtype, file = available[src]
         if tuple(got_shape) != tuple(shape):
-            raise CheckpointError(f"{file}: tensor {src} has shape {tuple(got_shape)}, expected {tuple(shape)}")
+            raise CheckpointError(f"{file}: tensor {src} has shape {tuple(got_shape)}, expected {tuple(shape)} "
+                                  f"from {config}")  # fmt: skip
         if got_dtype not in dts:
             raise CheckpointError(f"{file}: tensor {src} has dtype {got_dtype}, expected {' or '.join(dts)}")

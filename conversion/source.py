@@ -43,7 +43,7 @@ class Source:
 
     def rules(self, expert_format: str | None = None) -> list[keys.Rule]:
         r = keys.rules(self.config, self.layout, expert_format)
-        keys.check_sources(r, self.available())
+        keys.check_sources(r, self.available(), where=str(self.root), config=str(self.root / "config.json"))
         return r
 
     def read(self, rule: keys.Rule) -> np.ndarray:

@@ -97,11 +97,10 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
         raise ValueError(f"{path}: no such file or folder")
     try:
         from conversion import orbax_io  # the converter's Orbax format (issue: conversion)
-
-        if orbax_io.is_orbax_checkpoint(path):
-            return orbax_io.restore(path, mesh=mesh, **overrides)
     except ImportError:
-        pass
+        orbax_io = None
+    if orbax_io is not None and orbax_io.is_orbax_checkpoint(path):
+        return orbax_io.restore(path, mesh=mesh, **overrides)
     from conversion.safetensors import CheckpointError
     from conversion.source import open_source
 

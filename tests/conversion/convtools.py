@@ -1,0 +1,87 @@
+"""Helpers shared by the conversion tests: running the CLI, tampering with checkpoints, reading outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conversion.orbax_io import flatten
+from conversion.safetensors import SafetensorsFile, save_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(**extra) -> dict:
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    """`python -m conversion.cli ARGS` in a subprocess (the real exit code and stderr)."""
+    return subprocess.run([sys.executable, "-m", "conversion.cli", *map(str, args)], capture_output=True,
+        check=False,
+                          text=True, env=env or cli_env(), cwd=REPO, timeout=300, **kw)  # fmt: skip
+
+
+def read_all(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    f = SafetensorsFile(path)
+    out = {n: np.array(f.get(n)) for n in f.keys()}
+    meta = f.metadata
+    f.close()
+    return out, meta
+
+
+def rewrite(path: Path, fn) -> None:
+    """Rewrites one safetensors file with fn(tensors: dict) applied (fn edits the dict in place)."""
+    tensors, meta = read_all(path)
+    fn(tensors)
+    save_file(tensors, path, metadata=meta or None)
+
+
+def file_holding(folder: Path, tensor: str) -> Path:
+    for p in sorted(folder.glob("*.safetensors")):
+        if tensor in SafetensorsFile(p).keys():
+            return p
+    raise KeyError(tensor)
+
+
+def update_index(folder: Path, fn) -> None:
+    p = folder / "model.safetensors.index.json"
+    index = json.loads(p.read_text())
+    fn(index["weight_map"])
+    p.write_text(json.dumps(index))
+
+
+def orbax_arrays(dst: Path) -> dict[str, np.ndarray]:
+    """Every array of a converted checkpoint through a plain Orbax restore (nothing from gptoss_jax)."""
+    import orbax.checkpoint as ocp
+
+    return {
+        k: np.asarray(v) for k, v in flatten(ocp.StandardCheckpointer().restore(Path(dst) / "state")).items()
+    }
+
+
+def gptoss_metadata(dst: Path) -> dict:
+    return json.loads((Path(dst) / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]["gptoss"]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Bit-identical arrays (names, dtypes, shapes, bytes) and identical gpt-oss metadata."""
+    xa, xb = orbax_arrays(a), orbax_arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for k in xa:
+        assert same_bytes(xa[k], xb[k]), k
+    assert gptoss_metadata(a) == gptoss_metadata(b)
+
+
+def same_bytes(a, b) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))

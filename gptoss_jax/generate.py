@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
+from .sharding import CACHE_KV_AXES, CACHE_POS_AXES, cache_sharding, to_host, with_model_mesh
 
 F32 = jnp.float32
 
@@ -29,9 +30,10 @@ F32 = jnp.float32
 # ------------------------------------------------------------------------------------------- validation
 def check_tokens(tokens, vocab_size: int) -> jax.Array:
     """int [B,T] or [T] -> int32 [B,T]; ValueError naming the first id outside [0, vocab)."""
-    if isinstance(tokens, jax.core.Tracer):
+    try:
+        arr = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:  # inside jit: no values to check
         return tokens if tokens.ndim == 2 else tokens[None]
-    arr = np.asarray(tokens)
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] == 0:
@@ -71,11 +73,12 @@ def init_cache(cfg: Config, batch: int, length: int, dtype=None) -> dict:
     for sliding in cfg.sliding_layers:
         S = cfg.sliding_window if sliding and cfg.sliding_window else length
         layers.append({
-            "k": jnp.zeros((batch, S, K, H), dtype),
-            "v": jnp.zeros((batch, S, K, H), dtype),
-            "pos": jnp.full((batch, S), -1, jnp.int32),
+            # under a mesh each array is created already split (batch over data, kv heads over model)
+            "k": jnp.zeros((batch, S, K, H), dtype, device=cache_sharding(CACHE_KV_AXES, (batch, S, K, H))),
+            "v": jnp.zeros((batch, S, K, H), dtype, device=cache_sharding(CACHE_KV_AXES, (batch, S, K, H))),
+            "pos": jnp.full((batch, S), -1, jnp.int32, device=cache_sharding(CACHE_POS_AXES, (batch, S))),
         })  # fmt: skip
-    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+    return {"index": jnp.zeros((), jnp.int32, device=cache_sharding((), ())), "layers": layers}
 
 
 def cache_bytes(cfg: Config, batch: int, length: int, dtype=None) -> int:
@@ -200,6 +203,7 @@ def _trim(out: np.ndarray, stop: Sequence[int]) -> list[list[int]]:
     return res
 
 
+@with_model_mesh
 def generate(
     model,
     tokens,
@@ -236,8 +240,8 @@ def generate(
         done0 = jnp.zeros((len(rows),), bool)
         out, _ = _decode_loop(graphdef, state, first, jnp.asarray(lengths), cache, key, sp, stop_arr, done0,
                               max_new_tokens - 1, top_k, greedy)  # fmt: skip
-        return _trim(np.asarray(out), stop)
-    outs = [np.asarray(first)]
+        return _trim(to_host(out), stop)
+    outs = [to_host(first)]
     done = np.isin(outs[0], stop)
     callback(outs[0].tolist())
     tok, cur = first, jnp.asarray(lengths)
@@ -247,7 +251,7 @@ def generate(
         tok, cache = _decode_step(graphdef, state, tok, cur, cache, jax.random.fold_in(key, i), sp, top_k,
                                   greedy)  # fmt: skip
         cur = cur + 1
-        outs.append(np.asarray(tok))
+        outs.append(to_host(tok))
         callback(outs[-1].tolist())
         done |= np.isin(outs[-1], stop)
     return _trim(np.stack(outs, axis=1), stop)

@@ -1,0 +1,278 @@
+"""Memory planning: per-device bytes of weights and KV cache for a config on a mesh, nothing allocated.
+
+`plan(cfg, mesh_shape, context, batch)` walks the abstract model (`nnx.eval_shape`: shapes and dtypes only)
+and asks the sharding rule table (`sharding.param_spec`) what each device holds of every parameter, and
+`sharding.CACHE_KV_AXES` what it holds of the KV cache. So the figures follow the same rules `load(...,
+mesh=)` and `generate` place arrays by, including the replication fallback (a dimension that does not divide
+by its mesh axis is held whole on every device). No device is needed: any mesh shape can be planned on a
+laptop. `gptoss-jax info` is `add_info_arguments` + `run_info`.
+
+Not counted: activations (a prefill chunk's residual stream and attention scores, logits of the last
+position), experts dequantized on the fly during a step, and XLA's workspace. With the Pallas kernels they
+are small next to 120b's weights but not zero, which is why `--device-memory` reports the headroom left
+rather than a bare yes/no (the plain-XLA attention's scores for a long context are not small: see
+docs/sharding.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .sharding import (
+    CACHE_KV_AXES,
+    CACHE_POS_AXES,
+    MESH_AXES,
+    check_mesh_shape,
+    logical_spec,
+    param_spec,
+    parse_mesh,
+    shard_shape,
+)
+
+GiB = 1 << 30
+GROUPS = ("embedding", "attention", "router", "experts", "norms")
+
+
+def _group(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("embedding", "unembedding"):
+        return "embedding"
+    if leaf == "scale":
+        return "norms"
+    if leaf.startswith("gate_"):
+        return "router"
+    if leaf.startswith(("mlp1_", "mlp2_")):
+        return "experts"
+    return "attention"
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every parameter, as `loading.param_specs` gives, but traced for ONE layer
+    and repeated: every layer has the same parameter shapes (sliding or not), and tracing 36 layers of
+    120b through `nnx.eval_shape` takes many seconds."""
+    from .loading import param_specs
+
+    one = cfg.replace(
+        num_hidden_layers=1, layer_types=None if cfg.layer_types is None else cfg.layer_types[:1]
+    )
+    out = {}
+    for name, spec in param_specs(one).items():
+        entry = (tuple(spec.shape), np.dtype(spec.dtype))
+        if name.startswith("layers.0."):
+            for i in range(cfg.num_hidden_layers):
+                out[f"layers.{i}.{name[len('layers.0.') :]}"] = entry
+        else:
+            out[name] = entry
+    return out
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(math.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: int = 1) -> dict:
+    """Per-device memory of `cfg` on a mesh of `mesh_shape` ({"expert": 8} or "expert=4,model=2").
+
+    Returns a dict of plain numbers (bytes per device unless named otherwise):
+      weights {group: bytes} for embedding (+unembedding), attention, router, experts, norms;
+      weights_total, kv_cache, total (= weights_total + kv_cache);
+      weights_all_devices (sum over the devices: replicated parts counted once per device),
+      weights_one_copy (what `model.param_bytes(cfg)` gives), params (as `model.param_count(cfg)`),
+      kv_cache_one_copy (`generate.cache_bytes`), replicated_fallback (parameters left whole although their
+      rule names a mesh axis larger than 1, because a size does not divide), and the inputs.
+    """
+    from .generate import cache_bytes
+
+    shape = parse_mesh(mesh_shape) if isinstance(mesh_shape, str) else check_mesh_shape(mesh_shape)
+    for what, v in (("context", context), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    if context > cfg.context_length:
+        raise ValueError(f"context {context} exceeds the model's context length {cfg.context_length}")
+    n_dev = math.prod(shape.values())
+
+    weights = dict.fromkeys(GROUPS, 0)
+    all_devices = one_copy = params = 0
+    fallback: list[str] = []
+    for name, (shp, dtype) in abstract_params(cfg).items():
+        ps = param_spec(name, shp, shape, cfg)
+        local = _nbytes(shard_shape(shp, ps, shape), dtype)
+        weights[_group(name)] += local
+        all_devices += local * n_dev
+        one_copy += _nbytes(shp, dtype)
+        # as `model.param_count`: a packed byte holds two parameters; scales are not parameters
+        params += 0 if name.endswith("_scales") else math.prod(shp) * (2 if name.endswith("_blocks") else 1)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in fallback and _falls_back(name, shp, ps, shape, cfg):
+            fallback.append(leaf)
+
+    kv = 0
+    dt = cfg.jax_dtype
+    K, H = cfg.num_key_value_heads, cfg.head_dim
+    for sliding in cfg.sliding_layers:
+        S = min(cfg.sliding_window, context) if sliding and cfg.sliding_window else context
+        for axes, shp, dtype in ((CACHE_KV_AXES, (batch, S, K, H), dt), (CACHE_KV_AXES, (batch, S, K, H), dt),
+                                 (CACHE_POS_AXES, (batch, S), np.int32)):  # fmt: skip
+            kv += _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dtype)
+
+    total_w = sum(weights.values())
+    return {
+        "mesh": shape,
+        "devices": n_dev,
+        "context": int(context),
+        "batch": int(batch),
+        "dtype": cfg.dtype,
+        "expert_format": cfg.expert_format,
+        "weights": weights,
+        "weights_total": total_w,
+        "kv_cache": kv,
+        "total": total_w + kv,
+        "weights_all_devices": all_devices,
+        "weights_one_copy": one_copy,
+        "params": params,
+        "kv_cache_one_copy": cache_bytes(cfg, batch, context),
+        "replicated_fallback": fallback,
+    }
+
+
+def _falls_back(name, shape, spec, mesh_shape, cfg) -> bool:
+    # the rule table puts an axis of this parameter on a mesh axis > 1, but the spec left it whole
+    from .sharding import param_axes, param_rules
+
+    rules = param_rules(cfg, mesh_shape)
+    for ax, entry in zip(param_axes(name, len(shape)), tuple(spec) + (None,) * len(shape), strict=False):
+        rule = rules.get(ax)
+        mesh_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        if entry is None and any(mesh_shape.get(m, 1) > 1 for m in mesh_axes):
+            return True
+    return False
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.3f}M"
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:8.2f} GiB"
+
+
+def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = None) -> str:
+    """The plan as the table `gptoss-jax info` prints."""
+    mesh = ",".join(f"{a}={p['mesh'][a]}" for a in MESH_AXES)
+    experts = "packed MXFP4" if p["expert_format"] == "mxfp4" else f"dequantized {p['dtype']}"
+    head = f"{name + ' ' if name else ''}on mesh {mesh} ({p['devices']} device{'s' * (p['devices'] > 1)})"
+    lines = [
+        head,
+        (
+            f"  {_count(p['params'])} parameters, {p['dtype']} weights, experts {experts}; "
+            f"context {p['context']} x batch {p['batch']}"
+        ),
+        "per device:",
+    ]
+    labels = {"embedding": "embedding + unembedding", "attention": "attention", "router": "router",
+              "experts": f"experts ({experts})", "norms": "norms"}  # fmt: skip
+    for g in GROUPS:
+        lines.append(f"  {labels[g]:<34}{_gib(p['weights'][g])}")
+    lines.append(f"  {'weights':<34}{_gib(p['weights_total'])}")
+    lines.append(f"  {'KV cache':<34}{_gib(p['kv_cache'])}")
+    lines.append(f"  {'total':<34}{_gib(p['total'])}")
+    lines.append(f"all devices: weights {p['weights_all_devices'] / GiB:.2f} GiB "
+                 f"(one copy {p['weights_one_copy'] / GiB:.2f} GiB), "
+                 f"KV cache one copy {p['kv_cache_one_copy'] / GiB:.2f} GiB")  # fmt: skip
+    if p["replicated_fallback"]:
+        lines.append(
+            "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
+        )
+    if device_memory_gib is not None:
+        cap = device_memory_gib * GiB
+        left = cap - p["total"]
+        verdict = (f"fits, {left / GiB:.2f} GiB left for activations and XLA workspace" if left > 0
+                   else f"does NOT fit: {-left / GiB:.2f} GiB over")  # fmt: skip
+        lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `gptoss-jax info`."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="preset (gpt-oss-20b, gpt-oss-120b, tiny) or checkpoint folder (safetensors or Orbax)")  # fmt: skip
+    parser.add_argument(
+        "--model", dest="model_opt", default=None, metavar="MODEL", help="same as the positional"
+    )
+    parser.add_argument("--mesh", default="data=1,expert=1,model=1",
+                        help="mesh to plan for, e.g. expert=4,model=2 (axes data, expert, model; default one device)")  # fmt: skip
+    parser.add_argument("--context", type=int, default=None,
+                        help="KV cache length in tokens (default: the model's full context)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default=None,
+                        help="experts packed MXFP4 (default for presets) or dequantized to --dtype")  # fmt: skip
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="non-expert weights and KV cache dtype (default bfloat16, as load() uses)")  # fmt: skip
+    parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                        help="memory of one device in GiB: say whether the plan fits")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _config_for(model: str) -> Config:
+    path = Path(model)
+    if not path.exists():
+        if model in ("gpt-oss-20b", "gpt-oss-120b", "tiny"):
+            return Config.preset(model)
+        raise ValueError(
+            f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny) nor an existing checkpoint folder"
+        )
+    try:
+        from conversion import orbax_io
+
+        if orbax_io.is_orbax_checkpoint(path):
+            return orbax_io.stored_config(orbax_io.read_metadata(path))
+    except ImportError:
+        pass
+    from conversion.source import open_source
+
+    return open_source(path).config
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """`gptoss-jax info`: prints the plan; 0 on success, 2 on bad arguments (message on stderr)."""
+    try:
+        if args.model and args.model_opt and args.model != args.model_opt:
+            raise ValueError(f"two models given: {args.model!r} and --model {args.model_opt!r}")
+        model = args.model or args.model_opt
+        if not model:
+            raise ValueError(
+                "no model: give a preset (gpt-oss-20b, gpt-oss-120b, tiny) or a checkpoint folder"
+            )
+        cfg = _config_for(model)
+        kw = {}
+        if args.expert_format:
+            kw["expert_format"] = args.expert_format
+        kw["dtype"] = args.dtype or "bfloat16"  # what `load` uses unless told otherwise, whatever is stored
+        cfg = cfg.replace(**kw)
+        context = cfg.context_length if args.context is None else args.context
+        if args.device_memory is not None and not args.device_memory > 0:
+            raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
+        p = plan(cfg, parse_mesh(args.mesh), context, args.batch)
+    except (ValueError, OSError) as e:  # bad input or unreadable checkpoint (CheckpointError: a ValueError)
+        print(f"gptoss-jax info: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        if args.device_memory is not None:
+            p["device_memory"] = int(args.device_memory * GiB)
+            p["fits"] = p["total"] <= p["device_memory"]
+        print(json.dumps(p, indent=2))
+    else:
+        name = Path(model).name if Path(model).exists() else model
+        print(format_plan(p, name=name, device_memory_gib=args.device_memory))
+    return 0

@@ -1,0 +1,107 @@
+"""Multi-controller JAX on localhost: two processes with four CPU devices each form one global 8-device mesh.
+
+Each process runs `jax.distributed.initialize` (CPU collectives over gloo), restores the converted Orbax
+checkpoint onto the global mesh (every process reading only the shards its devices hold), computes the
+logits of a batch and a greedy generation, and gathers them to the host. Both processes must produce the
+logits and tokens of the single-device run in the pytest process.
+
+The worker is this file run as a script: `python tests/test_multihost.py WORKER_ARGS...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = np.random.default_rng(11).integers(0, 1000, (2, 13))  # 13 tokens > window 8
+NEW = 4
+MESH = "data=2,expert=2,model=2"  # data spans the two processes; expert and model stay inside each
+
+
+def _worker(process_id: int, num_processes: int, port: int, ckpt: str, out: str) -> None:
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=120)  # fmt: skip
+    import gptoss_jax
+    from gptoss_jax import sharding
+
+    assert jax.process_count() == num_processes and len(jax.local_devices()) == 4 and len(jax.devices()) == 8
+    mesh = sharding.make_mesh(MESH)
+    model = gptoss_jax.load(ckpt, dtype="float32", mesh=mesh, quiet=True)
+    emb = model.embedding[...]
+    assert not emb.is_fully_addressable and len(emb.addressable_shards) == 4  # this process: its devices only
+    logits = sharding.to_host(model(PROMPTS))
+    tokens = np.asarray(model.generate(PROMPTS, max_new_tokens=NEW), np.int32)
+    np.save(Path(out) / f"logits{process_id}.npy", logits)
+    np.save(Path(out) / f"tokens{process_id}.npy", tokens)
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_one_global_mesh(tmp_path):
+    from conftest import make_tiny_cfg
+
+    import gptoss_jax
+    from conversion.convert import Options, convert
+    from conversion.synthetic import write_checkpoint
+
+    cfg = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)
+    src = write_checkpoint(tmp_path / "hf", cfg, layout="hf", seed=5)
+    ckpt = tmp_path / "orbax"
+    convert(src, ckpt, Options(), quiet=True)
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = _free_port()
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, str(i), "2", str(port), str(ckpt), str(tmp_path)],
+                env=env,
+                stdout=stack.enter_context(open(logs[i], "w")),
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).parent.parent,
+            )
+            for i in range(2)
+        ]
+        # the single-device reference, computed here while the workers start
+        ref = gptoss_jax.load(ckpt, dtype="float32", quiet=True)
+        want = np.asarray(ref(PROMPTS))
+        want_tokens = np.asarray(ref.generate(PROMPTS, max_new_tokens=NEW), np.int32)
+
+        deadline = time.monotonic() + 300
+        try:
+            for p in procs:
+                p.wait(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {i} failed:\n{logs[i].read_text()[-4000:]}"
+    for i in range(2):
+        got = np.load(tmp_path / f"logits{i}.npy")
+        assert got.shape == want.shape
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < 1e-5, (i, err)
+        np.testing.assert_array_equal(np.load(tmp_path / f"tokens{i}.npy"), want_tokens)
+
+
+if __name__ == "__main__":
+    pid, nproc, port, ckpt_dir, out_dir = sys.argv[1:6]
+    _worker(int(pid), int(nproc), int(port), ckpt_dir, out_dir)

@@ -57,7 +57,7 @@ class Config:
     # --- runtime choices ---
     dtype: str = "bfloat16"  # compute and non-expert weight dtype; "float32" for the exact mode
     expert_format: str = "mxfp4"  # keep experts packed ("mxfp4") or dequantize them at load
-    attention_impl: str = "auto"  # "xla" | "pallas" | "auto" (pallas on GPU/TPU, xla on CPU)
+    attention_impl: str = "auto"  # "xla" | "pallas" | "auto": pallas only where validated (kernels.VALIDATED_PLATFORMS)
     moe_impl: str = "auto"
     prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of this many tokens
 

@@ -19,6 +19,7 @@ The modules only create parameters and call the free functions below (`rms_norm`
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any
 
@@ -27,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import mxfp4
+from . import kernels, mxfp4
 from .config import Config
+from .kernels.attention import attention_reference, visible  # noqa: F401 (visible: the attention mask)
+from .sharding import constrain, current_mesh, map_attention, moe_experts_sharded, with_model_mesh
 
 F32 = jnp.float32
-NEG_INF = -jnp.inf
 
 
 def _precision(dtype):
@@ -97,48 +99,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # -------------------------------------------------------------------------------------------- attention
-def visible(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
-    """(B,T),(B,S) -> (B,T,S) bool. Negative key positions are empty/padding slots.
-
-    The window holds `window` keys INCLUDING the current one: keys q-window+1 .. q.
-    """
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    ok = (kp >= 0) & (kp <= qp)
-    if window:
-        ok &= kp > qp - window
-    return ok
-
-
-def attention_xla(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float):
-    """q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) f32 -> (B,T,K,G,H).
-
-    The sink is one extra logit per query head in the softmax, with no value: it joins the max and the
-    denominator, then is dropped, so the weights of the real keys sum to less than one.
-    """
-    dtype = q.dtype
-    s = _einsum("BTKGH,BSKH->BKGTS", q, k, dtype).astype(F32) * sm_scale
-    s = jnp.where(visible(q_pos, k_pos, window)[:, None, None], s, NEG_INF)
-    sink = jnp.broadcast_to(sinks.astype(F32)[None, :, :, None, None], s.shape[:-1] + (1,))
-    m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sink)
-    e = jnp.exp(s - m)
-    p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
-    return _einsum("BKGTS,BSKH->BTKGH", p.astype(dtype), v, dtype)
+# One copy of the math: the XLA path is the kernels' reference (kernels/attention.py, with `visible`, the
+# (B,T),(B,S) -> (B,T,S) mask); it rounds where the torch reference does and the kernel tests compare to it.
+attention_xla = attention_reference
 
 
 def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, cfg: Config):
-    impl = _resolve(cfg.attention_impl)
-    if impl == "pallas":
-        from . import kernels
+    if _resolve(cfg.attention_impl) == "pallas":
 
-        return kernels.attention(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale,
-                                 impl="pallas")  # fmt: skip
+        def kernel(q, k, v, sinks, q_pos, k_pos):
+            return kernels.attention(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale,
+                                     impl="pallas")  # fmt: skip
+
+        return map_attention(kernel, q, k, v, sinks, q_pos, k_pos)  # a kernel is opaque to XLA's partitioner
     return attention_xla(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale)
 
 
 def _resolve(impl: str) -> str:
-    if impl == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
-    return impl
+    # "auto" -> the kernels only on backends where they were validated (kernels/_common.VALIDATED_PLATFORMS).
+    return kernels.resolve_impl(impl)
 
 
 # -------------------------------------------------------------------------------------------------- moe
@@ -187,12 +166,33 @@ def _expert_mlp(xs, w1, b1, w2, b2, cfg: Config):
 
 
 def moe_experts_gather(x, idx, w, p, cfg: Config):
-    """Few tokens (decode): gather and dequantize only the selected experts' packed weights."""
+    """Few tokens (decode): gather and dequantize only the selected experts' packed weights, token by token.
+
+    Per token, mlp1 of its X experts is ONE matrix-vector product (their (2F, D) weights stacked into
+    (X*2F, D)) and mlp2 is X products, each weight the left operand in its stored row-major layout. XLA:CPU
+    runs these as plain GEMVs; a batched einsum over (T, X) ran ~10x slower on CPU (a batched dot of small
+    operands), and so does anything that transposes a dequantized weight before the product.
+    Rounding as in `_expert_mlp`: each product rounded to x.dtype, the weighted sum over experts in float32.
+    """
     dtype = x.dtype
-    w1 = expert_weight(p, "mlp1", idx, dtype)  # (T,X,2F,D)
-    w2 = expert_weight(p, "mlp2", idx, dtype)  # (T,X,D,F)
-    o = _expert_mlp(x[:, None, :], w1, p["mlp1_bias"][idx], w2, p["mlp2_bias"][idx], cfg)  # (T,X,D)
-    return jnp.einsum("TXD,TX->TD", o.astype(F32), w.astype(F32)).astype(dtype)
+    X = idx.shape[1]
+
+    def one(args):
+        xt, it, wt = args  # (D,), (X,), (X,)
+        w1 = expert_weight(p, "mlp1", it, dtype)  # (X,2F,D)
+        w2 = expert_weight(p, "mlp2", it, dtype)  # (X,D,F)
+        h = _einsum("MD,D->M", w1.reshape(-1, w1.shape[-1]), xt, dtype).reshape(X, -1)
+        a = swiglu(h + p["mlp1_bias"][it].astype(dtype), cfg.swiglu_alpha, cfg.swiglu_limit)  # (X,F)
+        b2 = p["mlp2_bias"][it].astype(dtype)
+        out = jnp.zeros(xt.shape, F32)
+        for j in range(X):
+            o = _einsum("DF,F->D", w2[j], a[j], dtype) + b2[j]
+            out = out + o.astype(F32) * wt[j].astype(F32)
+        return out.astype(dtype)
+
+    if x.shape[0] == 1:  # batch-1 decode: no loop at all
+        return one((x[0], idx[0], w[0]))[None]
+    return jax.lax.map(one, (x, idx, w))
 
 
 def _tile_rows(m: int, e: int) -> int:
@@ -200,6 +200,16 @@ def _tile_rows(m: int, e: int) -> int:
     # filled tiles waste little, large enough to keep the matmuls efficient.
     avg = max(1, -(-m // e))
     return int(min(256, max(8, 1 << (avg - 1).bit_length())))
+
+
+# Largest transient dense copy of one layer's experts that `moe_experts_grouped` makes to dequantize them all
+# at once (gpt-oss-20b in bf16 is 1.6 GB; larger layers are dequantized expert by expert).
+DEQUANT_ALL_BYTES = 2 * 2**30
+
+
+def _dense_expert_bytes(p: dict, dtype) -> int:
+    n = sum(math.prod(p[f"{m}_blocks"].shape) * 2 for m in ("mlp1", "mlp2"))  # two values per packed byte
+    return n * jnp.dtype(dtype).itemsize
 
 
 def moe_experts_grouped(x, idx, w, p, cfg: Config):
@@ -222,6 +232,11 @@ def moe_experts_grouped(x, idx, w, p, cfg: Config):
     starts = jnp.cumsum(sizes) - sizes
     tm = _tile_rows(M, E)
     xs = jnp.concatenate([x[order // X], jnp.zeros((tm, D), dtype)], axis=0)  # (M+tm, D), slack for tiles
+    if "mlp1_blocks" in p and M >= 4 * E and _dense_expert_bytes(p, dtype) <= DEQUANT_ALL_BYTES:
+        # Enough tokens that nearly every expert is hit: dequantize them all in one vectorized pass instead
+        # of one small pass per expert inside the loop (2-3x faster on CPU); the dense copy is transient.
+        p = {k: v for k, v in p.items() if k.endswith("_bias")} | {
+            f"{n}_weight": mxfp4.dequantize(p[f"{n}_blocks"], p[f"{n}_scales"], dtype) for n in ("mlp1", "mlp2")}
     out = jnp.zeros((M + tm, D), dtype)
 
     def expert(e, out):
@@ -264,22 +279,32 @@ def moe(x: jax.Array, p: dict, cfg: Config) -> jax.Array:
 
 
 def moe_experts(x, idx, w, p, cfg: Config):
+    if current_mesh() is not None:  # expert parallel: each device runs its own experts, then one psum
+        return moe_experts_sharded(x, idx, w, p, cfg)
     if _resolve(cfg.moe_impl) == "pallas" and "mlp1_blocks" in p:
-        from . import kernels
-
-        return kernels.moe_experts(x, idx, w, p, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl="pallas")
+        return kernels.moe_experts(x, idx, w, p, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+                                   impl="pallas")  # fmt: skip
     return moe_experts_xla(x, idx, w, p, cfg)
 
 
 # ---------------------------------------------------------------------------------------------- modules
-def _param(rngs, shape, dtype, std=0.02):
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
+# Set while `abstract_model` builds a model: parameters are bare ShapeDtypeStructs, no random op is traced
+# (tracing every initializer under `nnx.eval_shape` took ~18 s for the 120b preset).
+_ABSTRACT = contextvars.ContextVar("abstract_params", default=False)
+
+
+def _init(fn, shape, dtype) -> nnx.Param:
+    return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) if _ABSTRACT.get() else fn().astype(dtype))
+
+
+def _param(rngs, shape, dtype, std=0.02, mean=0.0):
+    return _init(lambda: mean + std * jax.random.normal(rngs.params(), shape, F32), shape, dtype)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, cfg: Config, *, rngs: nnx.Rngs):
         # The scale stays float32 (the reference upcasts it from bf16; the upcast is exact).
-        self.scale = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (dim,), F32))
+        self.scale = _param(rngs, (dim,), F32, std=0.1, mean=1.0)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x):
@@ -359,12 +384,12 @@ class MoE(nnx.Module):
         self.gate_bias = _param(rngs, (E,), dt)
         for name, (rows, cols) in (("mlp1", (2 * F, D)), ("mlp2", (D, F))):
             if cfg.expert_format == "mxfp4":
-                key = rngs.params()
-                blocks = jax.random.randint(key, (E, rows, cols // 32, 16), 0, 256).astype(jnp.uint8)
+                bshape, sshape = (E, rows, cols // 32, 16), (E, rows, cols // 32)
+                blocks = _init(lambda: jax.random.randint(rngs.params(), bshape, 0, 256), bshape, jnp.uint8)
                 # exponent 2**-7 .. 2**-5 keeps random fp4 weights (|w| <= 6) at a sensible scale
-                scales = jax.random.randint(rngs.params(), (E, rows, cols // 32), 120, 123).astype(jnp.uint8)
-                setattr(self, f"{name}_blocks", nnx.Param(blocks))
-                setattr(self, f"{name}_scales", nnx.Param(scales))
+                scales = _init(lambda: jax.random.randint(rngs.params(), sshape, 120, 123), sshape, jnp.uint8)
+                setattr(self, f"{name}_blocks", blocks)
+                setattr(self, f"{name}_scales", scales)
             else:
                 setattr(self, f"{name}_weight", _param(rngs, (E, rows, cols), dt))
         self.mlp1_bias = _param(rngs, (E, 2 * F), dt)
@@ -405,13 +430,14 @@ class Transformer(nnx.Module):
     def hidden(self, tokens, positions, cache: dict | None = None):
         """tokens (B,T) int32, positions (B,T) int32 (negative = padding) -> final-normed hidden (B,T,D)."""
         dt = self.cfg.jax_dtype
-        x = self.embedding[...][tokens].astype(dt)
+        x = constrain(self.embedding[...][tokens].astype(dt), ("batch", "seq", "embed"))
         cos, sin = rope_cos_sin(positions, self.cfg, dt)
         new_layers = []
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer{i}"):
                 lc = None if cache is None else dict(cache["layers"][i], index=cache["index"])
                 x, lc = block(x, cos, sin, positions, lc)
+                x = constrain(x, ("batch", "seq", "embed"))  # block boundary: residual whole per device
                 if lc is not None:
                     lc.pop("index")
                 new_layers.append(lc)
@@ -422,8 +448,10 @@ class Transformer(nnx.Module):
 
     def logits(self, h):
         """(…,D) -> float32 (…,V); rounded to the compute dtype first, as the reference returns them."""
-        return _einsum("...D,VD->...V", h, self.unembedding[...], h.dtype).astype(F32)
+        out = _einsum("...D,VD->...V", h, self.unembedding[...], h.dtype).astype(F32)
+        return constrain(out, ("batch",) + (None,) * (h.ndim - 2) + ("vocab",))
 
+    @with_model_mesh
     def __call__(self, tokens, positions=None):
         """tokens int [B,T] (or [T]) -> float32 logits [B,T,V]. Full recompute, no cache."""
         from .generate import check_tokens
@@ -448,25 +476,25 @@ def _forward_jit(model: Transformer, tokens, positions):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _abstract_params(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
+
+
 def param_count(cfg: Config) -> int:
     """Logical parameter count (a packed MXFP4 byte holds two parameters; scales are not parameters)."""
-    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        name = str(path[-2].key if hasattr(path[-1], "key") and path[-1].key == "value" else path[-1].key)
-        if name.endswith("_scales"):
-            continue
-        total += int(np.prod(leaf.shape)) * (2 if name.endswith("_blocks") else 1)
+    for name, leaf in _abstract_params(cfg).items():
+        if not name.endswith("_scales"):
+            total += int(np.prod(leaf.shape)) * (2 if name.endswith("_blocks") else 1)
     return total
 
 
 def param_bytes(cfg: Config, *, experts_only: bool = False) -> int:
     """Bytes the parameters occupy in device memory (packed experts count their uint8 blocks + scales)."""
-    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        keys = "/".join(str(getattr(k, "key", k)) for k in path)
-        if experts_only and not any(s in keys for s in ("mlp1_", "mlp2_")):
+    for name, leaf in _abstract_params(cfg).items():
+        if experts_only and ".mlp.mlp" not in name:
             continue
         total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
     return total
@@ -474,7 +502,11 @@ def param_bytes(cfg: Config, *, experts_only: bool = False) -> int:
 
 def abstract_model(cfg: Config) -> Transformer:
     """The model with ShapeDtypeStruct leaves: nothing allocated (for loading and planning)."""
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    token = _ABSTRACT.set(True)
+    try:
+        return Transformer(cfg, rngs=nnx.Rngs(0))
+    finally:
+        _ABSTRACT.reset(token)
 
 
 Params = dict[str, Any]

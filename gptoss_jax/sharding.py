@@ -310,7 +310,7 @@ def moe_experts_sharded(x, idx, w, p: dict, cfg: Config):
     partial outputs are summed over the expert and model axes with one psum in float32 (the reference
     combines the top-k outputs in float32). Tokens stay split over `data` when their count divides.
     """
-    from .model import _resolve, moe_experts
+    from .model import moe_experts
 
     mesh = current_mesh()
     mshape = dict(mesh.shape)
@@ -320,18 +320,11 @@ def moe_experts_sharded(x, idx, w, p: dict, cfg: Config):
     tok = logical_spec(("batch", None), x.shape, mshape)
     tok_x = logical_spec(("batch", None), idx.shape, mshape)
     dtype = x.dtype
-    # The Pallas kernel (kernels.moe_experts) does not skip ids outside [0, E_local); it gets them pointed at
-    # local expert 0 with weight 0 instead (right, but it then computes every selection, not only local ones).
-    kernel = _resolve(cfg.moe_impl) == "pallas" and "mlp1_blocks" in p
-
     def local(x, idx, w, p):
         p = dict(p)
         if e_axes:
             n_local = p["mlp1_bias"].shape[0]
-            idx = idx - jax.lax.axis_index(e_axes) * n_local
-            if kernel:
-                mine = (idx >= 0) & (idx < n_local)
-                idx, w = jnp.where(mine, idx, 0), jnp.where(mine, w, jnp.zeros_like(w))
+            idx = idx - jax.lax.axis_index(e_axes) * n_local  # other devices' experts fall outside [0, n_local)
         if f_axes:
             # every width slice yields a partial sum; the output bias must be added by one of them only
             first = jax.lax.axis_index(f_axes) == 0

@@ -1,0 +1,39 @@
+"""Pallas kernels for gpt-oss, one file per op, each beside its plain-jnp reference.
+
+- `attention.py`: prefill flash attention and cache decode attention (sinks, sliding window, GQA).
+- `mxfp4_matmul.py`: MoE experts as grouped matmuls over packed MXFP4 weights (decode and prefill tiles).
+- `_common.py`: `resolve_impl` ("auto" -> the kernels only on validated backends), platform choice, padding.
+
+`attention` and `moe_experts` are the dispatchers the model calls (impl "xla" | "pallas" | "auto"); on CPU
+"pallas" runs the kernels in interpret mode. Note `kernels.attention` is the dispatcher function; import
+the module's other names with `from gptoss_jax.kernels.attention import ...`.
+"""
+
+from ._common import VALIDATED_PLATFORMS, KernelNotApplicable, resolve_impl
+from .attention import (
+    BlockSizes,
+    attention,
+    attention_reference,
+    decode_attention,
+    flash_attention,
+)
+from .mxfp4_matmul import BlockSizes as MoEBlockSizes
+from .mxfp4_matmul import moe_experts, moe_experts_pallas, moe_experts_reference
+
+references = {"attention": attention_reference, "moe_experts": moe_experts_reference}
+
+__all__ = [
+    "VALIDATED_PLATFORMS",
+    "BlockSizes",
+    "KernelNotApplicable",
+    "MoEBlockSizes",
+    "attention",
+    "attention_reference",
+    "decode_attention",
+    "flash_attention",
+    "moe_experts",
+    "moe_experts_pallas",
+    "moe_experts_reference",
+    "references",
+    "resolve_impl",
+]

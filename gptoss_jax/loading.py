@@ -66,7 +66,7 @@ def place(name: str, arr: np.ndarray, spec: jax.ShapeDtypeStruct, cfg: Config, m
 
 
 def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=quiet or not sys.stderr.isatty(), leave=False)  # fmt: skip

@@ -233,10 +233,12 @@ def moe_experts_grouped(x, idx, w, p, cfg: Config):
     tm = _tile_rows(M, E)
     xs = jnp.concatenate([x[order // X], jnp.zeros((tm, D), dtype)], axis=0)  # (M+tm, D), slack for tiles
     if "mlp1_blocks" in p and M >= 4 * E and _dense_expert_bytes(p, dtype) <= DEQUANT_ALL_BYTES:
-        # Enough tokens that nearly every expert is hit: dequantize them all in one vectorized pass instead
-        # of one small pass per expert inside the loop (2-3x faster on CPU); the dense copy is transient.
-        p = {k: v for k, v in p.items() if k.endswith("_bias")} | {
-            f"{n}_weight": mxfp4.dequantize(p[f"{n}_blocks"], p[f"{n}_scales"], dtype) for n in ("mlp1", "mlp2")}
+        # Enough tokens that nearly every expert is hit: dequantize them all in one vectorized pass instead of
+        # one small pass per expert inside the loop (about 2x faster for a 512-token prefill on CPU); the
+        # dense copy is transient.
+        dense = {f"{n}_weight": mxfp4.dequantize(p[f"{n}_blocks"], p[f"{n}_scales"], dtype)
+                 for n in ("mlp1", "mlp2")}  # fmt: skip
+        p = {k: v for k, v in p.items() if k.endswith("_bias")} | dense
     out = jnp.zeros((M + tm, D), dtype)
 
     def expert(e, out):

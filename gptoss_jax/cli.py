@@ -1,0 +1,413 @@
+"""`gptoss-jax`: a thin shell over the library (every command is a few calls to public functions).
+
+    gptoss-jax demo                      write a tiny random checkpoint, load it, generate (start here)
+    gptoss-jax generate PATH --prompt T  raw completion (or --tokens "1 2 3" for token ids)
+    gptoss-jax chat PATH                 harmony chat: multi-turn, reasoning effort, analysis/final channels
+    gptoss-jax bench PATH                prefill and decode tokens/s, memory
+    gptoss-jax info MODEL                per-device memory plan for a mesh (nothing loaded)
+
+Commands that load a model take --mesh data=1,expert=4,model=2, --dtype, --attention-impl, --moe-impl.
+Exit codes: 0 ok; 2 bad input (one line on stderr naming the argument, file or tensor); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+PROG = "gptoss-jax"
+IMPLS = ("auto", "xla", "pallas")
+DTYPES = ("auto", "bfloat16", "float32")
+DTYPE_HELP = ("compute and non-expert weight dtype: auto (default) = bfloat16 on GPU/TPU, float32 on CPU, where "
+              "XLA's bfloat16 matmuls are several times slower; float32 is also the exact mode")  # fmt: skip
+
+
+class UsageError(ValueError):
+    """Bad command-line input detected by the CLI itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and exits; we want one line on stderr and exit code 2.
+    def error(self, message):
+        sub = self.prog.removeprefix(PROG).strip()  # "generate" for a subcommand's parser
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+def _fail(msg, code: int = 2) -> int:
+    print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint folder: released safetensors (HF or original/ layout) or an Orbax "
+                   "checkpoint from gptoss-convert")  # fmt: skip
+    g = p.add_argument_group("model")
+    g.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (the sizes must multiply to the "
+                   "number of devices; default: one device)")  # fmt: skip
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    g.add_argument("--attention-impl", choices=IMPLS, default="auto", help="attention: auto (Pallas on GPU/TPU, "
+                   "XLA on CPU), xla or pallas")  # fmt: skip
+    g.add_argument("--moe-impl", choices=IMPLS, default="auto", help="expert computation: auto, xla or pallas")
+    g.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4",
+                   help="keep experts packed in MXFP4 (default) or dequantize them at load")  # fmt: skip
+    g.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature:g})")  # fmt: skip
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--max-context", type=int, help="KV-cache length: prompt + new tokens must fit (default: "
+                   "exactly what the request needs, up to the model's context length)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="gpt-oss in JAX / Flax NNX with MXFP4 experts kept packed.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="write a tiny random checkpoint in the real layout, load it, generate")
+    d.add_argument("--out", help="write the checkpoint here (a new folder) and keep it; default: a temp folder")
+    d.add_argument("--prompt", default=None, help="text prompt (default: 'The capital of France is')")
+    d.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
+    d.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    d.add_argument("--mesh", help="device mesh, e.g. expert=2 (default: one device)")
+    d.add_argument("--attention-impl", choices=IMPLS, default="auto")
+    d.add_argument("--moe-impl", choices=IMPLS, default="auto")
+    d.add_argument("--seed", type=int, default=0, help="checkpoint and sampling seed (default 0)")
+
+    g = sub.add_parser("generate", help="raw completion of a text prompt or of token ids")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 vocabulary)")
+    src.add_argument("--tokens", help="prompt as token ids, separated by spaces or commas; prints token ids")
+    _sampling_args(g, temperature=0.0)
+    g.add_argument("--no-stream", action="store_true", help="print the result at the end (one jitted loop)")
+
+    c = sub.add_parser("chat", help="harmony chat (multi-turn; analysis and final channels shown apart)")
+    _model_args(c)
+    c.add_argument("--message", "-m", action="append", help="a user message (repeat for several turns); "
+                   "default: read messages from stdin, one per line (an empty line or EOF ends)")  # fmt: skip
+    c.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    c.add_argument("--developer", help="developer instructions (the system prompt of other chat formats)")
+    c.add_argument("--date", help="conversation start date for the system message, e.g. 2025-08-05")
+    c.add_argument("--show-prompt", action="store_true", help="print each turn's rendered prompt token ids")
+    c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")
+    _sampling_args(c, temperature=1.0)
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s and memory of a checkpoint")
+    _model_args(b)
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--new", type=int, default=64, help="decoded tokens timed (default 64)")
+    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
+
+    i = sub.add_parser("info", help="per-device memory plan of a model on a mesh (nothing is loaded)")
+    try:
+        from .planning import add_info_arguments
+    except ImportError as e:  # keep the other commands usable if planning cannot be imported
+        i.set_defaults(info_error=str(e))
+    else:
+        add_info_arguments(i)
+    return p
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _say(args, *a) -> None:
+    if not getattr(args, "quiet", False):
+        print(*a, file=sys.stderr, flush=True)
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _mesh(spec):
+    if not spec:
+        return None
+    from .sharding import make_mesh
+
+    return make_mesh(spec)
+
+
+def _load(args):
+    from .loading import load
+    from .sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()  # one process of a pod / cluster job: join it before touching a device
+    mesh = _mesh(args.mesh)  # a bad spec fails before any file is read
+    t0 = time.perf_counter()
+    args.dtype = resolve_dtype(args.dtype)
+    model = load(args.path, dtype=args.dtype, mesh=mesh, quiet=args.quiet, attention_impl=args.attention_impl,
+                 moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+    cfg = model.cfg
+    _say(args, f"loaded {args.path}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts, vocab "
+               f"{cfg.vocab_size}, {args.dtype}, {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return model
+
+
+def _check_sampling(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_context is not None and args.max_context < 1:
+        raise UsageError(f"--max-context must be positive, got {args.max_context}")
+
+
+def _sample_kw(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, cache_length=args.max_context)  # fmt: skip
+
+
+def parse_token_ids(text: str) -> list[int]:
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise UsageError("--tokens: no token ids given")
+    try:
+        return [int(t) for t in parts]
+    except ValueError:
+        bad = next(t for t in parts if not t.lstrip("-").isdigit())
+        raise UsageError(f"--tokens: {bad!r} is not an integer token id") from None
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from .demo import DEFAULT_PROMPT, run_demo
+
+    run_demo(args.out, prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens,
+             dtype=resolve_dtype(args.dtype), mesh=_mesh(args.mesh), seed=args.seed,
+             attention_impl=args.attention_impl, moe_impl=args.moe_impl)  # fmt: skip
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import tokenizer
+    from .generate import generate
+
+    _check_sampling(args)
+    raw = args.tokens is not None
+    ids = parse_token_ids(args.tokens) if raw else tokenizer.encode(args.prompt)
+    model = _load(args)
+    kw = _sample_kw(args)
+    if args.no_stream:
+        new = generate(model, ids, **kw)[0]
+        print(" ".join(map(str, new)) if raw else tokenizer.decode(new), flush=True)
+        return 0
+    out: list[int] = []
+    shown = ""
+
+    def on_token(step):
+        nonlocal shown
+        out.append(step[0])
+        if raw:
+            print(step[0], end=" ", flush=True)
+        else:  # print what the new token adds to the decoded text (a multi-byte character may span tokens)
+            text = tokenizer.decode(out)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+
+    generate(model, ids, callback=on_token, **kw)
+    if not raw and len(shown) < len(text := tokenizer.decode(out)):
+        print(text[len(shown):], end="")
+    print(flush=True)
+    return 0
+
+
+_LABELS = {"analysis": ("[analysis] ", "\033[2m"), "final": ("[final] ", "\033[1m"),
+           "commentary": ("[commentary] ", "\033[36m")}  # fmt: skip
+
+
+def cmd_chat(args) -> int:
+    from . import tokenizer
+    from .generate import generate
+
+    _check_sampling(args)
+    model = _load(args)
+    session = tokenizer.ChatSession(reasoning_effort=args.reasoning_effort, developer_instructions=args.developer,
+                                    conversation_start_date=args.date)  # fmt: skip
+    stop = tokenizer.stop_tokens_for_assistant_actions()
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    interactive = args.message is None and sys.stdin.isatty()
+
+    def messages():
+        if args.message is not None:
+            yield from args.message
+            return
+        while True:
+            if interactive:
+                print("user> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return
+            yield line.rstrip("\n")
+
+    for turn, text in enumerate(messages()):
+        prompt = session.prompt_tokens(text)
+        if args.show_prompt:
+            print(f"[prompt {turn + 1}] {' '.join(map(str, prompt))}", flush=True)
+        stream = tokenizer.ChatStream()
+        out: list[int] = []
+        channel = [None]
+        broken = [False]
+
+        def on_token(step):
+            tok = step[0]
+            out.append(tok)
+            if broken[0]:
+                return
+            try:
+                delta = stream.process(tok)
+            except Exception:  # not valid harmony (random weights): show the raw text at the end
+                broken[0] = True
+                return
+            if delta is None or (args.hide_analysis and delta[0] == "analysis"):
+                return
+            ch, piece = delta
+            if ch != channel[0]:
+                label, style = _LABELS.get(ch, (f"[{ch}] ", ""))
+                if channel[0] is not None:
+                    print("\033[0m" if color else "", flush=True)  # end the previous channel's line (and style)
+                print(f"{style}{label}" if color else label, end="", flush=True)
+                channel[0] = ch
+            print(piece, end="", flush=True)
+
+        kw = _sample_kw(args)
+        generate(model, prompt, stop_tokens=stop, callback=on_token, **kw)
+        if color and channel[0] is not None:
+            print("\033[0m", end="")
+        if channel[0] is not None:
+            print(flush=True)
+        try:
+            session.add_assistant_tokens(out)
+            parsed = True
+        except Exception:
+            parsed = False
+        if broken[0] or not parsed:
+            print(f"[unparsed] {tokenizer.decode(out)!r}", flush=True)
+            _say(args, "(the reply is not valid harmony, as expected from random weights; it is left out of the "
+                       "history)")  # fmt: skip
+        if out and out[-1] not in stop:
+            _say(args, f"(stopped after --max-new-tokens {args.max_new_tokens})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import statistics
+
+    import numpy as np
+
+    from .generate import cache_bytes, generate
+    from .model import param_bytes
+
+    for name in ("prompt_len", "new", "batch", "reps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    model = _load(args)
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+
+    def run(n):
+        t0 = time.perf_counter()
+        generate(model, prompt, max_new_tokens=n, stop_tokens=())
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run(1), run(args.new + 1)
+    compile_s = time.perf_counter() - t0
+    t1 = statistics.median(run(1) for _ in range(args.reps))
+    tn = statistics.median(run(args.new + 1) for _ in range(args.reps))
+    B = args.batch
+    rows = [
+        ("prefill", f"{B * args.prompt_len / t1:,.0f} tok/s", f"{B}x{args.prompt_len} tokens in {t1 * 1e3:.1f} ms "
+                                                              "(incl. first token)"),
+        ("decode", f"{B * args.new / max(tn - t1, 1e-9):,.1f} tok/s",
+         f"{B}x{args.new} tokens in {(tn - t1) * 1e3:.1f} ms ({(tn - t1) / args.new * 1e3:.2f} ms/step)"),
+        ("compile", f"{compile_s:.1f} s", "first calls (prefill + decode loop)"),
+        ("weights", _gib(param_bytes(cfg)), f"experts {_gib(param_bytes(cfg, experts_only=True))} "
+                                            f"({cfg.expert_format})"),
+        ("kv cache", _gib(cache_bytes(cfg, B, args.prompt_len + args.new + 1)),
+         f"batch {B}, {args.prompt_len + args.new + 1} positions, {cfg.dtype}"),
+    ]  # fmt: skip
+    peak = _device_peak()
+    if peak is not None:
+        rows.append(("device peak", _gib(peak), "memory_stats()['peak_bytes_in_use'] of device 0"))
+    try:
+        import psutil
+
+        rows.append(("host RSS", _gib(psutil.Process().memory_info().rss), "this process"))
+    except ImportError:
+        pass
+    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}, attention {args.attention_impl}, moe {args.moe_impl})")
+    for name, value, note in rows:
+        print(f"  {name:<12} {value:>14}   {note}")
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def jax_devices() -> str:
+    import jax
+
+    d = jax.devices()
+    return f"{len(d)} x {d[0].device_kind}"
+
+
+def _device_peak():
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        return None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def cmd_info(args) -> int:
+    if getattr(args, "info_error", None):
+        return _fail(f"info is unavailable: {args.info_error}", 1)
+    from .planning import run_info
+
+    return run_info(args)
+
+
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conversion.safetensors import CheckpointError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except (UsageError, CheckpointError, ValueError) as e:
+        return _fail(e, 2)
+    except FileNotFoundError as e:
+        return _fail(f"{e.filename}: {e.strerror}", 2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `gptoss-jax ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     print(f"hardware  {cpu_model()}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}")
     print(f"software  jax {jax.__version__}, torch {torch.__version__}, python {platform.python_version()}")
     print(f"command   {cmd}")
-    print(f"model     4 layers, 32 experts top-4, hidden 512, width 512, 8 q / 2 kv heads x 64, vocab 32000, "
-          f"float32, batch 1")  # fmt: skip
+    print("model     4 layers, 32 experts top-4, hidden 512, width 512, 8 q / 2 kv heads x 64, vocab 32000, "
+          "float32, batch 1")  # fmt: skip
     print(f"load avg  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min; other work slows both sides)")
     print()
     cols = [f"forward {args.seq} tok, all logits (s)", f"prefill {args.seq} tok -> 1st token (s)",

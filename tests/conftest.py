@@ -46,3 +46,21 @@ def original_ckpt(tmp_path_factory, tiny_cfg):
     from conversion.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "orig", tiny_cfg, layout="original", shards=2, seed=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_vocab_cache(tmp_path_factory):
+    # openai-harmony reads the vocabulary from a cache folder: keep the materialized copy out of ~/.cache
+    # while testing (TIKTOKEN_ENCODINGS_BASE, when the environment sets it, is honoured as it is).
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GPTOSS_JAX_CACHE", str(tmp_path_factory.mktemp("encodings")))
+    yield
+    mp.undo()
+
+
+def assert_one_line(excinfo, *needles) -> None:
+    """The error message is one line and names each of `needles`."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert str(n) in msg, (n, msg)

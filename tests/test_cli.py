@@ -25,13 +25,6 @@ from gptoss_jax import tokenizer as tk
 PROMPT_IDS = [5, 17, 230, 999, 0, 42, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _vocab_cache(tmp_path_factory):
-    # openai-harmony reads the vocabulary from a cache folder: keep it out of ~/.cache while testing
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPTOSS_JAX_CACHE", str(tmp_path_factory.mktemp("encodings")))
-    yield
-    mp.undo()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

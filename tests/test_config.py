@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from conftest import assert_one_line
 from hf_reference import HUB_CONFIG_20B, HUB_CONFIG_120B, ORIGINAL_CONFIG_20B, ORIGINAL_CONFIG_120B
 
 from gptoss_jax.config import ORIGINAL_KEYS, Config
@@ -25,13 +26,6 @@ def same_model(a: Config, b: Config) -> None:
     for f in ORIGINAL_KEYS + ("rms_norm_eps", "swiglu_alpha", "sliding_layers", "context_length", "pad_token_id"):
         assert getattr(a, f) == getattr(b, f), f
     assert set(a.eos_token_ids) == set(b.eos_token_ids)
-
-
-def one_line_error(excinfo, *names):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for n in names:
-        assert n in msg, (n, msg)
 
 
 # ------------------------------------------------------------------------------------------ round trips
@@ -76,7 +70,7 @@ def test_hf_config_missing_field(field):
         d.pop("experts_per_token")  # either name is accepted; remove both
     with pytest.raises(ValueError) as e:
         Config.from_hf_config(d)
-    one_line_error(e, field)
+    assert_one_line(e, field)
 
 
 @pytest.mark.parametrize("field", ORIGINAL_KEYS)
@@ -84,7 +78,7 @@ def test_original_config_missing_field(field):
     d = {k: v for k, v in ORIGINAL_CONFIG_20B.items() if k != field}
     with pytest.raises(ValueError) as e:
         Config.from_original_config(d)
-    one_line_error(e, field)
+    assert_one_line(e, field)
 
 
 @pytest.mark.parametrize(
@@ -106,25 +100,25 @@ def test_original_config_missing_field(field):
 def test_hf_config_inconsistent_fields(change, names):
     with pytest.raises(ValueError) as e:
         Config.from_hf_config(HUB_CONFIG_20B | change)
-    one_line_error(e, *names)
+    assert_one_line(e, *names)
 
 
 def test_inconsistent_fields_in_presets_and_replace():
     with pytest.raises(ValueError) as e:
         Config.gpt_oss_20b().replace(num_attention_heads=60)
-    one_line_error(e, "num_attention_heads", "num_key_value_heads")
+    assert_one_line(e, "num_attention_heads", "num_key_value_heads")
     with pytest.raises(ValueError) as e:
         Config.tiny(layer_types=("full_attention",) * 3)
-    one_line_error(e, "layer_types")
+    assert_one_line(e, "layer_types")
     with pytest.raises(ValueError) as e:
         Config.tiny(dtype="float16")
-    one_line_error(e, "dtype", "float16")
+    assert_one_line(e, "dtype", "float16")
 
 
 def test_unknown_override_replace():
     with pytest.raises(ValueError) as e:
         Config.gpt_oss_20b().replace(num_heads=8)
-    one_line_error(e, "num_heads")
+    assert_one_line(e, "num_heads")
 
 
 @pytest.mark.parametrize("how", ["preset", "from_hf_config", "from_original_config"])
@@ -136,13 +130,13 @@ def test_unknown_override_constructors(how):
     assert make(dtype="float32").dtype == "float32"  # known overrides work
     with pytest.raises(ValueError) as e:
         make(num_heads=8)
-    one_line_error(e, "num_heads")
+    assert_one_line(e, "num_heads")
 
 
 def test_unknown_preset():
     with pytest.raises(ValueError) as e:
         Config.preset("gpt-oss-7b")
-    one_line_error(e, "gpt-oss-7b")
+    assert_one_line(e, "gpt-oss-7b")
 
 
 # ------------------------------------------------------------------------------------- the test config

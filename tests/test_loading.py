@@ -8,7 +8,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_tiny_cfg
+from conftest import assert_one_line, make_tiny_cfg
 
 import gptoss_jax
 from conversion.synthetic import write_checkpoint
@@ -24,13 +24,6 @@ def tokens(tiny_cfg):
 @pytest.fixture(scope="module")
 def model(hf_ckpt):
     return gptoss_jax.load(hf_ckpt, dtype="float32", quiet=True)
-
-
-def one_line(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert str(n) in msg, (n, msg)
 
 
 # ------------------------------------------------------------------------------------- what is loaded
@@ -91,13 +84,13 @@ def test_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError) as e:
         gptoss_jax.load(tmp_path)
-    one_line(e, tmp_path, "not a gpt-oss checkpoint")
+    assert_one_line(e, tmp_path, "not a gpt-oss checkpoint")
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(ValueError) as e:
         gptoss_jax.load(tmp_path / "nope")
-    one_line(e, "nope")
+    assert_one_line(e, "nope")
 
 
 def test_config_with_missing_fields(tmp_path, tiny_cfg):
@@ -107,7 +100,7 @@ def test_config_with_missing_fields(tmp_path, tiny_cfg):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as e:
         gptoss_jax.load(path)
-    one_line(e, "config.json", "num_local_experts")
+    assert_one_line(e, "config.json", "num_local_experts")
 
 
 def test_config_that_does_not_match_the_tensors(tmp_path):
@@ -117,32 +110,32 @@ def test_config_that_does_not_match_the_tensors(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as e:
         gptoss_jax.load(path)
-    one_line(e, "mlp")
+    assert_one_line(e, "mlp")
 
 
 def test_unknown_load_option(hf_ckpt):
     with pytest.raises(ValueError) as e:
         gptoss_jax.load(hf_ckpt, attention="pallas")
-    one_line(e, "attention")
+    assert_one_line(e, "attention")
 
 
 def test_token_ids_outside_the_vocabulary(model, tiny_cfg):
     bad = np.array([[1, 2, tiny_cfg.vocab_size]], np.int32)
     with pytest.raises(ValueError) as e:
         model(bad)
-    one_line(e, tiny_cfg.vocab_size, "outside the vocabulary")
+    assert_one_line(e, tiny_cfg.vocab_size, "outside the vocabulary")
     with pytest.raises(ValueError) as e:
         model.generate([[3, -1, 4]], max_new_tokens=2)
-    one_line(e, "-1", "outside the vocabulary")
+    assert_one_line(e, "-1", "outside the vocabulary")
 
 
 def test_context_longer_than_the_cache(model):
     with pytest.raises(ValueError) as e:
         model.generate([[1, 2, 3, 4]], max_new_tokens=10, cache_length=8)
-    one_line(e, "context of 14 tokens")
+    assert_one_line(e, "context of 14 tokens")
 
 
 def test_bad_max_new_tokens(model):
     with pytest.raises(ValueError) as e:
         model.generate([[1, 2]], max_new_tokens=0)
-    one_line(e, "max_new_tokens")
+    assert_one_line(e, "max_new_tokens")

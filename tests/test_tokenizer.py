@@ -19,14 +19,6 @@ from openai_harmony import (
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    # Keep the materialized vocabulary out of ~/.cache while testing. TIKTOKEN_ENCODINGS_BASE is
-    # left alone if the environment already sets it; get_harmony_encoding() honours that.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPTOSS_JAX_CACHE", str(tmp_path_factory.mktemp("encodings")))
-    yield
-    mp.undo()
 
 
 MULTILINGUAL = {

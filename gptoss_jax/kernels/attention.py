@@ -494,13 +494,18 @@ def _attn_gpu(q, k, v, sinks, q_pos, k_pos, *, window, sm_scale, block_q, block_
 
 
 # ============================================================================================ public kernels
+def _setup(block_sizes: BlockSizes | None, backend: str | None, interpret: bool | None):
+    """-> (backend, block sizes, interpret): the running platform's unless given."""
+    plat, interp = kernel_platform(interpret)
+    backend = backend or plat
+    return backend, block_sizes or BlockSizes.for_backend(backend), interp
+
+
 def flash_attention(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float,
                     block_sizes: BlockSizes | None = None, backend: str | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """Prefill kernel. backend "tpu" (Mosaic) or "gpu" (Triton); default from the running platform."""
-    plat, interp = kernel_platform(interpret)
-    backend = backend or plat
-    bs = block_sizes or BlockSizes.for_backend(backend)
+    backend, bs, interp = _setup(block_sizes, backend, interpret)
     if backend == "gpu":
         return _attn_gpu(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale, block_q=bs.block_q,
                          block_k=bs.block_k, num_splits=1, num_warps=bs.num_warps, num_stages=bs.num_stages,
@@ -512,9 +517,7 @@ def decode_attention(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: flo
                      block_sizes: BlockSizes | None = None, backend: str | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Few queries over a KV cache (any slot order: masks come from k_pos)."""
-    plat, interp = kernel_platform(interpret)
-    backend = backend or plat
-    bs = block_sizes or BlockSizes.for_backend(backend)
+    backend, bs, interp = _setup(block_sizes, backend, interpret)
     if backend == "gpu":
         return _attn_gpu(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale,
                          block_q=next_pow2(q.shape[1]), block_k=bs.block_k_decode, num_splits=bs.num_splits,

@@ -147,7 +147,12 @@ def _load(args):
     from .loading import load
     from .sharding import maybe_initialize_distributed
 
-    maybe_initialize_distributed()  # one process of a pod / cluster job: join it before touching a device
+    if maybe_initialize_distributed():  # one process of a pod / cluster job: join it before touching a device
+        import jax
+
+        if jax.process_index() != 0:  # every process runs the model; process 0 alone prints
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+            args.quiet = True
     mesh = _mesh(args.mesh)  # a bad spec fails before any file is read
     t0 = time.perf_counter()
     args.dtype = resolve_dtype(args.dtype)

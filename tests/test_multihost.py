@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 PROMPTS = np.random.default_rng(11).integers(0, 1000, (2, 13))  # 13 tokens > window 8
 NEW = 4
@@ -52,17 +53,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_one_global_mesh(tmp_path):
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
     from conftest import make_tiny_cfg
 
-    import gptoss_jax
     from conversion.convert import Options, convert
     from conversion.synthetic import write_checkpoint
 
+    tmp = tmp_path_factory.mktemp("multihost")
     cfg = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)
-    src = write_checkpoint(tmp_path / "hf", cfg, layout="hf", seed=5)
-    ckpt = tmp_path / "orbax"
-    convert(src, ckpt, Options(), quiet=True)
+    src = write_checkpoint(tmp / "hf", cfg, layout="hf", seed=5)
+    convert(src, tmp / "orbax", Options(), quiet=True)
+    return tmp / "orbax"
+
+
+def test_two_processes_one_global_mesh(tmp_path, ckpt):
+    import gptoss_jax
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = _free_port()
@@ -100,6 +106,39 @@ def test_two_processes_one_global_mesh(tmp_path):
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < 1e-5, (i, err)
         np.testing.assert_array_equal(np.load(tmp_path / f"tokens{i}.npy"), want_tokens)
+
+
+def test_cli_on_two_processes_prints_once(tmp_path, ckpt):
+    """The documented pod launch: the same `gptoss-jax generate ... --mesh` on every process, the cluster given
+    by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. Process 0 prints the single-device
+    tokens; the others print nothing."""
+    import gptoss_jax
+
+    prompt = PROMPTS[0].tolist()
+    port = _free_port()
+    cmd = [sys.executable, "-m", "gptoss_jax", "generate", str(ckpt), "--tokens", " ".join(map(str, prompt)),
+           "--max-new-tokens", str(NEW), "--no-stream", "--dtype", "float32", "--mesh", "expert=4,model=2"]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).parent.parent))  # fmt: skip
+    want = gptoss_jax.load(ckpt, dtype="float32", quiet=True).generate(prompt, max_new_tokens=NEW)[0]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{outs[i][1][-4000:]}"
+    # gloo's own C++ logging ("[Gloo] Rank 0 is connected to ...") goes to the process's stdout: not ours
+    ours = [[ln for ln in out.splitlines() if not ln.startswith("[Gloo]")] for out, _ in outs]
+    assert ours[0] == [" ".join(str(t) for t in want)]
+    assert ours[1] == []
 
 
 if __name__ == "__main__":

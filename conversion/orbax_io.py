@@ -26,7 +26,6 @@ databases into one. That is what lets the converter stream (see `conversion/conv
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 from pathlib import Path
@@ -35,6 +34,7 @@ import jax
 import numpy as np
 
 from gptoss_jax.config import RUNTIME_FIELDS, Config
+from gptoss_jax.model import param_specs
 
 META_KEY = "gptoss"
 FORMAT_VERSION = 1
@@ -241,14 +241,6 @@ def read_arrays(path: str | os.PathLike, targets: dict[str, object]) -> dict[str
     return flatten(out)
 
 
-@functools.lru_cache(maxsize=8)
-def _param_specs(cfg: Config) -> dict:
-    """param_specs traces the whole model (seconds for the 120b): computed once per config."""
-    from gptoss_jax.loading import param_specs
-
-    return param_specs(cfg)
-
-
 def _sharding(name: str, shape, mesh, cfg: Config):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -280,8 +272,8 @@ def restore(path: str | os.PathLike, *, mesh=None, dtype: str = "bfloat16", **ov
     if stored.expert_format == "dequantized" and cfg.expert_format == "mxfp4":
         raise ValueError(f"{path}: holds dequantized experts; load it with expert_format='dequantized' "
                          f"or convert again with packed experts")  # fmt: skip
-    want = _param_specs(cfg)
-    on_disk = _param_specs(stored)
+    want = param_specs(cfg)
+    on_disk = param_specs(stored)
     have = stored_arrays(path)
     for name, spec in on_disk.items():
         if name not in have:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import RUNTIME_FIELDS, Config
-from .model import Transformer, abstract_model
+from .model import Transformer, abstract_model, param_specs  # noqa: F401 - param_specs is loading's API too
 
 
 def flat_names(state) -> dict[str, tuple]:
@@ -45,12 +45,6 @@ def build_model(cfg: Config, arrays: dict[str, jax.Array]) -> Transformer:
     if extra:
         raise ValueError(f"unexpected parameter {extra[0]}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def param_specs(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
-    """Name -> ShapeDtypeStruct of every parameter of a config (nothing allocated)."""
-    _, state = nnx.split(abstract_model(cfg))
-    return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def place(name: str, arr: np.ndarray, spec: jax.ShapeDtypeStruct, cfg: Config, mesh) -> jax.Array:

@@ -482,7 +482,8 @@ def _forward_jit(graphdef, state, tokens, positions):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _abstract_params(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+def param_specs(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+    """Name ("layers.0.attn.q_weight") -> ShapeDtypeStruct of every parameter of a config (nothing allocated)."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     return {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
 
@@ -490,7 +491,7 @@ def _abstract_params(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
 def param_count(cfg: Config) -> int:
     """Logical parameter count (a packed MXFP4 byte holds two parameters; scales are not parameters)."""
     total = 0
-    for name, leaf in _abstract_params(cfg).items():
+    for name, leaf in param_specs(cfg).items():
         if not name.endswith("_scales"):
             total += int(np.prod(leaf.shape)) * (2 if name.endswith("_blocks") else 1)
     return total
@@ -499,7 +500,7 @@ def param_count(cfg: Config) -> int:
 def param_bytes(cfg: Config, *, experts_only: bool = False) -> int:
     """Bytes the parameters occupy in device memory (packed experts count their uint8 blocks + scales)."""
     total = 0
-    for name, leaf in _abstract_params(cfg).items():
+    for name, leaf in param_specs(cfg).items():
         if experts_only and ".mlp.mlp" not in name:
             continue
         total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize

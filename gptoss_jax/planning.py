@@ -1,6 +1,6 @@
 """Memory planning: per-device bytes of weights and KV cache for a config on a mesh, nothing allocated.
 
-`plan(cfg, mesh_shape, context, batch)` walks the abstract model (`nnx.eval_shape`: shapes and dtypes only)
+`plan(cfg, mesh_shape, context, batch)` walks the abstract model (`model.abstract_model`: shapes and dtypes only)
 and asks the sharding rule table (`sharding.param_spec`) what each device holds of every parameter, and
 `sharding.CACHE_KV_AXES` what it holds of the KV cache. So the figures follow the same rules `load(...,
 mesh=)` and `generate` place arrays by, including the replication fallback (a dimension that does not divide
@@ -17,7 +17,6 @@ docs/sharding.md).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -55,25 +54,11 @@ def _group(name: str) -> str:
     return "attention"
 
 
-@functools.lru_cache(maxsize=16)
 def abstract_params(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Name -> (shape, dtype) of every parameter, as `loading.param_specs` gives, but traced for ONE layer
-    and repeated: every layer has the same parameter shapes (sliding or not), and tracing 36 layers of
-    120b through `nnx.eval_shape` takes many seconds."""
-    from .loading import param_specs
+    """Name -> (shape, dtype) of every parameter (from the abstract model: nothing allocated)."""
+    from .model import param_specs
 
-    one = cfg.replace(
-        num_hidden_layers=1, layer_types=None if cfg.layer_types is None else cfg.layer_types[:1]
-    )
-    out = {}
-    for name, spec in param_specs(one).items():
-        entry = (tuple(spec.shape), np.dtype(spec.dtype))
-        if name.startswith("layers.0."):
-            for i in range(cfg.num_hidden_layers):
-                out[f"layers.{i}.{name[len('layers.0.') :]}"] = entry
-        else:
-            out[name] = entry
-    return out
+    return {name: (tuple(spec.shape), np.dtype(spec.dtype)) for name, spec in param_specs(cfg).items()}
 
 
 def _nbytes(shape, dtype) -> int:

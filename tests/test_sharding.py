@@ -362,7 +362,7 @@ def test_plan_sum_over_devices():
     over mesh axes of total size s exists n/s times on n devices (norms and the router, never split, n
     times; experts on expert=4, model=2 once)."""
     specs = {n: (tuple(s.shape), np.dtype(s.dtype)) for n, s in param_specs(CFG8).items()}
-    assert planning.abstract_params(CFG8) == specs  # one layer traced and repeated = the whole model
+    assert planning.abstract_params(CFG8) == specs
     ms = {"data": 1, "expert": 4, "model": 2}
     p = planning.plan(CFG8, ms, context=16)
     total = 0

@@ -209,6 +209,9 @@ def main(argv=None) -> int:
             rows[r.name]["compile_s"] = r.compile_s
     hf = next((r for k, r in rows.items() if k.startswith("transformers")), None)
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS")
+           if os.environ.get(k)]  # fmt: skip
+    cmd = " ".join([*env, cmd])  # settings that change the speed of either side are part of the command
     print()
     print(f"date      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"hardware  {cpu_model()}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}")

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax import mxfp4
-from gptoss_jax.loading import param_specs
+from gptoss_jax.loading import param_specs, progress_bar
 
 from . import keys, orbax_io
 from .safetensors import CheckpointError
@@ -203,13 +203,6 @@ def _groups(items, budget: int):
         yield cur
 
 
-def _progress(total: int, initial: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------- convert
 def plan(src: Source, opts: Options):
     """(rule, target spec, source bytes) for every parameter; raises CheckpointError on a bad source."""
@@ -314,7 +307,8 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log) -> in
     if resumed:
         log(f"resuming: {resumed} of {len(items)} tensors already written")
     total = sum(n for _, _, n in items)
-    bar = _progress(total, total - sum(n for _, _, n in todo), "converting", quiet)
+    done = total - sum(n for _, _, n in todo)
+    bar = progress_bar(total, "converting", quiet=quiet, initial=done, terminal_only=False)
     with bar, open(work / PROGRESS, "a") as journal:
         for group in _groups(todo, group_budget(items, opts)):
             arrays = {rule.target: produce(src, rule, spec) for rule, spec, _ in group}
@@ -359,7 +353,7 @@ def verify_checkpoint(src: Source, items, ckpt: Path, opts: Options, *, quiet: b
     is a copy, so bit-exact). Dequantized experts: an independent decoder (`_expected_dequantized`).
     """
     total = sum(n for _, _, n in items)
-    with _progress(total, 0, "verifying", quiet) as bar:
+    with progress_bar(total, "verifying", quiet=quiet, terminal_only=False) as bar:
         for group in _groups(items, group_budget(items, opts)):
             got = orbax_io.read_arrays(ckpt, {r.target: np.dtype(spec.dtype) for r, spec, _ in group})
             for rule, spec, n in group:

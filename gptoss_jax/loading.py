@@ -59,11 +59,16 @@ def place(name: str, arr: np.ndarray, spec: jax.ShapeDtypeStruct, cfg: Config, m
     )
 
 
-def _progress(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, *, quiet: bool, initial: int = 0, terminal_only: bool = True):
+    """A tqdm byte counter on stderr (shared by loading and conversion).
+
+    `terminal_only` hides it when stderr is not a terminal (logs, notebooks); the converter keeps it in logs.
+    """
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=quiet or not sys.stderr.isatty(), leave=False)  # fmt: skip
+    disable = quiet or (terminal_only and not sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=disable, file=sys.stderr, dynamic_ncols=True, leave=not terminal_only)  # fmt: skip
 
 
 def _split_overrides(overrides: dict) -> dict:
@@ -103,7 +108,7 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
         cfg = src.config.replace(**overrides)
         specs = param_specs(cfg)
         arrays = {}
-        with _progress(src.total_bytes(), f"loading {path.name}", quiet) as bar:
+        with progress_bar(src.total_bytes(), f"loading {path.name}", quiet=quiet) as bar:
             for rule in src.rules(cfg.expert_format):
                 arr = src.read(rule)
                 arrays[rule.target] = place(rule.target, arr, specs[rule.target], cfg, mesh)

@@ -69,10 +69,10 @@ ORIGINAL_CONFIG_120B = ORIGINAL_CONFIG_20B | {"num_hidden_layers": 36, "num_expe
 
 
 def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (b is the reference)."""
+    """||a - b|| / ||b|| in float64 (b is the reference; an all-zero b counts as tiny, not as a division by 0)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def torch_f32(a):

@@ -31,6 +31,7 @@ from hf_reference import (
 
 from gptoss_jax.config import Config
 from gptoss_jax.model import (
+    _tile_rows,
     attention_xla,
     moe,
     moe_experts_gather,
@@ -211,6 +212,32 @@ def test_moe_matches_hf_mlp(path, expert_format, hf_ckpt, hf, tiny_cfg):
     with torch.no_grad():
         want, _ = hf.model.layers[layer].mlp(torch_f32(x)[None])
     assert rel_err(got, want[0].numpy()) <= F32_TOL
+
+
+@pytest.mark.parametrize("expert_format", ["mxfp4", "dequantized"])
+def test_grouped_experts_uneven_routing(expert_format, hf_ckpt):
+    """The grouped path (sorted rows, tiles, the next expert's packed bytes carried through the loop) against the
+    gather path on a routing that stresses it: experts 0 and 1 get no rows, expert 2 gets every token (more
+    rows than a tile), the last expert gets rows, and some selections are out of range (remote experts)."""
+    model = our_model(hf_ckpt, "float32", expert_format=expert_format)
+    cfg = model.cfg
+    E, X = cfg.num_experts, cfg.experts_per_token
+    assert E >= X + 2  # room for two unused experts
+    p = model.layers[0].mlp.params()
+    T = SEQ
+    rng = np.random.default_rng(5)
+    others = [3 + (t + j) % (E - 4) for t in range(T) for j in range(X - 2)]
+    idx = np.column_stack([np.full(T, 2), np.full(T, E - 1), np.reshape(others, (T, X - 2))]).astype(np.int32)
+    idx[::7, 1] = E + 3  # remote: contributes nothing
+    idx[::5, -1] = -1
+    w = rng.random((T, X)).astype(np.float32)
+    x = rng.standard_normal((T, cfg.hidden_size), dtype=np.float32)
+    assert T > _tile_rows(T * X, E)  # expert 2 spans more than one tile
+    local = (idx >= 0) & (idx < E)
+    got = jax.jit(lambda x, i, w, p: moe_experts_grouped(x, i, w, p, cfg))(x, idx, w, p)
+    want = jax.jit(lambda x, i, w, p: moe_experts_gather(x, i, w, p, cfg))(x, np.where(local, idx, 0),
+                                                                           np.where(local, w, 0), p)  # fmt: skip
+    assert rel_err(got, want) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- layers

@@ -37,6 +37,7 @@ from gptoss_jax.kernels.attention import (
     kv_block_ranges,
     visible,
 )
+from hf_reference import rel_err
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 2e-5, BF16: 2.5e-2}
@@ -46,11 +47,6 @@ WINDOW = 8
 def jit(fn, **static):
     # One compilation per case: interpret-mode kernels run op by op otherwise, which is several times slower.
     return jax.jit(functools.partial(fn, **static))
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def qkv(B, T, S, K, G, H, dtype, sink_scale, seed=0):

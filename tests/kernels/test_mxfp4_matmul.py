@@ -32,15 +32,11 @@ from gptoss_jax.kernels.mxfp4_matmul import (
     scale_e8m0,
 )
 from gptoss_jax.mxfp4 import FP4_LUT
+from hf_reference import rel_err
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}
 ALPHA, LIMIT = 1.702, 7.0
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def moe_inputs(T, D, F, E, X, dtype, seed=0):

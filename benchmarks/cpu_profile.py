@@ -12,6 +12,7 @@ Measured (median of `--reps` calls after a warm-up; "fresh pages" = minor page f
                            a time
     packed, all first    - every expert of the layer decoded before the loop (the previous strategy)
     dequantized weights  - dense float32 experts as inputs (`expert_format="dequantized"`)
+  one tile's first product (64 rows x 512 -> 1024), with the rows or the weight as the left operand
   one attention block (norm, projections, RoPE, sinks; layer 0 sliding window, layer 1 full causal)
   the unembedding (final hidden -> float32 logits for every position)
   the whole forward pass `model(tokens)`, packed and dequantized experts
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
         return jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a)), state
 
     grouped = jax.jit(lambda x, i, w, p: M.moe_experts_grouped(x, i, w, p, cfg))
+    hp = jax.lax.Precision.HIGHEST
+    tile, w1 = x[:64], dequantize(b[0], s[0], f32)
     attn0, st0 = block_fn(model.layers[0].attn, lambda m, h: m(h, cos, sin, pos, None)[0])
     attn1, st1 = block_fn(model.layers[1].attn, lambda m, h: m(h, cos, sin, pos, None)[0])
     unembed, stm = block_fn(model, lambda m, h: m.logits(h))
@@ -100,6 +103,10 @@ def main(argv=None) -> int:
         ("experts of 1 layer, packed, all first",
          jax.jit(lambda x, i, w, p: M.moe_experts_grouped(x, i, w, dense_of(p), cfg)), (x, idx, w, p)),
         ("experts of 1 layer, dequantized weights", grouped, (x, idx, w, jax.jit(dense_of)(p))),
+        ("tile product, rows on the left (T,D)x(F,D)",
+         jax.jit(lambda t, w: jnp.einsum("TD,FD->TF", t, w, precision=hp)), (tile, w1)),
+        ("tile product, weight on the left (F,D)x(T,D)",
+         jax.jit(lambda t, w: jnp.einsum("FD,TD->FT", w, t, precision=hp)), (tile, w1)),
         ("attention block, sliding window (layer 0)", attn0, (st0, x[None])),
         ("attention block, full causal (layer 1)", attn1, (st1, x[None])),
         ("unembedding, all positions", unembed, (stm, x[None])),

@@ -54,6 +54,41 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4",
                    help="keep experts packed in MXFP4 (default) or dequantize them at load")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    _cache_arg(g)
+
+
+def _cache_arg(g) -> None:
+    g.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="persistent XLA compilation cache, so that later runs skip most of the compile time "
+                        f"(default: ${CACHE_ENV}, else {_default_cache_dir()}; 'off' disables it)")  # fmt: skip
+
+
+CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
+
+
+def _default_cache_dir() -> str:
+    return os.path.join("~", ".cache", "gptoss_jax", "xla")  # beside the tokenizer's encodings/
+
+
+def setup_compile_cache(choice: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `choice` (or $GPTOSS_JAX_COMPILE_CACHE, else the user cache
+    folder); 'off' disables it. Leaves JAX alone when the user configured it (JAX_COMPILATION_CACHE_DIR).
+    Returns the folder used, or None."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    choice = choice if choice is not None else os.environ.get(CACHE_ENV) or _default_cache_dir()
+    if choice.lower() in ("off", "none", "0", ""):
+        return None
+    path = os.path.expanduser(choice)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a read-only home: run without the cache, say so once
+        print(f"{PROG}: warning: no compilation cache ({path}: {e.strerror})", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -84,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attention-impl", choices=IMPLS, default="auto")
     d.add_argument("--moe-impl", choices=IMPLS, default="auto")
     d.add_argument("--seed", type=int, default=0, help="checkpoint and sampling seed (default 0)")
+    _cache_arg(d)
 
     g = sub.add_parser("generate", help="raw completion of a text prompt or of token ids")
     _model_args(g)
@@ -402,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
+        if hasattr(args, "compile_cache"):  # commands that compile
+            setup_compile_cache(args.compile_cache)
         return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError) as e:
         return _fail(e, 2)

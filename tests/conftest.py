@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices so mesh tests run in-process; single-device code keeps using device 0.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The CLI's persistent compilation cache stays off in tests (test_cli turns it on in a subprocess).
+os.environ["GPTOSS_JAX_COMPILE_CACHE"] = "off"
 
 import pytest
 

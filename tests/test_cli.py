@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -292,3 +293,29 @@ def test_console_script_and_module_entry_point(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_compile_cache_is_written_and_reused(tmp_path):
+    """`--compile-cache DIR`: the first run writes compiled programs there, a second run reuses them and
+    generates the same tokens (two real processes: JAX reads its cache setting once per process)."""
+    cache = tmp_path / "xla"
+    cmd = [sys.executable, "-m", "gptoss_jax", "demo", "--max-new-tokens", "4", "--compile-cache", str(cache)]
+    env = dict(os.environ, GPTOSS_JAX_COMPILE_CACHE="off", JAX_LOG_COMPILES="1")  # the flag must win; log hits
+    runs, entries = [], []
+    for _ in range(2):
+        runs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))  # noqa: PLW1510
+        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert entries[0] and entries[1] == entries[0]
+    assert "cache hit" not in runs[0].stderr.lower() and "cache hit" in runs[1].stderr.lower()
+    generated = [[ln for ln in r.stdout.splitlines() if "Generated 4 tokens" in ln] for r in runs]
+    assert generated[0] and generated[0] == generated[1]
+
+
+def test_compile_cache_off_and_unusable(capsys, tmp_path):
+    assert cli.setup_compile_cache("off") is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.setup_compile_cache(str(blocker / "xla")) is None  # cannot be created: warn, run without
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "warning" in err and str(blocker) in err

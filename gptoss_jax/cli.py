@@ -60,7 +60,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _cache_arg(g) -> None:
     g.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, so that later runs skip most of the compile time "
-                        f"(default: ${CACHE_ENV}, else {_default_cache_dir()}; 'off' disables it)")  # fmt: skip
+                        f"(default: ${CACHE_ENV}, else {_default_cache_dir()}; 'off' disables it)",
+                   )
 
 
 CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
@@ -71,8 +72,8 @@ def _default_cache_dir() -> str:
 
 
 def setup_compile_cache(choice: str | None) -> str | None:
-    """Points JAX's persistent compilation cache at `choice` (or $GPTOSS_JAX_COMPILE_CACHE, else the user cache
-    folder); 'off' disables it. Leaves JAX alone when the user configured it (JAX_COMPILATION_CACHE_DIR).
+    """Points JAX's persistent compilation cache at `choice` (or $GPTOSS_JAX_COMPILE_CACHE, else the user
+    cache folder); 'off' disables it. Leaves JAX alone when the user configured it (JAX_COMPILATION_CACHE_DIR).
     Returns the folder used, or None."""
     import jax
 

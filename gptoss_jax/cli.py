@@ -73,8 +73,8 @@ def _default_cache_dir() -> str:
 
 def setup_compile_cache(choice: str | None) -> str | None:
     """Points JAX's persistent compilation cache at `choice` (or $GPTOSS_JAX_COMPILE_CACHE, else the user
-    cache folder); 'off' disables it. Leaves JAX alone when the user configured it (JAX_COMPILATION_CACHE_DIR).
-    Returns the folder used, or None."""
+    cache folder); 'off' disables it. Leaves JAX alone when the user configured it
+    (JAX_COMPILATION_CACHE_DIR). Returns the folder used, or None."""
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:

@@ -69,7 +69,7 @@ ORIGINAL_CONFIG_120B = ORIGINAL_CONFIG_20B | {"num_hidden_layers": 36, "num_expe
 
 
 def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (b is the reference; an all-zero b counts as tiny, not as a division by 0)."""
+    """||a - b|| / ||b|| in float64 (b is the reference; an all-zero b counts as tiny, not as 0)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

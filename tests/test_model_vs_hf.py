@@ -216,8 +216,8 @@ def test_moe_matches_hf_mlp(path, expert_format, hf_ckpt, hf, tiny_cfg):
 
 @pytest.mark.parametrize("expert_format", ["mxfp4", "dequantized"])
 def test_grouped_experts_uneven_routing(expert_format, hf_ckpt):
-    """The grouped path (sorted rows, tiles, the next expert's packed bytes carried through the loop) against the
-    gather path on a routing that stresses it: experts 0 and 1 get no rows, expert 2 gets every token (more
+    """The grouped path (sorted rows, tiles, the next expert's packed bytes carried through the loop) against
+    the gather path on a routing that stresses it: experts 0 and 1 get no rows, expert 2 gets every token (more
     rows than a tile), the last expert gets rows, and some selections are out of range (remote experts)."""
     model = our_model(hf_ckpt, "float32", expert_format=expert_format)
     cfg = model.cfg

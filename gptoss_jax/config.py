@@ -59,7 +59,7 @@ class Config:
     expert_format: str = "mxfp4"  # keep experts packed ("mxfp4") or dequantize them at load
     attention_impl: str = "auto"  # "xla" | "pallas" | "auto": pallas only where validated (kernels.VALIDATED_PLATFORMS)
     moe_impl: str = "auto"
-    prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of this many tokens
+    prefill_chunk: int = 512  # prompts are prefilled (and model(tokens) attends) this many tokens at a time
 
     def __post_init__(self):
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import kernels, mxfp4
 from .config import Config
+from .kernels._common import pad_axis
 from .kernels.attention import attention_reference, visible  # noqa: F401 (visible: the attention mask)
 from .sharding import constrain, current_mesh, map_attention, moe_experts_sharded, with_model_mesh
 
@@ -113,7 +114,23 @@ def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, cfg: Config):
                                      impl="pallas")  # fmt: skip
 
         return map_attention(kernel, q, k, v, sinks, q_pos, k_pos)  # a kernel is opaque to XLA's partitioner
-    return attention_xla(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale)
+    return attention_xla_blocks(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=cfg.sm_scale,
+                                block=cfg.prefill_chunk)  # fmt: skip
+
+
+def attention_xla_blocks(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, block: int):
+    """`attention_xla` over at most `block` queries at a time (a sequential `lax.map` over query blocks), so the
+    (B,K,G,T,S) scores of a long no-cache forward (`model(tokens)`) take O(block x S) memory, not O(T x S).
+    Each query row is computed as in one call; padding rows (position -1) see no key and are dropped."""
+    B, T = q.shape[:2]
+    if T <= block:
+        return attention_xla(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+    n = -(-T // block)
+    qb = pad_axis(q, 1, n * block).reshape(B, n, block, *q.shape[2:]).swapaxes(0, 1)
+    pb = pad_axis(q_pos, 1, n * block, -1).reshape(B, n, block).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: attention_xla(a[0], k, v, sinks, a[1], k_pos, window=window, sm_scale=sm_scale),
+                      (qb, pb))  # fmt: skip
+    return out.swapaxes(0, 1).reshape(B, n * block, *q.shape[2:])[:, :T]
 
 
 def _resolve(impl: str) -> str:

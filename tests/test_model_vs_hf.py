@@ -316,3 +316,13 @@ def test_logits_float32_match_hf_window_128(layout, window128_ckpt):
     err = rel_err(model(toks), hf_logits(hf_model(window128_ckpt), toks))
     print(f"\n[{layout}] window-128 float32 logits rel err vs HF: {err:.3g}")
     assert err <= LOGITS_TOL
+
+
+def test_logits_in_query_blocks_match_hf(window128_ckpt):
+    """`model(tokens)` longer than `prefill_chunk` runs attention over blocks of that many queries (bounded
+    memory): blocks shorter than the window, a ragged last block, the same logits as transformers."""
+    model = our_model(window128_ckpt, prefill_chunk=96)
+    toks = np.random.default_rng(9).integers(0, model.cfg.vocab_size, (2, 400))  # 5 blocks, the last one short
+    err = rel_err(model(toks), hf_logits(hf_model(window128_ckpt), toks))
+    print(f"\nquery blocks of 96: float32 logits rel err vs HF: {err:.3g}")
+    assert err <= LOGITS_TOL

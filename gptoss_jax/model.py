@@ -118,11 +118,20 @@ def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, cfg: Config):
                                 block=cfg.prefill_chunk)  # fmt: skip
 
 
-def attention_xla_blocks(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, block: int):
-    """`attention_xla` over at most `block` queries at a time (a sequential `lax.map` over query blocks), so the
-    (B,K,G,T,S) scores of a long no-cache forward (`model(tokens)`) take O(block x S) memory, not O(T x S).
-    Each query row is computed as in one call; padding rows (position -1) see no key and are dropped."""
+# Most attention-score elements (B*K*G*queries*keys) the XLA path materializes at once: 2**28 float32 scores are
+# 1 GiB (the softmax holds about two such arrays). Long caches get fewer queries per block.
+SCORES_BUDGET = 2**28
+
+
+def attention_xla_blocks(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, block: int,
+                         budget: int = SCORES_BUDGET):  # fmt: skip
+    """`attention_xla` over blocks of at most `block` queries, fewer when the keys are many (at most `budget`
+    score elements per block, at least 8 queries): a sequential `lax.map` over query blocks, so the (B,K,G,T,S)
+    scores of a long `model(tokens)` or of a prefill chunk against a long cache take bounded memory. Each query
+    row is computed as in one call; padding rows (position -1) see no key and are dropped."""
     B, T = q.shape[:2]
+    per_query = B * q.shape[2] * q.shape[3] * k.shape[1]  # B*K*G*S
+    block = max(1, min(block, max(8, budget // per_query)))
     if T <= block:
         return attention_xla(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
     n = -(-T // block)

@@ -33,6 +33,7 @@ from gptoss_jax.config import Config
 from gptoss_jax.model import (
     _tile_rows,
     attention_xla,
+    attention_xla_blocks,
     moe,
     moe_experts_gather,
     moe_experts_grouped,
@@ -326,3 +327,24 @@ def test_logits_in_query_blocks_match_hf(window128_ckpt):
     err = rel_err(model(toks), hf_logits(hf_model(window128_ckpt), toks))
     print(f"\nquery blocks of 96: float32 logits rel err vs HF: {err:.3g}")
     assert err <= LOGITS_TOL
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_attention_blocks_bounded_by_score_budget(window):
+    """Against a long cache the XLA path takes fewer queries per block (at most `budget` score elements, at
+    least 8 queries): 40 queries over 100 keys (the last 5 empty slots) in 5 blocks of 8, same result."""
+    B, T, S, K, G, H = 2, 40, 100, 2, 3, 16
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (B, T, K, G, H))
+    k, v = jax.random.normal(ks[1], (B, S, K, H)), jax.random.normal(ks[2], (B, S, K, H))
+    sinks = jax.random.normal(ks[3], (K, G))
+    q_pos = jnp.tile(jnp.arange(T) + 55, (B, 1))
+    k_pos = jnp.tile(jnp.arange(S), (B, 1)).at[:, 95:].set(-1)
+    kw = {"window": window, "sm_scale": 0.25}
+    want = attention_xla(q, k, v, sinks, q_pos, k_pos, **kw)
+
+    def blocks(q):
+        return attention_xla_blocks(q, k, v, sinks, q_pos, k_pos, block=512, budget=B * K * G * S, **kw)
+
+    assert "length=5" in str(jax.make_jaxpr(blocks)(q))  # one query per block by budget, raised to 8
+    assert rel_err(blocks(q), want) <= 1e-6

@@ -65,6 +65,7 @@ def _cache_arg(g) -> None:
 
 
 CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
+CACHE_MAX_BYTES = 4 * 2**30  # least recently used programs are evicted past this
 
 
 def _default_cache_dir() -> str:
@@ -89,6 +90,8 @@ def setup_compile_cache(choice: str | None) -> str | None:
         print(f"{PROG}: warning: no compilation cache ({path}: {e.strerror})", file=sys.stderr)
         return None
     jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default is unbounded: keep the newest 4 GiB
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 
 

@@ -78,7 +78,7 @@ def setup_compile_cache(choice: str | None) -> str | None:
     (JAX_COMPILATION_CACHE_DIR). Returns the folder used, or None."""
     import jax
 
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    if jax.config.jax_compilation_cache_dir:  # set by the user (JAX reads JAX_COMPILATION_CACHE_DIR into it)
         return jax.config.jax_compilation_cache_dir
     choice = choice if choice is not None else os.environ.get(CACHE_ENV) or _default_cache_dir()
     if choice.lower() in ("off", "none", "0", ""):

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion.convert import Options, convert, folder_bytes
-from conversion.synthetic import checkpoint_bytes, write_checkpoint
+from gptoss_jax.checkpoint.synthetic import checkpoint_bytes, write_checkpoint
 from gptoss_jax.config import Config
 
 PIECE = 16 << 20

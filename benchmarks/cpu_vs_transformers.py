@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = bench_config()
-    from conversion.synthetic import checkpoint_bytes, write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import checkpoint_bytes, write_checkpoint
 
     tmp = None
     if args.ckpt is None:

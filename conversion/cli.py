@@ -56,8 +56,9 @@ def _sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from gptoss_jax.checkpoint import CheckpointError
+
     from .convert import Options, UsageError, VerifyError, convert, work_dir
-    from .safetensors import CheckpointError
 
     signal.signal(signal.SIGTERM, _sigterm)
     work = work_dir(Path(args.dst).absolute())

@@ -44,11 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax import mxfp4
-from gptoss_jax.loading import param_specs, progress_bar
+from gptoss_jax.checkpoint import keys
+from gptoss_jax.checkpoint import orbax as ckpt_orbax
+from gptoss_jax.checkpoint.safetensors import CheckpointError
+from gptoss_jax.checkpoint.source import Source, open_source
+from gptoss_jax.model import param_specs
+from gptoss_jax.progress import progress_bar
 
-from . import keys, orbax_io
-from .safetensors import CheckpointError
-from .source import Source, open_source
+from . import orbax_io
 
 WORK_SUFFIX = ".converting"
 JOURNAL = "journal.json"
@@ -237,11 +240,11 @@ def convert(src_path, dst_path, opts: Options = Options(), *, verify: bool = Fal
     log(f"source: {src.root} ({'Hugging Face' if src.layout == 'hf' else 'original/'} layout){note}")
 
     work = work_dir(dst)
-    journal = {"tool": "gptoss-convert", "format": orbax_io.FORMAT_VERSION, "source": _fingerprint(src),
+    journal = {"tool": "gptoss-convert", "format": ckpt_orbax.FORMAT_VERSION, "source": _fingerprint(src),
                "options": opts.journal(), "dst": str(dst.resolve())}  # fmt: skip
     _prepare_work(work, journal)
     ckpt = work / CKPT
-    meta = orbax_io.make_metadata(cfg, generation_config=src.extra_json.get("generation_config"),
+    meta = ckpt_orbax.make_metadata(cfg, generation_config=src.extra_json.get("generation_config"),
                                   source={"layout": src.layout, "files": [f[0] for f in journal["source"]["files"]]})  # fmt: skip
     try:
         resumed = _write_all(src, items, opts, ckpt, meta, work, quiet, log)
@@ -290,7 +293,7 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log) -> in
     tensors an earlier run had already written."""
     ctx = orbax_io.writer_context(chunk_bytes=opts.chunk_mib * MiB, shard_experts=opts.shard_hint == "expert",
                                   compression=opts.compression)  # fmt: skip
-    if ckpt.is_dir() and orbax_io.is_orbax_checkpoint(ckpt):
+    if ckpt.is_dir() and ckpt_orbax.is_orbax_checkpoint(ckpt):
         log("resuming: every tensor was written and merged; renaming")
         return len(items)
     partial = ckpt.parent / (ckpt.name + ".partial_save")
@@ -325,7 +328,7 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log) -> in
         raise RuntimeError(f"{ckpt}: nothing to finalize")
     (work / FINALIZING).touch()
     orbax_io.partial_finalize(ctx, ckpt)
-    have = orbax_io.stored_arrays(ckpt)
+    have = ckpt_orbax.stored_arrays(ckpt)
     missing = sorted({it[0].target for it in items} - set(have))
     if missing:  # a snapshot vanished between runs: refuse to publish an incomplete checkpoint
         raise RuntimeError(f"{ckpt}: finalized checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
@@ -355,7 +358,7 @@ def verify_checkpoint(src: Source, items, ckpt: Path, opts: Options, *, quiet: b
     total = sum(n for _, _, n in items)
     with progress_bar(total, "verifying", quiet=quiet, terminal_only=False) as bar:
         for group in _groups(items, group_budget(items, opts)):
-            got = orbax_io.read_arrays(ckpt, {r.target: np.dtype(spec.dtype) for r, spec, _ in group})
+            got = ckpt_orbax.read_arrays(ckpt, {r.target: np.dtype(spec.dtype) for r, spec, _ in group})
             for rule, spec, n in group:
                 if len(rule.sources) == 2:
                     want = _expected_dequantized(src, rule, spec.dtype)

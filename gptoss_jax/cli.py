@@ -435,7 +435,7 @@ COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conversion.safetensors import CheckpointError
+    from .checkpoint import CheckpointError
 
     try:
         args = build_parser().parse_args(argv)

@@ -45,9 +45,8 @@ def run_demo(out: str | Path | None = None, *, prompt: str = DEFAULT_PROMPT, max
     out: folder to write the checkpoint to (must not exist); None = a temporary folder, removed at the end.
     overrides: runtime config fields for loading (attention_impl, moe_impl, expert_format ...).
     """
-    from conversion.synthetic import write_checkpoint
-
     from . import tokenizer
+    from .checkpoint.synthetic import write_checkpoint
     from .generate import generate
     from .loading import load
 

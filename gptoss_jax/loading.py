@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import mxfp4
+from .checkpoint import orbax as ckpt_orbax
+from .checkpoint.safetensors import CheckpointError
+from .checkpoint.source import open_source
 from .config import RUNTIME_FIELDS, Config
 from .model import Transformer, abstract_model, param_specs  # noqa: F401 - param_specs is loading's API too
+from .progress import progress_bar
+from .sharding import param_sharding
 
 
 def flat_names(state) -> dict[str, tuple]:
@@ -51,24 +57,10 @@ def place(name: str, arr: np.ndarray, spec: jax.ShapeDtypeStruct, cfg: Config, m
     """Host array -> device array of spec.dtype; on a mesh, each device gets only its shard."""
     if mesh is None:
         return jnp.asarray(np.asarray(arr).astype(spec.dtype, copy=False))
-    from .sharding import param_sharding
-
     sharding = param_sharding(name, spec.shape, mesh, cfg)
     return jax.make_array_from_callback(
         spec.shape, sharding, lambda idx: np.asarray(arr[idx]).astype(spec.dtype, copy=False)
     )
-
-
-def progress_bar(total: int, desc: str, *, quiet: bool, initial: int = 0, terminal_only: bool = True):
-    """A tqdm byte counter on stderr (shared by loading and conversion).
-
-    `terminal_only` hides it when stderr is not a terminal (logs, notebooks); the converter keeps it in logs.
-    """
-    from tqdm import tqdm
-
-    disable = quiet or (terminal_only and not sys.stderr.isatty())
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=disable, file=sys.stderr, dynamic_ncols=True, leave=not terminal_only)  # fmt: skip
 
 
 def _split_overrides(overrides: dict) -> dict:
@@ -94,15 +86,8 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
     overrides = _split_overrides(dict(overrides, dtype=dtype))
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
-    try:
-        from conversion import orbax_io  # the converter's Orbax format (issue: conversion)
-    except ImportError:
-        orbax_io = None
-    if orbax_io is not None and orbax_io.is_orbax_checkpoint(path):
-        return orbax_io.restore(path, mesh=mesh, **overrides)
-    from conversion.safetensors import CheckpointError
-    from conversion.source import open_source
-
+    if ckpt_orbax.is_orbax_checkpoint(path):
+        return _load_orbax(path, mesh=mesh, **overrides)
     try:
         src = open_source(path)
         cfg = src.config.replace(**overrides)
@@ -123,3 +108,60 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
 def _shared(rule, src) -> int:
     # The original layout's fused qkv tensors feed three of our parameters; count their bytes once.
     return 3 if src.layout == "original" and ".attn.qkv." in rule.sources[0] else 1
+
+
+def _sharding(name: str, shape, mesh, cfg: Config):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return param_sharding(name, shape, mesh, cfg)
+
+
+def _load_orbax(path: str | os.PathLike, *, mesh=None, dtype: str = "bfloat16", **overrides):
+    """A converted checkpoint -> `Transformer`, each array read straight into its target sharding.
+
+    dtype: compute / non-expert weight dtype to load as (cast on read; the checkpoint may hold another).
+    overrides: runtime config fields (expert_format, attention_impl, moe_impl, prefill_chunk). A packed
+    checkpoint loads with expert_format="dequantized" (dequantized on device, exactly); the reverse is
+    refused (re-quantizing is not what the user meant).
+    """
+    path = Path(path)
+    meta = ckpt_orbax.read_metadata(path)
+    stored = ckpt_orbax.stored_config(meta)
+    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
+    if bad:
+        raise ValueError(
+            f"{path}: cannot override architecture field(s) {', '.join(bad)} of a converted checkpoint"
+        )
+    cfg = stored.replace(dtype=dtype, **overrides)
+    if stored.expert_format == "dequantized" and cfg.expert_format == "mxfp4":
+        raise ValueError(f"{path}: holds dequantized experts; load it with expert_format='dequantized' "
+                         f"or convert again with packed experts")  # fmt: skip
+    want = param_specs(cfg)
+    on_disk = param_specs(stored)
+    have = ckpt_orbax.stored_arrays(path)
+    for name, spec in on_disk.items():
+        if name not in have:
+            raise ValueError(f"{path / ckpt_orbax.STATE}: missing parameter {name}")
+        if have[name][0] != tuple(spec.shape):
+            raise ValueError(
+                f"{path / ckpt_orbax.STATE}: parameter {name} has shape {have[name][0]}, expected {tuple(spec.shape)}"
+            )
+    extra = sorted(set(have) - set(on_disk))
+    if extra:
+        raise ValueError(f"{path / ckpt_orbax.STATE}: unexpected parameter {extra[0]}")
+
+    targets = {}
+    for name, spec in on_disk.items():
+        dt = want[name].dtype if name in want else spec.dtype  # packed blocks/scales to dequantize stay uint8
+        targets[name] = jax.ShapeDtypeStruct(spec.shape, dt, sharding=_sharding(name, spec.shape, mesh, cfg))
+    arrays = ckpt_orbax.read_arrays(path, targets)
+
+    if stored.expert_format == "mxfp4" and cfg.expert_format == "dequantized":
+        for name in [n for n in want if n.endswith("_weight") and ".mlp.mlp" in n]:
+            base = name[: -len("_weight")]
+            blocks, scales = arrays.pop(f"{base}_blocks"), arrays.pop(f"{base}_scales")
+            out = _sharding(name, want[name].shape, mesh, cfg)
+            fn = jax.jit(lambda b, s: mxfp4.dequantize(b, s, dtype=cfg.jax_dtype), out_shardings=out)
+            arrays[name] = fn(blocks, scales)
+            del blocks, scales
+    return build_model(cfg, arrays)

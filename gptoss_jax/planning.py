@@ -217,15 +217,11 @@ def _config_for(model: str) -> Config:
         raise ValueError(
             f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny) nor an existing checkpoint folder"
         )
-    try:
-        from conversion import orbax_io
+    from .checkpoint import orbax as ckpt_orbax
+    from .checkpoint.source import open_source
 
-        if orbax_io.is_orbax_checkpoint(path):
-            return orbax_io.stored_config(orbax_io.read_metadata(path))
-    except ImportError:
-        pass
-    from conversion.source import open_source
-
+    if ckpt_orbax.is_orbax_checkpoint(path):
+        return ckpt_orbax.stored_config(ckpt_orbax.read_metadata(path))
     return open_source(path).config
 
 

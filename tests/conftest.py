@@ -37,7 +37,7 @@ def tiny_cfg() -> Config:
 @pytest.fixture(scope="session")
 def hf_ckpt(tmp_path_factory, tiny_cfg):
     """A 3-shard Hugging Face layout checkpoint (index + model-0000N-of-00002.safetensors)."""
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf", tiny_cfg, layout="hf", shards=3, seed=1)
 
@@ -45,7 +45,7 @@ def hf_ckpt(tmp_path_factory, tiny_cfg):
 @pytest.fixture(scope="session")
 def original_ckpt(tmp_path_factory, tiny_cfg):
     """The same weights in OpenAI's original/ layout (fused qkv, 2 shards with the 120b naming)."""
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "orig", tiny_cfg, layout="original", shards=2, seed=1)
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import assert_one_line, make_tiny_cfg
 
 import gptoss_jax
-from conversion.synthetic import write_checkpoint
 from gptoss_jax import mxfp4
+from gptoss_jax.checkpoint.synthetic import write_checkpoint
 from gptoss_jax.loading import flat_names
 
 

@@ -303,7 +303,7 @@ def test_logits_bf16_within_twice_hf_bf16_error(layout, hf_ckpt, original_ckpt, 
 @pytest.fixture(scope="module")
 def window128_ckpt(tmp_path_factory):
     """2 layers (sliding, full) with the real window of 128, both layouts (HF top level + original/)."""
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     cfg = make_tiny_cfg(num_hidden_layers=2, sliding_window=128)
     return write_checkpoint(tmp_path_factory.mktemp("w128") / "repo", cfg, layout="both", seed=5, shards=2)

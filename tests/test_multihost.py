@@ -59,7 +59,7 @@ def ckpt(tmp_path_factory):
     from conftest import make_tiny_cfg
 
     from conversion.convert import Options, convert
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     tmp = tmp_path_factory.mktemp("multihost")
     cfg = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)

@@ -62,14 +62,14 @@ def _rule_spec(name, shape, mesh_shape, cfg) -> tuple:
 
 @pytest.fixture(scope="module")
 def ckpt8(tmp_path_factory):
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("shard") / "e8", CFG8, layout="hf", seed=3)
 
 
 @pytest.fixture(scope="module")
 def ckpt5(tmp_path_factory):
-    from conversion.synthetic import write_checkpoint
+    from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("shard") / "e5", CFG5, layout="hf", seed=4)
 

@@ -7,8 +7,6 @@ import hashlib
 
 import numpy as np
 import pytest
-
-from gptoss_jax import tokenizer as tk
 from openai_harmony import (
     Conversation,
     DeveloperContent,
@@ -18,8 +16,7 @@ from openai_harmony import (
     SystemContent,
 )
 
-
-
+from gptoss_jax import tokenizer as tk
 
 MULTILINGUAL = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock!",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.orbax_io import flatten
-from conversion.safetensors import SafetensorsFile, save_file
+from gptoss_jax.checkpoint.orbax import flatten
+from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
 
 REPO = Path(__file__).resolve().parents[2]
 

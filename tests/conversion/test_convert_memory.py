@@ -12,8 +12,8 @@ from conftest import make_tiny_cfg
 from convtools import REPO, cli_env
 
 from conversion.convert import folder_bytes
-from conversion.orbax_io import stored_arrays
-from conversion.synthetic import checkpoint_bytes, write_checkpoint
+from gptoss_jax.checkpoint.orbax import stored_arrays
+from gptoss_jax.checkpoint.synthetic import checkpoint_bytes, write_checkpoint
 
 # Peak RSS: the kernel's high-water mark of this process image (VmHWM; ru_maxrss would include the parent's
 # resident size inherited through fork), and a sampling thread where /proc is missing. Mapped file pages

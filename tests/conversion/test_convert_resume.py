@@ -13,7 +13,7 @@ from convtools import REPO, assert_same_checkpoint, cli_env, run_cli
 
 import gptoss_jax
 from conversion.convert import Options, convert
-from conversion.orbax_io import is_orbax_checkpoint
+from gptoss_jax.checkpoint.orbax import is_orbax_checkpoint
 
 
 def _start_and_stop(src, dst, sig, min_groups: int) -> subprocess.CompletedProcess:

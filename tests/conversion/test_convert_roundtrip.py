@@ -15,8 +15,8 @@ from convtools import gptoss_metadata, orbax_arrays, same_bytes
 import gptoss_jax
 from conversion import cli
 from conversion.convert import Options, UsageError, VerifyError, convert, plan, verify_checkpoint
-from conversion.source import open_source
-from conversion.synthetic import write_checkpoint
+from gptoss_jax.checkpoint.source import open_source
+from gptoss_jax.checkpoint.synthetic import write_checkpoint
 
 TOKENS = jnp.asarray((np.arange(20) * 37 + 5) % 1000, dtype=jnp.int32)[None]  # longer than the window (8)
 _logits_cache: dict = {}
@@ -83,7 +83,7 @@ def test_plain_orbax_restore_holds_source_tensors(converted, hf_ckpt, original_c
 
 
 def test_metadata(converted, tiny_cfg, hf_ckpt):
-    from conversion.orbax_io import read_metadata, stored_config
+    from gptoss_jax.checkpoint.orbax import read_metadata, stored_config
 
     dst = converted("hf", "mxfp4")
     meta = gptoss_metadata(dst)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import rel_err
 
 from gptoss_jax.kernels import attention as attention_dispatch
 from gptoss_jax.kernels import resolve_impl
@@ -37,7 +38,6 @@ from gptoss_jax.kernels.attention import (
     kv_block_ranges,
     visible,
 )
-from hf_reference import rel_err
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 2e-5, BF16: 2.5e-2}

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import rel_err
 
 from gptoss_jax.kernels import moe_experts
 from gptoss_jax.kernels.mxfp4_matmul import (
@@ -32,7 +33,6 @@ from gptoss_jax.kernels.mxfp4_matmul import (
     scale_e8m0,
 )
 from gptoss_jax.mxfp4 import FP4_LUT
-from hf_reference import rel_err
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_jax import mxfp4
-from gptoss_jax.config import Config
-
+from .. import mxfp4
+from ..config import Config
 from .safetensors import CheckpointError
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")

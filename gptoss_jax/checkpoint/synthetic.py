@@ -18,8 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gptoss_jax.config import Config
-
+from ..config import Config
 from .safetensors import save_file
 
 BF16 = ml_dtypes.bfloat16

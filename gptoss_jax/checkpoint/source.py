@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss_jax.config import Config
-
+from ..config import Config
 from . import keys
 from .safetensors import CheckpointError, SafetensorsFile
 

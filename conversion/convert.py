@@ -48,8 +48,8 @@ from gptoss_jax.checkpoint import keys
 from gptoss_jax.checkpoint import orbax as ckpt_orbax
 from gptoss_jax.checkpoint.safetensors import CheckpointError
 from gptoss_jax.checkpoint.source import Source, open_source
-from gptoss_jax.model import param_specs
 from gptoss_jax.progress import progress_bar
+from gptoss_jax.weights import storage_specs
 
 from . import orbax_io
 
@@ -211,7 +211,7 @@ def plan(src: Source, opts: Options):
     """(rule, target spec, source bytes) for every parameter; raises CheckpointError on a bad source."""
     cfg = src.config.replace(expert_format=opts.expert_format, dtype=opts.dtype)
     rules = src.rules(opts.expert_format)  # missing / unexpected / wrong shape or dtype -> CheckpointError
-    specs = param_specs(cfg)
+    specs = storage_specs(cfg)
     targets = [r.target for r in rules]
     if sorted(targets) != sorted(specs) or len(set(targets)) != len(targets):
         raise CheckpointError(

@@ -88,6 +88,24 @@ class Config:
         return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @property
+    def layer_unit(self) -> tuple[bool, ...]:
+        """The shortest repeating unit of layer kinds (True = sliding; a window of 0 makes every layer full).
+
+        gpt-oss alternates (sliding, full): the model scans over `layer_repeats` copies of this unit, so its
+        compile time does not grow with depth. A pattern without a period gives one unit of all layers.
+        """
+        kinds = tuple(s and self.sliding_window > 0 for s in self.sliding_layers)
+        n = len(kinds)
+        for p in range(1, n + 1):
+            if n % p == 0 and kinds == kinds[:p] * (n // p):
+                return kinds[:p]
+        return kinds
+
+    @property
+    def layer_repeats(self) -> int:
+        return self.num_hidden_layers // len(self.layer_unit)
+
+    @property
     def sm_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 

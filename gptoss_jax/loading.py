@@ -1,108 +1,130 @@
 """`gptoss_jax.load`: a released safetensors folder (either layout) or a converted Orbax checkpoint -> model.
 
-Tensors are read one at a time from memory-mapped files, transformed into our layout by the key table
-(`conversion/keys.py`) and placed on device; MXFP4 experts stay packed unless `expert_format="dequantized"`.
-With a mesh, each array is built with `jax.make_array_from_callback`, so every process reads only the
-pieces its devices hold.
+Both sources hold one array per layer (released tensors, or the converted checkpoint's storage names
+`layers.{i}.attn.q_weight`); the model holds them stacked per position of the layer unit
+(`weights.py`). Loading reads one layer's tensor at a time (memory-mapped safetensors through the key table
+`checkpoint/keys.py`, or an Orbax partial restore), places it on device in its sharding and writes it into
+its slot of the stacked parameter, which was allocated once, in place (a donated update): the peak is the
+weights plus one tensor. MXFP4 experts stay packed unless `expert_format="dequantized"`. On a mesh each
+process reads only the pieces its devices hold.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import mxfp4
+from . import mxfp4, weights
 from .checkpoint import orbax as ckpt_orbax
 from .checkpoint.safetensors import CheckpointError
 from .checkpoint.source import open_source
 from .config import RUNTIME_FIELDS, Config
-from .model import Transformer, abstract_model, param_specs  # noqa: F401 - param_specs is loading's API too
+from .model import Transformer
 from .progress import progress_bar
-from .sharding import param_sharding
+from .sharding import as_model_mesh, param_sharding
 
 
-def flat_names(state) -> dict[str, tuple]:
-    """Our parameter names ("layers.0.attn.q_weight") -> NNX state paths."""
-    return {".".join(str(p) for p in path): path for path, _ in nnx.to_flat_state(state)}
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(buf, x, r):
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), r, 0)
 
 
-def build_model(cfg: Config, arrays: dict[str, jax.Array]) -> Transformer:
-    """Assembles a Transformer from named arrays without allocating random weights first."""
-    graphdef, state = nnx.split(abstract_model(cfg))
-    flat = []
-    names = set()
-    for path, var in nnx.to_flat_state(state):
-        name = ".".join(str(p) for p in path)
-        names.add(name)
-        if name not in arrays:
-            raise ValueError(f"missing parameter {name}")
-        a = arrays[name]
-        want = var.get_value()
-        if tuple(a.shape) != tuple(want.shape) or a.dtype != want.dtype:
-            raise ValueError(f"parameter {name}: got {a.dtype}{tuple(a.shape)}, expected {want.dtype}{tuple(want.shape)}")
-        flat.append((path, var.replace(value=a) if hasattr(var, "replace") else a))
-    extra = sorted(set(arrays) - names)
-    if extra:
-        raise ValueError(f"unexpected parameter {extra[0]}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+class _Assembler:
+    """Collects per-layer arrays (storage names) into the model's stacked parameters, on device."""
+
+    def __init__(self, cfg: Config, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.specs = weights.param_specs(cfg)
+        self.arrays: dict[str, jax.Array] = {}
+        self.filled: dict[str, set[int]] = {}
+
+    def sharding(self, name: str, shape):
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return param_sharding(name, shape, self.mesh, self.cfg)
+
+    def put(self, storage_name: str, arr) -> None:
+        """arr: a host array in our per-layer layout, or a device array already in its per-layer sharding."""
+        name, r = weights.storage_slot(storage_name, self.cfg)
+        spec = self.specs[name]
+        if not isinstance(arr, jax.Array):
+            arr = self.place(storage_name, arr, spec.shape[1:] if r is not None else spec.shape, spec.dtype)
+        if r is None:
+            self.arrays[name] = arr.astype(spec.dtype)
+            return
+        if name not in self.arrays:
+            alloc = jax.jit(partial(jnp.zeros, spec.shape, spec.dtype), out_shardings=self.sharding(name, spec.shape))
+            self.arrays[name] = alloc()
+            self.filled[name] = set()
+        self.arrays[name] = _set_layer(self.arrays[name], arr, r)
+        self.filled[name].add(r)
+
+    def place(self, name: str, arr: np.ndarray, shape, dtype) -> jax.Array:
+        """Host array -> device array of `dtype`; on a mesh each device gets only its shard."""
+        if self.mesh is None:
+            return jnp.asarray(np.asarray(arr).astype(dtype, copy=False))
+        return jax.make_array_from_callback(tuple(shape), self.sharding(name, shape),
+                                            lambda idx: np.asarray(arr[idx]).astype(dtype, copy=False))  # fmt: skip
+
+    def model(self) -> Transformer:
+        missing = sorted(set(self.specs) - set(self.arrays))
+        holes = [f"{n}[{r}]" for n, got in self.filled.items() for r in range(self.cfg.layer_repeats) if r not in got]
+        if missing or holes:  # the key tables cover every parameter: this is a bug, not bad input
+            raise RuntimeError(f"loading left parameters unset: {(missing + holes)[:3]}")
+        return Transformer(self.cfg, arrays=self.arrays)
 
 
-def place(name: str, arr: np.ndarray, spec: jax.ShapeDtypeStruct, cfg: Config, mesh) -> jax.Array:
-    """Host array -> device array of spec.dtype; on a mesh, each device gets only its shard."""
-    if mesh is None:
-        return jnp.asarray(np.asarray(arr).astype(spec.dtype, copy=False))
-    sharding = param_sharding(name, spec.shape, mesh, cfg)
-    return jax.make_array_from_callback(
-        spec.shape, sharding, lambda idx: np.asarray(arr[idx]).astype(spec.dtype, copy=False)
-    )
+def build_model(cfg: Config, arrays: dict[str, object], mesh=None) -> Transformer:
+    """A Transformer from per-layer arrays by storage name (host or device arrays)."""
+    asm = _Assembler(cfg, as_model_mesh(mesh))
+    for name, arr in arrays.items():
+        asm.put(name, arr)
+    return asm.model()
 
 
-def _split_overrides(overrides: dict) -> dict:
-    from dataclasses import fields
-
-    known = {f.name for f in fields(Config)}
-    bad = sorted(set(overrides) - known)
+def _check_overrides(overrides: dict) -> None:
+    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"load(): unknown option(s) {', '.join(bad)}; runtime options are {', '.join(RUNTIME_FIELDS)}")
-    return overrides
 
 
-def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: bool = False, **overrides):
+def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: bool = False,
+         expert_format: str | None = None, **overrides) -> Transformer:  # fmt: skip
     """Loads gpt-oss weights from `path` and returns a `Transformer`.
 
     path: a folder of released safetensors (Hugging Face top level with its index, or `original/`, or a
     repo folder holding both) or an Orbax checkpoint written by `gptoss-convert`.
     dtype: "bfloat16" (default) or "float32" for compute and non-expert weights.
-    mesh: a `jax.sharding.Mesh` with axes from (data, expert, model); None = one device.
-    overrides: runtime config fields, e.g. expert_format="dequantized", attention_impl="pallas".
+    mesh: a `jax.sharding.Mesh` with axes among (data, expert, model), Explicit or Auto axis types (e.g.
+    `jax.make_mesh((1, 4, 2), ("data", "expert", "model"))`); None = one device.
+    expert_format: "mxfp4" (packed), "dequantized", or None: as the checkpoint stores them.
+    overrides: other runtime config fields: attention_impl, moe_impl ("xla" | "pallas" | "auto"),
+    prefill_chunk.
     """
+    _check_overrides(overrides)
+    mesh = as_model_mesh(mesh)
     path = Path(path)
-    overrides = _split_overrides(dict(overrides, dtype=dtype))
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
+    overrides = dict(overrides, dtype=dtype)
     if ckpt_orbax.is_orbax_checkpoint(path):
-        return _load_orbax(path, mesh=mesh, **overrides)
-    try:
-        src = open_source(path)
-        cfg = src.config.replace(**overrides)
-        specs = param_specs(cfg)
-        arrays = {}
-        with progress_bar(src.total_bytes(), f"loading {path.name}", quiet=quiet) as bar:
-            for rule in src.rules(cfg.expert_format):
-                arr = src.read(rule)
-                arrays[rule.target] = place(rule.target, arr, specs[rule.target], cfg, mesh)
-                bar.update(sum(src.files[s].nbytes(s) for s in rule.sources) // max(1, _shared(rule, src)))
-    except CheckpointError:
-        raise
+        return _load_orbax(path.absolute(), mesh, expert_format, overrides, quiet)
+    src = open_source(path)
+    cfg = src.config.replace(expert_format=expert_format or "mxfp4", **overrides)
+    asm = _Assembler(cfg, mesh)
+    with progress_bar(src.total_bytes(), f"loading {path.name}", quiet=quiet) as bar:
+        for rule in src.rules(cfg.expert_format):
+            asm.put(rule.target, src.read(rule))
+            bar.update(sum(src.files[s].nbytes(s) for s in rule.sources) // max(1, _shared(rule, src)))
     if src.layout_note and not quiet:
         print(src.layout_note, file=sys.stderr)
-    return build_model(cfg, arrays)
+    return asm.model()
 
 
 def _shared(rule, src) -> int:
@@ -110,58 +132,56 @@ def _shared(rule, src) -> int:
     return 3 if src.layout == "original" and ".attn.qkv." in rule.sources[0] else 1
 
 
-def _sharding(name: str, shape, mesh, cfg: Config):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return param_sharding(name, shape, mesh, cfg)
+def _load_orbax(path: Path, mesh, expert_format: str | None, overrides: dict, quiet: bool) -> Transformer:
+    """A converted checkpoint, restored one layer at a time, each array read straight into its sharding.
 
-
-def _load_orbax(path: str | os.PathLike, *, mesh=None, dtype: str = "bfloat16", **overrides):
-    """A converted checkpoint -> `Transformer`, each array read straight into its target sharding.
-
-    dtype: compute / non-expert weight dtype to load as (cast on read; the checkpoint may hold another).
-    overrides: runtime config fields (expert_format, attention_impl, moe_impl, prefill_chunk). A packed
-    checkpoint loads with expert_format="dequantized" (dequantized on device, exactly); the reverse is
-    refused (re-quantizing is not what the user meant).
+    A packed checkpoint loads with expert_format="dequantized" (dequantized on device, exactly); the reverse
+    is refused (re-quantizing is not what the user meant).
     """
-    path = Path(path)
-    meta = ckpt_orbax.read_metadata(path)
-    stored = ckpt_orbax.stored_config(meta)
-    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
-    if bad:
-        raise ValueError(
-            f"{path}: cannot override architecture field(s) {', '.join(bad)} of a converted checkpoint"
-        )
-    cfg = stored.replace(dtype=dtype, **overrides)
+    stored = ckpt_orbax.stored_config(ckpt_orbax.read_metadata(path))
+    cfg = stored.replace(expert_format=expert_format or stored.expert_format, **overrides)
     if stored.expert_format == "dequantized" and cfg.expert_format == "mxfp4":
-        raise ValueError(f"{path}: holds dequantized experts; load it with expert_format='dequantized' "
-                         f"or convert again with packed experts")  # fmt: skip
-    want = param_specs(cfg)
-    on_disk = param_specs(stored)
+        raise ValueError(f"{path}: holds dequantized experts, which cannot be loaded as packed MXFP4; "
+                         f"convert the released checkpoint again with packed experts")  # fmt: skip
+    on_disk = weights.storage_specs(stored)
     have = ckpt_orbax.stored_arrays(path)
     for name, spec in on_disk.items():
         if name not in have:
-            raise ValueError(f"{path / ckpt_orbax.STATE}: missing parameter {name}")
+            raise CheckpointError(f"{path / ckpt_orbax.STATE}: missing array {name}")
         if have[name][0] != tuple(spec.shape):
-            raise ValueError(
-                f"{path / ckpt_orbax.STATE}: parameter {name} has shape {have[name][0]}, expected {tuple(spec.shape)}"
-            )
+            raise CheckpointError(f"{path / ckpt_orbax.STATE}: array {name} has shape {have[name][0]}, "
+                                  f"expected {tuple(spec.shape)}")  # fmt: skip
     extra = sorted(set(have) - set(on_disk))
     if extra:
-        raise ValueError(f"{path / ckpt_orbax.STATE}: unexpected parameter {extra[0]}")
+        raise CheckpointError(f"{path / ckpt_orbax.STATE}: unexpected array {extra[0]}")
+    want = weights.storage_specs(cfg)
+    asm = _Assembler(cfg, mesh)
+    groups: dict[str, list[str]] = {}
+    for name in on_disk:
+        groups.setdefault(name.split(".")[1] if name.startswith("layers.") else "top", []).append(name)
+    total = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in on_disk.values())
+    with progress_bar(total, f"loading {path.name}", quiet=quiet) as bar:
+        for names in groups.values():
+            targets = {}
+            for name in names:
+                spec = on_disk[name]
+                dt = want[name].dtype if name in want else spec.dtype  # packed bytes to dequantize stay uint8
+                targets[name] = jax.ShapeDtypeStruct(spec.shape, dt, sharding=asm.sharding(name, spec.shape))
+            arrays = ckpt_orbax.read_arrays(path, targets)
+            if stored.expert_format == "mxfp4" and cfg.expert_format == "dequantized":
+                _dequantize_layer(arrays, asm, cfg)
+            for name, arr in arrays.items():
+                asm.put(name, arr)
+            bar.update(sum(int(np.prod(on_disk[n].shape)) * on_disk[n].dtype.itemsize for n in names))
+    return asm.model()
 
-    targets = {}
-    for name, spec in on_disk.items():
-        dt = want[name].dtype if name in want else spec.dtype  # packed blocks/scales to dequantize stay uint8
-        targets[name] = jax.ShapeDtypeStruct(spec.shape, dt, sharding=_sharding(name, spec.shape, mesh, cfg))
-    arrays = ckpt_orbax.read_arrays(path, targets)
 
-    if stored.expert_format == "mxfp4" and cfg.expert_format == "dequantized":
-        for name in [n for n in want if n.endswith("_weight") and ".mlp.mlp" in n]:
-            base = name[: -len("_weight")]
-            blocks, scales = arrays.pop(f"{base}_blocks"), arrays.pop(f"{base}_scales")
-            out = _sharding(name, want[name].shape, mesh, cfg)
-            fn = jax.jit(lambda b, s: mxfp4.dequantize(b, s, dtype=cfg.jax_dtype), out_shardings=out)
-            arrays[name] = fn(blocks, scales)
-            del blocks, scales
-    return build_model(cfg, arrays)
+def _dequantize_layer(arrays: dict, asm: _Assembler, cfg: Config) -> None:
+    """Packed expert arrays of one layer -> dequantized weights, on device, in their sharding."""
+    for name in [n for n in arrays if n.endswith("_blocks")]:
+        base = name[: -len("_blocks")]
+        blocks, scales = arrays.pop(name), arrays.pop(f"{base}_scales")
+        shape = (*blocks.shape[:-2], blocks.shape[-2] * mxfp4.BLOCK)
+        fn = jax.jit(partial(mxfp4.dequantize, dtype=cfg.jax_dtype), out_shardings=asm.sharding(f"{base}_weight", shape))
+        arrays[f"{base}_weight"] = fn(blocks, scales)
+

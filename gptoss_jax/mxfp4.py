@@ -15,40 +15,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 32
+from .config import MXFP4_BLOCK
+
+BLOCK = MXFP4_BLOCK  # elements per E8M0 scale
+GROUP_BYTES = BLOCK // 2  # two E2M1 codes per byte
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP4_LUT = np.array(FP4_VALUES, dtype=np.float32)
 
 
-def _fp4_to_f32(codes: jax.Array) -> jax.Array:
-    """E2M1 code (uint, 0..15) -> float32 without a gather: sign bit 3, exponent bits 2..1, mantissa bit 0."""
+# The one codec of the package: the XLA path, the Pallas kernels (inside the kernel body: compares, selects,
+# shifts and a bitcast only, which Mosaic and Triton lower) and --verify all decode with these two.
+def fp4_to_f32(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (0..15, any int dtype) -> float32 without a gather or an fp4 dtype.
+
+    Bit 3 is the sign, bits 2..1 the exponent e, bit 0 the mantissa m: e == 0 -> 0.5*m, else (1+m/2)*2**(e-1).
+    """
     codes = codes.astype(jnp.int32)
-    sign = jnp.where(codes & 8, -1.0, 1.0).astype(jnp.float32)
     e = (codes >> 1) & 3
     m = (codes & 1).astype(jnp.float32)
-    # e == 0 is subnormal: 0 or 0.5; otherwise (1 + m/2) * 2**(e-1).
-    normal = (1.0 + 0.5 * m) * jnp.left_shift(1, jnp.maximum(e, 1) - 1).astype(jnp.float32)
-    return sign * jnp.where(e == 0, 0.5 * m, normal)
+    pow2 = jnp.where(e == 3, 4.0, jnp.where(e == 2, 2.0, 1.0))
+    mag = jnp.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * pow2)
+    return jnp.where((codes & 8) != 0, -mag, mag)
 
 
-def scale_to_f32(scales: jax.Array) -> jax.Array:
+def e8m0_to_f32(scales: jax.Array) -> jax.Array:
     """E8M0 byte -> 2**(s-127) as float32, by writing the exponent field directly (exact, no exp2).
 
-    s == 0 gives 2**-127, a float32 subnormal; we build it as 2**-126 * 0.5 so it is not flushed to zero.
+    s == 0 gives 2**-127, a float32 subnormal; the bit pattern of 2**-126 would be wrong, so it is a constant.
     """
     s = scales.astype(jnp.int32)
-    bits = jnp.left_shift(jnp.maximum(s, 1), 23)
-    f = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    f = jax.lax.bitcast_convert_type(jnp.maximum(s, 1) << 23, jnp.float32)
     return jnp.where(s == 0, jnp.float32(2.0**-127), f)
 
 
 def dequantize(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     """(..., rows, G, 16) uint8 + (..., rows, G) uint8 -> (..., rows, G*32) `dtype`."""
-    lo = _fp4_to_f32(blocks & 0x0F)
-    hi = _fp4_to_f32(blocks >> 4)
-    vals = jnp.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)  # low nibble is the even element
-    vals = vals * scale_to_f32(scales)[..., None]
-    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).astype(dtype)
+    lo = fp4_to_f32(blocks & 0x0F)
+    hi = fp4_to_f32(blocks >> 4)
+    vals = jnp.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], BLOCK)  # low nibble is the even element
+    vals = vals * e8m0_to_f32(scales)[..., None]
+    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * BLOCK).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------- numpy side
@@ -56,9 +62,9 @@ def dequantize_np(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> n
     """numpy twin of `dequantize`, used by loaders and tests (same LUT + ldexp as the reference)."""
     lo = FP4_LUT[blocks & 0x0F]
     hi = FP4_LUT[blocks >> 4]
-    vals = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)
+    vals = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], BLOCK)
     vals = np.ldexp(vals, scales.astype(np.int32)[..., None] - 127)
-    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).astype(dtype)
+    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * BLOCK).astype(dtype)
 
 
 def quantize_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Memory planning: per-device bytes of weights and KV cache for a config on a mesh, nothing allocated.
 
-`plan(cfg, mesh_shape, context, batch)` walks the abstract model (`model.abstract_model`: shapes and dtypes only)
-and asks the sharding rule table (`sharding.param_spec`) what each device holds of every parameter, and
-`sharding.CACHE_KV_AXES` what it holds of the KV cache. So the figures follow the same rules `load(...,
+`plan(cfg, mesh_shape, context, batch)` walks the weight declarations (`weights.param_layout`: shapes, dtypes
+and logical axes) and the cache's (`cache.cache_layout`), and asks the sharding rule table
+(`sharding.param_spec`, `sharding.logical_spec`) what each device holds of every array. So the figures follow the same rules `load(...,
 mesh=)` and `generate` place arrays by, including the replication fallback (a dimension that does not divide
 by its mesh axis is held whole on every device). No device is needed: any mesh shape can be planned on a
 laptop. `gptoss-jax info` is `add_info_arguments` + `run_info`.
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import weights
+from .cache import cache_bytes, cache_layout
 from .config import Config
 from .sharding import (
-    CACHE_KV_AXES,
-    CACHE_POS_AXES,
     MESH_AXES,
     check_mesh_shape,
     logical_spec,
+    param_rules,
     param_spec,
     parse_mesh,
     shard_shape,
@@ -54,13 +55,6 @@ def _group(name: str) -> str:
     return "attention"
 
 
-def abstract_params(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Name -> (shape, dtype) of every parameter (from the abstract model: nothing allocated)."""
-    from .model import param_specs
-
-    return {name: (tuple(spec.shape), np.dtype(spec.dtype)) for name, spec in param_specs(cfg).items()}
-
-
 def _nbytes(shape, dtype) -> int:
     return int(math.prod(shape)) * np.dtype(dtype).itemsize
 
@@ -76,8 +70,6 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
       kv_cache_one_copy (`generate.cache_bytes`), replicated_fallback (parameters left whole although their
       rule names a mesh axis larger than 1, because a size does not divide), and the inputs.
     """
-    from .generate import cache_bytes
-
     shape = parse_mesh(mesh_shape) if isinstance(mesh_shape, str) else check_mesh_shape(mesh_shape)
     for what, v in (("context", context), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -86,31 +78,21 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
         raise ValueError(f"context {context} exceeds the model's context length {cfg.context_length}")
     n_dev = math.prod(shape.values())
 
-    weights = dict.fromkeys(GROUPS, 0)
-    all_devices = one_copy = params = 0
+    per_group = dict.fromkeys(GROUPS, 0)
+    all_devices = 0
     fallback: list[str] = []
-    for name, (shp, dtype) in abstract_params(cfg).items():
+    for name, (shp, dtype, _) in weights.param_layout(cfg).items():
         ps = param_spec(name, shp, shape, cfg)
         local = _nbytes(shard_shape(shp, ps, shape), dtype)
-        weights[_group(name)] += local
+        per_group[_group(name)] += local
         all_devices += local * n_dev
-        one_copy += _nbytes(shp, dtype)
-        # as `model.param_count`: a packed byte holds two parameters; scales are not parameters
-        params += 0 if name.endswith("_scales") else math.prod(shp) * (2 if name.endswith("_blocks") else 1)
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in fallback and _falls_back(name, shp, ps, shape, cfg):
             fallback.append(leaf)
+    kv = sum(_nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt)
+             for shp, dt, axes in cache_layout(cfg, batch, context).values())  # fmt: skip
 
-    kv = 0
-    dt = cfg.jax_dtype
-    K, H = cfg.num_key_value_heads, cfg.head_dim
-    for sliding in cfg.sliding_layers:
-        S = min(cfg.sliding_window, context) if sliding and cfg.sliding_window else context
-        for axes, shp, dtype in ((CACHE_KV_AXES, (batch, S, K, H), dt), (CACHE_KV_AXES, (batch, S, K, H), dt),
-                                 (CACHE_POS_AXES, (batch, S), np.int32)):  # fmt: skip
-            kv += _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dtype)
-
-    total_w = sum(weights.values())
+    total_w = sum(per_group.values())
     return {
         "mesh": shape,
         "devices": n_dev,
@@ -118,13 +100,13 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
         "batch": int(batch),
         "dtype": cfg.dtype,
         "expert_format": cfg.expert_format,
-        "weights": weights,
+        "weights": per_group,
         "weights_total": total_w,
         "kv_cache": kv,
         "total": total_w + kv,
         "weights_all_devices": all_devices,
-        "weights_one_copy": one_copy,
-        "params": params,
+        "weights_one_copy": weights.param_bytes(cfg),
+        "params": weights.param_count(cfg),
         "kv_cache_one_copy": cache_bytes(cfg, batch, context),
         "replicated_fallback": fallback,
     }
@@ -132,10 +114,8 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
 
 def _falls_back(name, shape, spec, mesh_shape, cfg) -> bool:
     # the rule table puts an axis of this parameter on a mesh axis > 1, but the spec left it whole
-    from .sharding import param_axes, param_rules
-
     rules = param_rules(cfg, mesh_shape)
-    for ax, entry in zip(param_axes(name, len(shape)), tuple(spec) + (None,) * len(shape), strict=False):
+    for ax, entry in zip(weights.axes_of(name, len(shape)), tuple(spec) + (None,) * len(shape), strict=False):
         rule = rules.get(ax)
         mesh_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
         if entry is None and any(mesh_shape.get(m, 1) > 1 for m in mesh_axes):

@@ -3,7 +3,9 @@
 Implemented:
 - `parse_mesh` / `make_mesh`: "data=1,expert=4,model=2" -> a `jax.sharding.Mesh` with Auto axes (GSPMD
   propagates shardings from the parameters and the few constraints below).
-- `RULES`: logical axis -> mesh axis. `PARAM_AXES`: logical axes of every parameter (by its last name).
+- `as_model_mesh`: any user mesh (Explicit axes, JAX's default, or Auto) -> the Auto view the model runs on.
+- `RULES`: logical axis -> mesh axis. The logical axes of every parameter are declared with it in
+  `weights.TABLE`.
   `param_sharding(name, shape, mesh, cfg)` is what `loading.place` uses; `logical_spec` raises a ValueError
   when two logical axes of one array map onto the same mesh axis.
 - Replication fallback: a dimension whose size does not divide by its mesh axis size is replicated. For
@@ -12,7 +14,8 @@ Implemented:
   Before that, `param_rules` moves the experts onto (expert, model) when their width cannot split over
   model but their number can (the real models' width is 90 groups: model=4 or 8 does not divide it).
 - Activation constraints at block boundaries (`constrain`), the KV cache's layout (`cache_sharding`).
-- Expert parallelism (`moe_experts_sharded`): inside `shard_map`, each device runs only its local experts
+- Expert parallelism (`expert_parallel`, wrapping the model's expert function): inside `shard_map`, each
+  device runs only its local experts
   (and, with `model` > 1, its slice of every expert's width) for the tokens routed to them; one psum over
   (expert, model) combines. See docs/sharding.md for why psum rather than an all-to-all dispatch.
 - `map_attention`: runs an attention kernel per (batch, kv-head) shard (custom kernels cannot be
@@ -35,6 +38,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import MXFP4_BLOCK, Config
+from .weights import LAYER_AXIS, axes_of, param_specs
 
 MESH_AXES = ("data", "expert", "model")
 
@@ -51,41 +55,17 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert_ffw": "model",  # each expert's width F (in MXFP4 groups of 32) is tensor parallel
     "embed_groups": None,  # mlp1's D/32 input groups
     "group_bytes": None,  # the 16 bytes of one packed group
+    LAYER_AXIS: None,  # stacked layers: every device holds its share of every layer
     # activations and KV cache
     "batch": "data",
     "seq": None,
     "cache_seq": None,
 }
 
-# Logical axes of each parameter, keyed by the last part of its name ("layers.3.attn.q_weight" -> q_weight).
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embedding": ("vocab", "embed"),
-    "unembedding": ("vocab", "embed"),
-    "scale": ("embed",),
-    "q_weight": ("embed", "kv_heads", "q_per_kv", "head_dim"),
-    "q_bias": ("kv_heads", "q_per_kv", "head_dim"),
-    "k_weight": ("embed", "kv_heads", "head_dim"),
-    "k_bias": ("kv_heads", "head_dim"),
-    "v_weight": ("embed", "kv_heads", "head_dim"),
-    "v_bias": ("kv_heads", "head_dim"),
-    "o_weight": ("kv_heads", "q_per_kv", "head_dim", "embed"),
-    "o_bias": ("embed",),
-    "sinks": ("kv_heads", "q_per_kv"),
-    "gate_weight": ("embed", "router"),
-    "gate_bias": ("router",),
-    "mlp1_blocks": ("expert", "expert_ffw", "embed_groups", "group_bytes"),
-    "mlp1_scales": ("expert", "expert_ffw", "embed_groups"),
-    "mlp1_weight": ("expert", "expert_ffw", "embed"),
-    "mlp1_bias": ("expert", "expert_ffw"),
-    "mlp2_blocks": ("expert", "embed", "expert_ffw", "group_bytes"),
-    "mlp2_scales": ("expert", "embed", "expert_ffw"),
-    "mlp2_weight": ("expert", "embed", "expert_ffw"),
-    "mlp2_bias": ("expert", "embed"),
-}
-
-# Logical axes of the KV cache arrays (see generate.init_cache).
-CACHE_KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+# Logical axes of the KV cache arrays (see cache.KVCache): per-layer k/v stacked like the parameters.
+CACHE_KV_AXES = (LAYER_AXIS, "batch", "cache_seq", "kv_heads", "head_dim")
 CACHE_POS_AXES = ("batch", "cache_seq")
+CACHE_ROW_AXES = ("batch",)
 
 
 # ------------------------------------------------------------------------------------------------- mesh
@@ -148,6 +128,30 @@ def make_mesh(spec: str | Mapping[str, int] | None, devices: Sequence | None = N
     # Auto axes: XLA propagates shardings from parameters and boundary constraints (Explicit axes would
     # demand an out_sharding on every einsum that contracts a sharded dimension).
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def as_model_mesh(mesh: Mesh | None) -> Mesh | None:
+    """Any mesh a user passes -> the mesh the model runs on: the same devices and axis names, Auto axis types.
+
+    JAX's own `jax.make_mesh` defaults to Explicit axes, under which every gather or contraction over a
+    sharded dimension must name its output sharding; the model instead declares shardings at its
+    boundaries (parameters, cache, block outputs) and lets XLA propagate them, so it runs Explicit and Auto
+    meshes alike on an Auto view of the mesh. Axes must be named from (data, expert, model); ones left out
+    count as size 1; an axis with another name is refused unless its size is 1. A mesh of one device is None.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
+    odd = [f"{n}={s}" for n, s in mesh.shape.items() if n not in MESH_AXES and s > 1]
+    if odd:
+        raise ValueError(f"mesh axis {odd[0]} is not one of {', '.join(MESH_AXES)}: name the mesh's axes "
+                         f"data, expert and model (left-out axes count as size 1)")  # fmt: skip
+    if mesh.size == 1:
+        return None
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def current_mesh():
@@ -220,17 +224,6 @@ def logical_sizes(cfg: Config) -> dict[str, int]:
             "expert_ffw": F // MXFP4_BLOCK, "embed_groups": D // MXFP4_BLOCK, "group_bytes": 16}  # fmt: skip
 
 
-def param_axes(name: str, ndim: int | None = None) -> tuple[str, ...]:
-    """Logical axes of parameter `name` (full dotted name or its last part)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in PARAM_AXES:
-        raise ValueError(f"parameter {name}: no logical axes known for {leaf!r}")
-    axes = PARAM_AXES[leaf]
-    if ndim is not None and ndim != len(axes):
-        raise ValueError(f"parameter {name}: {ndim} dims, but its logical axes are {axes}")
-    return axes
-
-
 def param_rules(
     cfg: Config, mesh_shape: Mapping[str, int], rules: Mapping[str, object] | None = None
 ) -> dict:
@@ -256,7 +249,7 @@ def param_rules(
 def param_spec(name: str, shape: Sequence[int], mesh_shape: Mapping[str, int], cfg: Config,
                rules: Mapping[str, object] | None = None) -> P:  # fmt: skip
     rules = param_rules(cfg, mesh_shape, rules)
-    return logical_spec(param_axes(name, len(shape)), shape, mesh_shape, rules, logical_sizes(cfg))
+    return logical_spec(axes_of(name, len(shape)), shape, mesh_shape, rules, logical_sizes(cfg))
 
 
 def param_sharding(name: str, shape: Sequence[int], mesh: Mesh, cfg: Config,
@@ -266,9 +259,7 @@ def param_sharding(name: str, shape: Sequence[int], mesh: Mesh, cfg: Config,
 
 
 def param_shardings(cfg: Config, mesh: Mesh) -> dict[str, NamedSharding]:
-    """Every parameter of `cfg` -> its NamedSharding (from the abstract model: nothing allocated)."""
-    from .loading import param_specs
-
+    """Every parameter of `cfg` -> its NamedSharding (from the declarations: nothing allocated)."""
     return {n: param_sharding(n, s.shape, mesh, cfg) for n, s in param_specs(cfg).items()}
 
 
@@ -301,17 +292,17 @@ def cache_sharding(axes: Sequence[str | None], shape: Sequence[int]) -> NamedSha
 
 
 # ------------------------------------------------------------------------------------ expert parallelism
-def moe_experts_sharded(x, idx, w, p: dict, cfg: Config):
-    """x (T,D), idx/w (T,X) on the current mesh -> (T,D), each device computing only its own experts.
+def expert_parallel(local_fn, x, idx, w, p: dict, cfg: Config):
+    """Runs `local_fn(x, idx, w, p)` (the experts of one layer) with each device computing only its own
+    experts. x (T,D), idx/w (T,X), p the layer's expert arrays by leaf name -> (T,D).
 
     Inside shard_map each device holds E/e experts (and, when `expert_ffw` is split, F/m of each one's
-    width). Selections are shifted by the local expert offset; the XLA implementation skips those
-    outside [0, E/e), so no device computes a remote expert, and nothing is dense over all experts. The
-    partial outputs are summed over the expert and model axes with one psum in float32 (the reference
-    combines the top-k outputs in float32). Tokens stay split over `data` when their count divides.
+    width). Selections are shifted by the local expert offset; `local_fn` skips those outside [0, E/e), so
+    no device computes a remote expert, and nothing is dense over all experts. The partial outputs are
+    summed over the expert and model axes with one psum in float32 (the reference combines the top-k outputs
+    in float32). Tokens stay split over `data` when their count divides. The model passes its own local
+    function in: parallelism wraps the math, the math does not know about it.
     """
-    from .model import moe_experts
-
     mesh = current_mesh()
     mshape = dict(mesh.shape)
     specs = {n: param_spec(n, a.shape, mshape, cfg) for n, a in p.items()}
@@ -320,6 +311,7 @@ def moe_experts_sharded(x, idx, w, p: dict, cfg: Config):
     tok = logical_spec(("batch", None), x.shape, mshape)
     tok_x = logical_spec(("batch", None), idx.shape, mshape)
     dtype = x.dtype
+
     def local(x, idx, w, p):
         p = dict(p)
         if e_axes:
@@ -329,7 +321,7 @@ def moe_experts_sharded(x, idx, w, p: dict, cfg: Config):
             # every width slice yields a partial sum; the output bias must be added by one of them only
             first = jax.lax.axis_index(f_axes) == 0
             p["mlp2_bias"] = jnp.where(first, p["mlp2_bias"], jnp.zeros_like(p["mlp2_bias"]))
-        y = moe_experts(x, idx, w, p, cfg)
+        y = local_fn(x, idx, w, p)
         if e_axes + f_axes:
             y = jax.lax.psum(y.astype(jnp.float32), e_axes + f_axes).astype(dtype)
         return y

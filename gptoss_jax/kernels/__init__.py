@@ -14,13 +14,12 @@ from .attention import (
     BlockSizes,
     attention,
     attention_reference,
+    attention_xla,
     decode_attention,
     flash_attention,
 )
 from .mxfp4_matmul import BlockSizes as MoEBlockSizes
 from .mxfp4_matmul import moe_experts, moe_experts_pallas, moe_experts_reference
-
-references = {"attention": attention_reference, "moe_experts": moe_experts_reference}
 
 __all__ = [
     "VALIDATED_PLATFORMS",
@@ -29,11 +28,11 @@ __all__ = [
     "MoEBlockSizes",
     "attention",
     "attention_reference",
+    "attention_xla",
     "decode_attention",
     "flash_attention",
     "moe_experts",
     "moe_experts_pallas",
     "moe_experts_reference",
-    "references",
     "resolve_impl",
 ]

@@ -60,12 +60,6 @@ def kernel_platform(interpret: bool | None) -> tuple[str, bool]:
     return "tpu", True if interpret is None else bool(interpret)
 
 
-def precision(dtype):
-    """f32 inputs get true f32 matmuls (XLA HIGHEST / Mosaic fp32 passes / Triton "ieee"); bf16 uses the
-    native MXU / tensor-core path (which accumulates in f32 anyway)."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     """Pad `x` at the end of `axis` up to `size` with `value` (no-op when already that size)."""
     extra = size - x.shape[axis]

@@ -1,7 +1,7 @@
 """gpt-oss attention (spec §2.4): learned sinks, causal + sliding-window masks from positions, GQA.
 
 Features
-- `attention_reference`: plain jnp, and the model's XLA path (`model.attention_xla`). Logits rounded to the
+- `attention_reference`: plain jnp, dense: the numerical oracle. Logits rounded to the
   model dtype as the torch reference's matmul returns them, softmax in f32; the per-head sink is one extra
   softmax column that joins the max and the denominator but has no value vector, so the weights sum to < 1.
 - `flash_attention` (prefill): FlashAttention-2 online softmax whose running max / denominator start at the
@@ -11,7 +11,9 @@ Features
 - `decode_attention` (few queries over a KV cache): masks by `k_pos`, never by slot order, because a sliding
   layer's cache is a ring buffer (slot = pos % window) whose positions are not sorted; empty slots (pos < 0)
   and blocks past the filled part are skipped.
-- `attention`: the dispatcher the model calls (impl "xla" | "pallas" | "auto"), falling back to the reference
+- `attention_xla`: the model's XLA path: the reference over blocks of queries (bounded memory), and on
+  sliding layers over only the keys each block can see (work O(T * window)).
+- `attention`: the dispatcher the model calls (impl "xla" | "pallas" | "auto"), falling back to the XLA path
   where a kernel does not apply.
 
 Two lowerings of the same math:
@@ -49,10 +51,10 @@ from gptoss_jax.kernels._common import (
     kernel_platform,
     next_pow2,
     pad_axis,
-    precision,
     resolve_impl,
     round_up,
 )
+from gptoss_jax.ops import precision
 
 # Finite "minus infinity" for masked logits: with a finite running max it gives exp(NEG - m) == 0 and never
 # the NaN that (-inf) - (-inf) would.
@@ -112,8 +114,8 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
 
 
 def attention_reference(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float) -> jax.Array:
-    """Dense attention with sinks: the model's XLA path (model.attention_xla is this function) and the
-    numerical oracle for the kernels. q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) -> q.dtype (B,T,K,G,H).
+    """Dense attention with sinks: the numerical oracle for the kernels and for `attention_xla`, which runs
+    it over blocks. q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) -> q.dtype (B,T,K,G,H).
 
     Rounds where the torch reference does: q.k logits come back in the model dtype (a bf16 matmul), the
     softmax runs in f32, its weights are cast to the model dtype before W.V. The sink is one extra softmax
@@ -130,6 +132,70 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: 
     p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(dtype), v, preferred_element_type=f32, precision=prec)
     return out.astype(dtype)
+
+
+# ============================================================================================== XLA path
+# Most attention-score elements (B*K*G*queries*keys) the XLA path materializes at once: 2**28 float32 scores are
+# 1 GiB (the softmax holds about two such arrays). Long caches get fewer queries per block.
+SCORES_BUDGET = 2**28
+
+
+def _query_blocks(fn, q, q_pos, block: int):
+    """fn(q_block, q_pos_block, i) over blocks of `block` queries, sequentially (`lax.map`), so only one
+    block's scores exist at a time. Padding queries (position -1) see no key and are dropped."""
+    B, T = q.shape[:2]
+    n = cdiv(T, block)
+    if n == 1:
+        return fn(q, q_pos, 0)
+    qb = pad_axis(q, 1, n * block).reshape(B, n, block, *q.shape[2:]).swapaxes(0, 1)
+    pb = pad_axis(q_pos, 1, n * block, -1).reshape(B, n, block).swapaxes(0, 1)
+    out = lax.map(lambda a: fn(a[0], a[1], a[2]), (qb, pb, jnp.arange(n)))
+    return out.swapaxes(0, 1).reshape(B, n * block, *q.shape[2:])[:, :T]
+
+
+def attention_xla(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, block: int = 512,
+                  aligned: int = 0, budget: int = SCORES_BUDGET) -> jax.Array:  # fmt: skip
+    """The model's XLA path: `attention_reference` over blocks of queries, with bounded memory and, on sliding
+    layers, work bounded by the window.
+
+    Queries go in blocks of at most `block`, fewer when the keys are many (at most `budget` score elements
+    per block, at least 8 queries), so `model(tokens)` over a long sequence or a prefill chunk against a long
+    cache never materializes all queries x keys scores.
+
+    `aligned` = T says the last T keys are the queries' own tokens in the same order (a prefill chunk, or
+    `model(tokens)`), with positions increasing by one along the sequence (padding at either end is fine: it
+    is masked). Then on a sliding layer each block of queries computes only the keys it can see: the
+    context keys before the chunk (a ring of `window` slots, unordered) plus the `block + window - 1` chunk
+    keys that end at the block, so the layer costs O(T * window) rather than O(T^2).
+    Each query row is computed as in one `attention_reference` call over all keys.
+    """
+    B, T = q.shape[:2]
+    per_key = B * q.shape[2] * q.shape[3]  # B*K*G scores per (query, key)
+    ref = functools.partial(attention_reference, window=window, sm_scale=sm_scale)
+    if window and aligned == T and T > window:
+        C = k.shape[1] - T  # context keys before the chunk
+        W = window
+        bq = max(8, min(block, 2 * W, budget // (per_key * (C + 3 * W))))
+        n = cdiv(T, bq)
+        if n > 1:
+            # chunk keys padded in front by W-1 empty slots: block i's visible keys are [i*bq, i*bq + bq + W - 1)
+            kc = jnp.pad(k[:, C:], ((0, 0), (W - 1, n * bq - T)) + ((0, 0),) * (k.ndim - 2))
+            vc = jnp.pad(v[:, C:], ((0, 0), (W - 1, n * bq - T)) + ((0, 0),) * (v.ndim - 2))
+            pc = jnp.pad(k_pos[:, C:], ((0, 0), (W - 1, n * bq - T)), constant_values=-1)
+            span = bq + W - 1
+
+            def one(qb, pb, i):
+                ks = lax.dynamic_slice_in_dim(kc, i * bq, span, 1)
+                vs = lax.dynamic_slice_in_dim(vc, i * bq, span, 1)
+                ps = lax.dynamic_slice_in_dim(pc, i * bq, span, 1)
+                if C:
+                    ks, vs = jnp.concatenate([k[:, :C], ks], 1), jnp.concatenate([v[:, :C], vs], 1)
+                    ps = jnp.concatenate([k_pos[:, :C], ps], 1)
+                return ref(qb, ks, vs, sinks, pb, ps)
+
+            return _query_blocks(one, q, q_pos, bq)
+    bq = max(1, min(block, max(8, budget // (per_key * k.shape[1]))))
+    return _query_blocks(lambda qb, pb, i: ref(qb, k, v, sinks, pb, k_pos), q, q_pos, bq)
 
 
 # ============================================================================================ block ranges
@@ -527,20 +593,26 @@ def decode_attention(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: flo
 
 
 def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, impl: str = "xla",
-              interpret: bool | None = None) -> jax.Array:
-    """Attention with sinks; impl "xla" (reference), "pallas" (kernel) or "auto" -> q.dtype (B,T,K,G,H)."""
+              block: int = 512, aligned: int = 0, interpret: bool | None = None) -> jax.Array:
+    """Attention with sinks; impl "xla" (`attention_xla`), "pallas" (kernel) or "auto" -> q.dtype (B,T,K,G,H).
+
+    `block` and `aligned` shape the XLA path (see `attention_xla`); the kernels find the visible blocks
+    from the positions themselves.
+    """
     impl = resolve_impl(impl)
+    xla = functools.partial(attention_xla, q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale,
+                            block=block, aligned=aligned)  # fmt: skip
     if impl == "xla":
-        return attention_reference(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+        return xla()
     backend, _ = kernel_platform(interpret)
     bs = BlockSizes.for_backend(backend)
     H = q.shape[-1]
     if backend == "gpu" and not (is_pow2(H) and H >= 16):
-        return attention_reference(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+        return xla()
     kw = dict(window=window, sm_scale=sm_scale, block_sizes=bs, backend=backend, interpret=interpret)
     try:
         if q.shape[1] <= bs.decode_max_q:
             return decode_attention(q, k, v, sinks, q_pos, k_pos, **kw)
         return flash_attention(q, k, v, sinks, q_pos, k_pos, **kw)
-    except KernelNotApplicable:  # a shape the kernel cannot tile (found at trace time): use the reference
-        return attention_reference(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+    except KernelNotApplicable:  # a shape the kernel cannot tile (found at trace time): use the XLA path
+        return xla()

@@ -1,0 +1,122 @@
+"""Choosing the next token: greedy, or sampled with per-row settings and per-row random keys.
+
+Every setting is per row, so rows of one batch (or the serving engine's requests) each sample as they
+would alone: a row's draw depends only on its own key, logits and settings. The order follows Hugging Face
+transformers' `generate` (its logits processors, then its warpers): repetition penalty, then temperature,
+top-k, top-p, min-p.
+
+- repetition penalty (CTRL, as transformers' `RepetitionPenaltyLogitsProcessor`): the logit of every token
+  already seen in the row (prompt or output) is divided by `penalty` if positive, multiplied if negative;
+  1.0 is off.
+- temperature: logits / t; t == 0 means greedy (argmax of the penalized logits).
+- top-k: keep the k largest logits (0 = off). top-p: keep the smallest set of most likely tokens whose mass
+  reaches p (1.0 = off; the most likely token always stays). min-p: keep tokens whose probability is at
+  least min_p times the most likely one's (0 = off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-row settings, each a (B,) array (see the module docstring for their meaning)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
+    @classmethod
+    def create(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+        """Scalars or per-row sequences -> (B,) arrays; ValueError naming a setting out of range."""
+        check(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+              repetition_penalty=repetition_penalty)  # fmt: skip
+
+        def rows(v, dt):
+            a = np.asarray(v, dt)
+            return jnp.asarray(np.broadcast_to(a, (batch,)) if a.ndim == 0 else a)
+
+        return cls(rows(temperature, np.float32), rows(top_k, np.int32), rows(top_p, np.float32),
+                   rows(min_p, np.float32), rows(repetition_penalty, np.float32))  # fmt: skip
+
+
+def check(**settings) -> None:
+    """ValueError naming the first setting out of range (scalars or sequences)."""
+    bounds = {"temperature": (0.0, None, "a number >= 0"), "top_k": (0, None, "an integer >= 0"),
+              "top_p": (0.0, 1.0, "in (0, 1]"), "min_p": (0.0, 1.0, "in [0, 1]"),
+              "repetition_penalty": (0.0, None, "a number > 0")}  # fmt: skip
+    for name, value in settings.items():
+        lo, hi, what = bounds[name]
+        for v in np.atleast_1d(np.asarray(value, dtype=object)).tolist():
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            ok = ok and np.isfinite(float(v)) and (name != "top_k" or float(v).is_integer())
+            if ok:
+                v = float(v)
+                ok = v >= lo and (hi is None or v <= hi)
+                ok = ok and not (name in ("top_p", "repetition_penalty") and v == 0.0)
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+
+
+def penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """Repetition penalty on (B,V) logits for the tokens `seen` (B,V) bool."""
+    p = penalty[:, None]
+    return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
+def filter_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Temperature, top-k, top-p and min-p on (B,V) float32 logits: the kept ones scaled, others -inf."""
+    logits = logits / jnp.maximum(sp.temperature, 1e-6)[:, None]
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]  # one sort serves top-k and top-p
+    V = logits.shape[-1]
+    kth = jnp.take_along_axis(srt, (jnp.clip(sp.top_k, 1, V) - 1)[:, None], axis=-1)
+    kth = jnp.where(sp.top_k[:, None] > 0, kth, -jnp.inf)
+    srt = jnp.where(srt < kth, -jnp.inf, srt)
+    probs = jax.nn.softmax(srt, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < sp.top_p[:, None]  # the first token always survives
+    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    # min-p: p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p), whatever else was removed
+    floor = srt[:, :1] + jnp.log(jnp.maximum(sp.min_p, 1e-30))[:, None]
+    floor = jnp.where(sp.min_p[:, None] > 0, floor, -jnp.inf)
+    return jnp.where((logits < jnp.maximum(jnp.maximum(kth, cutoff), floor)), -jnp.inf, logits)
+
+
+def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams, *, greedy: bool = False,
+           seen: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """(B,V) float32 logits, (B,) keys -> (B,) int32 tokens.
+
+    greedy=True (static) skips the sampling math for a batch known to be all greedy; otherwise rows with
+    temperature 0 still take the argmax. `seen` (B,V) bool enables the repetition penalty.
+    """
+    if seen is not None:
+        logits = penalize(logits, seen, sp.repetition_penalty)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy:
+        return best
+    drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, sp)).astype(jnp.int32)
+    return jnp.where(sp.temperature > 0, drawn, best)
+
+
+def row_keys(seed, batch: int) -> jax.Array:
+    """(B,) random keys: an int seed gives row b the key fold_in(key(seed), b), so rows differ; a sequence
+    gives row b the key of its own seed (fold_in(key(seed_b), 0)), so a row samples as it would alone."""
+    seeds = np.atleast_1d(np.asarray(seed, dtype=object))
+    if seeds.ndim != 1 or (len(seeds) != 1 and len(seeds) != batch):
+        raise ValueError(f"seed must be an integer or one per prompt ({batch}), got {seed!r}")
+    for s in seeds.tolist():
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {s!r}")
+    if len(seeds) == 1 and np.ndim(seed) == 0:
+        base = jax.random.key(int(seeds[0]))
+        return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+    return jnp.stack([jax.random.fold_in(jax.random.key(int(s)), 0) for s in seeds.tolist()])

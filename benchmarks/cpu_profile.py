@@ -65,13 +65,14 @@ def main(argv=None) -> int:
 
     from benchmarks.cpu_vs_transformers import bench_config, cpu_model
     from gptoss_jax import model as M
+    from gptoss_jax.kernels.mxfp4_matmul import moe_experts_grouped
     from gptoss_jax.mxfp4 import dequantize
 
     cfg = bench_config().replace(dtype="float32")
     T, D = args.tokens, cfg.hidden_size
     model = M.Transformer(cfg, rngs=nnx.Rngs(0))
     dense_model = M.Transformer(cfg.replace(expert_format="dequantized"), rngs=nnx.Rngs(0))
-    p = model.layers[0].mlp.params()
+    p = M.layer_params(model, 0)["mlp"]
     x = jax.random.normal(jax.random.key(1), (T, D), jnp.float32)
     idx, w = M.route(x, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
     f32 = jnp.float32
@@ -89,19 +90,25 @@ def main(argv=None) -> int:
         graphdef, state = nnx.split(module)
         return jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a)), state
 
-    grouped = jax.jit(lambda x, i, w, p: M.moe_experts_grouped(x, i, w, p, cfg))
+    kw = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+    grouped = jax.jit(lambda x, i, w, p: moe_experts_grouped(x, i, w, p, **kw))
     hp = jax.lax.Precision.HIGHEST
     tile, w1 = x[:64], dequantize(b[0], s[0], f32)
-    attn0, st0 = block_fn(model.layers[0].attn, lambda m, h: m(h, cos, sin, pos, None)[0])
-    attn1, st1 = block_fn(model.layers[1].attn, lambda m, h: m(h, cos, sin, pos, None)[0])
-    unembed, stm = block_fn(model, lambda m, h: m.logits(h))
+    def attn_fn(layer):
+        window = cfg.sliding_window if cfg.sliding_layers[layer] else 0
+        return jax.jit(lambda p, h: M.attention_layer(h, p, cos, sin, pos, window=window, cfg=cfg)[0]), \
+            M.layer_params(model, layer)["attn"]
+
+    attn0, st0 = attn_fn(0)
+    attn1, st1 = attn_fn(1)
+    unembed, stm = block_fn(model, lambda m, h: M.logits(m, h))
     rows = [
         ("dequantize 1 expert, static index", jax.jit(lambda b, s: dequantize(b[3], s[3], f32)), (b, s)),
         ("dequantize 1 expert, dynamic index",
          jax.jit(lambda b, s, e: dequantize(b[e], s[e], f32)), (b, s, 3)),
         ("experts of 1 layer, packed, carried (shipped)", grouped, (x, idx, w, p)),
         ("experts of 1 layer, packed, all first",
-         jax.jit(lambda x, i, w, p: M.moe_experts_grouped(x, i, w, dense_of(p), cfg)), (x, idx, w, p)),
+         jax.jit(lambda x, i, w, p: moe_experts_grouped(x, i, w, dense_of(p), **kw)), (x, idx, w, p)),
         ("experts of 1 layer, dequantized weights", grouped, (x, idx, w, jax.jit(dense_of)(p))),
         ("tile product, rows on the left (T,D)x(F,D)",
          jax.jit(lambda t, w: jnp.einsum("TD,FD->TF", t, w, precision=hp)), (tile, w1)),

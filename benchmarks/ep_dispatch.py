@@ -1,4 +1,4 @@
-"""Expert-parallel combine: one psum (what `sharding.moe_experts_sharded` does) vs an all-to-all dispatch.
+"""Expert-parallel combine: one psum (what `sharding.expert_parallel` does) vs an all-to-all dispatch.
 
 Both variants compute exactly the same thing (checked before timing) on a mesh data=1, expert=e, model=1
 with the residual stream replicated over `expert`, as in the model:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     El = E // e
 
     def psum_fn(x, idx, w, p):
-        return moe_experts(x, idx, w, p, cfg)  # under the mesh: sharding.moe_experts_sharded
+        return moe_experts(x, idx, w, p, cfg)  # under the mesh: sharding.expert_parallel
 
     def a2a_local(x, idx, w, p):
         me = jax.lax.axis_index("expert")

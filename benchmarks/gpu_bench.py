@@ -46,7 +46,7 @@ import numpy as np
 
 import gptoss_jax
 from gptoss_jax.config import Config
-from gptoss_jax.generate import cache_bytes
+from gptoss_jax.cache import cache_bytes
 from gptoss_jax.model import abstract_model
 
 H100_BW = 3.0e12  # bytes/s
@@ -120,7 +120,7 @@ def check_against_xla(model: gptoss_jax.Transformer, length: int) -> dict:
 # ----------------------------------------------------------------------------------------- accounting
 def weight_bytes(cfg: Config) -> tuple[int, int]:
     """(non-expert bytes, expert bytes) of the parameters as the model stores them."""
-    from gptoss_jax.model import param_bytes
+    from gptoss_jax.weights import param_bytes
 
     experts = param_bytes(cfg, experts_only=True)
     return param_bytes(cfg) - experts, experts
@@ -195,8 +195,8 @@ def bench_ours(base: gptoss_jax.Transformer, name: str, impl: str, args) -> dict
     gen = dict(temperature=0.0, stop_tokens=())
 
     prompt = prompt_tokens(cfg, args.context)
-    t1 = median_time(lambda: model.generate(prompt, max_new_tokens=1, **gen), args.reps)
-    tn = median_time(lambda: model.generate(prompt, max_new_tokens=1 + args.new, **gen), args.reps)
+    t1 = median_time(lambda: gptoss_jax.generate(model, prompt, max_new_tokens=1, **gen), args.reps)
+    tn = median_time(lambda: gptoss_jax.generate(model, prompt, max_new_tokens=1 + args.new, **gen), args.reps)
     tok_s = args.new / max(tn - t1, 1e-9)
     bpt = decode_bytes_per_token(cfg, args.context + args.new)
     res["decode"] = dict(context=args.context, new_tokens=args.new, tok_s=round(tok_s, 2),
@@ -206,7 +206,7 @@ def bench_ours(base: gptoss_jax.Transformer, name: str, impl: str, args) -> dict
     for length in args.prefill:
         try:
             p = prompt_tokens(cfg, length, seed=length)
-            t = median_time(lambda p=p: model.generate(p, max_new_tokens=1, **gen), args.reps)
+            t = median_time(lambda p=p: gptoss_jax.generate(model, p, max_new_tokens=1, **gen), args.reps)
             fl = prefill_flops(cfg, length)
             res["prefill"].append({"length": length, "tok_s": round(length / t, 1), "seconds": round(t, 4),
                                    "tflops": round(fl / t / 1e12, 3),
@@ -236,7 +236,7 @@ def bench_transformers(name: str, args) -> dict:
 
         def gen(ids, n):
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                gptoss_jax.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False)  # fmt: skip
             sync()
 

@@ -38,12 +38,21 @@ class KVCache:
     def create(cls, cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
         """An empty cache for `batch` rows of up to `length` tokens; under a mesh (`jax.set_mesh`) each
         array is created already split (rows over `data`, kv heads over `model`)."""
-        arrays = {name: jnp.full(shape, -1 if dt == jnp.int32 and name != "lengths" else 0, dt,
-                                 device=cache_sharding(axes, shape))
-                  for name, (shape, dt, axes) in cache_layout(cfg, batch, length, dtype).items()}  # fmt: skip
+        return cls._of(cfg, {name: jnp.full(shape, 0 if name.startswith(("k.", "v.", "lengths")) else -1, dt,
+                                            device=cache_sharding(axes, shape))
+                             for name, (shape, dt, axes) in cache_layout(cfg, batch, length, dtype).items()})  # fmt: skip
+
+    @classmethod
+    def abstract(cls, cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
+        """The same cache with ShapeDtypeStruct leaves (nothing allocated): for `jit(...).lower`."""
+        return cls._of(cfg, {name: jax.ShapeDtypeStruct(shape, dt)
+                             for name, (shape, dt, _) in cache_layout(cfg, batch, length, dtype).items()})  # fmt: skip
+
+    @classmethod
+    def _of(cls, cfg: Config, a: dict) -> KVCache:
         n = len(cfg.layer_unit)
-        return cls(k=tuple(arrays[f"k.{j}"] for j in range(n)), v=tuple(arrays[f"v.{j}"] for j in range(n)),
-                   full_pos=arrays["full_pos"], ring_pos=arrays["ring_pos"], lengths=arrays["lengths"])  # fmt: skip
+        return cls(k=tuple(a[f"k.{j}"] for j in range(n)), v=tuple(a[f"v.{j}"] for j in range(n)),
+                   full_pos=a["full_pos"], ring_pos=a["ring_pos"], lengths=a["lengths"])  # fmt: skip
 
     @property
     def batch(self) -> int:

@@ -354,8 +354,9 @@ def cmd_bench(args) -> int:
 
     import numpy as np
 
-    from .generate import cache_bytes, generate
-    from .model import param_bytes
+    from .cache import cache_bytes
+    from .generate import generate
+    from .weights import param_bytes
 
     for name in ("prompt_len", "new", "batch", "reps"):
         if getattr(args, name) < 1:

@@ -79,7 +79,7 @@ def run_demo(out: str | Path | None = None, *, prompt: str = DEFAULT_PROMPT, max
         say(f"2. Loading it with gptoss_jax.load (dtype {dtype}, experts kept packed in MXFP4)")
         t0 = time.perf_counter()
         model = load(path, dtype=dtype, mesh=mesh, **overrides)
-        from .model import param_count
+        from .weights import param_count
 
         say(f"   {param_count(model.cfg) / 1e6:.1f} M parameters loaded in {time.perf_counter() - t0:.1f} s")
 

@@ -338,3 +338,12 @@ def check_positions(positions, shape) -> jax.Array:
 def abstract_model(cfg: Config) -> Transformer:
     """The model with ShapeDtypeStruct leaves: nothing allocated (for loading and planning)."""
     return Transformer(cfg)
+
+
+def layer_params(model: Transformer, i: int) -> dict:
+    """Layer i's weights as {"attn": {leaf: array}, "mlp": {leaf: array}} (a slice of the stacked
+    parameters: unit position i % p, repeat i // p). For tests, notebooks and interventions."""
+    p = len(model.cfg.layer_unit)
+    if not 0 <= i < model.cfg.num_hidden_layers:
+        raise ValueError(f"layer {i} out of range: the model has {model.cfg.num_hidden_layers} layers")
+    return jax.tree.map(lambda a: a[i // p], _layer_params(model.blocks[i % p]))

@@ -83,7 +83,8 @@ def filter_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     kth = jnp.where(sp.top_k[:, None] > 0, kth, -jnp.inf)
     srt = jnp.where(srt < kth, -jnp.inf, srt)
     probs = jax.nn.softmax(srt, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < sp.top_p[:, None]  # the first token always survives
+    # the first token always survives; 1.0 is off (a float cumsum may reach 1 before the tail)
+    keep = ((jnp.cumsum(probs, axis=-1) - probs) < sp.top_p[:, None]) | (sp.top_p[:, None] >= 1.0)
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     # min-p: p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p), whatever else was removed
     floor = srt[:, :1] + jnp.log(jnp.maximum(sp.min_p, 1e-30))[:, None]

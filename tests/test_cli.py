@@ -129,7 +129,7 @@ def test_bench_reports_speed_and_memory(capsys, hf_ckpt):
     for name in ("prefill", "decode", "compile", "weights", "kv", "host"):
         assert name in rows, out
     assert "tok/s" in rows["prefill"] and "tok/s" in rows["decode"]
-    from gptoss_jax.generate import cache_bytes
+    from gptoss_jax.cache import cache_bytes
 
     cfg = our_model(hf_ckpt).cfg
     assert f"{cache_bytes(cfg, 1, 14) / 2**20:.1f} MiB" in rows["kv"]

@@ -13,7 +13,6 @@ from conftest import assert_one_line, make_tiny_cfg
 import gptoss_jax
 from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint.synthetic import write_checkpoint
-from gptoss_jax.loading import flat_names
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +28,21 @@ def model(hf_ckpt):
 # ------------------------------------------------------------------------------------- what is loaded
 def test_experts_stay_packed_in_memory(model, tiny_cfg):
     """Expert weights are the checkpoint's uint8 blocks and E8M0 scales; nothing is inflated at load."""
-    state = dict(flat_names(__import__("flax.nnx", fromlist=["nnx"]).state(model)))
-    E, F, D = tiny_cfg.num_experts, tiny_cfg.intermediate_size, tiny_cfg.hidden_size
-    mlp = model.layers[0].mlp
-    assert mlp.mlp1_blocks[...].dtype == jnp.uint8 and mlp.mlp1_blocks[...].shape == (E, 2 * F, D // 32, 16)
-    assert mlp.mlp1_scales[...].dtype == jnp.uint8 and mlp.mlp1_scales[...].shape == (E, 2 * F, D // 32)
-    assert mlp.mlp2_blocks[...].shape == (E, D, F // 32, 16)
-    assert not any(n.endswith("_weight") and ".mlp.mlp" in n for n in state)
+    import flax.nnx as nnx
+
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
+    E, F, D, R = tiny_cfg.num_experts, tiny_cfg.intermediate_size, tiny_cfg.hidden_size, tiny_cfg.layer_repeats
+    mlp = model.blocks[0].mlp
+    assert mlp.mlp1_blocks[...].dtype == jnp.uint8 and mlp.mlp1_blocks[...].shape == (R, E, 2 * F, D // 32, 16)
+    assert mlp.mlp1_scales[...].dtype == jnp.uint8 and mlp.mlp1_scales[...].shape == (R, E, 2 * F, D // 32)
+    assert mlp.mlp2_blocks[...].shape == (R, E, D, F // 32, 16)
+    assert not any(n.endswith("_weight") and ".mlp.mlp" in n for n in names)
 
 
 def test_packed_and_dequantized_and_both_layouts_give_the_same_logits(model, hf_ckpt, original_ckpt, tokens):
     ref = np.asarray(model(tokens))
     deq = gptoss_jax.load(hf_ckpt, dtype="float32", quiet=True, expert_format="dequantized")
-    assert deq.layers[0].mlp.mlp1_weight[...].dtype == jnp.float32
+    assert deq.blocks[0].mlp.mlp1_weight[...].dtype == jnp.float32
     orig = gptoss_jax.load(original_ckpt, dtype="float32", quiet=True)
     np.testing.assert_allclose(np.asarray(deq(tokens)), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(orig(tokens)), ref)
@@ -59,7 +60,7 @@ def test_repo_folder_with_both_layouts_uses_the_top_level(tmp_path, hf_ckpt, ori
 def test_bf16_default_keeps_compute_and_weights_in_bf16(hf_ckpt, tokens):
     m = gptoss_jax.load(hf_ckpt, quiet=True)
     assert m.cfg.dtype == "bfloat16" and m.embedding[...].dtype == jnp.bfloat16
-    assert m.layers[0].attn.sinks[...].dtype in (jnp.bfloat16, jnp.float32)
+    assert m.blocks[0].attn.sinks[...].dtype in (jnp.bfloat16, jnp.float32)
     out = m(tokens)
     assert out.dtype == jnp.float32 and out.shape == (2, 20, m.cfg.vocab_size)
 
@@ -125,17 +126,17 @@ def test_token_ids_outside_the_vocabulary(model, tiny_cfg):
         model(bad)
     assert_one_line(e, tiny_cfg.vocab_size, "outside the vocabulary")
     with pytest.raises(ValueError) as e:
-        model.generate([[3, -1, 4]], max_new_tokens=2)
+        gptoss_jax.generate(model, [[3, -1, 4]], max_new_tokens=2)
     assert_one_line(e, "-1", "outside the vocabulary")
 
 
 def test_context_longer_than_the_cache(model):
     with pytest.raises(ValueError) as e:
-        model.generate([[1, 2, 3, 4]], max_new_tokens=10, cache_length=8)
+        gptoss_jax.generate(model, [[1, 2, 3, 4]], max_new_tokens=10, cache_length=8)
     assert_one_line(e, "context of 14 tokens")
 
 
 def test_bad_max_new_tokens(model):
     with pytest.raises(ValueError) as e:
-        model.generate([[1, 2]], max_new_tokens=0)
+        gptoss_jax.generate(model, [[1, 2]], max_new_tokens=0)
     assert_one_line(e, "max_new_tokens")

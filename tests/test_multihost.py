@@ -42,7 +42,7 @@ def _worker(process_id: int, num_processes: int, port: int, ckpt: str, out: str)
     emb = model.embedding[...]
     assert not emb.is_fully_addressable and len(emb.addressable_shards) == 4  # this process: its devices only
     logits = sharding.to_host(model(PROMPTS))
-    tokens = np.asarray(model.generate(PROMPTS, max_new_tokens=NEW), np.int32)
+    tokens = np.asarray(gptoss_jax.generate(model, PROMPTS, max_new_tokens=NEW), np.int32)
     np.save(Path(out) / f"logits{process_id}.npy", logits)
     np.save(Path(out) / f"tokens{process_id}.npy", tokens)
     jax.distributed.shutdown()
@@ -88,7 +88,7 @@ def test_two_processes_one_global_mesh(tmp_path, ckpt):
         # the single-device reference, computed here while the workers start
         ref = gptoss_jax.load(ckpt, dtype="float32", quiet=True)
         want = np.asarray(ref(PROMPTS))
-        want_tokens = np.asarray(ref.generate(PROMPTS, max_new_tokens=NEW), np.int32)
+        want_tokens = np.asarray(gptoss_jax.generate(ref, PROMPTS, max_new_tokens=NEW), np.int32)
 
         deadline = time.monotonic() + 300
         try:
@@ -125,7 +125,7 @@ def test_cli_on_two_processes_prints_once(tmp_path, ckpt):
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       cwd=Path(__file__).parent.parent))  # fmt: skip
-    want = gptoss_jax.load(ckpt, dtype="float32", quiet=True).generate(prompt, max_new_tokens=NEW)[0]
+    want = gptoss_jax.generate(gptoss_jax.load(ckpt, dtype="float32", quiet=True), prompt, max_new_tokens=NEW)[0]
     outs = []
     try:
         for p in procs:

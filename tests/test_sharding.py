@@ -21,8 +21,8 @@ from conftest import make_tiny_cfg
 import gptoss_jax
 from gptoss_jax import planning, sharding
 from gptoss_jax.config import Config
-from gptoss_jax.generate import cache_bytes, init_cache
-from gptoss_jax.loading import param_specs
+from gptoss_jax.cache import KVCache, cache_bytes
+from gptoss_jax.weights import axes_of, param_specs, storage_specs
 
 CFG8 = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)
 CFG5 = make_tiny_cfg(num_hidden_layers=2)  # 5 experts, width 96 = 3 groups of 32
@@ -51,7 +51,7 @@ def _rule_spec(name, shape, mesh_shape, cfg) -> tuple:
     if m > 1 and logical["expert_ffw"] % m and cfg.num_experts % (e * m) == 0:
         rules.update(expert=("expert", "model"), expert_ffw=None)  # experts take model instead of their width
     out = []
-    for ax, dim in zip(sharding.param_axes(name), shape, strict=True):
+    for ax, dim in zip(axes_of(name), shape, strict=True):
         live = tuple(a for a in ((rules[ax],) if isinstance(rules[ax], str) else rules[ax] or ())
                      if mesh_shape.get(a, 1) > 1)  # fmt: skip
         size = math.prod(mesh_shape[a] for a in live)
@@ -77,7 +77,7 @@ def ckpt5(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref8(ckpt8):
     m = gptoss_jax.load(ckpt8, dtype="float32", quiet=True)
-    return np.asarray(m(PROMPTS)), m.generate(PROMPTS, max_new_tokens=NEW)
+    return np.asarray(m(PROMPTS)), gptoss_jax.generate(m, PROMPTS, max_new_tokens=NEW)
 
 
 # ------------------------------------------------------------------------------------------ rule table
@@ -101,14 +101,14 @@ def test_collisions_raise():
     with pytest.raises(ValueError, match="not a mesh axis"):
         sharding.check_rules({"vocab": "tensor"})
     with pytest.raises(ValueError, match="no logical axes known"):
-        sharding.param_axes("layers.0.attn.unknown")
+        axes_of("layers.0.attn.unknown")
 
 
 @pytest.mark.parametrize("expert_format", ["mxfp4", "dequantized"])
 def test_every_parameter_has_logical_axes(expert_format):
     cfg = CFG8.replace(expert_format=expert_format)
     for name, spec in param_specs(cfg).items():
-        assert len(sharding.param_axes(name, spec.ndim)) == spec.ndim
+        assert len(axes_of(name, spec.ndim)) == spec.ndim
 
 
 def test_rule_table_by_hand():
@@ -129,8 +129,9 @@ def test_rule_table_by_hand():
         "layers.0.mlp.mlp2_blocks": ("expert", None, "model", None),
         "layers.0.mlp.mlp2_scales": ("expert", None, "model"),
         "layers.0.mlp.mlp2_bias": ("expert", None),
+        "blocks.1.mlp.mlp1_blocks": (None, "expert", "model", None, None),  # stacked layers: never split
     }
-    specs = param_specs(CFG8)
+    specs = storage_specs(CFG8) | param_specs(CFG8)
     for name, axes in want.items():
         assert _norm(sharding.param_spec(name, specs[name].shape, ms, CFG8), len(axes)) == axes, name
     # model=8 cannot split a width of 4 groups: the 8 experts spread over model instead, each whole
@@ -140,11 +141,11 @@ def test_rule_table_by_hand():
         got = sharding.param_spec(name, specs[name].shape, {"model": 8}, CFG8)
         assert _norm(got, len(axes)) == axes, name
     cfg16 = make_tiny_cfg(num_experts=16)  # width 3 groups: model=4 cannot split it, 16 experts take it
-    shape = param_specs(cfg16)["layers.1.mlp.mlp2_blocks"].shape
+    shape = storage_specs(cfg16)["layers.1.mlp.mlp2_blocks"].shape
     got = sharding.param_spec("layers.1.mlp.mlp2_blocks", shape, {"expert": 2, "model": 4}, cfg16)
     assert _norm(got, 4) == (("expert", "model"), None, None, None)
     # 5 experts on expert=4 and 3 groups of width on model=2 do not divide: the experts stay whole
-    specs5 = param_specs(CFG5)
+    specs5 = storage_specs(CFG5)
     for leaf in ("mlp1_blocks", "mlp2_scales", "mlp1_bias", "mlp2_bias"):
         name = f"layers.1.mlp.{leaf}"
         assert set(sharding.param_spec(name, specs5[name].shape, ms, CFG5)) <= {None}, name
@@ -153,25 +154,28 @@ def test_rule_table_by_hand():
 def test_activation_constraints_and_cache_layout():
     mesh = sharding.make_mesh("data=2,expert=2,model=2")
     with jax.set_mesh(mesh):
-        cache = init_cache(CFG8, 2, 24)
+        cache = KVCache.create(CFG8, 2, 24)
         x = jax.jit(lambda a: sharding.constrain(a, ("batch", "seq", "embed")))(
             np.zeros((2, 5, 64), np.float32)
         )
     assert _norm(x.sharding.spec, 3) == ("data", None, None)
-    for layer in cache["layers"]:
-        assert _norm(layer["k"].sharding.spec, 4) == ("data", None, "model", None)
-        assert _norm(layer["pos"].sharding.spec, 2) == ("data", None)
+    for buf in cache.k + cache.v:  # (repeats, batch, slots, kv heads, head dim)
+        assert _norm(buf.sharding.spec, 5) == (None, "data", None, "model", None)
+    assert cache.k[0].shape[2] == CFG8.sliding_window and cache.k[1].shape[2] == 24  # ring, then full
+    for pos in (cache.full_pos, cache.ring_pos):
+        assert _norm(pos.sharding.spec, 2) == ("data", None)
     assert sharding.constrain(np.zeros(3), ("batch",)).shape == (3,)  # no mesh: identity
 
 
 def test_expert_parallel_is_local(ckpt8):
     """Inside the shard_map each device sees only its E/e experts (and its slice of their width); the
     partial outputs are combined by one psum over (expert, model)."""
-    from gptoss_jax.model import moe_experts
+    from gptoss_jax.model import EXPERT_LEAVES, moe_experts
 
     mesh = sharding.make_mesh("data=1,expert=4,model=2")
     m = gptoss_jax.load(ckpt8, dtype="float32", mesh=mesh, quiet=True)
-    p = m.layers[0].mlp.params()
+    mlp = m.blocks[0].mlp
+    p = {n: getattr(mlp, n)[...][0] for n in EXPERT_LEAVES if hasattr(mlp, n)}  # layer 0's experts
     x = np.ones((6, 64), np.float32)
     idx = np.tile(np.arange(3, dtype=np.int32), (6, 1))
     w = np.full((6, 3), 1 / 3, np.float32)
@@ -211,9 +215,9 @@ def test_mesh_equals_single_device(ckpt8, ref8, mesh_spec):
     plan = planning.plan(CFG8.replace(dtype="float32"), ms, context=24, batch=2)
     assert set(per_device.values()) == {plan["weights_total"]}
     with jax.set_mesh(mesh):
-        cache = init_cache(CFG8.replace(dtype="float32"), 2, 24)
+        cache = KVCache.create(CFG8.replace(dtype="float32"), 2, 24)
     kv = dict.fromkeys(mesh.devices.flat, 0)
-    for a in jax.tree.leaves(cache["layers"]):
+    for a in jax.tree.leaves(cache):
         for shard in a.addressable_shards:
             kv[shard.device] += shard.data.nbytes
     assert set(kv.values()) == {plan["kv_cache"]}
@@ -222,7 +226,7 @@ def test_mesh_equals_single_device(ckpt8, ref8, mesh_spec):
     out = np.asarray(m(PROMPTS))
     err = np.linalg.norm(out - logits) / np.linalg.norm(logits)
     assert err < 1e-5, err
-    assert m.generate(PROMPTS, max_new_tokens=NEW) == gen
+    assert gptoss_jax.generate(m, PROMPTS, max_new_tokens=NEW) == gen
 
 
 def test_kernels_under_a_mesh(ckpt8, ref8):
@@ -248,7 +252,7 @@ def test_replication_fallback_equals_single_device(ckpt5):
     want = np.asarray(ref(row))
     out = np.asarray(m(row))
     assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-5
-    assert m.generate(row, max_new_tokens=NEW) == ref.generate(row, max_new_tokens=NEW)
+    assert gptoss_jax.generate(m, row, max_new_tokens=NEW) == gptoss_jax.generate(ref, row, max_new_tokens=NEW)
 
 
 # -------------------------------------------------------------------------------------------- planning
@@ -261,7 +265,7 @@ def _expert_bytes(cfg: Config) -> int:
 
 
 def test_plan_matches_parameter_counts():
-    from gptoss_jax.model import param_bytes, param_count
+    from gptoss_jax.weights import param_bytes, param_count
 
     cfg = Config.gpt_oss_20b()
     one = planning.plan(cfg, {}, context=4096)
@@ -299,13 +303,13 @@ def test_plan_kv_cache_split():
     ctx, B = 32768, 4
     p = planning.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=B)
     slots = sum(cfg.sliding_window if s else ctx for s in cfg.sliding_layers)
-    K, H = cfg.num_key_value_heads, cfg.head_dim
+    K, H, W = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
     kv_one = B * slots * 2 * K * H * 2  # k and v in bf16
-    pos_one = B * slots * 4  # int32 positions: split over batch only
-    assert p["kv_cache_one_copy"] == kv_one + pos_one
-    assert p["kv_cache"] == kv_one // 16 + pos_one // 2
+    pos_one = B * (ctx + W + 1) * 4  # int32 positions of the full slots and of the ring, once; lengths
+    assert p["kv_cache_one_copy"] == kv_one + pos_one == cache_bytes(cfg, B, ctx)
+    assert p["kv_cache"] == kv_one // 16 + pos_one // 2  # rows over data, kv heads over model
     q = planning.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=3)  # 3 rows do not split by 2
-    assert q["kv_cache"] == (3 * slots * 2 * K * H * 2) // 8 + 3 * slots * 4
+    assert q["kv_cache"] == (3 * slots * 2 * K * H * 2) // 8 + 3 * (ctx + W + 1) * 4
 
 
 def test_plan_allocates_nothing_and_checks_inputs():
@@ -361,8 +365,6 @@ def test_plan_sum_over_devices():
     """Sum over devices of the per-device bytes = each parameter once per copy held: a parameter split
     over mesh axes of total size s exists n/s times on n devices (norms and the router, never split, n
     times; experts on expert=4, model=2 once)."""
-    specs = {n: (tuple(s.shape), np.dtype(s.dtype)) for n, s in param_specs(CFG8).items()}
-    assert planning.abstract_params(CFG8) == specs
     ms = {"data": 1, "expert": 4, "model": 2}
     p = planning.plan(CFG8, ms, context=16)
     total = 0

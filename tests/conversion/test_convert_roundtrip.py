@@ -113,8 +113,8 @@ def test_restore_onto_meshes(converted, tiny_cfg, spec):
     """Each array arrives in param_sharding's layout for any mesh, with the same values as on one device."""
     from flax import nnx
 
-    from gptoss_jax.loading import flat_names
     from gptoss_jax.sharding import make_mesh, param_sharding
+    from gptoss_jax.weights import param_specs
 
     dst = converted("hf", "mxfp4")
     mesh = make_mesh(spec)
@@ -122,7 +122,7 @@ def test_restore_onto_meshes(converted, tiny_cfg, spec):
     single = gptoss_jax.load(dst, dtype="float32", quiet=True)
     a = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(sharded))}
     b = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(single))}
-    assert sorted(a) == sorted(b) == sorted(flat_names(nnx.state(single)))
+    assert sorted(a) == sorted(b) == sorted(param_specs(tiny_cfg))
     split = 0
     for name, arr in a.items():
         want = param_sharding(name, arr.shape, mesh, tiny_cfg.replace(dtype="float32"))
@@ -190,10 +190,10 @@ def test_packed_checkpoint_dequantized_onto_mesh(converted, tiny_cfg):
     sharded = gptoss_jax.load(dst, mesh=mesh, dtype="float32", expert_format="dequantized", quiet=True)
     single = gptoss_jax.load(dst, dtype="float32", expert_format="dequantized", quiet=True)
     cfg = tiny_cfg.replace(dtype="float32", expert_format="dequantized")
-    for i in range(cfg.num_hidden_layers):
+    for j in range(len(cfg.layer_unit)):
         for which in ("mlp1", "mlp2"):
-            arr = getattr(sharded.layers[i].mlp, f"{which}_weight").get_value()
-            want = param_sharding(f"layers.{i}.mlp.{which}_weight", arr.shape, mesh, cfg)
+            arr = getattr(sharded.blocks[j].mlp, f"{which}_weight").get_value()
+            want = param_sharding(f"blocks.{j}.mlp.{which}_weight", arr.shape, mesh, cfg)
             assert arr.sharding.is_equivalent_to(want, arr.ndim)
-            ref = getattr(single.layers[i].mlp, f"{which}_weight").get_value()
+            ref = getattr(single.blocks[j].mlp, f"{which}_weight").get_value()
             np.testing.assert_array_equal(np.asarray(arr), np.asarray(ref))

@@ -1,7 +1,7 @@
 """The tiny model with attention_impl="pallas", moe_impl="pallas" (interpreted on CPU) equals the XLA path.
 
 float32 checkpoint read through the real loader; prompts longer than the sliding window (8), so sliding
-layers skip kv blocks in prefill and decode over the ring buffer; generate() left-pads the shorter prompt
+layers skip kv blocks in prefill and decode over the ring buffer; generate() right-pads the shorter prompt
 (negative positions) and decodes one token at a time with the decode kernels.
 """
 
@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 import gptoss_jax
+from gptoss_jax.model import forward
 
 PROMPTS = [[(7 * i + 3) % 990 for i in range(21)], [(11 * i + 5) % 990 for i in range(13)]]
 NEW = 16
@@ -24,8 +25,9 @@ def test_pallas_model_equals_xla(hf_ckpt):
     # The kernels are really in the graph (no silent fallback): one attention and two expert kernels a layer.
     graphdef, state = nnx.split(pal)
     pos = np.arange(tokens.shape[1], dtype=np.int32)[None]
-    jaxpr = str(jax.make_jaxpr(lambda st, t: nnx.merge(graphdef, st).hidden(t, pos)[0])(state, tokens))
-    assert jaxpr.count("pallas_call") == 3 * pal.cfg.num_hidden_layers
+    jaxpr = str(jax.make_jaxpr(lambda st, t: forward(nnx.merge(graphdef, st), t, pos)[0])(state, tokens))
+    # the layers are scanned: the graph holds one unit of layers (sliding, full), run layer_repeats times
+    assert jaxpr.count("pallas_call") == 3 * len(pal.cfg.layer_unit)
     assert "gptoss_flash_attention" in jaxpr and "gptoss_moe_mlp1" in jaxpr and "gptoss_moe_mlp2" in jaxpr
     want, got = np.asarray(xla(tokens)), np.asarray(pal(tokens))
     # float32 on both paths; only the summation order differs (online softmax, nibble-split expert dots):
@@ -34,6 +36,6 @@ def test_pallas_model_equals_xla(hf_ckpt):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
     kw = dict(max_new_tokens=NEW, stop_tokens=())  # no stop token: all 16 tokens every time
-    out_xla, out_pal = xla.generate(PROMPTS, **kw), pal.generate(PROMPTS, **kw)
+    out_xla, out_pal = gptoss_jax.generate(xla, PROMPTS, **kw), gptoss_jax.generate(pal, PROMPTS, **kw)
     assert [len(r) for r in out_pal] == [NEW, NEW]
     assert out_pal == out_xla

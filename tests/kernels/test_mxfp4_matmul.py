@@ -26,13 +26,11 @@ from hf_reference import rel_err
 from gptoss_jax.kernels import moe_experts
 from gptoss_jax.kernels.mxfp4_matmul import (
     BlockSizes,
-    decode_fp4,
     moe_experts_pallas,
     moe_experts_reference,
     route,
-    scale_e8m0,
 )
-from gptoss_jax.mxfp4 import FP4_LUT
+from gptoss_jax.mxfp4 import FP4_LUT, e8m0_to_f32, fp4_to_f32
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}
@@ -126,10 +124,11 @@ def test_reference_matches_numpy():
 
 
 def test_in_kernel_decoding_is_exact():
-    """decode_fp4 (compares and selects, no table) and scale_e8m0 (exponent bits) are exact for every code."""
-    np.testing.assert_array_equal(np.asarray(decode_fp4(jnp.arange(16, dtype=jnp.int32))), FP4_LUT)
+    """The one codec (mxfp4.fp4_to_f32: compares and selects, no table; e8m0_to_f32: exponent bits), which the
+    kernels decode with, is exact for every code."""
+    np.testing.assert_array_equal(np.asarray(fp4_to_f32(jnp.arange(16, dtype=jnp.int32))), FP4_LUT)
     s = np.arange(255, dtype=np.int32)  # 255 is NaN in E8M0 (and 2**128 overflows f32): never a real scale
-    np.testing.assert_array_equal(np.asarray(scale_e8m0(jnp.asarray(s))), np.ldexp(np.float32(1), s - 127))
+    np.testing.assert_array_equal(np.asarray(e8m0_to_f32(jnp.asarray(s))), np.ldexp(np.float32(1), s - 127))
 
 
 def test_route_groups_pairs_by_expert_in_whole_tiles():

@@ -102,7 +102,7 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
     repo folder holding both) or an Orbax checkpoint written by `gptoss-convert`.
     dtype: "bfloat16" (default) or "float32" for compute and non-expert weights.
     mesh: a `jax.sharding.Mesh` with axes among (data, expert, model), Explicit or Auto axis types (e.g.
-    `jax.make_mesh((1, 4, 2), ("data", "expert", "model"))`); None = one device.
+    `jax.make_mesh((1, 4, 2), ("data", "expert", "model"))`), or a spec "expert=4,model=2"; None = one device.
     expert_format: "mxfp4" (packed), "dequantized", or None: as the checkpoint stores them.
     overrides: other runtime config fields: attention_impl, moe_impl ("xla" | "pallas" | "auto"),
     prefill_chunk.

@@ -137,12 +137,16 @@ def as_model_mesh(mesh: Mesh | None) -> Mesh | None:
     sharded dimension must name its output sharding; the model instead declares shardings at its
     boundaries (parameters, cache, block outputs) and lets XLA propagate them, so it runs Explicit and Auto
     meshes alike on an Auto view of the mesh. Axes must be named from (data, expert, model); ones left out
-    count as size 1; an axis with another name is refused unless its size is 1. A mesh of one device is None.
+    count as size 1; an axis with another name is refused unless its size is 1. A mesh of one device is None;
+    a string is a spec for `make_mesh`.
     """
     if mesh is None:
         return None
+    if isinstance(mesh, str):  # "expert=4,model=2", as the CLI's --mesh
+        mesh = make_mesh(mesh)
     if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, a spec like 'expert=4,model=2' or None, got "
+                         f"{type(mesh).__name__}")  # fmt: skip
     odd = [f"{n}={s}" for n, s in mesh.shape.items() if n not in MESH_AXES and s > 1]
     if odd:
         raise ValueError(f"mesh axis {odd[0]} is not one of {', '.join(MESH_AXES)}: name the mesh's axes "

@@ -377,3 +377,45 @@ def test_plan_sum_over_devices():
     )
     bias2 = CFG8.num_hidden_layers * 8 * 64 * 2  # mlp2_bias (E, D) bf16: split over expert, whole over model
     assert p["weights"]["experts"] * 8 == experts + bias2
+
+
+# --------------------------------------------------------------------------------- any kind of JAX mesh
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_meshes_made_by_jax_make_mesh(ckpt8, ref8, tmp_path_factory, axis_type):
+    """`jax.make_mesh` straight from JAX (Explicit axes by default, or Auto) for load, model(tokens),
+    generate and the Orbax restore: logits equal one device's, greedy tokens identical."""
+    from jax.sharding import AxisType
+
+    from conversion.convert import convert
+
+    kw = {} if axis_type == "explicit" else {"axis_types": (AxisType.Auto,) * 3}
+    mesh = jax.make_mesh((1, 4, 2), ("data", "expert", "model"), **kw)
+    if axis_type == "explicit":
+        assert all(t == AxisType.Explicit for t in mesh.axis_types)  # JAX's default, the hard case
+    logits, gen = ref8
+    orbax = tmp_path_factory.mktemp("mesh") / f"orbax-{axis_type}"
+    convert(ckpt8, orbax, quiet=True)
+    for path in (ckpt8, orbax):
+        m = gptoss_jax.load(path, dtype="float32", mesh=mesh, quiet=True)
+        emb = m.embedding[...]
+        assert emb.sharding.mesh.devices.shape == (1, 4, 2) and not emb.sharding.is_fully_replicated
+        with jax.set_mesh(mesh):  # the user's own mesh set around the calls changes nothing
+            out = np.asarray(m(PROMPTS))
+            assert np.linalg.norm(out - logits) / np.linalg.norm(logits) < 1e-5
+            assert gptoss_jax.generate(m, PROMPTS, max_new_tokens=NEW) == gen
+    m2 = jax.make_mesh((2, 4), ("data", "model"), **({} if axis_type == "explicit" else
+                                                     {"axis_types": (AxisType.Auto,) * 2}))  # fmt: skip
+    m = gptoss_jax.load(ckpt8, dtype="float32", mesh=m2, quiet=True)  # left-out axes count as size 1
+    assert np.linalg.norm(np.asarray(m(PROMPTS)) - logits) / np.linalg.norm(logits) < 1e-5
+
+
+def test_a_mesh_without_our_axes_is_one_line(ckpt8):
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    with pytest.raises(ValueError) as e:
+        gptoss_jax.load(ckpt8, mesh=mesh, quiet=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "x=2" in msg and "data, expert, model" in msg
+    with pytest.raises(ValueError, match="must be a jax.sharding.Mesh"):
+        gptoss_jax.load(ckpt8, mesh=8, quiet=True)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        gptoss_jax.load(ckpt8, mesh="expert=16", quiet=True)

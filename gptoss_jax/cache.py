@@ -55,6 +55,14 @@ class KVCache:
                    full_pos=a["full_pos"], ring_pos=a["ring_pos"], lengths=a["lengths"])  # fmt: skip
 
     @property
+    def kv(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """The (k, v) buffers of each unit position, as the model's layer scan carries them."""
+        return tuple(zip(self.k, self.v, strict=True))
+
+    def with_kv(self, kv) -> KVCache:
+        return dataclasses.replace(self, k=tuple(a for a, _ in kv), v=tuple(b for _, b in kv))
+
+    @property
     def batch(self) -> int:
         return self.lengths.shape[0]
 
@@ -114,6 +122,24 @@ class Step:
         """Writes a chunk's k or v (B, T, K, H) into repeat r of a stacked buffer (R, B, S, K, H)."""
         slots = self.ring_slots if ring else self.full_slots
         return buf.at[r, self.rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+    def attend(self, kv, r, k, v, q_pos, *, ring: bool):
+        """One layer's chunk k/v (B, T, K, H) with this position's stacked buffers `kv` at repeat r ->
+        (keys, values, key positions, aligned, new kv) for `kernels.attention`.
+
+        A full layer writes the chunk first and attends over its whole buffer. A sliding layer attends over
+        its ring as it was before the chunk plus the chunk itself (so a chunk longer than the window still
+        sees every key it should; `aligned` says the chunk's keys come last, in order), then writes the
+        chunk's tail into the ring.
+        """
+        kb, vb = kv
+        if ring:
+            keys = jnp.concatenate([kb[r], k.astype(kb.dtype)], axis=1)
+            vals = jnp.concatenate([vb[r], v.astype(vb.dtype)], axis=1)
+            k_pos = jnp.concatenate([self.ring_pos_before, q_pos], axis=1)
+            return keys, vals, k_pos, k.shape[1], (self.write(kb, r, k, ring=True), self.write(vb, r, v, ring=True))
+        kb, vb = self.write(kb, r, k, ring=False), self.write(vb, r, v, ring=False)
+        return kb[r], vb[r], self.full_pos, 0, (kb, vb)
 
 
 def cache_layout(cfg: Config, batch: int, length: int, dtype=None) -> dict[str, tuple]:

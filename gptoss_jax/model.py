@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels, weights
-from .cache import KVCache, Step
+from .cache import Step
 from .config import Config
 from .ops import F32, einsum
 from .sharding import constrain, current_mesh, expert_parallel, map_attention, with_model_mesh
@@ -101,10 +101,9 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     """One attention block with its residual: x (B,T,D) -> (x + attn, kv).
 
     p: this layer's weights by leaf name ("norm" for the scale). Without a cache (kv None) the keys are
-    these tokens. With one, kv is this unit position's stacked (k, v) buffers and r the repeat: a full
-    layer writes the chunk first and attends over its whole buffer; a sliding layer attends over its ring
-    as it was before the chunk plus the chunk itself (so a chunk longer than the window still sees every
-    key it should), then writes the chunk's tail into the ring.
+    these tokens. With one, kv is this unit position's stacked (k, v) buffers, r the repeat, and `step` the
+    cache's `Step` for this forward pass, which writes the chunk and says what to attend over
+    (`cache.Step.attend`; the serving engine's paged cache implements the same two methods).
     """
     dt = x.dtype
     T = x.shape[1]
@@ -115,15 +114,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is None:
         keys, vals, k_pos, aligned = k, v, q_pos, T
-    elif window:
-        kb, vb = kv
-        keys = jnp.concatenate([kb[r], k.astype(kb.dtype)], axis=1)
-        vals = jnp.concatenate([vb[r], v.astype(vb.dtype)], axis=1)
-        k_pos, aligned = jnp.concatenate([step.ring_pos_before, q_pos], axis=1), T
-        kv = (step.write(kb, r, k, ring=True), step.write(vb, r, v, ring=True))
     else:
-        kb, vb = step.write(kv[0], r, k, ring=False), step.write(kv[1], r, v, ring=False)
-        keys, vals, k_pos, aligned, kv = kb[r], vb[r], step.full_pos, 0, (kb, vb)
+        keys, vals, k_pos, aligned, kv = step.attend(kv, r, k, v, q_pos, ring=bool(window))
     o = attention(q, keys, vals, p["sinks"], q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
     return x + einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt) + p["o_bias"], kv
 
@@ -182,12 +174,14 @@ def _layer_params(group) -> dict:
     return {"attn": leaves(group.attn), "mlp": leaves(group.mlp)}
 
 
-def forward(model: Transformer, tokens, positions, cache: KVCache | None = None):
+def forward(model: Transformer, tokens, positions, cache=None):
     """tokens (B,T) int32, positions (B,T) int32 (negative = padding) -> (final-normed hidden (B,T,D), cache).
 
     With a cache, positions must be each row's next positions (`KVCache.chunk_positions`); without one they
     must increase by one along each row (padding at either end), which lets sliding layers skip the keys
-    outside their window (`kernels.attention_xla`).
+    outside their window (`kernels.attention_xla`). The cache is any object with the `KVCache` protocol:
+    `begin(positions) -> (cache, step)`, `kv` (a (k, v) pair of stacked buffers per unit position) and
+    `with_kv(kv)`, its step with `attend`.
     """
     cfg = model.cfg
     dt = cfg.jax_dtype
@@ -196,7 +190,7 @@ def forward(model: Transformer, tokens, positions, cache: KVCache | None = None)
     step = kv = None
     if cache is not None:
         cache, step = cache.begin(positions)
-        kv = tuple(zip(cache.k, cache.v, strict=True))
+        kv = cache.kv
     unit = cfg.layer_unit
 
     def body(carry, xs):
@@ -217,8 +211,7 @@ def forward(model: Transformer, tokens, positions, cache: KVCache | None = None)
     xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), params)
     (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
     if cache is not None:
-        cache = KVCache(k=tuple(a for a, _ in kv), v=tuple(b for _, b in kv), full_pos=cache.full_pos,
-                        ring_pos=cache.ring_pos, lengths=cache.lengths)  # fmt: skip
+        cache = cache.with_kv(kv)
     return rms_norm(x, model.norm.scale[...], cfg.rms_norm_eps), cache
 
 

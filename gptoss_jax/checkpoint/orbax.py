@@ -148,17 +148,21 @@ def stored_config(meta: dict) -> Config:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def _closed_loop_noise_filter() -> None:
-    """When one read fails, Orbax closes its asyncio loop while tensorstore still completes the other
-    reads; each completion then reports 'Event loop is closed' through sys.unraisablehook, a traceback per
-    array on stderr after the real error. Those reports say nothing: drop them, pass everything else on."""
+def _orbax_noise_filter() -> None:
+    """When one read fails, Orbax stops waiting for the others: its read coroutines that fail too are
+    reported, when collected, as 'Exception ignored in <coroutine ...>' with a few KB of tensorstore spec
+    each, and tensorstore's completions on the closed asyncio loop as 'Event loop is closed'. All of that
+    goes through sys.unraisablehook, after we have already reported the one real error: drop it, pass
+    everything else on."""
     prev = sys.unraisablehook
     if getattr(prev, "_gptoss_filter", False):
         return
 
     def hook(unraisable):
-        e = unraisable.exc_value
+        e, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
         if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
         prev(unraisable)
 
@@ -170,12 +174,16 @@ def _closed_loop_noise_filter() -> None:
 def orbax_errors(path: Path, what: str = "cannot read the converted checkpoint"):
     """Any error from Orbax or tensorstore -> one CheckpointError line naming `path` (the tensorstore spec
     that its messages append, a few KB of JSON, is cut)."""
-    _closed_loop_noise_filter()
+    _orbax_noise_filter()
     try:
         yield
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - the boundary to a library reading damaged files
+        for _ in range(20):  # the innermost cause is tensorstore's own message, naming the array
+            if (e.__cause__ or e.__context__) is None:
+                break
+            e = e.__cause__ or e.__context__
         text = str(e).split(" [tensorstore_spec", 1)[0].strip()
         text = text.splitlines()[0] if text else type(e).__name__
         raise CheckpointError(f"{path}: {what} ({text}); it is damaged or incomplete: {_hint(path.parent)}") from None

@@ -331,11 +331,14 @@ def _with_overhead(n: int) -> int:
     return n + n // 50 + (16 << 20) if n else 0
 
 
+def _needed_vs_free(need: int, free: int) -> str:
+    return f"about {need} bytes ({need / 1e9:.2f} GB) are needed, {free} bytes ({free / 1e9:.2f} GB) are free"
+
+
 def check_space(work: Path, nbytes: int) -> None:
     need, free = _with_overhead(nbytes), _free_bytes(work)
     if need > free:
-        raise UsageError(f"{work.parent}: not enough free space: the output needs about {need} bytes "
-                         f"({need / 1e9:.2f} GB), {free} bytes ({free / 1e9:.2f} GB) are free")  # fmt: skip
+        raise UsageError(f"{work.parent}: not enough free space for the output: {_needed_vs_free(need, free)}")
 
 
 def _no_space(e: BaseException | None) -> bool:
@@ -439,9 +442,9 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log, nonfi
     except Exception as e:
         if not _no_space(e):
             raise
-        raise NoSpaceError(f"{work}: the disk filled up while writing: about {_with_overhead(left)} more bytes "
-                           f"are needed, {_free_bytes(work)} are free; {work} is kept: free some space and "
-                           f"rerun the same command to resume") from None  # fmt: skip
+        raise NoSpaceError(f"{work}: the disk filled up while writing: "
+                           f"{_needed_vs_free(_with_overhead(left), _free_bytes(work))}; {work} is kept: free "
+                           f"some space and rerun the same command to resume") from None  # fmt: skip
     have = ckpt_orbax.stored_arrays(ckpt)
     sums = ckpt_orbax.read_metadata(ckpt).get(ckpt_orbax.CHECKSUMS) or {}
     missing = sorted({it[0].target for it in items} - (set(have) & set(sums)))

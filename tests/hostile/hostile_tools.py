@@ -154,3 +154,24 @@ def copy(src: Path, dst: Path) -> Path:
 def nothing_left(tmp: Path, *keep: str) -> None:
     """No output that could pass for a result: only the inputs are in `tmp`."""
     assert sorted(p.name for p in tmp.iterdir()) == sorted(keep), sorted(p.name for p in tmp.iterdir())
+
+
+def flip_array_bytes(ckpt: Path, n: int = 64) -> tuple[str, Path]:
+    """Inverts `n` bytes inside the stored chunk of the largest array of a converted checkpoint (located
+    through tensorstore's dump of the OCDBT B-tree). Returns the array's name and the data file."""
+    import tensorstore as ts
+
+    state = ckpt / "state"
+    kv = ts.KvStore.open({"driver": "file", "path": f"{state}/"}).result()
+    root = ts.ocdbt.dump(kv).result()["versions"][-1]["root"]["location"]
+    chunks = []
+    for e in ts.ocdbt.dump(kv, root).result()["entries"]:
+        ref, key = e.get("indirect_value", ""), e["key"].decode()
+        if "/c/" in key and ref:
+            where, offset, length = ref[len("value:") :].rsplit(":", 2)
+            chunks.append((int(length), int(offset), key.split("/c/")[0], state / where.replace(":", "", 1)))
+    length, offset, name, f = max(chunks)
+    b = bytearray(f.read_bytes())
+    b[offset + 16 : offset + 16 + n] = bytes(x ^ 0xFF for x in b[offset + 16 : offset + 16 + n])  # chunk data comes first
+    f.write_bytes(bytes(b))
+    return name, f

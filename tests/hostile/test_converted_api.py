@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from hostile_tools import assert_api_error, deadline
+from hostile_tools import assert_api_error, deadline, flip_array_bytes
 
 import gptoss_jax
 from gptoss_jax.checkpoint import CheckpointError, integrity
@@ -26,13 +26,6 @@ def _edit_meta(ckpt, fn):
 
 def _data_files(ckpt):
     return sorted((ckpt / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
-
-
-def _flip(f, n=64):
-    b = bytearray(f.read_bytes())
-    i = len(b) // 2
-    b[i : i + n] = bytes(x ^ 0xFF for x in b[i : i + n])
-    f.write_bytes(bytes(b))
 
 
 METADATA_CASES = {
@@ -102,14 +95,11 @@ def test_damaged_storage(conv, case, capfd):
 
 
 def test_flipped_bytes_are_named_by_array_and_file(conv):
-    victim = _data_files(conv)[-1]
-    _flip(victim)
+    name, victim = flip_array_bytes(conv)
     report = integrity.verify_checkpoint(conv)
     assert not report.ok and len(report.problems) == 1, report.problems
     msg = report.problems[0]
-    assert "crc32c" in msg and str(victim.relative_to(conv)) in msg, msg
-    name = msg.split("array ", 1)[1].split(" ", 1)[0]
-    assert name in ckpt_orbax.stored_arrays(conv)
+    assert f"array {name} " in msg and "crc32c" in msg and str(victim.relative_to(conv)) in msg, msg
     with pytest.raises(CheckpointError) as e:
         report.raise_if_bad()
     assert_api_error(e, name, "convert it again")

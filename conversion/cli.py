@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     if args.dst is None and not args.verify:
-        p.error("the following arguments are required: dst (or --verify alone, to check a converted checkpoint)")
+        p.error("the following arguments are required: dst (or --verify alone to check a converted checkpoint)")
     from gptoss_jax.checkpoint import CheckpointError
 
     from .convert import NoSpaceError, Options, UsageError, VerifyError, convert, work_dir

@@ -59,8 +59,8 @@ import numpy as np
 from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint import integrity, keys
 from gptoss_jax.checkpoint import orbax as ckpt_orbax
-from gptoss_jax.checkpoint.untrusted import CheckpointError
 from gptoss_jax.checkpoint.source import Source, open_source
+from gptoss_jax.checkpoint.untrusted import CheckpointError, read_json
 from gptoss_jax.model import param_specs
 from gptoss_jax.progress import progress_bar
 
@@ -268,7 +268,9 @@ def convert(src_path, dst_path, opts: Options = Options(), *, verify: bool = Fal
     ckpt = work / CKPT
     meta = ckpt_orbax.make_metadata(cfg, generation_config=src.extra_json.get("generation_config"),
                                   source={"layout": src.layout, "files": [f[0] for f in journal["source"]["files"]]})  # fmt: skip
-    nonfinite = (lambda msg: warn(f"warning: {msg}; converted as it is (--allow-nonfinite)")) if opts.allow_nonfinite else None
+    nonfinite = None
+    if opts.allow_nonfinite:
+        nonfinite = lambda msg: warn(f"warning: {msg}; converted as it is (--allow-nonfinite)")  # noqa: E731
     try:
         resumed = _write_all(src, items, opts, ckpt, meta, work, quiet, log, nonfinite)
         if verify:
@@ -338,7 +340,7 @@ def _needed_vs_free(need: int, free: int) -> str:
 def check_space(work: Path, nbytes: int) -> None:
     need, free = _with_overhead(nbytes), _free_bytes(work)
     if need > free:
-        raise UsageError(f"{work.parent}: not enough free space for the output: {_needed_vs_free(need, free)}")
+        raise UsageError(f"{work.parent}: not enough free space for the output: " + _needed_vs_free(need, free))
 
 
 def _no_space(e: BaseException | None) -> bool:
@@ -375,8 +377,8 @@ def _prepare_work(work: Path, journal: dict) -> None:
     jpath = work / JOURNAL
     if work.exists():
         try:
-            old = json.loads(jpath.read_text())
-        except (OSError, ValueError):
+            old = read_json(jpath)  # bounded, regular files only: a FIFO there cannot hang us
+        except CheckpointError:
             old = None
         if old is None:  # killed before the journal was written: nothing of value inside
             shutil.rmtree(work)
@@ -423,8 +425,9 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log, nonfi
         with bar, open(work / PROGRESS, "a") as journal, _orbax_errors_raised_not_logged():
             for group in _groups(todo, group_budget(items, opts)):
                 arrays = {rule.target: produce(src, rule, spec, nonfinite) for rule, spec, _ in group}
-                sums = {name: integrity.crc32c(a) for name, a in arrays.items()}  # memory speed, data in cache
-                # Orbax merges the snapshots' metadata key by key at finalize: the checksums add up
+                # at memory speed over data just produced; Orbax merges the snapshots' metadata key by key
+                # at finalize, so each snapshot records its own arrays' checksums and they add up
+                sums = {name: integrity.crc32c(a) for name, a in arrays.items()}
                 orbax_io.partial_save(ctx, ckpt, arrays, meta | {ckpt_orbax.CHECKSUMS: sums})
                 del arrays
                 _release(src)

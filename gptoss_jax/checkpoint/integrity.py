@@ -44,7 +44,8 @@ class VerifyReport:
 
     path: Path
     checked: int = 0  # arrays read back and compared with their recorded checksum
-    unrecorded: list[str] = field(default_factory=list)  # arrays without a recorded checksum (older converter)
+    # arrays without a recorded checksum (converted before checksums were recorded)
+    unrecorded: list[str] = field(default_factory=list)
     nbytes: int = 0  # bytes read back
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -96,7 +97,7 @@ def verify_checkpoint(path, *, quiet: bool = True) -> VerifyReport:
     have = ckpt_orbax.stored_arrays(path)
     report = VerifyReport(path=path)
     for name in sorted(set(sums) - set(have)):
-        report.problems.append(f"{path / ckpt_orbax.STATE}: array {name} has a recorded checksum but is missing")
+        report.problems.append(f"{path / ckpt_orbax.STATE}: array {name} was recorded but is missing")
     sizes = {n: int(np.prod(shape)) * dt.itemsize for n, (shape, dt) in have.items()}
     budget = max([GROUP_BYTES, *sizes.values()])
     groups: list[list[str]] = [[]]

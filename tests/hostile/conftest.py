@@ -4,7 +4,8 @@ every checkpoint that must never be read, and one converted checkpoint."""
 from __future__ import annotations
 
 import pytest
-from hostile_tools import SECRET, copy
+
+from .hostile_tools import SECRET, copy
 
 
 @pytest.fixture(scope="session")

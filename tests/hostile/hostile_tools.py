@@ -45,9 +45,11 @@ def run(tool: str, *args, timeout: float = LIMIT_S, **env) -> subprocess.Complet
     t0 = time.perf_counter()
     try:
         r = subprocess.run([*_entry(tool), *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                           env=cli_env(**env), timeout=timeout, errors="backslashreplace")  # fmt: skip
+                           env=cli_env(**env), timeout=timeout, errors="backslashreplace", check=False)  # fmt: skip
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{tool} {' '.join(map(str, args))}: no answer within {timeout} s (a hang?)") from None
+        raise AssertionError(
+            f"{tool} {' '.join(map(str, args))}: no answer within {timeout} s (a hang?)"
+        ) from None
     r.seconds = time.perf_counter() - t0
     return r
 
@@ -172,6 +174,8 @@ def flip_array_bytes(ckpt: Path, n: int = 64) -> tuple[str, Path]:
             chunks.append((int(length), int(offset), key.split("/c/")[0], state / where.replace(":", "", 1)))
     length, offset, name, f = max(chunks)
     b = bytearray(f.read_bytes())
-    b[offset + 16 : offset + 16 + n] = bytes(x ^ 0xFF for x in b[offset + 16 : offset + 16 + n])  # chunk data comes first
+    b[offset + 16 : offset + 16 + n] = bytes(
+        x ^ 0xFF for x in b[offset + 16 : offset + 16 + n]
+    )  # chunk data comes first
     f.write_bytes(bytes(b))
     return name, f

@@ -17,9 +17,22 @@ import shutil
 import subprocess
 
 import pytest
-from hostile_tools import (EVIL, _entry, assert_clean, assert_one_line, cli_env, edit_header, edit_json, flip_array_bytes,
-                           nothing_left,
-                           read_header, run, shard_holding, single_file_hf)  # fmt: skip
+
+from .hostile_tools import (
+    EVIL,
+    _entry,
+    assert_clean,
+    assert_one_line,
+    cli_env,
+    edit_header,
+    edit_json,
+    flip_array_bytes,
+    nothing_left,
+    read_header,
+    run,
+    shard_holding,
+    single_file_hf,
+)
 
 NEEDED_VS_FREE = re.compile(r"about \d+ bytes \(.+\) are needed, \d+ bytes \(.+\) are free")
 GEN = ("--tokens", "1 2", "--max-new-tokens", "1", "--quiet")  # generate's arguments: no tokenizer needed
@@ -81,8 +94,12 @@ def test_info_bad_config_field(hf, change, field):
 
 
 def test_convert_nan_in_config(tmp_path, hf):
-    (hf / "config.json").write_text((hf / "config.json").read_text().replace('"rope_theta": 150000.0', '"rope_theta": NaN'))
-    assert_one_line(run("gptoss-convert", hf, tmp_path / "out", "--quiet"), "config.json", "rope_theta", "nan")
+    (hf / "config.json").write_text(
+        (hf / "config.json").read_text().replace('"rope_theta": 150000.0', '"rope_theta": NaN')
+    )
+    assert_one_line(
+        run("gptoss-convert", hf, tmp_path / "out", "--quiet"), "config.json", "rope_theta", "nan"
+    )
     nothing_left(tmp_path, "src")
 
 
@@ -136,7 +153,9 @@ def test_converted_huge_layer_count(conv, tool):
 
 def test_info_converted_without_config(conv):
     _edit_meta(conv, lambda m: m.pop("config"))
-    assert_one_line(run("gptoss-jax", "info", conv), "_CHECKPOINT_METADATA", "'config'", "gptoss-convert --verify")
+    assert_one_line(
+        run("gptoss-jax", "info", conv), "_CHECKPOINT_METADATA", "'config'", "gptoss-convert --verify"
+    )
 
 
 @pytest.mark.parametrize("damage", ["manifest", "data"])
@@ -152,7 +171,9 @@ def test_generate_damaged_converted_checkpoint(conv, damage):
 def test_verify_names_flipped_array_and_file(conv):
     name, victim = flip_array_bytes(conv)
     r = run("gptoss-convert", "--verify", conv, "--quiet")
-    assert_one_line(r, "verification failed", f"array {name} ", str(victim.relative_to(conv)), "crc32c", code=1)
+    assert_one_line(
+        r, "verification failed", f"array {name} ", str(victim.relative_to(conv)), "crc32c", code=1
+    )
 
 
 def test_verify_intact(converted):
@@ -180,7 +201,10 @@ def test_convert_under_a_file(tmp_path, hf):
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode == 0
+    probe = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "true"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
 
 
 needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs a private mount namespace (unshare) for a "
@@ -193,18 +217,21 @@ def in_namespace(tmp_path, script: str, timeout: float = 40) -> dict:
     env = cli_env(M=tmp_path / "mnt", T=tmp_path, CONVERT=shlex.join(_entry("gptoss-convert")))
     (tmp_path / "mnt").mkdir()
     r = subprocess.run(["unshare", "--mount", "--map-root-user", "bash", "-euc", script], capture_output=True,
-                       text=True, env=env, timeout=timeout)  # fmt: skip
+                       text=True, env=env, timeout=timeout, check=False)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
 
 @needs_mount
 def test_convert_to_read_only_file_system(tmp_path, hf):
-    out = in_namespace(tmp_path, f"""
+    out = in_namespace(
+        tmp_path,
+        f"""
         mount -t tmpfs -o ro,size=8m tmpfs "$M"
         rc=0; $CONVERT {hf} "$M/out" --quiet 2>"$T/err" || rc=$?
         echo "rc=$rc"; echo "left=$(ls -A "$M")"
-    """)
+    """,
+    )
     assert out == {"rc": "2", "left": ""}, out
     err = (tmp_path / "err").read_text()
     assert err.count("\n") == 1 and "cannot write in" in err and "Read-only file system" in err, err
@@ -212,11 +239,14 @@ def test_convert_to_read_only_file_system(tmp_path, hf):
 
 @needs_mount
 def test_convert_without_enough_space(tmp_path, hf):
-    out = in_namespace(tmp_path, f"""
+    out = in_namespace(
+        tmp_path,
+        f"""
         mount -t tmpfs -o size=4m tmpfs "$M"
         rc=0; $CONVERT {hf} "$M/out" --quiet 2>"$T/err" || rc=$?
         echo "rc=$rc"; echo "left=$(ls -A "$M")"
-    """)
+    """,
+    )
     assert out == {"rc": "2", "left": ""}, out
     err = (tmp_path / "err").read_text()
     assert err.count("\n") == 1 and "not enough free space" in err and NEEDED_VS_FREE.search(err), err
@@ -226,7 +256,9 @@ def test_convert_without_enough_space(tmp_path, hf):
 def test_disk_filling_up_while_converting_then_resuming(tmp_path, hf):
     """The disk fills after the first group: one line (bytes needed vs free, no Orbax traceback), the
     partial work kept; once space is freed the same command resumes and the result verifies."""
-    out = in_namespace(tmp_path, f"""
+    out = in_namespace(
+        tmp_path,
+        f"""
         mount -t tmpfs -o size=24m tmpfs "$M"
         GPTOSS_CONVERT_TEST_DELAY=0.3 $CONVERT {hf} "$M/out" --group-mib 0.05 --quiet 2>"$T/err1" &
         pid=$!
@@ -239,7 +271,9 @@ def test_disk_filling_up_while_converting_then_resuming(tmp_path, hf):
         echo "rc2=$rc"; echo "left2=$(ls -A "$M" | tr '\\n' ' ')"
         rc=0; $CONVERT --verify "$M/out" --quiet 2>"$T/err3" || rc=$?
         echo "rc3=$rc"
-    """, timeout=60)
+    """,
+        timeout=60,
+    )
     err1 = (tmp_path / "err1").read_text()
     assert out["rc1"] == "1" and out["left1"].split() == ["filler", "out.converting"], (out, err1)
     assert err1.count("\n") == 1 and "filled up" in err1 and NEEDED_VS_FREE.search(err1), err1

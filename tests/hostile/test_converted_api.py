@@ -8,11 +8,12 @@ import json
 import os
 
 import pytest
-from hostile_tools import assert_api_error, deadline, flip_array_bytes
 
 import gptoss_jax
 from gptoss_jax.checkpoint import CheckpointError, integrity
 from gptoss_jax.checkpoint import orbax as ckpt_orbax
+
+from .hostile_tools import assert_api_error, deadline, flip_array_bytes
 
 META = ckpt_orbax.STEP_METADATA
 
@@ -109,7 +110,9 @@ def test_intact_checkpoint_verifies(converted):
     report = integrity.verify_checkpoint(converted)
     have = ckpt_orbax.stored_arrays(converted)
     assert report.ok and report.checked == len(have) and not report.unrecorded, report.summary()
-    assert report.nbytes == sum(a.nbytes for a in ckpt_orbax.read_arrays(converted, {n: d for n, (_, d) in have.items()}).values())
+    assert report.nbytes == sum(
+        a.nbytes for a in ckpt_orbax.read_arrays(converted, {n: d for n, (_, d) in have.items()}).values()
+    )
 
 
 def test_checkpoint_without_checksums_still_loads(conv):

@@ -15,11 +15,22 @@ import time
 import ml_dtypes
 import numpy as np
 import pytest
-from hostile_tools import (EVIL, assert_api_error, deadline, edit_header, edit_json, nothing_left,
-                           raw_safetensors, read_header, shard_holding, single_file_hf)  # fmt: skip
 
 from gptoss_jax.checkpoint import CheckpointError
 from gptoss_jax.checkpoint.source import open_source
+
+from .hostile_tools import (
+    EVIL,
+    assert_api_error,
+    deadline,
+    edit_header,
+    edit_json,
+    nothing_left,
+    raw_safetensors,
+    read_header,
+    shard_holding,
+    single_file_hf,
+)
 
 INDEX = "model.safetensors.index.json"
 NESTED = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser can recurse
@@ -171,7 +182,9 @@ def header_shape_1e30(src, secret):
 def header_shape_wraps_int64(src, secret):
     # 2**32 * 2**31 * 2 bytes = 2**64: zero in int64 arithmetic, which would match offsets 0..0
     f = _first_shard(src)
-    edit_header(f, lambda h: h.update(wrap={"dtype": "BF16", "shape": [2**32, 2**31], "data_offsets": [0, 0]}))
+    edit_header(
+        f, lambda h: h.update(wrap={"dtype": "BF16", "shape": [2**32, 2**31], "data_offsets": [0, 0]})
+    )
     return f.name, "wrap", "do not match shape"
 
 
@@ -299,10 +312,17 @@ CONFIG_CASES = {
     "rope_theta_nan": ({"rope_theta": NAN}, "rope_theta", "nan"),
     "rope_theta_one": ({"rope_theta": 1}, "rope_theta"),
     "rope_theta_huge_int": ({"rope_theta": 10**400}, "rope_theta"),
-    "rope_factor_inf": ({"rope_scaling": {"rope_type": "yarn", "factor": math.inf}}, "rope_scaling_factor", "inf"),
+    "rope_factor_inf": (
+        {"rope_scaling": {"rope_type": "yarn", "factor": math.inf}},
+        "rope_scaling_factor",
+        "inf",
+    ),
     "swiglu_limit_nan": ({"swiglu_limit": NAN}, "swiglu_limit"),
     "rms_norm_eps_inf": ({"rms_norm_eps": math.inf}, "rms_norm_eps"),
-    "rope_beta_zero": ({"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 0}}, "rope_ntk_beta"),
+    "rope_beta_zero": (
+        {"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 0}},
+        "rope_ntk_beta",
+    ),
     "sliding_window_zero": ({"sliding_window": 0}, "sliding_window"),
     "sliding_window_float": ({"sliding_window": 128.5}, "sliding_window"),
     "sliding_window_beyond_context": ({"sliding_window": 10**7}, "sliding_window"),

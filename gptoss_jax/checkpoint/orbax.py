@@ -177,7 +177,7 @@ def orbax_errors(path: Path, what: str = "cannot read the converted checkpoint")
     _orbax_noise_filter()
     try:
         yield
-    except CheckpointError:
+    except (CheckpointError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - the boundary to a library reading damaged files
         for _ in range(20):  # the innermost cause is tensorstore's own message, naming the array

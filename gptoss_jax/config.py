@@ -40,7 +40,10 @@ MAX_TOKEN_ID = (1 << 31) - 1
 
 def _show(v) -> str:
     """A field value for a message: repr (control characters escaped), cut short."""
-    r = repr(v)
+    try:
+        r = repr(v)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"an integer of {v.bit_length()} bits"
     return r if len(r) <= 80 else r[:80] + "..."
 
 

@@ -357,6 +357,13 @@ def test_bad_original_config(orig, change):
     assert_api_error(e, "config.json", next(iter(change)))
 
 
+def test_config_api_values_without_a_repr():
+    from gptoss_jax.config import Config
+
+    with pytest.raises(ValueError, match="num_hidden_layers .* got an integer of 16610 bits"):
+        Config.tiny(num_hidden_layers=10**5000)
+
+
 def test_config_validation_is_linear_in_layers():
     """1024 layers (the cap) validate in milliseconds, and the model-facing table is built once."""
     from gptoss_jax.config import Config

@@ -11,7 +11,7 @@ Accepted:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +66,6 @@ class Source:
             return rule.transform(*arrays)
         except ValueError as e:
             raise CheckpointError(f"{self.files[rule.sources[-1]].path}: tensor {rule.sources[-1]}: {e}") from None
-
-    def iter_params(self, expert_format: str | None = None) -> Iterator[tuple[keys.Rule, np.ndarray]]:
-        for r in self.rules(expert_format):
-            yield r, self.read(r)
 
 
 class _Folder:

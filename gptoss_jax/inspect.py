@@ -48,10 +48,10 @@ __all__ = ["CAPTURES", "SITES", "Intervene", "Probe", "Score", "Trace", "attenti
 # ------------------------------------------------------------------------------------------------ capture
 @dataclasses.dataclass(frozen=True)
 class Trace:
-    """What `run` returns: float32 logits (B,T,V) and the captures (name -> array with a leading axis over
-    `layers`; the token axis holds the tokens `at`, as indices along the sequence)."""
+    """What `run` returns: float32 logits (B,T,V) (None when not asked for) and the captures (name -> array with
+    a leading axis over `layers`; the token axis holds the tokens `at`, as indices along the sequence)."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     captures: dict[str, jax.Array]
     layers: tuple[int, ...]
     at: tuple[int, ...]
@@ -77,9 +77,10 @@ def _positions(tokens, positions):
 
 @with_model_mesh
 def run(model: Transformer, tokens, positions=None, *, probe: Probe | None = None,
-        intervene: Intervene | None = None) -> Trace:  # fmt: skip
+        intervene: Intervene | None = None, with_logits: bool = True) -> Trace:  # fmt: skip
     """`model(tokens)` with captures and interventions: tokens int (B,T) or (T,); positions as for
-    `model(tokens)` (default 0..T-1). Returns a `Trace`."""
+    `model(tokens)` (default 0..T-1). Returns a `Trace`. with_logits=False skips the (B,T,V) logits (a long
+    sequence's are large: 0.8 MB per token)."""
     tokens = check_tokens(tokens, model.cfg.vocab_size)
     positions = _positions(tokens, positions)
     probe = Probe() if probe is None else probe
@@ -88,18 +89,18 @@ def run(model: Transformer, tokens, positions=None, *, probe: Probe | None = Non
     if intervene is not None and not isinstance(intervene, Intervene):
         raise ValueError(f"intervene must be a gptoss_jax.inspect.Intervene, got {type(intervene).__name__}")
     graphdef, state = nnx.split(model)
-    out, caps = _run_jit(graphdef, state, tokens, positions, probe, intervene)
+    out, caps = _run_jit(graphdef, state, tokens, positions, probe, intervene, bool(with_logits))
     T = tokens.shape[1]
     layers = tuple(range(model.cfg.num_hidden_layers)) if probe.layers is None else tuple(sorted(set(probe.layers)))
     at = tuple(range(T)) if probe.at is None else tuple(i % T for i in probe.at)
     return Trace(out, caps, layers if caps else (), at)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _run_jit(graphdef, state, tokens, positions, probe, intervene):
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
+def _run_jit(graphdef, state, tokens, positions, probe, intervene, with_logits):
     model = nnx.merge(graphdef, state)
     h, _, caps = forward(model, tokens, positions, probe=probe, intervene=intervene)
-    return logits(model, h), caps
+    return logits(model, h) if with_logits else None, caps
 
 
 # -------------------------------------------------------------------------------------------- intervene
@@ -189,7 +190,7 @@ def log_probs(model: Transformer, tokens, positions=None, *, intervene: Interven
         raise ValueError(f"tokens: log_probs needs at least 2 tokens per row, got {tokens.shape[1]}")
     positions = _positions(tokens, positions)
     graphdef, state = nnx.split(model)
-    return _log_probs_jit(graphdef, state, tokens, positions, intervene, max(1, int(block)))
+    return _log_probs_jit(graphdef, state, tokens, positions, intervene, max(1, min(int(block), tokens.shape[1] - 1)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -41,15 +41,17 @@ from .model import (
 )
 from .sharding import to_host, with_model_mesh
 
-__all__ = ["CAPTURES", "SITES", "Intervene", "Probe", "Score", "Trace", "attention_by_distance", "coselection",
-           "expert_load", "intervention", "log_probs", "routing_entropy", "run", "score", "sink_share"]  # fmt: skip
+__all__ = ["CAPTURES", "SITES", "Intervene", "Probe", "Score", "Trace", "attention_by_distance",
+           "coselection", "expert_load", "intervention", "layer_table", "log_probs", "routing_entropy", "run",
+           "score", "sink_share"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ capture
 @dataclasses.dataclass(frozen=True)
 class Trace:
-    """What `run` returns: float32 logits (B,T,V) (None when not asked for) and the captures (name -> array with
-    a leading axis over `layers`; the token axis holds the tokens `at`, as indices along the sequence)."""
+    """What `run` returns: float32 logits (B,T,V) (None when not asked for) and the captures (name ->
+    array with a leading axis over `layers`; the token axis holds the tokens `at`, indices along the
+    sequence)."""
 
     logits: jax.Array | None
     captures: dict[str, jax.Array]
@@ -91,9 +93,9 @@ def run(model: Transformer, tokens, positions=None, *, probe: Probe | None = Non
     graphdef, state = nnx.split(model)
     out, caps = _run_jit(graphdef, state, tokens, positions, probe, intervene, bool(with_logits))
     T = tokens.shape[1]
-    layers = tuple(range(model.cfg.num_hidden_layers)) if probe.layers is None else tuple(sorted(set(probe.layers)))
+    layers = range(model.cfg.num_hidden_layers) if probe.layers is None else sorted(set(probe.layers))
     at = tuple(range(T)) if probe.at is None else tuple(i % T for i in probe.at)
-    return Trace(out, caps, layers if caps else (), at)
+    return Trace(out, caps, tuple(layers) if caps else (), at)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 6))
@@ -149,8 +151,8 @@ def intervention(model: Transformer, *, ablate_experts: Mapping[int, Iterable[in
                 select[layer, list(experts)] = value
         for layer in range(L):
             if (select[layer] == -np.inf).sum() > E - X or (select[layer] == np.inf).sum() > X:
-                raise ValueError(f"layer {layer}: at most {X} experts can be forced and at most {E - X} ablated "
-                                 f"(each token chooses {X} of {E})")  # fmt: skip
+                raise ValueError(f"layer {layer}: at most {X} experts can be forced and at most {E - X} "
+                                 f"ablated (each token chooses {X} of {E})")  # fmt: skip
         kw["experts"] = jnp.asarray(select)
     for table, name, base, what in ((head_scale, "heads", None, "head_scale"),
                                     (sink_logits, "sinks", "attn.sinks", "sink_logits")):  # fmt: skip
@@ -170,7 +172,8 @@ def intervention(model: Transformer, *, ablate_experts: Mapping[int, Iterable[in
         layers = patch.layers if patch_layers is None else tuple(int(i) for i in patch_layers)
         missing = [i for i in layers if i not in patch.layers]
         if missing:
-            raise ValueError(f"patch_layers: layer {missing[0]} is not in the trace (it holds {patch.layers})")
+            raise ValueError(f"patch_layers: layer {missing[0]} is not in the trace (it holds "
+                             f"{patch.layers})")  # fmt: skip
         rows = [patch.layers.index(i) for i in layers]
         kw.update(patch=patch[patch_site][np.asarray(rows)], patch_site=patch_site, patch_layers=layers,
                   patch_at=patch.at)  # fmt: skip
@@ -190,7 +193,8 @@ def log_probs(model: Transformer, tokens, positions=None, *, intervene: Interven
         raise ValueError(f"tokens: log_probs needs at least 2 tokens per row, got {tokens.shape[1]}")
     positions = _positions(tokens, positions)
     graphdef, state = nnx.split(model)
-    return _log_probs_jit(graphdef, state, tokens, positions, intervene, max(1, min(int(block), tokens.shape[1] - 1)))
+    block = max(1, min(int(block), tokens.shape[1] - 1))  # no block longer than the sequence
+    return _log_probs_jit(graphdef, state, tokens, positions, intervene, block)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -236,8 +236,9 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
         cache, step = cache.begin(positions)
         kv = cache.kv
     unit = cfg.layer_unit
-    hooks = None if probe is None and intervene is None else _Hooks(model, probe, intervene, tokens.shape,
-                                                                      cached=cache is not None)  # fmt: skip
+    hooks = None
+    if probe is not None or intervene is not None:
+        hooks = _Hooks(model, probe, intervene, tokens.shape, cached=cache is not None)
 
     def body(carry, xs):
         x, kv, bufs = carry
@@ -250,7 +251,8 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
                     x = tap.site("resid_pre", x)
                 x, kv_j = attention_layer(x, layers[j]["attn"], cos, sin, positions,
                                           window=cfg.sliding_window if sliding else 0, cfg=cfg,
-                                          kv=None if kv is None else kv[j], step=step, r=r, tap=tap)  # fmt: skip
+                                          kv=None if kv is None else kv[j], step=step, r=r,
+                                          tap=tap)  # fmt: skip
                 if kv is not None:
                     kv[j] = kv_j
                 if tap is not None:
@@ -258,9 +260,6 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
                 x = constrain(moe_layer(x, layers[j]["mlp"], cfg, tap=tap), ACT)  # block boundary
                 if tap is not None:
                     x = tap.site("resid_post", x)
-                    if tap.wants("logit_lens"):
-                        tap.lazy("logit_lens", lambda x=x: logits(model, rms_norm(x[:, tap.take], model.norm.scale[...],
-                                                                                  cfg.rms_norm_eps)))  # fmt: skip
                     bufs = hooks.record(bufs, tap)
         return (x, None if kv is None else tuple(kv), bufs), None
 
@@ -361,9 +360,11 @@ class Intervene:
 
 
 def _take(at, n: int, what: str) -> np.ndarray:
-    """Indices (negative from the end) into n items -> int array; ValueError naming `what` when out of range."""
+    """Indices (negative from the end) into n tokens -> int array; ValueError naming `what` if one is out."""
     if at is None:
         return np.arange(n)
+    if not at:
+        raise ValueError(f"{what} must name at least one token (None: all)")
     bad = [i for i in at if not -n <= i < n]
     if bad:
         raise ValueError(f"{what}: index {bad[0]} is out of range for {n} tokens")
@@ -375,6 +376,8 @@ def _layer_rows(layers, cfg: Config, what: str) -> tuple[list[np.ndarray], list[
     layer (the count of them = not selected) and the layers in row order."""
     L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
     chosen = set(range(L)) if layers is None else set(layers)
+    if not chosen:
+        raise ValueError(f"{what} must name at least one layer (None: all)")
     bad = sorted(i for i in chosen if not 0 <= i < L)
     if bad:
         raise ValueError(f"{what}: layer {bad[0]} is out of range: the model has {L} layers")
@@ -416,20 +419,22 @@ class _Hooks:
             if a is None:
                 continue
             if tuple(a.shape) != (L, width):
-                raise ValueError(f"Intervene.{name} must have shape ({L}, {width}) (layers, "
-                                 f"{'experts' if name == 'experts' else 'heads'}), got {tuple(a.shape)}")  # fmt: skip
+                what = "experts" if name == "experts" else "heads"
+                raise ValueError(f"Intervene.{name} must have shape ({L}, {width}) (layers, {what}), got "
+                                 f"{tuple(a.shape)}")  # fmt: skip
             a = jnp.asarray(a, F32).reshape(R, p, width)
             for j in range(p):
                 self.xs[j][name] = a[:, j]
         self.patch = None
         if iv.patch is not None:
             if iv.patch_site not in SITES:
-                raise ValueError(f"Intervene.patch_site must be one of {', '.join(SITES)}, got {iv.patch_site!r}")
+                raise ValueError(f"Intervene.patch_site must be one of {', '.join(SITES)}, got "
+                                 f"{iv.patch_site!r}")  # fmt: skip
             self.patch_at = _take(iv.patch_at, T, "Intervene.patch_at")
             want = (len(iv.patch_layers), B, len(self.patch_at), cfg.hidden_size)
             if tuple(iv.patch.shape) != want:
-                raise ValueError(f"Intervene.patch must have shape {want} (patch_layers, batch, patch_at tokens, "
-                                 f"hidden), got {tuple(iv.patch.shape)}")  # fmt: skip
+                raise ValueError(f"Intervene.patch must have shape {want} (patch_layers, batch, patch_at "
+                                 f"tokens, hidden), got {tuple(iv.patch.shape)}")  # fmt: skip
             if len(set(iv.patch_layers)) != len(iv.patch_layers):
                 raise ValueError(f"Intervene.patch_layers must not repeat a layer, got {iv.patch_layers}")
             pslots, porder = _layer_rows(iv.patch_layers, cfg, "Intervene.patch_layers")
@@ -499,7 +504,7 @@ class _Tap:
 
     def site(self, name: str, x):
         """The residual stream x (B,T,D) at site `name`: patched if the intervention says so, captured if the
-        probe asks."""
+        probe asks; after the layer (resid_post), also its logit lens."""
         h = self.hooks
         if self.pslot is not None and name == h.patch_site:
             values, at = h.patch[self.j], h.patch_at
@@ -507,6 +512,10 @@ class _Tap:
             x = x.at[:, at].set(jnp.where(self.pslot < len(values), v, x[:, at]))
         if self.wants("residual"):
             self.out[name] = x[:, self.take]
+        if name == "resid_post" and self.wants("logit_lens"):
+            m = h.model
+            lens = lambda: logits(m, rms_norm(x[:, self.take], m.norm.scale[...], m.cfg.rms_norm_eps))  # noqa: E731
+            self.lazy("logit_lens", lens)
         return x
 
 

@@ -22,6 +22,7 @@ from .checkpoint import orbax as ckpt_orbax
 from .checkpoint.safetensors import CheckpointError
 from .checkpoint.source import open_source
 from .config import RUNTIME_FIELDS, Config
+from .hub import resolve_checkpoint
 from .model import Transformer, abstract_model, param_specs  # noqa: F401 - param_specs is loading's API too
 from .progress import progress_bar
 from .sharding import param_sharding
@@ -82,7 +83,8 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
     mesh: a `jax.sharding.Mesh` with axes from (data, expert, model); None = one device.
     overrides: runtime config fields, e.g. expert_format="dequantized", attention_impl="pallas".
     """
-    path = Path(path)
+    # [firsthour] any path as typed (relative, ~, trailing slash) or a Hugging Face model id -> absolute folder
+    path = resolve_checkpoint(path, quiet=quiet)
     overrides = _split_overrides(dict(overrides, dtype=dtype))
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")

@@ -104,7 +104,7 @@ def _snapshot(model_id: str, *, config_only: bool, quiet: bool) -> Path:
                 return cached
         except errors.LocalEntryNotFoundError:
             pass
-        if not quiet:
+        if not quiet and not constants.HF_HUB_OFFLINE:
             what = "its config.json" if config_only else "the Hugging Face layout (config, index, safetensors)"
             print(f"fetching {what} of {model_id} into {constants.HF_HUB_CACHE}", file=sys.stderr, flush=True)
         with _progress_bars(quiet):

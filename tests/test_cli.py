@@ -22,6 +22,7 @@ from hf_reference import our_model
 import gptoss_jax
 from gptoss_jax import cli
 from gptoss_jax import tokenizer as tk
+from gptoss_jax.kernels import resolve_impl
 
 PROMPT_IDS = [5, 17, 230, 999, 0, 42, 7]
 
@@ -125,6 +126,8 @@ def test_bench_reports_speed_and_memory(capsys, hf_ckpt):
     rc, out, err = run_cli(capsys, "bench", hf_ckpt, "--prompt-len", 8, "--new", 5, "--reps", 1, "--dtype",
                            "float32", "--quiet")  # fmt: skip
     assert rc == 0, err
+    auto = resolve_impl("auto")  # the header says what "auto" resolved to on this platform
+    assert out.splitlines()[0].endswith(f"attention {auto} (auto), moe {auto} (auto))"), out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     for name in ("prefill", "decode", "compile", "weights", "kv", "host"):
         assert name in rows, out

@@ -91,7 +91,7 @@ def test_ctrl_c_during_conversion(tmp_path):
         dst = tmp_path / f"out{i}"
         journal = tmp_path / f"out{i}.converting" / "progress.jsonl"
         cmd = [*command("gptoss-convert"), str(src), str(dst), "--group-mib", "26", "--quiet"]
-        code, _, err, _ = interrupt(cmd, lambda out, err: journal.is_file() and journal.read_text().strip(), delay)
+        code, _, err, _ = interrupt(cmd, lambda out, err, j=journal: j.is_file() and j.read_text().strip(), delay)
         assert_interrupted(code, err, "gptoss-convert: error: interrupted")
         assert "rerun the same command to resume" in err and not dst.exists()
 

@@ -24,7 +24,8 @@ def command(name: str) -> list[str]:
 
 def cli_env(**extra) -> dict:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    bin_dir = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # the console scripts
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, PATH=bin_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -25,31 +25,24 @@ import time
 _EXITING = threading.Lock()
 
 
-def _human(n: float, unit: float) -> str:
-    return f"{n / unit:.1f}"
-
-
-def _unit(total: int) -> tuple[float, str]:
-    return (2**30, "GiB") if total >= 2**30 else (2**20, "MiB")
-
-
 class PlainProgress:
-    """tqdm's `update`/context interface as plain lines: one every `interval` seconds while work goes on,
-    and, unless `transient`, a last one when done (if any was printed)."""
+    """tqdm's `update`/context interface as plain lines: one every `interval` seconds while work goes on. A
+    lasting bar (not `transient`) also says where it starts and, at the end, how long it took and how fast."""
 
     def __init__(self, total: int, desc: str, *, initial: int = 0, interval: float = 10.0, transient: bool = True,
                  file=None):  # fmt: skip
-        self.total, self.desc, self.n, self.interval, self.transient = total, desc, initial, interval, transient
+        self.total, self.desc, self.n = total, desc, initial
+        self.interval, self.transient = interval, transient
         self.file = file or sys.stderr
         self.t0 = self.last = time.monotonic()
-        self.printed = False
+        self.unit, self.unit_name = (2**30, "GiB") if total >= 2**30 else (2**20, "MiB")
+        if not transient:
+            self._line()
 
     def _line(self, extra: str = "") -> None:
-        unit, name = _unit(self.total)
         pct = 100 * self.n / self.total if self.total else 100
-        print(f"{self.desc}: {pct:.0f}% {_human(self.n, unit)}/{_human(self.total, unit)} {name}{extra}",
-              file=self.file, flush=True)  # fmt: skip
-        self.printed = True
+        print(f"{self.desc}: {pct:.0f}% {self.n / self.unit:.1f}/{self.total / self.unit:.1f} {self.unit_name}"
+              f"{extra}", file=self.file, flush=True)  # fmt: skip
 
     def update(self, n: int) -> None:
         self.n += n
@@ -59,8 +52,9 @@ class PlainProgress:
             self._line()
 
     def close(self) -> None:
-        if self.printed and not self.transient:
-            self._line(f" in {time.monotonic() - self.t0:.1f} s")
+        if not self.transient:
+            dt = time.monotonic() - self.t0
+            self._line(f" in {dt:.1f} s ({self.n / 2**20 / max(dt, 1e-9):.1f} MiB/s)")
 
     def __enter__(self):
         return self
@@ -73,7 +67,7 @@ def progress_bar(total: int, desc: str, *, quiet: bool, initial: int = 0, termin
     """A byte counter on stderr: a tqdm bar on a terminal, plain periodic lines otherwise (`PlainProgress`).
 
     `terminal_only` marks a transient bar (loading: the caller prints its own summary line): it is erased
-    from the terminal when done and leaves no final line in a log. The converter's bar stays.
+    from the terminal when done and prints only the periodic lines in a log. The converter's bar stays.
     """
     if not quiet and not sys.stderr.isatty():
         return PlainProgress(total, desc, initial=initial, transient=terminal_only)

@@ -159,7 +159,8 @@ def test_chat_real_model_prompt_is_harmony_rendering(capsys, demo_run):
 
 @pytest.fixture
 def scripted_model(monkeypatch):
-    """Replaces generation with a fixed harmony reply (analysis, then final), fed token by token."""
+    """Replaces generation with a fixed harmony reply (analysis, then final), fed token by token, and loading
+    with nothing (the checkpoint's config is still read, to check the arguments)."""
     reply = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|>"
              "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>")  # fmt: skip
     tokens = tk.encode(reply, allowed_special="all")
@@ -177,8 +178,8 @@ def scripted_model(monkeypatch):
     return seen
 
 
-def test_chat_channels_and_multi_turn_history(capsys, scripted_model):
-    rc, out, err = run_cli(capsys, "chat", "unused", "-m", "Hi", "-m", "Bye", "--show-prompt",
+def test_chat_channels_and_multi_turn_history(capsys, scripted_model, demo_run):
+    rc, out, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "-m", "Bye", "--show-prompt",
                            "--developer", "Be terse.")  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
@@ -194,17 +195,17 @@ def test_chat_channels_and_multi_turn_history(capsys, scripted_model):
     assert sorted(scripted_model[0][1]) == sorted([tk.RETURN, tk.CALL])
 
 
-def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model):
+def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model, demo_run):
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n\nnot read\n"))
-    rc, out, err = run_cli(capsys, "chat", "unused", "--hide-analysis", "--show-prompt")
+    rc, out, err = run_cli(capsys, "chat", demo_run[2], "--hide-analysis", "--show-prompt")
     assert rc == 0, err
     assert "[analysis]" not in out
     assert out.count("[final] Hello! How can I help?") == 2
     assert len(_prompts(out)) == 2
 
 
-def test_chat_truncated_reply(capsys, scripted_model):
-    rc, out, err = run_cli(capsys, "chat", "unused", "-m", "Hi", "--max-new-tokens", 3)
+def test_chat_truncated_reply(capsys, scripted_model, demo_run):
+    rc, _, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "--max-new-tokens", 3)
     assert rc == 0, err
     assert "max-new-tokens 3" in err
 

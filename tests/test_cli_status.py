@@ -83,14 +83,14 @@ def test_status_line_and_progress_bar_on_a_terminal(deep_ckpt):
 
 def test_plain_progress_lines():
     buf = io.StringIO()
-    with PlainProgress(2 * 2**30, "loading gpt-oss-20b", interval=0, transient=False, file=buf) as bar:
+    with PlainProgress(2 * 2**30, "converting", interval=0, transient=False, file=buf) as bar:
         bar.update(2**30 // 2)
         bar.update(2**30)
         bar.update(2**30 // 2)
     lines = buf.getvalue().splitlines()
-    assert lines[:3] == ["loading gpt-oss-20b: 25% 0.5/2.0 GiB", "loading gpt-oss-20b: 75% 1.5/2.0 GiB",
-                         "loading gpt-oss-20b: 100% 2.0/2.0 GiB"]  # fmt: skip
-    assert re.fullmatch(r"loading gpt-oss-20b: 100% 2\.0/2\.0 GiB in \d+\.\d s", lines[3])
+    assert lines[:4] == ["converting: 0% 0.0/2.0 GiB", "converting: 25% 0.5/2.0 GiB", "converting: 75% 1.5/2.0 GiB",
+                         "converting: 100% 2.0/2.0 GiB"]  # fmt: skip
+    assert re.fullmatch(r"converting: 100% 2\.0/2\.0 GiB in \d+\.\d s \([\d.]+ MiB/s\)", lines[4]), lines
     buf = io.StringIO()
     with PlainProgress(10 * 2**20, "loading tiny", interval=3600, file=buf) as bar:
         bar.update(10 * 2**20)

@@ -18,8 +18,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a released gpt-oss checkpoint (Hugging Face top level, original/, or a repo folder "
         "holding both) into a sharded Orbax checkpoint, streaming one tensor at a time.",
     )
-    p.add_argument("src", help="folder with config.json and *.safetensors (or a repo folder with original/), or "
-                   "a Hugging Face model id such as openai/gpt-oss-20b")
+    p.add_argument("src", help="folder with config.json and *.safetensors (or a repo folder with original/), "
+                   "or a Hugging Face model id such as openai/gpt-oss-20b")
     p.add_argument(
         "dst", help="output folder (must not exist; written as DST.converting/ and renamed at the end)"
     )
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, 2)
     except VerifyError as e:
         return _fail(f"verification failed: {e}", 1)
-    except KeyboardInterrupt:  # [firsthour] exit at once: Orbax's writer threads would print tracebacks at shutdown
+    except KeyboardInterrupt:  # [firsthour] exit now: Orbax's writer threads would print tracebacks at exit
         exit_now(f"gptoss-convert: error: interrupted{kept()}")
     except Exception as e:  # I/O errors (a full disk) and anything unexpected: the partial work is resumable
         return _fail(f"{type(e).__name__}: {e}{kept()}", 1)

@@ -1,7 +1,7 @@
 """`gptoss-jax`: a thin shell over the library (every command is a few calls to public functions).
 
     gptoss-jax demo                      write a tiny random checkpoint, load it, generate (start here)
-    gptoss-jax generate PATH --prompt T  raw completion (--prompt-file F, --prompt - for stdin, --tokens "1 2 3")
+    gptoss-jax generate PATH --prompt T  raw completion (--prompt-file F, --prompt - for stdin, --tokens IDS)
     gptoss-jax chat PATH                 harmony chat: multi-turn, reasoning effort, analysis/final channels
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
     gptoss-jax info MODEL                per-device memory plan for a mesh (nothing loaded)
@@ -17,6 +17,7 @@ Exit codes: 0 ok; 2 bad input (one line on stderr naming the argument, file or t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -56,16 +57,16 @@ def _fail(msg, code: int = 2) -> int:
 
 # ------------------------------------------------------------------------------------------ arguments
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint: a folder of released safetensors (HF or original/ layout), an Orbax "
-                   "checkpoint from gptoss-convert, or a Hugging Face model id such as openai/gpt-oss-20b")  # fmt: skip
+    p.add_argument("path", help="checkpoint: a folder of released safetensors (HF or original/ layout), an "
+                   "Orbax checkpoint from gptoss-convert, or a Hugging Face model id such as openai/gpt-oss-20b")  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (the sizes must multiply to the "
                    "number of devices; default: one device)")  # fmt: skip
     g.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     _impl_args(g)
     g.add_argument("--expert-format", choices=("auto", "mxfp4", "dequantized"), default="auto",
-                   help="auto (default): as the checkpoint stores them (released weights: packed MXFP4); mxfp4 "
-                   "keeps them packed; dequantized inflates them at load")  # fmt: skip
+                   help="auto (default): as the checkpoint stores them (released weights: packed MXFP4); "
+                   "mxfp4 keeps them packed; dequantized inflates them at load")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="no progress bar, status or timing lines")
     _cache_arg(g)
 
@@ -152,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="raw completion of a text prompt or of token ids")
     _model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 vocabulary); "
-                     "'-' reads it from stdin")  # fmt: skip
+    src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 "
+                     "vocabulary); '-' reads it from stdin")  # fmt: skip
     src.add_argument("--prompt-file", metavar="FILE", help="read the text prompt from FILE (UTF-8; one final "
                      "newline is dropped, as for stdin)")  # fmt: skip
     src.add_argument("--tokens", help="prompt as token ids, separated by spaces or commas; prints token ids")
@@ -252,13 +253,13 @@ def _check_args(args) -> None:
     need(0 < args.top_p <= 1, "top-p", "in (0, 1]")
     need(args.top_k >= 0, "top-k", ">= 0 (0 = off)")
     need(args.min_p is None or 0 <= args.min_p <= 1, "min-p", "in [0, 1]")
-    need(args.repetition_penalty is None or (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0),
-         "repetition-penalty", "> 0 (1.0 = off)")  # fmt: skip
+    penalty = args.repetition_penalty
+    need(penalty is None or (math.isfinite(penalty) and penalty > 0), "repetition-penalty", "> 0 (1.0 = off)")
     need(0 <= args.seed < SEED_LIMIT, "seed", "in [0, 2**63)")
     need(args.max_context is None or args.max_context >= 1, "max-context", "at least 1")
 
 
-def _check_fit(args, cfg, prompt: list[int] | None, what: str) -> None:
+def _check_fit(args, cfg, prompt: list[int] | None = None, what: str = "") -> None:
     """Prompt tokens against the vocabulary and prompt + new tokens against the cache and the model, from the
     checkpoint's config alone (no weights read yet)."""
     if args.top_k > cfg.vocab_size:
@@ -270,15 +271,15 @@ def _check_fit(args, cfg, prompt: list[int] | None, what: str) -> None:
     bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
     if bad is not None:
         hint = " (text needs the o200k_harmony vocabulary; use --tokens)" if what != "--tokens" else ""
-        raise UsageError(f"{what}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of {args.path}"
-                         + hint)  # fmt: skip
+        raise UsageError(f"{what}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of "
+                         f"{args.path}{hint}")  # fmt: skip
     need = len(prompt) + args.max_new_tokens
     limits = [("the cache length", args.max_context, "--max-context"),
               ("the model's context length", cfg.context_length, args.path)]  # fmt: skip
     for name, limit, source in limits:
         if limit is not None and need > limit:
-            raise UsageError(f"{what}: prompt {len(prompt)} + --max-new-tokens {args.max_new_tokens} = {need} "
-                             f"tokens exceed {name} {limit} ({source})")  # fmt: skip
+            raise UsageError(f"{what}: prompt {len(prompt)} + --max-new-tokens {args.max_new_tokens} = "
+                             f"{need} tokens exceed {name} {limit} ({source})")  # fmt: skip
 
 
 def _config(args):
@@ -323,21 +324,23 @@ def read_prompt(args) -> tuple[str, str]:
 
 
 _COMPILE_STARTED = threading.Event()
-_compile_watch = []
+
+
+@functools.cache
+def _watch_compiles() -> None:
+    import jax
+
+    def on_event(event: str, *_, **__) -> None:
+        if event.startswith("/jax/core/compile/"):  # JAX traced, lowered or compiled a program
+            _COMPILE_STARTED.set()
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
 
 
 def _compile_status(args) -> StatusLine:
-    """The "compiling ..." line of the next generate call: shown only once JAX traces a new program (its
-    monitoring events), so a repeated shape or a cached run prints nothing."""
-    if not _compile_watch:
-        import jax
-
-        def on_event(event: str, *_, **__) -> None:
-            if event.startswith("/jax/core/compile/"):
-                _COMPILE_STARTED.set()
-
-        jax.monitoring.register_event_duration_secs_listener(on_event)
-        _compile_watch.append(on_event)
+    """The "compiling ..." line of the next generate call: shown only once JAX starts on a new program (its
+    monitoring events), so shapes already compiled in this process print nothing."""
+    _watch_compiles()
     _COMPILE_STARTED.clear()
     return StatusLine(COMPILING, quiet=args.quiet, delay=1.0, when=_COMPILE_STARTED)
 
@@ -372,8 +375,8 @@ def cmd_generate(args) -> int:
             new = generate(model, ids, **kw)[0]
         print(" ".join(map(str, new)) if raw else tokenizer.decode(new), flush=True)
         dt = time.perf_counter() - t0
-        _say(args, f"{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f} s ({len(new) / dt:.1f} tokens/s, "
-                   "compiling included)")  # fmt: skip
+        _say(args, f"{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f} s "
+                   f"({len(new) / dt:.1f} tokens/s over the whole call)")  # fmt: skip
         return 0
     out: list[int] = []
     stamps: list[float] = []
@@ -440,14 +443,15 @@ def cmd_chat(args) -> int:
 
     _check_args(args)
     cfg = _config(args)
-    _check_fit(args, cfg, None, "")
+    _check_fit(args, cfg)
     if cfg.vocab_size != tokenizer.N_VOCAB:
-        raise UsageError(f"{args.path}: chat needs the o200k_harmony vocabulary ({tokenizer.N_VOCAB} tokens), "
-                         f"this model has {cfg.vocab_size}")  # fmt: skip
+        raise UsageError(f"{args.path}: chat needs the o200k_harmony vocabulary ({tokenizer.N_VOCAB} "
+                         f"tokens), this model has {cfg.vocab_size}")  # fmt: skip
     model = _load(args)
 
     def new_session():
-        return tokenizer.ChatSession(reasoning_effort=args.reasoning_effort, developer_instructions=args.developer,
+        return tokenizer.ChatSession(reasoning_effort=args.reasoning_effort,
+                                     developer_instructions=args.developer,
                                      conversation_start_date=args.date)  # fmt: skip
 
     session = new_session()
@@ -528,8 +532,8 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     cfg = _config(args)
     if args.prompt_len + args.new + 1 > cfg.context_length:
-        raise UsageError(f"--prompt-len {args.prompt_len} + --new {args.new} + 1 exceed the model's context length "
-                         f"{cfg.context_length}")  # fmt: skip
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new {args.new} + 1 exceed the model's context "
+                         f"length {cfg.context_length}")  # fmt: skip
     model = _load(args)
     cfg = model.cfg
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""What a user types for a model -> a local folder: a path (relative, `~`, trailing slash) or a Hugging Face id.
+"""What a user types for a model -> a local folder: a path (relative, `~`, trailing slash) or a model id.
 
 `resolve_checkpoint("openai/gpt-oss-20b")` goes through `huggingface_hub`'s own cache (`HF_HOME`,
 `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` are honoured as everywhere else) and fetches only the files we read:
@@ -56,8 +56,10 @@ def read_config(path: str | os.PathLike) -> Config:
     converted Orbax checkpoint, or a Hugging Face model id (only its config.json is fetched)."""
     if isinstance(path, str) and is_model_id(path):
         folder = _snapshot(path.rstrip("/"), config_only=True, quiet=True)
-        for f, parse in ((folder / "config.json", Config.from_hf_config),
-                         (folder / "original" / "config.json", Config.from_original_config)):  # fmt: skip
+        for f, parse in (
+            (folder / "config.json", Config.from_hf_config),
+            (folder / "original" / "config.json", Config.from_original_config),
+        ):
             if f.is_file():
                 try:
                     return parse(_json(f))
@@ -99,32 +101,44 @@ def _snapshot(model_id: str, *, config_only: bool, quiet: bool) -> Path:
     original = ["original/config.json"] if config_only else ORIGINAL_LAYOUT
     try:
         try:  # the cache first: no Hub round trip when the files are already here
-            cached = Path(hf.snapshot_download(model_id, allow_patterns=top + original, local_files_only=True))
+            cached = Path(
+                hf.snapshot_download(model_id, allow_patterns=top + original, local_files_only=True)
+            )
             if _usable(cached, config_only):
                 return cached
         except errors.LocalEntryNotFoundError:
             pass
         if not quiet and not constants.HF_HUB_OFFLINE:
-            what = "its config.json" if config_only else "the Hugging Face layout (config, index, safetensors)"
+            what = (
+                "its config.json" if config_only else "the Hugging Face layout (config, index, safetensors)"
+            )
             print(f"fetching {what} of {model_id} into {constants.HF_HUB_CACHE}", file=sys.stderr, flush=True)
         with _progress_bars(quiet):
             folder = Path(hf.snapshot_download(model_id, allow_patterns=top))
             if not (folder / "config.json").is_file():  # a repo with only OpenAI's original/ files
                 folder = Path(hf.snapshot_download(model_id, allow_patterns=original))
-        if constants.HF_HUB_OFFLINE and not _usable(folder, config_only):  # offline, a partial snapshot comes back
+        if constants.HF_HUB_OFFLINE and not _usable(
+            folder, config_only
+        ):  # offline, a partial snapshot comes back
             raise errors.LocalEntryNotFoundError(str(folder))
         return folder
     except errors.LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise HubError(f"{model_id}: no such folder, and not in the Hugging Face cache {constants.HF_HUB_CACHE} "
-                       f"while the Hub cannot be reached{offline}; on a machine with internet run: "
-                       f"huggingface-cli download {model_id} --exclude 'original/*' 'metal/*'") from None  # fmt: skip
+        raise HubError(
+            f"{model_id}: no such folder, and not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"while the Hub cannot be reached{offline}; on a machine with internet run: "
+            f"huggingface-cli download {model_id} --exclude 'original/*' 'metal/*'"
+        ) from None
     except errors.GatedRepoError:
-        raise HubError(f"{model_id}: a gated model: accept its terms on huggingface.co, then log in with "
-                       f"`huggingface-cli login`") from None  # fmt: skip
+        raise HubError(
+            f"{model_id}: a gated model: accept its terms on huggingface.co, then log in with "
+            f"`huggingface-cli login`"
+        ) from None
     except errors.RepositoryNotFoundError:
-        raise HubError(f"{model_id}: no such folder, and no such model on the Hugging Face Hub (a private one "
-                       f"needs `huggingface-cli login`)") from None  # fmt: skip
+        raise HubError(
+            f"{model_id}: no such folder, and no such model on the Hugging Face Hub (a private one "
+            f"needs `huggingface-cli login`)"
+        ) from None
     except (errors.HfHubHTTPError, OSError) as e:
         msg = " ".join(str(e).split())
         raise HubError(f"{model_id}: download from the Hugging Face Hub failed: {msg}") from None

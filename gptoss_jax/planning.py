@@ -192,8 +192,9 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `gptoss-jax info`."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="preset (gpt-oss-20b, gpt-oss-120b, tiny), checkpoint folder (safetensors or Orbax) "
-                        "or Hugging Face model id such as openai/gpt-oss-20b (only its config.json is fetched)")  # fmt: skip
+                        help="preset (gpt-oss-20b, gpt-oss-120b, tiny), checkpoint folder (safetensors or "
+                        "Orbax) or Hugging Face model id such as openai/gpt-oss-20b (only its config.json is "
+                        "fetched)")  # fmt: skip
     parser.add_argument(
         "--model", dest="model_opt", default=None, metavar="MODEL", help="same as the positional"
     )

@@ -29,8 +29,16 @@ class PlainProgress:
     """tqdm's `update`/context interface as plain lines: one every `interval` seconds while work goes on. A
     lasting bar (not `transient`) also says where it starts and, at the end, how long it took and how fast."""
 
-    def __init__(self, total: int, desc: str, *, initial: int = 0, interval: float = 10.0, transient: bool = True,
-                 file=None):  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        initial: int = 0,
+        interval: float = 10.0,
+        transient: bool = True,
+        file=None,
+    ):
         self.total, self.desc, self.n = total, desc, initial
         self.interval, self.transient = interval, transient
         self.file = file or sys.stderr
@@ -41,8 +49,12 @@ class PlainProgress:
 
     def _line(self, extra: str = "") -> None:
         pct = 100 * self.n / self.total if self.total else 100
-        print(f"{self.desc}: {pct:.0f}% {self.n / self.unit:.1f}/{self.total / self.unit:.1f} {self.unit_name}"
-              f"{extra}", file=self.file, flush=True)  # fmt: skip
+        print(
+            f"{self.desc}: {pct:.0f}% {self.n / self.unit:.1f}/{self.total / self.unit:.1f} {self.unit_name}"
+            f"{extra}",
+            file=self.file,
+            flush=True,
+        )
 
     def update(self, n: int) -> None:
         self.n += n
@@ -73,8 +85,18 @@ def progress_bar(total: int, desc: str, *, quiet: bool, initial: int = 0, termin
         return PlainProgress(total, desc, initial=initial, transient=terminal_only)
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=not terminal_only)  # fmt: skip
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=not terminal_only,
+    )
 
 
 class StatusLine:
@@ -125,7 +147,9 @@ class StatusLine:
                 self.file.write("\r\033[K")
                 self.file.flush()
             elif not failed:
-                print(f"{self.message}: done in {time.monotonic() - self.t0:.1f} s", file=self.file, flush=True)
+                print(
+                    f"{self.message}: done in {time.monotonic() - self.t0:.1f} s", file=self.file, flush=True
+                )
 
     def __enter__(self):
         if self.thread is not None:
@@ -159,8 +183,10 @@ def exit_on_interrupt(message: str, *, grace: float = 1.0):
     itself (`signal.set_wakeup_fd`) calls `exit_now` after `grace` seconds. Only in the main thread of a
     process that has Python's default Ctrl-C handler; elsewhere the block runs unchanged.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # fmt: skip
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     rd, wr = socket.socketpair()

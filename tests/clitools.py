@@ -24,7 +24,9 @@ def command(name: str) -> list[str]:
 
 def cli_env(**extra) -> dict:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    bin_dir = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # the console scripts
+    bin_dir = os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )  # the console scripts
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, PATH=bin_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -32,8 +34,16 @@ def cli_env(**extra) -> dict:
 
 def run(name: str, *argv, cwd=None, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
     """Runs `name ARGV` to completion; text stdout and stderr captured."""
-    return subprocess.run([*command(name), *map(str, argv)], cwd=cwd, env=env or cli_env(), input=input,
-                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [*command(name), *map(str, argv)],
+        cwd=cwd,
+        env=env or cli_env(),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def assert_error_line(res: subprocess.CompletedProcess, *needles, code: int = 2) -> str:

@@ -21,12 +21,23 @@ pytestmark = pytest.mark.slow
 
 def test_plain_install_has_a_working_compilation_cache(tmp_path):
     venv, home = tmp_path / "venv", tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GPTOSS_JAX_COMPILE_CACHE", "XLA_FLAGS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "GPTOSS_JAX_COMPILE_CACHE", "XLA_FLAGS")
+    }
     env.update(HOME=str(home), JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
 
     def sh(*cmd, timeout=600):
-        res = subprocess.run(list(map(str, cmd)), env=env, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=timeout, check=False)  # fmt: skip
+        res = subprocess.run(
+            list(map(str, cmd)),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         assert res.returncode == 0, f"{cmd}: {res.stderr[-3000:]}"
         return res
 

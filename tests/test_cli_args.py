@@ -33,11 +33,13 @@ BAD = [
     (["--seed", str(2**63)], f"--seed must be in [0, 2**63), got {2**63}"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--max-context", "0"], "--max-context must be at least 1, got 0"),
-    (["--max-context", "8", "--max-new-tokens", "10"],
-     "--tokens: prompt 3 + --max-new-tokens 10 = 13 tokens exceed the cache length 8 (--max-context)"),
+    (
+        ["--max-context", "8", "--max-new-tokens", "10"],
+        "--tokens: prompt 3 + --max-new-tokens 10 = 13 tokens exceed the cache length 8 (--max-context)",
+    ),
     (["--max-new-tokens", str(2**20)], "exceed the model's context length 131072"),
     (["--mesh", "expert=banana"], "expert=banana"),
-]  # fmt: skip
+]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -73,14 +75,18 @@ def test_token_ids_checked_against_the_config(capsys, hf_ckpt, tmp_path):
     rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--prompt", "Hello world")
     assert_rejected(rc, err, "outside the vocabulary [0, 1000)")
     orbax = tmp_path / "orbax"
-    convert(hf_ckpt, orbax, Options(), quiet=True)  # a converted checkpoint: its metadata gives the vocabulary
+    convert(
+        hf_ckpt, orbax, Options(), quiet=True
+    )  # a converted checkpoint: its metadata gives the vocabulary
     rc, _, err = run_cli(capsys, "generate", orbax, "--tokens", "5 -1")
     assert_rejected(rc, err, "token id -1 is outside the vocabulary [0, 1000)")
 
 
 def test_subprocess_exit_code_and_one_line(hf_ckpt):
-    assert_error_line(run("gptoss-jax", "generate", hf_ckpt, "--tokens", "1", "--top-p", "1.5"),
-                      "--top-p must be in (0, 1], got 1.5")  # fmt: skip
+    assert_error_line(
+        run("gptoss-jax", "generate", hf_ckpt, "--tokens", "1", "--top-p", "1.5"),
+        "--top-p must be in (0, 1], got 1.5",
+    )
 
 
 # ----------------------------------------------------------------------------------- item 5: impl help
@@ -93,8 +99,14 @@ def test_impl_help_tells_what_auto_means():
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
     for what in ("attention", "expert computation"):
-        assert (f"{what}: auto (default) = the Pallas kernel only on platforms where it has been validated "
-                f"({_platforms()}), XLA everywhere else") in text  # fmt: skip
+        assert (
+            f"{what}: auto (default) = the Pallas kernel only on platforms where it has been validated "
+            f"({_platforms()}), XLA everywhere else"
+        ) in text
     assert "Pallas on GPU/TPU" not in text
-    row = next(ln for ln in (REPO / "docs" / "cli.md").read_text().splitlines() if ln.startswith("| `--attention-impl"))
+    row = next(
+        ln
+        for ln in (REPO / "docs" / "cli.md").read_text().splitlines()
+        if ln.startswith("| `--attention-impl")
+    )
     assert "validated" in row and _platforms() in row, row

@@ -46,7 +46,9 @@ def hub_env(tmp_path_factory, hf_ckpt, original_ckpt):
     root = tmp_path_factory.mktemp("hf")
     cache = root / "hub"
     add_to_cache(cache, "acme/tiny-hf", {p.name: p for p in hf_ckpt.iterdir()}, "a" * 40)
-    add_to_cache(cache, "acme/tiny-original", {f"original/{p.name}": p for p in original_ckpt.iterdir()}, "b" * 40)
+    add_to_cache(
+        cache, "acme/tiny-original", {f"original/{p.name}": p for p in original_ckpt.iterdir()}, "b" * 40
+    )
     add_to_cache(cache, "acme/tiny-config", {"config.json": hf_ckpt / "config.json"}, "c" * 40)
     return cli_env(HF_HOME=root, HF_HUB_CACHE=cache, HF_HUB_OFFLINE=1), root
 
@@ -58,8 +60,20 @@ def reference(hf_ckpt):
 
 def test_generate_by_model_id(hub_env, reference):
     env, root = hub_env
-    res = run("gptoss-jax", "generate", "acme/tiny-hf", "--tokens", TOKENS, "--max-new-tokens", 5, "--dtype",
-              "float32", "--no-stream", env=env, cwd=root)  # fmt: skip
+    res = run(
+        "gptoss-jax",
+        "generate",
+        "acme/tiny-hf",
+        "--tokens",
+        TOKENS,
+        "--max-new-tokens",
+        5,
+        "--dtype",
+        "float32",
+        "--no-stream",
+        env=env,
+        cwd=root,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert token_ids(res.stdout) == reference
 
@@ -67,12 +81,21 @@ def test_generate_by_model_id(hub_env, reference):
 def test_load_by_model_id_original_layout(hub_env, reference):
     """`gptoss_jax.load("org/name")` from Python; a repo with only original/ files is read in that layout."""
     env, root = hub_env
-    code = ("import gptoss_jax; m = gptoss_jax.load('acme/tiny-original', dtype='float32', quiet=True); "
-            f"print(*gptoss_jax.generate(m, {PROMPT}, max_new_tokens=5)[0])")  # fmt: skip
+    code = (
+        "import gptoss_jax; m = gptoss_jax.load('acme/tiny-original', dtype='float32', quiet=True); "
+        f"print(*gptoss_jax.generate(m, {PROMPT}, max_new_tokens=5)[0])"
+    )
     import subprocess
 
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300, check=False)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert token_ids(res.stdout) == reference
 
@@ -89,8 +112,11 @@ def test_info_and_convert_by_model_id(hub_env, tmp_path):
 
 def test_missing_model_offline_says_what_to_download(hub_env):
     env, root = hub_env
-    for cmd in (("gptoss-jax", "generate", "acme/absent", "--tokens", "1"), ("gptoss-jax", "info", "acme/absent"),
-                ("gptoss-convert", "acme/absent", root / "never")):  # fmt: skip
+    for cmd in (
+        ("gptoss-jax", "generate", "acme/absent", "--tokens", "1"),
+        ("gptoss-jax", "info", "acme/absent"),
+        ("gptoss-convert", "acme/absent", root / "never"),
+    ):
         res = run(*cmd, env=env, cwd=root)
         assert_error_line(res, "acme/absent", "HF_HUB_OFFLINE", "huggingface-cli download acme/absent")
     # a partial snapshot (config.json only, left by `info`) is not taken for a checkpoint while offline
@@ -101,7 +127,16 @@ def test_missing_model_offline_says_what_to_download(hub_env):
 def test_model_id_or_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub.is_model_id("openai/gpt-oss-20b") and hub.is_model_id("openai/gpt-oss-20b/")
-    for text in ("gpt-oss-20b", "./openai/gpt-oss-20b", "/abs/path", "~/x/y", "a/b/c", "../a", "a/../b", "a--b/c"):
+    for text in (
+        "gpt-oss-20b",
+        "./openai/gpt-oss-20b",
+        "/abs/path",
+        "~/x/y",
+        "a/b/c",
+        "../a",
+        "a/../b",
+        "a--b/c",
+    ):
         assert not hub.is_model_id(text), text
     (tmp_path / "openai" / "gpt-oss-20b").mkdir(parents=True)  # a local folder of that name wins
     assert not hub.is_model_id("openai/gpt-oss-20b")

@@ -25,12 +25,17 @@ from gptoss_jax.progress import exit_on_interrupt
 
 
 def interrupt(cmd, ready, delay: float, cwd=None, timeout: float = 240) -> tuple[int, str, str, float]:
-    """Runs `cmd`, sends SIGINT `delay` s after `ready(stdout, stderr)` first holds; returns (exit code, stdout,
-    stderr, seconds from the signal to the exit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env())
+    """Runs `cmd` and sends SIGINT `delay` s after `ready(stdout, stderr)` first holds.
+
+    Returns (exit code, stdout, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env()
+    )
     got = {"out": [], "err": []}
-    readers = [threading.Thread(target=lambda s, k: got[k].extend(iter(lambda: s.read(1), "")), args=a, daemon=True)
-               for a in ((proc.stdout, "out"), (proc.stderr, "err"))]  # fmt: skip
+    readers = [
+        threading.Thread(target=lambda s, k: got[k].extend(iter(lambda: s.read(1), "")), args=a, daemon=True)
+        for a in ((proc.stdout, "out"), (proc.stderr, "err"))
+    ]
     for t in readers:
         t.start()
     try:
@@ -64,14 +69,27 @@ def assert_interrupted(code: int, err: str, last_line: str) -> None:
 @pytest.fixture(scope="module")
 def deep_ckpt(tmp_path_factory):
     """24 layers (the depth of gpt-oss-20b): compiling its prefill takes seconds, a window to interrupt."""
-    return write_checkpoint(tmp_path_factory.mktemp("deep") / "deep", make_tiny_cfg(num_hidden_layers=24), shards=2)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("deep") / "deep", make_tiny_cfg(num_hidden_layers=24), shards=2
+    )
 
 
 @pytest.mark.parametrize("delay", [0.0, 1.5])
 def test_ctrl_c_during_compilation(deep_ckpt, delay):
-    cmd = [*command("gptoss-jax"), "generate", str(deep_ckpt), "--tokens", "1 2 3", "--max-new-tokens", "4",
-           "--compile-cache", "off"]  # fmt: skip
-    code, _, err, waited = interrupt(cmd, lambda out, err: "compiling (first run for these shapes)..." in err, delay)
+    cmd = [
+        *command("gptoss-jax"),
+        "generate",
+        str(deep_ckpt),
+        "--tokens",
+        "1 2 3",
+        "--max-new-tokens",
+        "4",
+        "--compile-cache",
+        "off",
+    ]
+    code, _, err, waited = interrupt(
+        cmd, lambda out, err: "compiling (first run for these shapes)..." in err, delay
+    )
     assert_interrupted(code, err, "gptoss-jax: interrupted")
     assert waited < 8, f"took {waited:.1f} s to stop"  # not after the whole compile
 
@@ -91,7 +109,9 @@ def test_ctrl_c_during_conversion(tmp_path):
         dst = tmp_path / f"out{i}"
         journal = tmp_path / f"out{i}.converting" / "progress.jsonl"
         cmd = [*command("gptoss-convert"), str(src), str(dst), "--group-mib", "26", "--quiet"]
-        code, _, err, _ = interrupt(cmd, lambda out, err, j=journal: j.is_file() and j.read_text().strip(), delay)
+        code, _, err, _ = interrupt(
+            cmd, lambda out, err, j=journal: j.is_file() and j.read_text().strip(), delay
+        )
         assert_interrupted(code, err, "gptoss-convert: error: interrupted")
         assert "rerun the same command to resume" in err and not dst.exists()
 

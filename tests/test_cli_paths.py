@@ -24,8 +24,13 @@ TOKENS = " ".join(map(str, PROMPT))
 def work(tmp_path_factory, hf_ckpt):
     work = tmp_path_factory.mktemp("work")
     shutil.copytree(hf_ckpt, work / "tiny")
-    runs = {dst: run("gptoss-convert", "tiny", dst, *extra, cwd=work)
-            for dst, extra in (("tiny-orbax", ()), ("tiny-deq", ("--experts", "dequantized", "--dtype", "float32")))}  # fmt: skip
+    runs = {
+        dst: run("gptoss-convert", "tiny", dst, *extra, cwd=work)
+        for dst, extra in (
+            ("tiny-orbax", ()),
+            ("tiny-deq", ("--experts", "dequantized", "--dtype", "float32")),
+        )
+    }
     return work, runs
 
 
@@ -41,8 +46,20 @@ def test_convert_and_generate_with_relative_paths(work, reference):
     res = runs["tiny-orbax"]
     assert res.returncode == 0, res.stderr[-2000:]
     assert "\r" not in res.stderr  # the converter's progress in a log: plain lines, no tqdm redraws
-    res = run("gptoss-jax", "generate", "tiny-orbax/", "--tokens", TOKENS, "--max-new-tokens", 5, "--dtype",
-              "float32", "--no-stream", "--quiet", cwd=work)  # fmt: skip
+    res = run(
+        "gptoss-jax",
+        "generate",
+        "tiny-orbax/",
+        "--tokens",
+        TOKENS,
+        "--max-new-tokens",
+        5,
+        "--dtype",
+        "float32",
+        "--no-stream",
+        "--quiet",
+        cwd=work,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert token_ids(res.stdout) == reference
 
@@ -63,10 +80,23 @@ def test_dequantized_checkpoint_found_by_auto_expert_format(work, reference):
     """Issue item 3: the default --expert-format auto loads what the checkpoint's metadata records."""
     work, runs = work
     assert runs["tiny-deq"].returncode == 0, runs["tiny-deq"].stderr[-2000:]
-    res = run("gptoss-jax", "generate", "tiny-deq", "--tokens", TOKENS, "--max-new-tokens", 5, "--dtype", "float32",
-              "--no-stream", cwd=work)  # fmt: skip
+    res = run(
+        "gptoss-jax",
+        "generate",
+        "tiny-deq",
+        "--tokens",
+        TOKENS,
+        "--max-new-tokens",
+        5,
+        "--dtype",
+        "float32",
+        "--no-stream",
+        cwd=work,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "(dequantized)" in res.stderr.splitlines()[0]  # "loaded tiny-deq: 4 layers, 5 experts (dequantized)"
+    assert (
+        "(dequantized)" in res.stderr.splitlines()[0]
+    )  # "loaded tiny-deq: 4 layers, 5 experts (dequantized)"
     assert token_ids(res.stdout) == reference
 
 

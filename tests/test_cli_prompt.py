@@ -40,22 +40,49 @@ def completion(text_ckpt):
 
 
 def test_prompt_from_stdin(text_ckpt, completion):
-    res = run("gptoss-jax", "generate", text_ckpt, "--prompt", "-", "--max-new-tokens", 4, "--dtype", "float32",
-              "--no-stream", "--quiet", input=TEXT + "\n")  # fmt: skip
+    res = run(
+        "gptoss-jax",
+        "generate",
+        text_ckpt,
+        "--prompt",
+        "-",
+        "--max-new-tokens",
+        4,
+        "--dtype",
+        "float32",
+        "--no-stream",
+        "--quiet",
+        input=TEXT + "\n",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == completion + "\n"
 
 
 def test_prompt_from_file(capsys, text_ckpt, completion, tmp_path):
     (tmp_path / "prompt.txt").write_text(TEXT + "\n")
-    rc = cli.main(["generate", str(text_ckpt), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "4",
-                   "--dtype", "float32", "--quiet"])  # fmt: skip
+    rc = cli.main(
+        [
+            "generate",
+            str(text_ckpt),
+            "--prompt-file",
+            str(tmp_path / "prompt.txt"),
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert out == completion + "\n"
     rc = cli.main(["generate", str(text_ckpt), "--prompt-file", str(tmp_path / "missing.txt")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip() == f"gptoss-jax: error: --prompt-file {tmp_path / 'missing.txt'}: No such file or directory"
+    assert (
+        rc == 2
+        and err.strip()
+        == f"gptoss-jax: error: --prompt-file {tmp_path / 'missing.txt'}: No such file or directory"
+    )
     (tmp_path / "empty.txt").write_text("\n")
     rc = cli.main(["generate", str(text_ckpt), "--prompt-file", str(tmp_path / "empty.txt")])
     err = capsys.readouterr().err
@@ -63,8 +90,11 @@ def test_prompt_from_file(capsys, text_ckpt, completion, tmp_path):
 
 
 def _prompts(out: str) -> list[list[int]]:
-    return [[int(t) for t in line.split("] ", 1)[1].split()] for line in out.splitlines()
-            if line.startswith("[prompt ")]  # fmt: skip
+    return [
+        [int(t) for t in line.split("] ", 1)[1].split()]
+        for line in out.splitlines()
+        if line.startswith("[prompt ")
+    ]
 
 
 def _render(*user: str) -> list[int]:
@@ -88,8 +118,13 @@ def test_interactive_chat_has_line_editing_and_history(text_ckpt):
     (readline), /exit leaving with exit code 0."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
-    proc = subprocess.Popen([*command("gptoss-jax"), CHAT[0], str(text_ckpt), *map(str, CHAT[1:])], stdin=slave,
-                            stdout=slave, stderr=slave, env=cli_env(TERM="xterm", NO_COLOR="1"))  # fmt: skip
+    proc = subprocess.Popen(
+        [*command("gptoss-jax"), CHAT[0], str(text_ckpt), *map(str, CHAT[1:])],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env(TERM="xterm", NO_COLOR="1"),
+    )
     os.close(slave)
     seen = b""
 
@@ -131,16 +166,45 @@ def test_min_p_and_repetition_penalty_reach_generate(capsys, hf_ckpt):
     """CONTRACT with generate.py/sampling.py: generate(..., min_p=, repetition_penalty=). The CLI passes them
     only when given, so the other tests do not depend on them."""
     prompt = [5, 17, 230, 999, 0, 42, 7]
-    ref = gptoss_jax.generate(our_model(hf_ckpt), prompt, max_new_tokens=6, temperature=1.0, seed=3, min_p=0.2,
-                              repetition_penalty=1.3)[0]  # fmt: skip
-    rc = cli.main(["generate", str(hf_ckpt), "--tokens", " ".join(map(str, prompt)), "--max-new-tokens", "6",
-                   "--temperature", "1", "--seed", "3", "--min-p", "0.2", "--repetition-penalty", "1.3",
-                   "--dtype", "float32", "--no-stream", "--quiet"])  # fmt: skip
+    ref = gptoss_jax.generate(
+        our_model(hf_ckpt),
+        prompt,
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=3,
+        min_p=0.2,
+        repetition_penalty=1.3,
+    )[0]
+    rc = cli.main(
+        [
+            "generate",
+            str(hf_ckpt),
+            "--tokens",
+            " ".join(map(str, prompt)),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1",
+            "--seed",
+            "3",
+            "--min-p",
+            "0.2",
+            "--repetition-penalty",
+            "1.3",
+            "--dtype",
+            "float32",
+            "--no-stream",
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert token_ids(out) == ref
 
 
 def test_prompt_and_tokens_are_exclusive(hf_ckpt):
-    assert_error_line(run("gptoss-jax", "generate", hf_ckpt, "--prompt", "-", "--prompt-file", "x"),
-                      "--prompt-file", "not allowed with argument --prompt")  # fmt: skip
+    assert_error_line(
+        run("gptoss-jax", "generate", hf_ckpt, "--prompt", "-", "--prompt-file", "x"),
+        "--prompt-file",
+        "not allowed with argument --prompt",
+    )

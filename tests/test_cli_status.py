@@ -29,17 +29,29 @@ COMPILING = "compiling (first run for these shapes)"
 
 @pytest.fixture(scope="module")
 def deep_ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("deep") / "deep", make_tiny_cfg(num_hidden_layers=24), shards=2)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("deep") / "deep", make_tiny_cfg(num_hidden_layers=24), shards=2
+    )
 
 
 def _generate(ckpt) -> list[str]:
-    return [*command("gptoss-jax"), "generate", str(ckpt), "--tokens", "1 2 3", "--max-new-tokens", "3",
-            "--compile-cache", "off"]  # fmt: skip
+    return [
+        *command("gptoss-jax"),
+        "generate",
+        str(ckpt),
+        "--tokens",
+        "1 2 3",
+        "--max-new-tokens",
+        "3",
+        "--compile-cache",
+        "off",
+    ]
 
 
 def test_status_and_timing_lines_in_a_pipe(deep_ckpt):
-    res = subprocess.run(_generate(deep_ckpt), capture_output=True, text=True, env=cli_env(), timeout=300,
-                         check=False)  # fmt: skip
+    res = subprocess.run(
+        _generate(deep_ckpt), capture_output=True, text=True, env=cli_env(), timeout=300, check=False
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "\r" not in res.stderr and "\033" not in res.stderr
     lines = res.stderr.splitlines()
@@ -47,8 +59,10 @@ def test_status_and_timing_lines_in_a_pipe(deep_ckpt):
     assert lines[1] == f"{COMPILING}..."
     assert re.fullmatch(rf"{re.escape(COMPILING)}: done in \d+\.\d s", lines[2]), lines
     # item 10: the one-line timing summary
-    assert re.fullmatch(r"3 prompt tokens, 3 new tokens in \d+\.\d\d s: first after \d+\.\d\d s, then [\d.]+ tokens/s",
-                        lines[3]), lines  # fmt: skip
+    assert re.fullmatch(
+        r"3 prompt tokens, 3 new tokens in \d+\.\d\d s: first after \d+\.\d\d s, then [\d.]+ tokens/s",
+        lines[3],
+    ), lines
     assert len(lines) == 4
 
 
@@ -56,7 +70,9 @@ def test_status_line_and_progress_bar_on_a_terminal(deep_ckpt):
     """stderr on a pseudo-terminal: tqdm draws the loading bar, the status line is redrawn in place with the
     elapsed seconds and erased at the first token."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at width 0
+    fcntl.ioctl(
+        slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0)
+    )  # tqdm draws nothing at width 0
     proc = subprocess.Popen(_generate(deep_ckpt), stdout=subprocess.PIPE, stderr=slave, env=cli_env())
     os.close(slave)
     chunks = []
@@ -76,8 +92,10 @@ def test_status_line_and_progress_bar_on_a_terminal(deep_ckpt):
     assert re.search(r"loading deep: .*%\|", tty), tty[:2000]  # tqdm's bar
     ticks = [int(s) for s in re.findall(rf"\r\033\[K{re.escape(COMPILING)}\.\.\. (\d+) s", tty)]
     assert len(ticks) >= 2 and ticks == sorted(ticks), tty[-2000:]  # redrawn, counting up
-    after = tty[tty.rindex(f"{COMPILING}..."):]
-    assert "\r\033[K" in after and "3 prompt tokens, 3 new tokens" in after.split("\r\033[K", 1)[1]  # erased first
+    after = tty[tty.rindex(f"{COMPILING}...") :]
+    assert (
+        "\r\033[K" in after and "3 prompt tokens, 3 new tokens" in after.split("\r\033[K", 1)[1]
+    )  # erased first
     assert f"{COMPILING}: done" not in tty  # the plain-text ending is for logs only
 
 
@@ -88,8 +106,12 @@ def test_plain_progress_lines():
         bar.update(2**30)
         bar.update(2**30 // 2)
     lines = buf.getvalue().splitlines()
-    assert lines[:4] == ["converting: 0% 0.0/2.0 GiB", "converting: 25% 0.5/2.0 GiB", "converting: 75% 1.5/2.0 GiB",
-                         "converting: 100% 2.0/2.0 GiB"]  # fmt: skip
+    assert lines[:4] == [
+        "converting: 0% 0.0/2.0 GiB",
+        "converting: 25% 0.5/2.0 GiB",
+        "converting: 75% 1.5/2.0 GiB",
+        "converting: 100% 2.0/2.0 GiB",
+    ]
     assert re.fullmatch(r"converting: 100% 2\.0/2\.0 GiB in \d+\.\d s \([\d.]+ MiB/s\)", lines[4]), lines
     buf = io.StringIO()
     with PlainProgress(10 * 2**20, "loading tiny", interval=3600, file=buf) as bar:

@@ -1,4 +1,4 @@
-"""Every shell command in README.md and docs/*.md, run as written (issue 10: "every documented command works").
+"""Every shell command in README.md and docs/*.md, run as written (issue 10: every documented command works).
 
 The commands are read from the files at test time, so an edited README is tested as it stands:
 
@@ -6,8 +6,9 @@ The commands are read from the files at test time, so an edited README is tested
   lines that start with `$ ` or with one of `PROGRAMS`. A trailing `\\` or an open quote continues a command
   on the next line; `#` lines are comments. After a `$ ` command, the block's following lines are its
   documented output, compared with what it prints.
-- Each command either runs, or is in `SKIP` with the reason it cannot run here; `test_every_command_is_run_or_skipped`
-  fails on a command that is neither, and on a `SKIP` entry that no longer matches anything.
+- Each command either runs, or is in `SKIP` with the reason it cannot run here;
+  `test_every_command_is_run_or_skipped` fails on a command that is neither, and on a `SKIP` entry that no
+  longer matches anything.
 
 How the commands run (`bash -c`, stdin "Hello", in one shared workspace folder):
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,18 +43,30 @@ pytestmark = pytest.mark.slow
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
-PROGRAMS = {"gptoss-jax", "gptoss-convert", "python", "python3", "pip", "huggingface-cli", "hf", "gcloud", "srun"}
+PROGRAMS = {
+    "gptoss-jax",
+    "gptoss-convert",
+    "python",
+    "python3",
+    "pip",
+    "huggingface-cli",
+    "hf",
+    "gcloud",
+    "srun",
+}
 
 # why a command does not run here, by the start of its words (after substitution, quotes removed)
 SKIP = {
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && gptoss-jax demo":
-        "a fresh install: tests/test_clean_install.py runs `pip install -e .` in a new venv, then `gptoss-jax demo`",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && gptoss-jax demo": (
+        "a fresh install: tests/test_clean_install.py runs `pip install -e .` in a new venv, then the demo"
+    ),
     "pip install -e . && gptoss-jax demo": "a fresh install: tests/test_clean_install.py",
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e .[test] && python -m pytest -q":
-        "the test suite itself (.ci/run)",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e .[test] && python -m pytest -q": (
+        "the test suite itself (.ci/run)"
+    ),
     "pip install -e .[test]": "installs the test extra, which is what runs these tests",
     "pip install -U": "downloads packages from PyPI",
-    "huggingface-cli download": "downloads gigabytes from the Hugging Face Hub (model ids: tests/test_cli_hub.py, offline)",
+    "huggingface-cli download": "downloads gigabytes from the Hugging Face Hub (ids: tests/test_cli_hub.py)",
     "hf download": "downloads gigabytes from the Hugging Face Hub",
     "gcloud ": "needs a Cloud TPU pod slice",
     "srun ": "needs a Slurm cluster",
@@ -64,13 +76,16 @@ SKIP = {
     "python benchmarks/cpu_vs_transformers.py": "a benchmark: minutes on 2 cores, writes a 0.5 GB checkpoint",
     "python benchmarks/cpu_profile.py": "a benchmark: minutes on 2 cores",
     "python benchmarks/convert_bench.py": "a benchmark: writes and converts a 1.5 GB checkpoint",
-}  # fmt: skip
+}
 
 # (pattern, replacement) applied to each command before it runs
 SUBSTITUTIONS = [
     (r"(?<![\w.-])/data/", ""),  # docs/conversion.md's example folder: the workspace
     (r"--max-new-tokens \d+", "--max-new-tokens 4"),
-    (r"gptoss-jax (generate|chat) ", r"gptoss-jax \1 --max-new-tokens 4 "),  # also where the default (128) applies
+    (
+        r"gptoss-jax (generate|chat) ",
+        r"gptoss-jax \1 --max-new-tokens 4 ",
+    ),  # also where the default (128) applies
     (r"gptoss-jax bench ", "gptoss-jax bench --reps 1 "),
     (r"--prompt-len \d+", "--prompt-len 8"),
     (r"--new \d+", "--new 4"),
@@ -162,7 +177,9 @@ def runnable() -> list[Command]:
 def test_every_command_is_run_or_skipped():
     commands = all_commands()
     run = {c.key for c in runnable()}
-    assert any(c.key == ("gptoss-jax", "demo") for c in commands)  # the extraction finds the README's commands
+    assert any(
+        c.key == ("gptoss-jax", "demo") for c in commands
+    )  # the extraction finds the README's commands
     for c in commands:
         assert c.key in run or c.skip, c.where
     unused = [p for p in SKIP if not any(" ".join(c.key).startswith(p) for c in commands)]
@@ -171,12 +188,18 @@ def test_every_command_is_run_or_skipped():
 
 def test_extraction_rules(tmp_path):
     md = tmp_path / "x.md"
-    md.write_text("```bash\n# comment\ngptoss-jax a \\\n  --b 1\ngcloud x --command='one\n  two'\n```\n"
-                  "```python\nimport os\n```\n```\n$ gptoss-jax info x\nline 1\nline 2\nnot a command\n"
-                  "python tool.py   # note\n```\n")  # fmt: skip
+    md.write_text(
+        "```bash\n# comment\ngptoss-jax a \\\n  --b 1\ngcloud x --command='one\n  two'\n```\n"
+        "```python\nimport os\n```\n```\n$ gptoss-jax info x\nline 1\nline 2\nnot a command\n"
+        "python tool.py   # note\n```\n"
+    )
     got = [(c.text, c.output) for c in extract(md)]
-    assert got == [("gptoss-jax a \\\n  --b 1", []), ("gcloud x --command='one\n  two'", []),
-                   ("gptoss-jax info x", ["line 1", "line 2", "not a command"]), ("python tool.py   # note", [])]  # fmt: skip
+    assert got == [
+        ("gptoss-jax a \\\n  --b 1", []),
+        ("gcloud x --command='one\n  two'", []),
+        ("gptoss-jax info x", ["line 1", "line 2", "not a command"]),
+        ("python tool.py   # note", []),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -186,20 +209,35 @@ def workspace(tmp_path_factory):
     empty.mkdir()
     cfg = Config.tiny()
     write_checkpoint(ws / "gpt-oss-20b", cfg, layout="hf", shards=2)  # as `--exclude "original/*"` leaves it
-    write_checkpoint(ws / "gpt-oss-120b" / "original", cfg, layout="original", shards=2)  # `--include "original/*"`
+    write_checkpoint(
+        ws / "gpt-oss-120b" / "original", cfg, layout="original", shards=2
+    )  # `--include "original/*"`
     for model_id in ("openai/gpt-oss-20b", "openai/gpt-oss-120b"):
         add_to_cache(cache, model_id, {p.name: p for p in (ws / "gpt-oss-20b").iterdir()}, "d" * 40)
     # one compilation cache for all commands, keeping even quick compiles: commands share many shapes
-    env = cli_env(HF_HUB_CACHE=cache, HF_HOME=root / "hf", HF_HUB_OFFLINE=1, GPTOSS_JAX_COMPILE_CACHE=root / "xla",
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)  # fmt: skip
+    env = cli_env(
+        HF_HUB_CACHE=cache,
+        HF_HOME=root / "hf",
+        HF_HUB_OFFLINE=1,
+        GPTOSS_JAX_COMPILE_CACHE=root / "xla",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
+    )
     results = {c.key: _run(c, ws, empty, env) for c in runnable() if c.makes_files}
     return ws, empty, env, results
 
 
 def _run(c: Command, ws: Path, empty: Path, env: dict) -> subprocess.CompletedProcess:
     cwd = empty if c.key[:2] == ("gptoss-jax", "info") else ws
-    return subprocess.run(["bash", "-c", f"set -eo pipefail\n{c.run_text}"], cwd=cwd, env=env, input="Hello\n",
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    return subprocess.run(
+        ["bash", "-c", f"set -eo pipefail\n{c.run_text}"],
+        cwd=cwd,
+        env=env,
+        input="Hello\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("cmd", runnable(), ids=lambda c: f"{c.where} {c.key[0]} {' '.join(c.key[1:2])}")
@@ -211,4 +249,3 @@ def test_documented_command_runs(cmd, workspace):
     if cmd.output:
         printed = [ln.rstrip() for ln in res.stdout.splitlines() if ln.strip()]
         assert printed == cmd.output, f"{cmd.where}: the documented output differs"
-

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.slow
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
+OTHER_BLOCKS = {"", "python", "text", "json", "toml", "yaml"}  # "" (unlabeled): output, with `$ ` commands
 PROGRAMS = {
     "gptoss-jax",
     "gptoss-convert",
@@ -184,6 +185,11 @@ def test_every_command_is_run_or_skipped():
         assert c.key in run or c.skip, c.where
     unused = [p for p in SKIP if not any(" ".join(c.key).startswith(p) for c in commands)]
     assert not unused, f"SKIP entries matching no documented command: {unused}"
+    # a block of a new kind (```zsh) must be classified here rather than silently read as output
+    for path in DOCS:
+        fences = re.findall(r"^\s*```(\S*)", path.read_text(), flags=re.M)[::2]  # opening fences only
+        unknown = set(map(str.lower, fences)) - SHELL_BLOCKS - OTHER_BLOCKS
+        assert not unknown, f"{path.name}: code blocks of unknown kind {unknown}"
 
 
 def test_extraction_rules(tmp_path):

@@ -349,6 +349,8 @@ def _compile_status(args) -> StatusLine:
 def cmd_demo(args) -> int:
     from .demo import DEFAULT_PROMPT, run_demo
 
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     run_demo(args.out, prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens,
              dtype=resolve_dtype(args.dtype), mesh=_mesh(args.mesh), seed=args.seed,
              attention_impl=args.attention_impl, moe_impl=args.moe_impl)  # fmt: skip

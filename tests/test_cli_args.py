@@ -69,6 +69,11 @@ def test_chat_and_bench_reject_before_loading(capsys, hf_ckpt):
     assert_rejected(rc, err, "--prompt-len 200000 + --new 64 + 1 exceed the model's context length 131072")
 
 
+def test_demo_seed_range(capsys):
+    rc, _, err = run_cli(capsys, "demo", "--seed", 2**63)
+    assert_rejected(rc, err, f"--seed must be in [0, 2**63), got {2**63}")
+
+
 def test_token_ids_checked_against_the_config(capsys, hf_ckpt, tmp_path):
     rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "5 1000 3")
     assert_rejected(rc, err, f"--tokens: token id 1000 is outside the vocabulary [0, 1000) of {hf_ckpt}")

@@ -111,7 +111,6 @@ class StatusLine:
         self.message, self.delay, self.when = message, delay, when
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
-        self.quiet = quiet
         self.stop = threading.Event()
         self.shown = False
         self.t0 = time.monotonic()

@@ -23,8 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a released gpt-oss checkpoint (Hugging Face top level, original/, or a repo folder "
         "holding both) into a sharded Orbax checkpoint, streaming one tensor at a time.",
     )
-    p.add_argument("src", help="folder with config.json and *.safetensors (or a repo folder with original/); "
-                   "with --verify alone, a converted checkpoint to check")  # fmt: skip
+    p.add_argument("src", help="folder with config.json and *.safetensors (or a repo folder with original/), "
+                   "or a Hugging Face model id such as openai/gpt-oss-20b; with --verify alone, a converted "
+                   "checkpoint to check")  # fmt: skip
     p.add_argument("dst", nargs="?",
                    help="output folder (must not exist; written as DST.converting/ and renamed at the end)")  # fmt: skip
     p.add_argument("--experts", choices=("mxfp4", "packed", "dequantized"), default="mxfp4",
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dst is None and not args.verify:
         p.error("the following arguments are required: dst (or --verify alone to check a converted checkpoint)")
     from gptoss_jax.checkpoint import CheckpointError
+    from gptoss_jax.hub import resolve_checkpoint
+    from gptoss_jax.progress import exit_now
 
     from .convert import NoSpaceError, Options, UsageError, VerifyError, convert, work_dir
 
@@ -101,15 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                        dtype={"bf16": "bfloat16", "f32": "float32"}.get(args.dtype, args.dtype),
                        shard_hint=args.shard_hint, chunk_mib=args.chunk_mib, compression=args.compress,
                        group_mib=args.group_mib, allow_nonfinite=args.allow_nonfinite)  # fmt: skip
-        res = convert(args.src, args.dst, opts, verify=args.verify, quiet=args.quiet)
+        src = resolve_checkpoint(args.src, quiet=args.quiet)  # [firsthour] a path as typed or a HF model id
+        res = convert(src, args.dst, opts, verify=args.verify, quiet=args.quiet)
     except (CheckpointError, UsageError) as e:
         return _fail(e, 2)
     except VerifyError as e:
         return _fail(f"verification failed: {e}", 1)
     except NoSpaceError as e:  # names what is kept itself
         return _fail(e, 1)
-    except KeyboardInterrupt:
-        return _fail(f"interrupted{kept()}", 130)
+    except KeyboardInterrupt:  # [firsthour] exit now: Orbax's writer threads would print tracebacks at exit
+        exit_now(f"gptoss-convert: error: interrupted{kept()}")
     except Exception as e:  # I/O errors (a full disk) and anything unexpected: the partial work is resumable
         return _fail(f"{type(e).__name__}: {e}{kept()}", 1)
     if not args.quiet:

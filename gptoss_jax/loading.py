@@ -26,6 +26,7 @@ from .checkpoint import orbax as ckpt_orbax
 from .checkpoint.safetensors import CheckpointError
 from .checkpoint.source import open_source
 from .config import RUNTIME_FIELDS, Config
+from .hub import resolve_checkpoint
 from .model import Transformer
 from .progress import progress_bar
 from .sharding import as_model_mesh, param_sharding
@@ -112,14 +113,15 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
     """
     _check_overrides(overrides)
     mesh = as_model_mesh(mesh)
-    path = Path(path)
+    # any path as typed (relative, ~, trailing slash) or a Hugging Face model id -> absolute folder
+    path = resolve_checkpoint(path, quiet=quiet)
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
     overrides = dict(overrides, dtype=dtype)
     if ckpt_orbax.is_orbax_checkpoint(path):
         if verify:
-            integrity.verify_checkpoint(path.absolute(), quiet=quiet).raise_if_bad()
-        return _load_orbax(path.absolute(), mesh, expert_format, overrides, quiet)
+            integrity.verify_checkpoint(path, quiet=quiet).raise_if_bad()
+        return _load_orbax(path, mesh, expert_format, overrides, quiet)
     if verify:
         raise ValueError(f"{path}: verify=True checks the checksums of a converted checkpoint; released "
                          f"safetensors carry none (convert it with gptoss-convert, which records them)")  # fmt: skip

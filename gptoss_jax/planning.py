@@ -10,7 +10,7 @@ laptop. `gptoss-jax info` is `add_info_arguments` + `run_info`.
 Not counted: activations (a prefill chunk's residual stream and attention scores, logits of the last
 position), experts dequantized on the fly during a step, and XLA's workspace. With the Pallas kernels they
 are small next to 120b's weights but not zero, which is why `--device-memory` reports the headroom left
-rather than a bare yes/no (the plain-XLA attention keeps up to `model.SCORES_BUDGET` float32 scores, 1 GiB,
+rather than a bare yes/no (the plain-XLA attention keeps up to `kernels.attention.SCORES_BUDGET` float32 scores, 1 GiB,
 per query block: see docs/sharding.md).
 """
 

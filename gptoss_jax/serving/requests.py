@@ -97,12 +97,14 @@ def allowed_mask(allowed, vocab_size: int) -> np.ndarray | None:
     if allowed is None:
         return None
     a = np.asarray(allowed)
+    if a.size == 0:
+        raise ValueError("allowed_tokens allowed no token")
     if a.dtype == bool:
         if a.shape != (vocab_size,):
             raise ValueError(f"allowed_tokens returned a bool mask of shape {a.shape}, expected ({vocab_size},)")
         mask = a
     else:
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= vocab_size)):
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= vocab_size:
             raise ValueError(f"allowed_tokens must return token ids in [0, {vocab_size}), a bool mask or None")
         mask = np.zeros(vocab_size, bool)
         mask[a] = True

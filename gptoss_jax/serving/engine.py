@@ -64,7 +64,11 @@ def _run(graphdef, sliding, n_top, state, kv, a):
     sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], jnp.ones_like(a["top_p"]))
     keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(a["keys"], a["index"])
     tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], lg.shape[-1]))
-    return (cache.k, cache.v), tok, *token_logprobs(lg, tok, n_top)
+    # log-probs cost a log-softmax and a top-k over the vocabulary: only when some row asked for them
+    B = tok.shape[0]
+    none = (jnp.zeros(B, jnp.float32), jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
+    lp = jax.lax.cond(a["logprobs"], lambda: token_logprobs(lg, tok, n_top), lambda: none)
+    return (cache.k, cache.v), tok, *lp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Engine:
         self._stopping = False
         self._closed = False
         self.warmup_seconds: float | None = None
+        self.last_step = (0.0, 0.0, 0.0)  # seconds of the last step: planning, device calls, commit
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------------------------------ public
@@ -221,12 +226,17 @@ class Engine:
             self._drain()
             if self.scheduler.idle():
                 return False
+            t0 = time.perf_counter()
             calls = self.scheduler.plan()
             if jax.process_count() > 1:
                 self._send([c.arrays for c in calls])
+            t1 = time.perf_counter()
             outs = self._execute([c.arrays for c in calls])
+            t2 = time.perf_counter()
             self.scheduler.commit(calls, outs)
-            self._rate.append((time.perf_counter(), self.scheduler.counters.generated_tokens))
+            t3 = time.perf_counter()
+            self.last_step = (t1 - t0, t2 - t1, t3 - t2)
+            self._rate.append((t3, self.scheduler.counters.generated_tokens))
             return True
 
     def warmup(self) -> float:

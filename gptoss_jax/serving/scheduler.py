@@ -13,8 +13,9 @@ Each step, first come first served by arrival:
 1. admission: waiting sequences take a free slot, or the slot of a resident sequence they extend (reuse),
    or evict the least recently used resident sequence;
 2. decode: every sequence with one token to feed gets the page that token needs;
-3. prefill: chunks of at most `chunk` tokens, `budget` tokens in all, one chunk per sequence; a call holds
-   one chunk per lane.
+3. prefill: chunks of at most `chunk` tokens, `budget` tokens in all (at least a chunk per lane when no
+   sequence decodes: then nothing waits on the step), one chunk per sequence; a call holds one chunk per
+   lane.
 Pages come from the sequence's lane: a free one, else a resident sequence's (least recently used first),
 else the newest running sequence of the lane newer than the one asking is preempted (its slot and pages
 freed; it waits again and is recomputed from its tokens: nothing is lost). A decode row that still finds
@@ -177,7 +178,8 @@ class Scheduler:
             if s.remaining == 1 and s.slot >= 0 and self._grow(s, s.length + 1, preempt_self=True):
                 decode.append(s)
         chunks: list[list[tuple[Seq, int]]] = []
-        budget, chosen = self.budget, set()
+        # the budget keeps prefill from stalling decoding sequences; with none decoding, nothing can stall
+        budget, chosen = (self.budget if decode else max(self.budget, self.chunk * self.lanes)), set()
         while budget > 0:
             per_lane: list[tuple[Seq, int]] = []
             for lane in range(self.lanes):
@@ -302,7 +304,8 @@ class Scheduler:
                 "start": np.zeros(B, np.int32), "ring_lo": np.zeros(B, np.int32),
                 "temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
                 "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
-                "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32)}  # fmt: skip
+                "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32),
+                "logprobs": np.zeros((), bool)}  # fmt: skip
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, pages) a call can have: what the warm-up compiles."""
@@ -331,6 +334,7 @@ class Scheduler:
                     a["temperature"][row], a["top_k"][row], a["top_p"][row], a["min_p"][row] = (
                         o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
                     a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
+                    a["logprobs"] |= o.logprobs
                     if o.allowed_tokens is not None:
                         m = allowed_mask(o.allowed_tokens(list(s.generated)), self.vocab_size)
                         if m is not None:

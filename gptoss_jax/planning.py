@@ -124,9 +124,11 @@ def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: i
     data = shape.get("data", 1)
     e = pool_plan(cfg, max_seqs=-(-max_seqs // data) * data, max_context=context, page_size=page_size)
     e["num_pages"] = -(-e["num_pages"] // data) * data
+    slack = e["ring_slots"] - cfg.sliding_window if e["ring_slots"] else 0
     layout = paged_layout(cfg, num_pages=e["num_pages"], page_size=page_size, max_seqs=e["max_seqs"],
-                          ring_slack=e["ring_slots"] - cfg.sliding_window if e["ring_slots"] else 0)  # fmt: skip
-    per = {n: _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt) for n, (shp, dt, axes) in layout.items()}
+                          ring_slack=slack)
+    per = {n: _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt)
+           for n, (shp, dt, axes) in layout.items()}  # fmt: skip
     e["pool_per_device"] = sum(b for n, b in per.items() if not cfg.layer_unit[int(n.split(".")[1])])
     e["rings_per_device"] = sum(per.values()) - e["pool_per_device"]
     e["page_per_device"] = e["pool_per_device"] // max(e["num_pages"] // data, 1)
@@ -178,9 +180,11 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
                  f"KV cache one copy {p['kv_cache_one_copy'] / GiB:.2f} GiB")  # fmt: skip
     if "engine" in p:  # [serving]
         e = p["engine"]
-        lines.append(f"serving engine, {e['max_seqs']} slots x {e['max_context']} tokens, pages of {e['page_size']} tokens:")
-        lines.append(f"  {'page pool (' + str(e['num_pages']) + ' pages)':<34}{_gib(e['pool_per_device'])}")
-        lines.append(f"  {'rings (' + str(e['ring_slots']) + ' slots each)':<34}{_gib(e['rings_per_device'])}")
+        lines.append(f"serving engine, {e['max_seqs']} slots x {e['max_context']} tokens, pages of "
+                     f"{e['page_size']} tokens:")  # fmt: skip
+        pool, rings = f"page pool ({e['num_pages']} pages)", f"rings ({e['ring_slots']} slots each)"
+        lines.append(f"  {pool:<34}{_gib(e['pool_per_device'])}")
+        lines.append(f"  {rings:<34}{_gib(e['rings_per_device'])}")
     if p["replicated_fallback"]:
         lines.append(
             "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
@@ -193,10 +197,10 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
         if "engine" in p:  # [serving] the pool that fits beside the weights and the rings
             e = p["engine"]
-            fit = max(0, int(cap - p["weights_total"] - e["rings_per_device"])) // max(e["page_per_device"], 1)
-            fit *= e["data_shards"]
-            lines.append(f"serving engine: {fit} pages ({fit * e['page_size']} tokens) fill the memory left beside "
-                         f"the weights and rings (Engine(num_pages=...); keep room for activations)")  # fmt: skip
+            left = max(0, int(cap - p["weights_total"] - e["rings_per_device"]))
+            fit = left // max(e["page_per_device"], 1) * e["data_shards"]
+            lines.append(f"serving engine: {fit} pages ({fit * e['page_size']} tokens) fill the memory left "
+                         f"beside the weights and rings (Engine(num_pages=...); leave room for activations)")
     return "\n".join(lines)
 
 
@@ -220,7 +224,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                         help="memory of one device in GiB: say whether the plan fits")  # fmt: skip
     parser.add_argument("--max-seqs", type=int, default=None,
-                        help="also plan the serving engine's KV memory for this many sequences at --context")  # fmt: skip
+                        help="also plan the serving engine's KV memory for this many sequences at --context")
     parser.add_argument("--page-size", type=int, default=16, help="serving engine: tokens per page (default 16)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 

@@ -214,11 +214,11 @@ class Scheduler:
             s = self.waiting[0]
             need = math.ceil((len(s.tokens) + 1) / self.page_size)
             match = self._match(s) if self.reuse and s.handle.options.reuse else None
-            if match is not None and self._available(match[0].lane, match[0]) >= need - math.ceil(match[1] / self.page_size):
+            kept = math.ceil(match[1] / self.page_size) if match is not None else 0
+            if match is not None and self._available(match[0].lane, match[0]) >= need - kept:
                 self._take_resident(s, *match)
             else:
-                lanes = [ln for ln in range(self.lanes) if self._available(ln) >= need
-                         and (self.free_slots[ln] or any(r.lane == ln for r in self.resident.values()))]  # fmt: skip
+                lanes = [ln for ln in range(self.lanes) if self._available(ln) >= need and self._slot_in(ln)]
                 if not lanes:
                     return
                 lane = max(lanes, key=lambda ln: (len(self.free_slots[ln]) > 0, len(self.free_pages[ln])))
@@ -228,6 +228,9 @@ class Scheduler:
                 s.pages, s.length, s.ring_lo = [], 0, 0
             self.waiting.pop(0)
             self.running[s.slot] = s
+
+    def _slot_in(self, lane: int) -> bool:
+        return bool(self.free_slots[lane]) or any(r.lane == lane for r in self.resident.values())
 
     def _available(self, lane: int, keep: Resident | None = None) -> int:
         """Pages a new sequence could get in `lane`: free, or held by resident sequences (but `keep`)."""
@@ -239,7 +242,8 @@ class Scheduler:
         for r in self.resident.values():
             n = min(len(r.fed), len(s.tokens) - 1)
             common = next((i for i in range(n) if r.fed[i] != s.tokens[i]), n)
-            if common >= 1 and len(r.fed) - common <= self.max_rollback and (best is None or common > best[1]):
+            ok = common >= 1 and len(r.fed) - common <= self.max_rollback
+            if ok and (best is None or common > best[1]):
                 best = (r, common)
         return best
 
@@ -393,11 +397,13 @@ class Scheduler:
         h._push(ev, self._result(s, reason, stop, now))
         self._finish(s)
 
-    def _result(self, s: Seq, reason: str, stop=None, now: float | None = None, error: str | None = None) -> Result:
+    def _result(self, s: Seq, reason: str, stop=None, now: float | None = None, error: str | None = None):
         h = s.handle
         ttft = None if s.first_token is None else s.first_token - h.submitted
         n = len(s.generated)
-        tpot = (now - s.first_token) / (n - 1) if now is not None and s.first_token is not None and n > 1 else None
+        tpot = None
+        if now is not None and s.first_token is not None and n > 1:
+            tpot = (now - s.first_token) / (n - 1)
         if reason in ("stop", "length"):
             self.counters.finished += 1
             self.recent.append((now, ttft, tpot, n))

@@ -59,7 +59,8 @@ def reference(model, prompts, n=MAX_NEW, **kw):
 @pytest.fixture(scope="module")
 def workload(model, tiny_cfg):
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, tiny_cfg.vocab_size, int(rng.integers(1, 301))).tolist() for _ in range(N_REQUESTS)]
+    v = tiny_cfg.vocab_size
+    prompts = [rng.integers(0, v, int(rng.integers(1, 301))).tolist() for _ in range(N_REQUESTS)]
     prompts[0] = prompts[0][:1]  # a 1-token prompt goes straight to decode
     max_tokens = rng.integers(1, MAX_NEW + 1, N_REQUESTS).tolist()
     arrivals = np.sort(rng.integers(0, 80, N_REQUESTS)).tolist()
@@ -92,7 +93,8 @@ def test_requests_at_random_steps_equal_generate_alone(engine, workload):
     after = engine.metrics()
     assert after.preemptions == before.preemptions  # the pool holds every slot at max_context
     assert max(run for run, _ in trace) == ENGINE["max_seqs"] and max(w for _, w in trace) > 0
-    assert after.prefill_tokens - before.prefill_tokens + after.reuse_tokens - before.reuse_tokens == sum(map(len, prompts))
+    fed = after.prefill_tokens - before.prefill_tokens + after.reuse_tokens - before.reuse_tokens
+    assert fed == sum(map(len, prompts))  # every prompt token computed once, or reused
 
 
 def test_small_pool_waits_preempts_and_stays_exact(model, workload):
@@ -145,7 +147,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine, model, tiny_cfg):
     want = reference(model, sampled, 12, temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, seed=seeds,
                      stop_tokens=())  # fmt: skip
     greedy = [rng.integers(0, v, int(rng.integers(5, 120))).tolist() for _ in range(4)]
-    requests = [(p, dict(opts, seed=s)) for p, s in zip(sampled, seeds)] + [(p, dict(max_tokens=12)) for p in greedy]
+    requests = [(p, dict(opts, seed=s)) for p, s in zip(sampled, seeds)]
+    requests += [(p, dict(max_tokens=12)) for p in greedy]
     for order_seed in (1, 2):
         arrivals = np.random.default_rng(order_seed).integers(0, 20, len(requests)).tolist()
         results, _ = drive(engine, requests, arrivals)

@@ -76,8 +76,8 @@ def test_on_a_mesh_of_eight_devices(hf_ckpt, tiny_cfg):
 
 def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id,
-                               initialization_timeout=120)  # fmt: skip
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                               process_id=process_id, initialization_timeout=120)  # fmt: skip
     from gptoss_jax.serving import Engine
 
     model = gptoss_jax.load(ckpt, dtype="float32", mesh=MESH, quiet=True)
@@ -108,10 +108,12 @@ def test_two_processes_run_process_0s_plan(tmp_path, hf_ckpt, tiny_cfg):
     port = _free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     with contextlib.ExitStack() as stack:
-        procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)],
-                                  env=env, stdout=stack.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
-                                  cwd=Path(__file__).parents[2])  # fmt: skip
-                 for i in range(2)]  # fmt: skip
+        procs = [
+            subprocess.Popen([sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)],
+                             env=env, stdout=stack.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
+                             cwd=Path(__file__).parents[2])
+            for i in range(2)
+        ]  # fmt: skip
         prompts, _ = workload(tiny_cfg.vocab_size)
         want = gptoss_jax.generate(our_model(hf_ckpt), prompts, max_new_tokens=NEW)
         deadline = time.monotonic() + 400

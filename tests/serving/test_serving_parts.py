@@ -8,11 +8,11 @@ import json
 import subprocess
 import sys
 
-import flax.nnx as nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_one_line
+from flax import nnx
 
 from gptoss_jax import tokenizer
 from gptoss_jax.config import Config
@@ -35,7 +35,8 @@ def test_buckets():
 
 def test_pool_plan(tiny_cfg):
     p = pool_plan(tiny_cfg, max_seqs=4, max_context=100, page_size=16, ring_slack=16)
-    assert p["pages_per_seq"] == 7 and p["num_pages"] == 28 and p["ring_slots"] == tiny_cfg.sliding_window + 16
+    assert p["pages_per_seq"] == 7 and p["num_pages"] == 28
+    assert p["ring_slots"] == tiny_cfg.sliding_window + 16
     # k and v of 2 kv heads x 16 dims in bfloat16, on 2 full (pages) and 2 sliding (rings) layers
     assert p["page_bytes"] == 16 * 2 * (2 * 16 * 2) * 2 and p["ring_bytes"] == 4 * 24 * 2 * (2 * 16 * 2) * 2
     q = pool_plan(tiny_cfg, max_seqs=4, max_context=100, kv_bytes=p["ring_bytes"] + 10 * p["page_bytes"] + 5)
@@ -46,17 +47,18 @@ def test_pool_plan(tiny_cfg):
 
 
 def test_planner_reports_the_pool_an_engine_allocates():
-    """`gptoss-jax info tiny --max-seqs` (the real entry point) against an engine's buffers for that config."""
-    out = subprocess.run([sys.executable, "-m", "gptoss_jax", "info", "tiny", "--dtype", "float32", "--context",
-                          "300", "--max-seqs", "6", "--page-size", "32", "--json"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    """`gptoss-jax info tiny --max-seqs` (the real entry point) against an engine's buffers for that
+    config."""
+    info = [sys.executable, "-m", "gptoss_jax", "info", "tiny", "--max-seqs", "6"]
+    out = subprocess.run([*info, "--dtype", "float32", "--context", "300", "--page-size", "32", "--json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
     e = json.loads(out.stdout)["engine"]
-    cfg = Config.tiny(dtype="float32")
-    eng = Engine(Transformer(cfg, rngs=nnx.Rngs(0)), max_seqs=6, max_context=300, page_size=32, detokenize=False)
+    model = Transformer(Config.tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    eng = Engine(model, max_seqs=6, max_context=300, page_size=32, detokenize=False)
     held = sum(a.nbytes for kv in eng._kv for a in kv)
-    assert e["num_pages"] == 6 * 10 and e["total_bytes"] == held == e["pool_per_device"] + e["rings_per_device"]
-    text = subprocess.run([sys.executable, "-m", "gptoss_jax", "info", "tiny", "--max-seqs", "6",
-                           "--device-memory", "1"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert e["num_pages"] == 6 * 10
+    assert e["total_bytes"] == held == e["pool_per_device"] + e["rings_per_device"]
+    text = subprocess.run([*info, "--device-memory", "1"], capture_output=True, text=True, check=True).stdout
     assert "page pool (" in text and "fill the memory left" in text
 
 

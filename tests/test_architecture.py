@@ -23,6 +23,7 @@ LAYERS = [
     ["kernels.attention", "kernels.mxfp4_matmul"],
     ["kernels"],
     ["cache"],
+    ["serving.paged"],  # below planning, which sizes the engine's page pool with it
     ["model"],
     ["sampling"],
     ["generate"],
@@ -34,6 +35,9 @@ LAYERS = [
     ["hub"],
     ["loading"],
     ["planning", "tokenizer"],
+    ["serving.requests"],
+    ["serving.scheduler"],
+    ["serving.engine"],
     ["serving", "training", "inspect"],
     ["demo"],
     ["cli"],

@@ -16,7 +16,8 @@ token, under the mask); with response_format the final message is JSON valid for
 
 Reasoning is free, but it must leave room for what the grammar requires: once fewer than `reserve` tokens
 of max_tokens are left, an open analysis or preamble message is closed (<|end|> is the only token allowed)
-and no new one may start (`reserve` = min(256, max_tokens // 2)).
+and no new one may start (`reserve` = max_tokens // 2, at least 64 and at most 256 tokens: below 64
+max_tokens there is no reasoning at all).
 
 JSON whitespace is bounded (one optional space where JSON allows whitespace: compact JSON), so that a model
 cannot fill max_tokens with blanks inside a structure the grammar requires.
@@ -41,7 +42,7 @@ from .protocol import APIError
 log = logging.getLogger("gptoss_jax.server")
 
 WHITESPACE = "[ ]?"  # one optional space where JSON allows whitespace: compact, and bounded
-RESERVE_MAX = 256
+RESERVE_MIN, RESERVE_MAX = 64, 256  # tokens kept for what the grammar requires after the reasoning
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,7 +121,7 @@ class TokenMask:
     def __init__(self, spec: dict, max_tokens: int):
         self.spec = spec
         self.max_tokens = max_tokens
-        self.reserve = min(RESERVE_MAX, max_tokens // 2)
+        self.reserve = min(RESERVE_MAX, max(max_tokens // 2, RESERVE_MIN))
         self._m = _matcher(grammar(**spec, reasoning=max_tokens > self.reserve))
         self._seen = 0
         self._tail = max_tokens <= self.reserve  # no reasoning allowed any more

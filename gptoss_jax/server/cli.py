@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -99,7 +100,13 @@ def run_serve(args) -> int:
     server = uvicorn.Server(config)
     log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,
              args.max_seqs, args.max_queue)  # fmt: skip
-    server.run()
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
+    # one in place, that ends `run()` normally and the command exits 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

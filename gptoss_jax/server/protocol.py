@@ -51,7 +51,7 @@ def parse(model: type[BaseModel], data: Any, where: str = ""):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
         param = _loc(((where,) if where else ()) + tuple(err["loc"]))
         got = f" (got {err['input']!r:.80})" if err["type"] not in ("missing",) and "input" in err else ""
         msg = "field required" if err["type"] == "missing" else err["msg"]

@@ -12,6 +12,9 @@ top-k, top-p, min-p.
 - top-k: keep the k largest logits (0 = off). top-p: keep the smallest set of most likely tokens whose mass
   reaches p (1.0 = off; the most likely token always stays). min-p: keep tokens whose probability is at
   least min_p times the most likely one's (0 = off).
+- allowed-token mask (constrained decoding): disallowed tokens get -inf before everything above but the
+  penalty; `pack_mask` / `unpack_mask` carry it as bits.
+- log-probabilities (`token_logprobs`): of the model's own distribution, before any of the above.
 """
 
 from __future__ import annotations
@@ -93,19 +96,49 @@ def filter_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams, *, greedy: bool = False,
-           seen: jax.Array | None = None) -> jax.Array:  # fmt: skip
+           seen: jax.Array | None = None, allowed: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """(B,V) float32 logits, (B,) keys -> (B,) int32 tokens.
 
     greedy=True (static) skips the sampling math for a batch known to be all greedy; otherwise rows with
-    temperature 0 still take the argmax. `seen` (B,V) bool enables the repetition penalty.
+    temperature 0 still take the argmax, and the sort over the vocabulary runs only when some row samples.
+    `seen` (B,V) bool enables the repetition penalty; `allowed` (B,V) bool restricts each row to its allowed
+    tokens (constrained decoding; every row must allow at least one).
     """
     if seen is not None:
         logits = penalize(logits, seen, sp.repetition_penalty)
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, -jnp.inf)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
         return best
-    drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, sp)).astype(jnp.int32)
+
+    def draw():
+        return jax.vmap(jax.random.categorical)(keys, filter_logits(logits, sp)).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda: best)
     return jnp.where(sp.temperature > 0, drawn, best)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, n_top: int):
+    """Log-probabilities under the model's own distribution (log-softmax of the raw (B,V) logits, before any
+    penalty, temperature, filter or mask): of `tokens` (B,) -> (B,), and the `n_top` (static) most likely
+    tokens -> ids (B, n_top) int32, log-probs (B, n_top)."""
+    lp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    if n_top == 0:
+        return chosen, jnp.zeros((lp.shape[0], 0), jnp.int32), jnp.zeros((lp.shape[0], 0), F32)
+    top_lp, top_ids = jax.lax.top_k(lp, n_top)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def pack_mask(allowed: np.ndarray) -> np.ndarray:
+    """(..., V) bool -> (..., ceil(V/8)) uint8 bits (a V-wide mask costs V/8 bytes to send each step)."""
+    return np.packbits(np.asarray(allowed, bool), axis=-1)
+
+
+def unpack_mask(bits: jax.Array, vocab: int) -> jax.Array:
+    """The inverse of `pack_mask` on device: (B, ceil(V/8)) uint8 -> (B, V) bool."""
+    return jnp.unpackbits(bits, axis=-1, count=vocab).astype(bool)
 
 
 def row_keys(seed, batch: int) -> jax.Array:

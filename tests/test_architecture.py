@@ -23,6 +23,7 @@ LAYERS = [
     ["kernels.attention", "kernels.mxfp4_matmul"],
     ["kernels"],
     ["cache"],
+    ["serving.paged"],  # below planning, which sizes the engine's page pool with it
     ["model"],
     ["sampling"],
     ["generate"],
@@ -32,6 +33,9 @@ LAYERS = [
     ["checkpoint"],
     ["loading"],
     ["planning", "tokenizer"],
+    ["serving.requests"],
+    ["serving.scheduler"],
+    ["serving.engine"],
     ["serving", "training", "inspect"],
     ["server.protocol"],
     ["server.parsing", "server.constraints"],

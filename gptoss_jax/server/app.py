@@ -25,7 +25,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .backend import BackendBusy
 from .chat import ChatJob
 from .completions import CompletionJob
 from .protocol import APIError
@@ -218,8 +217,6 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
             return EventStream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             finished, result = await _until_disconnect(request.receive, job.response())
-        except BackendBusy as e:
-            raise APIError(f"the server is busy: {e}; retry later", 429, code="rate_limit_exceeded") from None
         finally:
             release()
         if not finished:
@@ -272,6 +269,8 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
                  "# TYPE gptoss_http_requests_total counter"]  # fmt: skip
         for (route, status), n in sorted(counts.items()):
             lines.append(f'gptoss_http_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines += ["# HELP gptoss_server_pending_sequences Sequences admitted (generating or queued).",
+                  "# TYPE gptoss_server_pending_sequences gauge", f"gptoss_server_pending_sequences {server.pending}"]
         for name, value in sorted(backend.metrics().items()):
             metric = f"gptoss_engine_{name}"
             lines += [f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}", f"{metric} {value}"]

@@ -6,18 +6,27 @@
 
 Closing the iterator (the client went away, a stop string matched) cancels the request and frees its memory.
 `GenParams.mask(tokens_so_far) -> bool[V] | None` is applied before sampling at every step (constrained
-decoding, `constraints.TokenMask`; None allows every token). `BackendBusy` (the queue is full) becomes a 429.
+decoding, `constraints.TokenMask`; None allows every token). Admission (the 429 of a full queue) is the
+server's (`run.Server.admit`), so the engine's own queue never overflows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from ..model import forward, logits
+from ..sampling import token_logprobs
+from ..serving import RequestOptions
+from ..sharding import with_model_mesh
+from .protocol import APIError
 
 Mask = Callable[[list[int]], "np.ndarray | None"]
 
@@ -40,141 +49,78 @@ class Generated:
     top: list[tuple[int, float]] | None = None  # (token, log-prob), most likely first
 
 
-class BackendBusy(Exception):
-    """The engine's queue is full."""
+class EngineBackend:
+    """The serving engine (`gptoss_jax.serving.Engine`: continuous batching over the paged cache) behind
+    the interface. Prompt log-probabilities (`score`) come from the model's forward over the whole prompt,
+    which the engine does not return."""
 
-
-class ThreadBackend:
-    """Generation on one thread, one request at a time, through the model's KV-cached forward: the fallback
-    until the serving engine is wired in (max_seqs 1). The mask, temperature, top-p and log-probs are applied
-    on the host to the step's log-softmax."""
-
-    def __init__(self, model, *, max_queue: int = 64, max_context: int | None = None):
-        import jax
-
-        from ..cache import KVCache
-        from ..model import forward, logits
-
-        self.model = model
-        cfg = model.cfg
-        self.vocab_size = cfg.vocab_size
-        self.context_length = min(cfg.context_length, max_context or cfg.context_length)
-        self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._stats = {"requests_total": 0, "generated_tokens_total": 0, "prompt_tokens_total": 0}
-        from flax import nnx
-
-        self._graphdef, self._state = nnx.split(model)
-        self._kv = lambda n: KVCache.create(cfg, 1, n)
-
-        @jax.jit
-        def step(state, tokens, cache, n_new):
-            m = nnx.merge(self._graphdef, state)
-            h, cache = forward(m, tokens, cache.chunk_positions(n_new, tokens.shape[1]), cache)
-            last = jax.numpy.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)[:, 0]
-            return jax.nn.log_softmax(logits(m, last), axis=-1)[0], cache
-
-        self._step = step
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
+        self.vocab_size = engine.cfg.vocab_size
+        self.context_length = engine.scheduler.max_context
 
     def start(self) -> None:
-        pass
+        self.engine.start()
 
     def stop(self) -> None:
-        pass
+        self.engine.close()
 
     def metrics(self) -> dict[str, float]:
-        return {**self._stats, "waiting": self._waiting}
+        return {k: v for k, v in self.engine.metrics().as_dict().items() if v is not None}
 
     async def generate(self, prompt: list[int], params: GenParams) -> AsyncIterator[Generated]:
-        if self._waiting >= self.max_queue:
-            raise BackendBusy(f"{self._waiting} requests are waiting (--max-queue {self.max_queue})")
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        self._waiting += 1
-
-        def put(x):
-            loop.call_soon_threadsafe(q.put_nowait, x)
-
-        def run():
-            try:
-                with self._lock:
-                    self._run(prompt, params, put, cancel)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                put(e)
-            finally:
-                put(None)
-
-        threading.Thread(target=run, daemon=True).start()
+        opts = RequestOptions(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                              seed=params.seed, stop_token_ids=params.stop_tokens,
+                              logprobs=params.logprobs is not None, top_logprobs=params.logprobs or 0,
+                              allowed_tokens=params.mask)  # fmt: skip
         try:
-            while (item := await q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            handle = self.engine.submit(prompt, opts)
+        except ValueError as e:  # what the engine cannot hold (pages): the request's fault, a 400
+            raise APIError(str(e)) from None
+        try:
+            async for ev in handle:
+                top = [(int(t), float(lp)) for t, lp in ev.top_logprobs] if params.logprobs is not None else None
+                yield Generated(ev.token, ev.logprob, top)
+            result = handle.result()
+            if result.finish_reason == "error":
+                raise RuntimeError(f"engine: {result.error}")
         finally:
-            cancel.set()
-            self._waiting -= 1
-
-    def _run(self, prompt, params: GenParams, put, cancel: threading.Event) -> None:
-        import jax.numpy as jnp
-
-        self._stats["requests_total"] += 1
-        self._stats["prompt_tokens_total"] += len(prompt)
-        bucket = max(64, 1 << (len(prompt) + params.max_tokens - 1).bit_length())
-        cache = self._kv(bucket)
-        chunk = 1 << (len(prompt) - 1).bit_length()
-        toks = np.zeros((1, chunk), np.int32)
-        toks[0, : len(prompt)] = prompt
-        lp, cache = self._step(self._state, jnp.asarray(toks), cache, jnp.asarray([len(prompt)], jnp.int32))
-        rng = np.random.default_rng(params.seed if params.seed is not None else time.time_ns())
-        out: list[int] = []
-        while not cancel.is_set():
-            logp = np.asarray(lp, np.float64)
-            g = sample_host(logp, params, out, rng)
-            out.append(g.token)
-            self._stats["generated_tokens_total"] += 1
-            put(g)
-            if g.token in params.stop_tokens or len(out) >= params.max_tokens:
-                return
-            lp, cache = self._step(self._state, jnp.asarray([[g.token]], jnp.int32), cache,
-                                   jnp.asarray([1], jnp.int32))  # fmt: skip
+            if not handle.done:  # closed early: the client went away, or a stop string matched
+                handle.cancel()
 
     async def score(self, tokens: list[int], top: int) -> list[Generated]:
-        return await asyncio.to_thread(self._score, tokens, top)
-
-    def _score(self, tokens: list[int], top: int) -> list[Generated]:
-        import jax
-
-        with self._lock:
-            lp = np.asarray(jax.nn.log_softmax(self.model(np.asarray([tokens], np.int32))[0], axis=-1))
-        return [Generated(tokens[0])] + [logprob_entry(lp[i - 1], tokens[i], top) for i in range(1, len(tokens))]
-
-
-def logprob_entry(logp: np.ndarray, token: int, top: int | None) -> Generated:
-    if top is None:
-        return Generated(token)
-    best = np.argpartition(-logp, top)[:top] if top else np.zeros(0, int)
-    best = best[np.argsort(-logp[best])]
-    return Generated(token, float(logp[token]), [(int(t), float(logp[t])) for t in best])
+        """Each token's log-probability given the ones before it (none for the first), and its `top`
+        most likely alternatives."""
+        chosen, ids, lps = await asyncio.to_thread(prompt_logprobs, self.model, tokens, top)
+        return [Generated(tokens[0])] + [
+            Generated(tokens[i + 1], float(chosen[i]), [(int(t), float(v)) for t, v in zip(ids[i], lps[i])])
+            for i in range(len(tokens) - 1)
+        ]
 
 
-def sample_host(logp: np.ndarray, params: GenParams, out: list[int], rng: np.random.Generator) -> Generated:
-    """One token from a (V,) log-softmax: mask, then greedy (temperature 0) or temperature and top-p."""
-    masked = logp
-    if params.mask is not None and (allowed := params.mask(out)) is not None:
-        masked = np.where(allowed[: len(logp)], logp, -np.inf)
-    if params.temperature == 0:
-        tok = int(np.argmax(masked))
-    else:
-        z = masked / params.temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if params.top_p < 1:
-            order = np.argsort(-p)
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), params.top_p)) + 1]
-            q = np.zeros_like(p)
-            q[keep] = p[keep]
-            p = q / q.sum()
-        tok = int(rng.choice(len(p), p=p))
-    return logprob_entry(logp, tok, params.logprobs)
+SCORE_CHUNK = 256  # positions whose (V,) logits exist at once while scoring a prompt
+
+
+@with_model_mesh
+def prompt_logprobs(model, tokens: list[int], top: int):
+    """Log-probabilities of tokens[1:] under the model given the tokens before each, and the `top` most
+    likely ids at each position -> (chosen (T-1,), top ids (T-1, top), top log-probs (T-1, top))."""
+    T = len(tokens)
+    P = max(SCORE_CHUNK, 1 << (T - 1).bit_length())  # few compiled lengths
+    toks = np.zeros((1, P), np.int32)
+    toks[0, :T] = tokens
+    pos = np.where(np.arange(P) < T, np.arange(P), -1).astype(np.int32)[None]
+    nxt = np.zeros(P, np.int32)
+    nxt[: T - 1] = tokens[1:]
+    graphdef, state = nnx.split(model)
+    out = _score(graphdef, state, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(nxt), top)
+    return tuple(np.asarray(x).reshape(P, *x.shape[2:])[: T - 1] for x in out)  # (chunks, CHUNK, ...) -> rows
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _score(graphdef, state, tokens, positions, nxt, top):
+    m = nnx.merge(graphdef, state)
+    h, _ = forward(m, tokens, positions)
+    h = h[0].reshape(-1, SCORE_CHUNK, h.shape[-1])
+    return jax.lax.map(lambda xs: token_logprobs(logits(m, xs[0]), xs[1], top),
+                       (h, nxt.reshape(-1, SCORE_CHUNK)))  # fmt: skip

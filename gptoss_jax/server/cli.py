@@ -34,8 +34,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seqs", type=int, default=16, help="sequences the engine runs at once (default 16)")
     g.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot; past max-seqs + "
                    "max-queue a request gets a 429 (default 256)")  # fmt: skip
-    g.add_argument("--max-context", type=int, help="longest sequence (prompt + output) the server accepts "
-                   "(default: the model's context length)")  # fmt: skip
+    g.add_argument("--max-context", type=int, help="longest sequence (prompt + output) a request may reach "
+                   "(default: the model's context length, at most 8192)")  # fmt: skip
+    g.add_argument("--no-warmup", action="store_true", help="compile the engine's call shapes when first used, "
+                   "not before serving (faster start; early requests of each size wait for a compile)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -64,15 +66,22 @@ def _check(args) -> None:
 
 
 def build_app(args, model):
-    """The ASGI app for `model` with the command's options."""
+    """The ASGI app for `model` with the command's options (the engine compiles its call shapes first,
+    unless --no-warmup)."""
+    from ..serving import Engine
     from .app import create_app
-    from .backend import ThreadBackend
+    from .backend import EngineBackend
     from .constraints import ll_tokenizer
 
+    log = logging.getLogger("gptoss_jax.server")
+    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
+    if not args.no_warmup:
+        log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
+        log.info("compiled in %.1f s", engine.warmup())
     ll_tokenizer()  # built now (~2 s), not in the first constrained request
-    backend = ThreadBackend(model, max_queue=args.max_seqs + args.max_queue, max_context=args.max_context)
     name = args.served_model_name or Path(args.path).resolve().name
-    return create_app(backend, model_name=name, api_key=args.api_key, max_pending=args.max_seqs + args.max_queue,
+    return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
+                      max_pending=args.max_seqs + args.max_queue,
                       test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")  # fmt: skip
 
 

@@ -13,24 +13,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from servertools import KEY, MODEL, script, start_server, stop_server
 
 from gptoss_jax.tokenizer import encode
 
-KEY = "sk-test-key"
-MODEL = "gpt-oss-tiny"
-SERVE = [sys.executable, "-m", "gptoss_jax.server.cli"]  # `gptoss-jax serve` once cli.py routes to it
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -41,54 +32,10 @@ RTOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses
 
 
 # ------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(ckpt: Path, log: Path, *extra: str, api_key: str = KEY) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, GPTOSS_JAX_SERVE_TEST_HOOKS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the test session's eight
-    cmd = [*SERVE, str(ckpt), "--port", str(port), "--api-key", api_key, "--served-model-name", MODEL,
-           "--dtype", "float32", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from gptoss_jax.checkpoint.synthetic import write_checkpoint
-    from gptoss_jax.config import Config
-
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / MODEL, Config.tiny(), layout="hf", shards=1, seed=3)
-
-
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def server(serve_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    proc, url = start_server(ckpt, log, "--max-seqs", "8", "--max-queue", "64", "--max-context", "2048")
+    proc, url = start_server(serve_ckpt, log, "--max-seqs", "16", "--max-queue", "64", "--max-context", "2048")
     yield url, log
     assert stop_server(proc) == 0, log.read_text()[-3000:]
 
@@ -102,12 +49,6 @@ def client(server):
 def aclient(server):
     """A factory: an AsyncOpenAI client belongs to the event loop it first runs in (one per asyncio.run)."""
     return lambda: openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-def script(url: str, *outputs: str) -> None:
-    r = httpx.post(f"{url}/v1/test/scripts", json={"scripts": list(outputs)},
-                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
-    assert r.status_code == 200, r.text
 
 
 # ------------------------------------------------------------------------------------ scripted outputs
@@ -208,7 +149,8 @@ def chat_of_stream(chunks):
 def test_chat_completions_scripted(name, server, client):
     text, want, _, max_tokens = SCENARIOS[name]
     url, log = server
-    body = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Hi"}], tools=TOOLS, max_tokens=max_tokens)
+    body = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Hi"}], tools=TOOLS, max_tokens=max_tokens,
+                temperature=0)  # greedy: the scripted token is the only one allowed either way, and it is cheaper
     script(url, text, text)
     resp = client.chat.completions.create(**body)
     got, ids = chat_of_message(resp)
@@ -271,7 +213,8 @@ def responses_of_events(events):
 def test_responses_scripted(name, server, aclient):
     text, _, want, max_tokens = SCENARIOS[name]
     url, _ = server
-    body = dict(model=MODEL, instructions="Be helpful.", input="Hi", tools=RTOOLS, max_output_tokens=max_tokens)
+    body = dict(model=MODEL, instructions="Be helpful.", input="Hi", tools=RTOOLS, max_output_tokens=max_tokens,
+                temperature=0)
 
     async def both():
         script(url, text, text)
@@ -304,13 +247,13 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
     call_text, (_, reasoning, calls, _), _, _ = SCENARIOS["reasoning then tool call"]
     script(url, call_text, "<|channel|>final<|message|>It is sunny in Paris.<|return|>")
     msgs = [SYSTEM, {"role": "user", "content": "Weather in Paris?"}]
-    r1 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100)
+    r1 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
     m = r1.choices[0].message
     assert r1.choices[0].finish_reason == "tool_calls" and m.tool_calls[0].function.name == "get_weather"
     msgs += [{"role": "assistant", "content": None, "reasoning": extra(m, "reasoning"),
               "tool_calls": [t.model_dump() for t in m.tool_calls]},
              {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": '{"sky": "sunny"}'}]  # fmt: skip
-    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100)
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
     assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"
 
     def rendered(history):
@@ -332,7 +275,7 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
     assert r2.usage.prompt_tokens == len(rendered(loop))
     script(url, "<|channel|>final<|message|>Bye.<|return|>")
     msgs += [{"role": "assistant", "content": "It is sunny in Paris."}, {"role": "user", "content": "Thanks"}]
-    r3 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100)
+    r3 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
     done = [user, call, result, A("It is sunny in Paris.", "final"), Message.from_role_and_content(Role.USER, "Thanks")]
     assert r3.usage.prompt_tokens == len(rendered(done))
 
@@ -409,7 +352,8 @@ def test_chat_logprobs_n_and_stop(server, client):
     text = "<|channel|>final<|message|>one two three four<|return|>"
     script(url, text, text)
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count"}], n=2,
-                                       max_tokens=50, logprobs=True, top_logprobs=3, stop=[" three"])  # fmt: skip
+                                       max_tokens=50, logprobs=True, top_logprobs=3, stop=[" three"],
+                                       temperature=0)  # fmt: skip
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert c.message.content == "one two" and c.finish_reason == "stop"
@@ -432,13 +376,17 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
           "required": ["city", "unit", "days"], "additionalProperties": False}  # fmt: skip
 FORECAST = {"type": "function", "function": {"name": "forecast", "description": "Weather forecast",
             "parameters": SCHEMA, "strict": True}}  # fmt: skip
+NOW_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+NOW = {"type": "function", "function": {"name": "now", "description": "Weather now", "parameters": NOW_SCHEMA,
+       "strict": True}}  # fmt: skip
 
 
-def count_valid(outputs) -> int:
+def count_valid(outputs, schema=SCHEMA) -> int:
     ok = 0
     for o in outputs:
         try:
-            jsonschema.validate(json.loads(o), SCHEMA)
+            jsonschema.validate(json.loads(o), schema)
             ok += 1
         except (ValueError, TypeError, jsonschema.ValidationError):
             pass
@@ -446,40 +394,42 @@ def count_valid(outputs) -> int:
 
 
 def test_constrained_decoding_on_a_random_model(server, aclient):
-    """tool_choice required + a strict tool, and response_format json_schema: 50 of 50 valid each. The same
-    requests without constraints are counted too (a random model never writes valid JSON)."""
-    msgs = [{"role": "user", "content": "Forecast for Paris?"}]
+    """tool_choice required + strict tools, and response_format json_schema: 50 of 50 valid each. The same
+    requests without constraints are counted too (a random model never writes valid JSON). Greedy decoding
+    (sampling sorts the whole vocabulary per row, slow on CPU); each request asks about another city, so
+    the 50 outputs differ."""
 
     async def run():
         c, gate = aclient(), asyncio.Semaphore(16)
 
-        async def one(**kw):
+        async def one(i, **kw):
             async with gate:
-                return await c.chat.completions.create(model=MODEL, messages=msgs, **kw)
+                msgs = [{"role": "user", "content": f"Forecast for city number {i}?"}]
+                return await c.chat.completions.create(model=MODEL, messages=msgs, temperature=0, **kw)
 
         fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": SCHEMA, "strict": True}}
-        tools = [one(tools=[FORECAST, WEATHER], tool_choice="required", max_tokens=96, seed=i) for i in range(50)]
-        jsons = [one(response_format=fmt, max_tokens=96, seed=i) for i in range(50)]
-        free = [one(max_tokens=48, seed=i) for i in range(50)]
+        tools = [one(i, tools=[FORECAST, NOW], tool_choice="required", max_tokens=64) for i in range(50)]
+        jsons = [one(i, response_format=fmt, max_tokens=64) for i in range(50)]
+        free = [one(i, max_tokens=32) for i in range(50)]
         return await asyncio.gather(*tools), await asyncio.gather(*jsons), await asyncio.gather(*free)
 
     tools, jsons, free = asyncio.run(run())
     calls = [r.choices[0].message.tool_calls for r in tools]
     assert all(c and r.choices[0].finish_reason == "tool_calls" for c, r in zip(calls, tools, strict=True))
-    forecast = [c[0].function.arguments for c in calls if c[0].function.name == "forecast"]
-    assert count_valid(forecast) == len(forecast) and all(c[0].function.name in ("forecast", "get_weather")
-                                                          for c in calls)  # fmt: skip
-    assert len(forecast) > 0
-    assert count_valid([r.choices[0].message.content for r in jsons]) == 50
+    args = {n: [c[0].function.arguments for c in calls if c[0].function.name == n] for n in ("forecast", "now")}
+    assert len(args["forecast"]) + len(args["now"]) == 50
+    assert count_valid(args["forecast"]) + count_valid(args["now"], NOW_SCHEMA) == 50
+    contents = [r.choices[0].message.content for r in jsons]
+    assert count_valid(contents) == 50 and len(set(contents)) > 1
     unconstrained = count_valid([r.choices[0].message.content for r in free])
-    print(f"\nconstrained: tool arguments {count_valid(forecast)}/{len(forecast)} valid ({50 - len(forecast)} "
-          f"calls to the non-strict tool), json_schema 50/50; unconstrained: {unconstrained}/50 valid")
+    print(f"\nconstrained: tool arguments 50/50 valid ({len(args['forecast'])} forecast, {len(args['now'])} now), "
+          f"json_schema 50/50; unconstrained: {unconstrained}/50 valid")
     assert unconstrained < 50
 
 
 def test_named_tool_choice_forces_that_call(server, client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=96,
-                                       tools=[FORECAST, WEATHER],
+                                       tools=[FORECAST, WEATHER], temperature=0,
                                        tool_choice={"type": "function", "function": {"name": "forecast"}})  # fmt: skip
     (c,) = r.choices[0].message.tool_calls
     assert c.function.name == "forecast" and count_valid([c.function.arguments]) == 1

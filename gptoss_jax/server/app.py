@@ -269,11 +269,17 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
                  "# TYPE gptoss_http_requests_total counter"]  # fmt: skip
         for (route, status), n in sorted(counts.items()):
             lines.append(f'gptoss_http_requests_total{{route="{route}",status="{status}"}} {n}')
-        lines += ["# HELP gptoss_server_pending_sequences Sequences admitted (generating or queued).",
-                  "# TYPE gptoss_server_pending_sequences gauge", f"gptoss_server_pending_sequences {server.pending}"]
+        lines += [
+            "# HELP gptoss_server_pending_sequences Sequences admitted (generating or queued).",
+            "# TYPE gptoss_server_pending_sequences gauge",
+            f"gptoss_server_pending_sequences {server.pending}",
+        ]
         for name, value in sorted(backend.metrics().items()):
             metric = f"gptoss_engine_{name}"
-            lines += [f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}", f"{metric} {value}"]
+            lines += [
+                f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}",
+                f"{metric} {value}",
+            ]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     if test_hooks:

@@ -79,7 +79,11 @@ class EngineBackend:
             raise APIError(str(e)) from None
         try:
             async for ev in handle:
-                top = [(int(t), float(lp)) for t, lp in ev.top_logprobs] if params.logprobs is not None else None
+                top = (
+                    [(int(t), float(lp)) for t, lp in ev.top_logprobs]
+                    if params.logprobs is not None
+                    else None
+                )
                 yield Generated(ev.token, ev.logprob, top)
             result = handle.result()
             if result.finish_reason == "error":

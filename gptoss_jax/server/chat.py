@@ -33,7 +33,9 @@ class ChatJob:
         turn = chat_turn(req)
         self.prompt = turn.prompt_tokens()
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = server.budget(len(self.prompt), req.max_completion_tokens or req.max_tokens, field)
+        max_tokens = server.budget(
+            len(self.prompt), req.max_completion_tokens or req.max_tokens, field, "messages"
+        )
         fmt = req.response_format
         schema = None
         if fmt is not None and fmt.type == "json_object":
@@ -120,7 +122,9 @@ class ChatView:
                     out.append(({"tool_calls": [call]}, None))
                 elif kind == "delta" and text:
                     self.calls[part.index]["function"]["arguments"] += text
-                    out.append(({"tool_calls": [{"index": part.index, "function": {"arguments": text}}]}, None))
+                    out.append(
+                        ({"tool_calls": [{"index": part.index, "function": {"arguments": text}}]}, None)
+                    )
             elif part.type == "content" and kind == "delta":
                 lp = None
                 if self.top is not None:

@@ -27,8 +27,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only; 0.0.0.0 for every interface)")  # fmt: skip
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)",
+    )
     g.add_argument("--served-model-name", help="the model name clients send and /v1/models lists (default: the "
                    "checkpoint folder's name)")  # fmt: skip
     g.add_argument("--max-seqs", type=int, default=16, help="sequences the engine runs at once (default 16)")
@@ -46,8 +49,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
-    m.add_argument("--compile-cache", metavar="DIR", default=None,
-                   help="persistent XLA compilation cache ('off' disables it; see `gptoss-jax generate -h`)")
+    m.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="persistent XLA compilation cache ('off' disables it; see `gptoss-jax generate -h`)",
+    )
 
 
 def _check(args) -> None:

@@ -90,11 +90,14 @@ class CompletionJob:
         self.top = req.logprobs
         self.choices: list[Choice] = []
         for p in self.prompts:
-            max_tokens = server.budget(len(p), req.max_tokens, "max_tokens")
+            max_tokens = server.budget(len(p), req.max_tokens, "max_tokens", "prompt")
             for j in range(req.n):
                 params = server.params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                        seed=req.seed, index=j, logprobs=self.top, stop_tokens=STOP_TOKENS)  # fmt: skip
-                self.choices.append(Choice(len(self.choices), params, TextParser(req.stop)))
+                # max_tokens 0 (echo only): nothing is generated, "length" as OpenAI says
+                self.choices.append(
+                    Choice(len(self.choices), params, TextParser(req.stop), hit_length=not max_tokens)
+                )
         self.id, self.created = new_id("cmpl", "-"), int(time.time())
 
     def _prompt_of(self, c: Choice) -> list[int]:

@@ -83,7 +83,7 @@ def grammar(*, final: dict | None | bool, calls: dict[str, dict | None], reasoni
     lasts = []
     if final is not False:
         body = "TEXT" if final is None else "final_json"
-        rules.append(f"final: {_tok(CHANNEL)} \"final\" {_tok(MESSAGE)} {body} {_tok(RETURN)}")
+        rules.append(f'final: {_tok(CHANNEL)} "final" {_tok(MESSAGE)} {body} {_tok(RETURN)}')
         if final is not None:
             rules.append(f"final_json: {_json(final)}")
         lasts.append("final")
@@ -96,11 +96,11 @@ def grammar(*, final: dict | None | bool, calls: dict[str, dict | None], reasoni
             if schema is not None:
                 rules.append(f"args_{i}: {_json(schema)}")
             names.append(f"call_{i}")
-        rules.append(f"call: {_tok(CHANNEL)} \"commentary to=functions.\" ({' | '.join(names)})")
+        rules.append(f'call: {_tok(CHANNEL)} "commentary to=functions." ({" | ".join(names)})')
         lasts.append("call")
     if not lasts:
         raise ValueError("grammar: nothing may end the turn")
-    head = f"{_tok(END)} {_tok(START)} \"assistant\" " if after_end else ""
+    head = f'{_tok(END)} {_tok(START)} "assistant" ' if after_end else ""
     pre = "pre* " if reasoning else ""
     channels = '"analysis" | "commentary"' if calls else '"analysis"'
     return "\n".join([
@@ -167,7 +167,9 @@ def check_schema(schema: dict, where: str) -> None:
                                                                  **schema}))  # fmt: skip
     is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(g, ll_tokenizer())
     if is_error:
-        raise APIError(f"{where}: this JSON Schema cannot be enforced: {msgs[0].splitlines()[0]}", param=where)
+        raise APIError(
+            f"{where}: this JSON Schema cannot be enforced: {msgs[0].splitlines()[0]}", param=where
+        )
 
 
 def constraint_spec(*, tools: dict[str, Any], tool_choice: str, json_schema: dict | None) -> dict | None:
@@ -179,7 +181,9 @@ def constraint_spec(*, tools: dict[str, Any], tool_choice: str, json_schema: dic
     if json_schema is None and tool_choice in ("auto", "none") and not strict:
         return None
     final = False if tool_choice not in ("auto", "none") else json_schema
-    names = list(tools) if tool_choice in ("auto", "required") else [tool_choice] if tool_choice != "none" else []
+    names = (
+        list(tools) if tool_choice in ("auto", "required") else [tool_choice] if tool_choice != "none" else []
+    )
     calls = {n: (tools[n].parameters or {"type": "object"}) if tools[n].strict else None for n in names}
     return {"final": final, "calls": calls}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 from typing import Any
 
 from openai_harmony import (
@@ -78,8 +77,11 @@ class Turn:
     def prompt_tokens(self) -> list[int]:
         conv = Conversation.from_messages(self.conversation())
         enc = get_harmony_encoding()
-        return list(enc.render_conversation_for_completion(conv, Role.ASSISTANT,
-                                                           RenderConversationConfig(auto_drop_analysis=False)))
+        return list(
+            enc.render_conversation_for_completion(
+                conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+            )
+        )
 
 
 def drop_finished_reasoning(messages: list[Message]) -> list[Message]:
@@ -101,7 +103,9 @@ def tool_call_message(name: str, arguments: str, content_type: str | None = CONS
 
 def tool_result_message(name: str, output: str) -> Message:
     author = Author.new(Role.TOOL, f"functions.{name}")
-    return Message.from_author_and_content(author, output).with_channel("commentary").with_recipient("assistant")
+    return (
+        Message.from_author_and_content(author, output).with_channel("commentary").with_recipient("assistant")
+    )
 
 
 def assistant_turn(reasoning: str | None, text: str | None, calls: list[tuple[str, str]]) -> list[Message]:
@@ -119,7 +123,9 @@ def parts_to_messages(parts: list[Part]) -> list[Message]:
         if p.type == "tool_call":
             out.append(tool_call_message(p.name, p.text, p.content_type))
         elif p.text:
-            out.append(_assistant(p.text, {"reasoning": "analysis", "preamble": "commentary"}.get(p.type, "final")))
+            out.append(
+                _assistant(p.text, {"reasoning": "analysis", "preamble": "commentary"}.get(p.type, "final"))
+            )
     return out
 
 
@@ -135,7 +141,9 @@ def check_tool(fn: FunctionDef, where: str) -> None:
         raise APIError(f"{where}.parameters: must be a JSON Schema of type 'object', got type "
                        f"{params.get('type')!r}", param=f"{where}.parameters")  # fmt: skip
     try:
-        jsonschema.validators.validator_for(params, default=jsonschema.Draft202012Validator).check_schema(params)
+        jsonschema.validators.validator_for(params, default=jsonschema.Draft202012Validator).check_schema(
+            params
+        )
     except jsonschema.SchemaError as e:
         path = "".join(f"[{p!r}]" for p in e.path)
         raise APIError(f"{where}.parameters{path}: invalid JSON Schema: {e.message}",
@@ -185,19 +193,23 @@ def chat_turn(req: ChatRequest) -> Turn:
             msgs.append(Message.from_role_and_content(Role.USER, _text(m.content, f"{w}.content")))
         elif m.role == "assistant":
             calls = []
-            for j, c in enumerate(m.tool_calls or []):
+            for c in m.tool_calls or []:
                 names[c.id] = c.function.name
                 calls.append((c.function.name, c.function.arguments))
             text = _text(m.content, f"{w}.content", required=False)
             msgs += assistant_turn(m.reasoning or m.reasoning_content, text, calls)
         else:  # tool
             if not m.tool_call_id:
-                raise APIError(f"{w}.tool_call_id: field required for tool messages", param=f"{w}.tool_call_id")
+                raise APIError(
+                    f"{w}.tool_call_id: field required for tool messages", param=f"{w}.tool_call_id"
+                )
             if m.tool_call_id not in names:
                 raise APIError(f"{w}.tool_call_id: {m.tool_call_id!r} matches no tool call of an earlier "
                                "assistant message", param=f"{w}.tool_call_id")  # fmt: skip
             msgs.append(tool_result_message(names[m.tool_call_id], _text(m.content, f"{w}.content")))
-    return Turn(msgs, "\n\n".join(instructions) or None, tools, choice, req.reasoning_effort or "medium", names)
+    return Turn(
+        msgs, "\n\n".join(instructions) or None, tools, choice, req.reasoning_effort or "medium", names
+    )
 
 
 def responses_turn(req: ResponsesRequest, previous: Turn | None) -> Turn:
@@ -240,7 +252,3 @@ def responses_turn(req: ResponsesRequest, previous: Turn | None) -> Turn:
                 msgs.append(_assistant(text, "analysis"))
     effort = (req.reasoning.effort if req.reasoning else None) or "medium"
     return Turn(msgs, "\n\n".join(instructions) or None, tools, choice, effort, names)
-
-
-def schema_text(schema: dict) -> str:
-    return json.dumps(schema, separators=(",", ":"), sort_keys=False)

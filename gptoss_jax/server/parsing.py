@@ -28,6 +28,8 @@ import re
 import secrets
 from typing import Any
 
+from openai_harmony import HarmonyError
+
 from ..tokenizer import (
     CALL,
     CHANNEL,
@@ -133,7 +135,9 @@ class OutputParser:
         self._new_parser = lambda role: StreamableParser(enc, role, strict=False)
         self._assistant = Role.ASSISTANT
         self._tok = get_encoding()
-        self._p = self._new_parser(Role.ASSISTANT)  # the prompt ends with <|start|>assistant: a header is next
+        self._p = self._new_parser(
+            Role.ASSISTANT
+        )  # the prompt ends with <|start|>assistant: a header is next
         self._n_messages = 0  # messages the current harmony parser has completed
         self._header: list[int] = []  # tokens of the header being read
         self._part: Part | None = None  # the open message
@@ -233,7 +237,7 @@ class OutputParser:
             return
         try:
             self._p.process(token)
-        except Exception as e:  # noqa: BLE001 - harmony raises its own error type for anything malformed
+        except HarmonyError as e:  # harmony's non-strict parser still refuses some sequences
             self._warn(str(e))
             self._end(part, out)
             self._part, self._broken = None, True
@@ -250,7 +254,7 @@ class OutputParser:
         self._header.append(token)
         try:
             self._p.process(token)
-        except Exception as e:  # noqa: BLE001
+        except HarmonyError as e:
             self._header_failed(str(e), out, lp)
             return
         if token == MESSAGE:  # the header is complete: a message starts
@@ -260,7 +264,9 @@ class OutputParser:
             self._part = self._start(type_, out, name=name, channel=p.current_channel,
                                      content_type=p.current_content_type, tokens=len(self._header))  # fmt: skip
             self._header = []
-        elif token in END_TOKENS:  # harmony (non-strict) makes a message of a header ended without <|message|>
+        elif (
+            token in END_TOKENS
+        ):  # harmony (non-strict) makes a message of a header ended without <|message|>
             msgs = self._p.messages
             if len(msgs) > self._n_messages:
                 self._n_messages = len(msgs)
@@ -279,7 +285,13 @@ class OutputParser:
         marks = [i for i, t in enumerate(hdr) if t in (START, CHANNEL)]
         self._broken = True
         self._raw_text(hdr[: marks[0]] if marks else hdr, out, lp)
-        at = 0 if hdr and hdr[0] == START and not self._at_start else marks[-1] if marks and marks[-1] else None
+        at = (
+            0
+            if hdr and hdr[0] == START and not self._at_start
+            else marks[-1]
+            if marks and marks[-1]
+            else None
+        )
         if at is not None:
             self._close_raw(out)
             self._restart(hdr[at], out)

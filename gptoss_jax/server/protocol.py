@@ -253,7 +253,9 @@ def parse_input_item(i: int, item: Any):
 def parse_response_tool(i: int, tool: Any) -> ResponseFunctionTool:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
-        raise APIError(f"tools[{i}].type: only function tools are supported, got {kind!r}", param=f"tools[{i}].type")
+        raise APIError(
+            f"tools[{i}].type: only function tools are supported, got {kind!r}", param=f"tools[{i}].type"
+        )
     return parse(ResponseFunctionTool, tool, f"tools[{i}]")
 
 

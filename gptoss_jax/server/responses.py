@@ -57,7 +57,7 @@ class ResponseJob:
         previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
         self.turn = turn = responses_turn(req, previous)
         self.prompt = turn.prompt_tokens()
-        max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens")
+        max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
         fmt = req.text.format if req.text else None
         schema = None
         if fmt is not None and fmt.type == "json_object":
@@ -103,8 +103,13 @@ class ResponseJob:
 
     # ------------------------------------------------------------------------------------ events -> items
     def _ev(self, type_: str, **kw) -> tuple[str, dict]:
+        """An event (numbered in order) as (name, body)."""
         self._seq += 1
         return type_, {"type": type_, "sequence_number": self._seq - 1, **kw}
+
+    def _sse(self, type_: str, **kw) -> str:
+        name, body = self._ev(type_, **kw)
+        return sse(body, name)
 
     def events(self, events: list[Event]) -> list[tuple[str, dict]]:
         out = []
@@ -139,7 +144,11 @@ class ResponseJob:
                                         arguments=item["arguments"]))  # fmt: skip
                 else:
                     content = item["content"][0]
-                    done = "response.reasoning_text.done" if part.type == "reasoning" else "response.output_text.done"
+                    done = (
+                        "response.reasoning_text.done"
+                        if part.type == "reasoning"
+                        else "response.output_text.done"
+                    )
                     extra = {} if part.type == "reasoning" else {"logprobs": []}
                     out.append(self._ev(done, **ref, content_index=0, text=content["text"], **extra))
                     out.append(self._ev("response.content_part.done", **ref, content_index=0,
@@ -164,14 +173,15 @@ class ResponseJob:
         return self._finish()
 
     async def stream(self) -> AsyncIterator[str]:
-        yield sse(*self._ev("response.created", response=self.obj("in_progress"))[::-1])
-        yield sse(*self._ev("response.in_progress", response=self.obj("in_progress"))[::-1])
+        yield self._sse("response.created", response=self.obj("in_progress"))
+        yield self._sse("response.in_progress", response=self.obj("in_progress"))
         async for events in run_choice(self.server.backend, self.prompt, self.choice):
             for name, ev in self.events(events):
                 yield sse(ev, name)
         obj = self._finish()
-        name = "response.incomplete" if obj["status"] == "incomplete" else "response.completed"
-        yield sse(*self._ev(name, response=obj)[::-1])
+        yield self._sse(
+            "response.incomplete" if obj["status"] == "incomplete" else "response.completed", response=obj
+        )
 
     def summary(self) -> str:
         return (f"prompt={len(self.prompt)} completion={len(self.choice.tokens)} "
@@ -185,8 +195,14 @@ def new_item(part: Part) -> dict:
     if part.type == "reasoning":
         return {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
                 "content": [empty_part(part)]}  # fmt: skip
-    return {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-            "phase": "commentary" if part.type == "preamble" else "final_answer", "content": [empty_part(part)]}
+    return {
+        "id": new_id("msg"),
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "phase": "commentary" if part.type == "preamble" else "final_answer",
+        "content": [empty_part(part)],
+    }
 
 
 def empty_part(part: Part) -> dict:

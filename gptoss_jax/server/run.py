@@ -54,7 +54,9 @@ class Server:
 
     def queue_scripts(self, scripts: list) -> int:
         for s in scripts:
-            self.scripts.append(encode(s, allowed_special="all") if isinstance(s, str) else [int(t) for t in s])
+            self.scripts.append(
+                encode(s, allowed_special="all") if isinstance(s, str) else [int(t) for t in s]
+            )
         return len(self.scripts)
 
     def check_model(self, name: str | None) -> None:
@@ -62,13 +64,13 @@ class Server:
             raise APIError(f"model: {name!r} does not exist; this server serves {self.model_name!r}", 404,
                            param="model", code="model_not_found")  # fmt: skip
 
-    def budget(self, prompt_len: int, max_tokens: int | None, field: str) -> int:
+    def budget(self, prompt_len: int, max_tokens: int | None, field: str, prompt_field: str) -> int:
         """max_tokens checked against the context (a 400 naming the counts), or what is left of it."""
         ctx = self.backend.context_length
         if max_tokens is None:
             if prompt_len >= ctx:
                 raise APIError(f"the prompt has {prompt_len} tokens, and the context length is {ctx}: nothing is "
-                               "left to generate", param="messages", code="context_length_exceeded")  # fmt: skip
+                               "left to generate", param=prompt_field, code="context_length_exceeded")  # fmt: skip
             return ctx - prompt_len
         if prompt_len + max_tokens > ctx:
             raise APIError(f"the prompt ({prompt_len} tokens) plus {field} ({max_tokens}) exceed the context "
@@ -78,8 +80,11 @@ class Server:
     def params(self, *, max_tokens: int, temperature, top_p, seed, index: int, logprobs: int | None = None,
                spec: dict | None = None, stop_tokens=HARMONY_STOP) -> GenParams:  # fmt: skip
         """One choice's settings; its mask is a queued test script, else the request's constraint."""
-        mask = ForcedTokens(self.scripts.popleft()) if self.test_hooks and self.scripts else new_mask(spec,
-                                                                                                     max_tokens)
+        mask = (
+            ForcedTokens(self.scripts.popleft())
+            if self.test_hooks and self.scripts
+            else new_mask(spec, max_tokens)
+        )
         return GenParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                          top_p=1.0 if top_p is None else top_p, seed=None if seed is None else seed + index,
                          stop_tokens=tuple(stop_tokens), logprobs=logprobs, mask=mask)  # fmt: skip

@@ -9,4 +9,6 @@ def serve_ckpt(tmp_path_factory):
     from gptoss_jax.checkpoint.synthetic import write_checkpoint
     from gptoss_jax.config import Config
 
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / MODEL, Config.tiny(), layout="hf", shards=1, seed=3)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("serve") / MODEL, Config.tiny(), layout="hf", shards=1, seed=3
+    )

@@ -23,8 +23,14 @@ from servertools import KEY, MODEL, script, start_server, stop_server
 from gptoss_jax.tokenizer import encode
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time",
         "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}}}}  # fmt: skip
 TOOLS = [WEATHER, TIME]
@@ -35,7 +41,9 @@ RTOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses
 @pytest.fixture(scope="module")
 def server(serve_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    proc, url = start_server(serve_ckpt, log, "--max-seqs", "16", "--max-queue", "64", "--max-context", "2048")
+    proc, url = start_server(
+        serve_ckpt, log, "--max-seqs", "16", "--max-queue", "64", "--max-context", "2048"
+    )
     yield url, log
     assert stop_server(proc) == 0, log.read_text()[-3000:]
 
@@ -60,31 +68,31 @@ CUT = ("<|channel|>analysis<|message|>Thinking it over.<|end|><|start|>assistant
 CUT_AT = encode(CUT, allowed_special="all").index(encode(" will")[0])  # max_tokens: cut before " will"
 SCENARIOS = {
     "reasoning then final": (
-        "<|channel|>analysis<|message|>The user asks for 2+2.<|end|><|start|>assistant<|channel|>final<|message|>"
-        "2 + 2 = 4.<|return|>",
+        ("<|channel|>analysis<|message|>The user asks for 2+2.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "2 + 2 = 4.<|return|>"),
         ("2 + 2 = 4.", "The user asks for 2+2.", [], "stop"),
         ([("reasoning", None, "The user asks for 2+2."), ("message", "final_answer", "2 + 2 = 4.")], "completed"),
         200),
     "reasoning then tool call": (
-        "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary "
-        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+        ("<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'),
         (None, "Need the weather tool.", [("get_weather", '{"city": "Paris"}')], "tool_calls"),
         ([("reasoning", None, "Need the weather tool."), ("function_call", "get_weather", '{"city": "Paris"}')],
          "completed"),
         200),
     "two tool calls": (
-        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|end|>'
+        ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|end|>'
         "<|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>"
-        '{"timezone":"Europe/Paris"}<|call|>',
+        '{"timezone":"Europe/Paris"}<|call|>'),
         (None, None, [("get_weather", '{"city":"Paris"}'), ("get_time", '{"timezone":"Europe/Paris"}')],
          "tool_calls"),
         ([("function_call", "get_weather", '{"city":"Paris"}'),
           ("function_call", "get_time", '{"timezone":"Europe/Paris"}')], "completed"),
         200),
     "commentary preamble": (
-        "<|channel|>analysis<|message|>Call the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>"
+        ("<|channel|>analysis<|message|>Call the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>"
         "Let me look that up.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
-        '<|constrain|>json<|message|>{"city":"Oslo"}<|call|>',
+        '<|constrain|>json<|message|>{"city":"Oslo"}<|call|>'),
         (None, "Call the tool.\n\nLet me look that up.", [("get_weather", '{"city":"Oslo"}')], "tool_calls"),
         ([("reasoning", None, "Call the tool."), ("message", "commentary", "Let me look that up."),
           ("function_call", "get_weather", '{"city":"Oslo"}')], "completed"),
@@ -149,8 +157,13 @@ def chat_of_stream(chunks):
 def test_chat_completions_scripted(name, server, client):
     text, want, _, max_tokens = SCENARIOS[name]
     url, log = server
-    body = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Hi"}], tools=TOOLS, max_tokens=max_tokens,
-                temperature=0)  # greedy: the scripted token is the only one allowed either way, and it is cheaper
+    body = {
+        "model": MODEL,
+        "messages": [SYSTEM, {"role": "user", "content": "Hi"}],
+        "tools": TOOLS,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }  # greedy: the scripted token is the only one allowed either way, and it is cheaper
     script(url, text, text)
     resp = client.chat.completions.create(**body)
     got, ids = chat_of_message(resp)
@@ -160,7 +173,9 @@ def test_chat_completions_scripted(name, server, client):
     assert len(set(ids + sids)) == 2 * len(ids) and all(i.startswith("call_") for i in ids)
     u = resp.usage
     n = len(encode(text, allowed_special="all"))
-    assert u.completion_tokens == min(n, max_tokens) and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert (
+        u.completion_tokens == min(n, max_tokens) and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    )
     if want[1]:
         assert 0 < u.completion_tokens_details.reasoning_tokens < u.completion_tokens
     if name == "malformed harmony":
@@ -213,8 +228,14 @@ def responses_of_events(events):
 def test_responses_scripted(name, server, aclient):
     text, _, want, max_tokens = SCENARIOS[name]
     url, _ = server
-    body = dict(model=MODEL, instructions="Be helpful.", input="Hi", tools=RTOOLS, max_output_tokens=max_tokens,
-                temperature=0)
+    body = {
+        "model": MODEL,
+        "instructions": "Be helpful.",
+        "input": "Hi",
+        "tools": RTOOLS,
+        "max_output_tokens": max_tokens,
+        "temperature": 0,
+    }
 
     async def both():
         script(url, text, text)
@@ -238,8 +259,16 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
     """Turn 1 calls the tool; turn 2 sends the call (with its reasoning) and the result: the prompt holds
     the reasoning (tool loop), then turn 3 after the final answer drops it (prompt sizes checked against
     harmony renderings built here)."""
-    from openai_harmony import (Author, Conversation, DeveloperContent, Message, RenderConversationConfig, Role,
-                                SystemContent, ToolDescription)  # fmt: skip
+    from openai_harmony import (
+        Author,
+        Conversation,
+        DeveloperContent,
+        Message,
+        RenderConversationConfig,
+        Role,
+        SystemContent,  # fmt: skip
+        ToolDescription,
+    )
 
     from gptoss_jax.tokenizer import get_harmony_encoding
 
@@ -247,13 +276,17 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
     call_text, (_, reasoning, calls, _), _, _ = SCENARIOS["reasoning then tool call"]
     script(url, call_text, "<|channel|>final<|message|>It is sunny in Paris.<|return|>")
     msgs = [SYSTEM, {"role": "user", "content": "Weather in Paris?"}]
-    r1 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
+    r1 = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0
+    )
     m = r1.choices[0].message
     assert r1.choices[0].finish_reason == "tool_calls" and m.tool_calls[0].function.name == "get_weather"
     msgs += [{"role": "assistant", "content": None, "reasoning": extra(m, "reasoning"),
               "tool_calls": [t.model_dump() for t in m.tool_calls]},
              {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": '{"sky": "sunny"}'}]  # fmt: skip
-    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
+    r2 = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0
+    )
     assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"
 
     def rendered(history):
@@ -266,30 +299,49 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
         return get_harmony_encoding().render_conversation_for_completion(
             conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False))  # fmt: skip
 
-    A = lambda t, ch: Message.from_role_and_content(Role.ASSISTANT, t).with_channel(ch)  # noqa: E731
+    A = lambda t, ch: Message.from_role_and_content(Role.ASSISTANT, t).with_channel(ch)
     user = Message.from_role_and_content(Role.USER, "Weather in Paris?")
-    call = A(calls[0][1], "commentary").with_recipient("functions.get_weather").with_content_type("<|constrain|>json")
+    call = (
+        A(calls[0][1], "commentary")
+        .with_recipient("functions.get_weather")
+        .with_content_type("<|constrain|>json")
+    )
     result = (Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"), '{"sky": "sunny"}')
               .with_channel("commentary").with_recipient("assistant"))  # fmt: skip
     loop = [user, A(reasoning, "analysis"), call, result]
     assert r2.usage.prompt_tokens == len(rendered(loop))
     script(url, "<|channel|>final<|message|>Bye.<|return|>")
     msgs += [{"role": "assistant", "content": "It is sunny in Paris."}, {"role": "user", "content": "Thanks"}]
-    r3 = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0)
-    done = [user, call, result, A("It is sunny in Paris.", "final"), Message.from_role_and_content(Role.USER, "Thanks")]
+    r3 = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0
+    )
+    done = [
+        user,
+        call,
+        result,
+        A("It is sunny in Paris.", "final"),
+        Message.from_role_and_content(Role.USER, "Thanks"),
+    ]
     assert r3.usage.prompt_tokens == len(rendered(done))
 
 
 def test_responses_previous_response_id_and_stream_helper(server, client):
     url, _ = server
     script(url, SCENARIOS["reasoning then tool call"][0], "<|channel|>final<|message|>Sunny.<|return|>")
-    with client.responses.stream(model=MODEL, input="Weather in Paris?", tools=RTOOLS, max_output_tokens=100) as s:
+    with client.responses.stream(
+        model=MODEL, input="Weather in Paris?", tools=RTOOLS, max_output_tokens=100
+    ) as s:
         r1 = s.get_final_response()
     fc = next(i for i in r1.output if i.type == "function_call")
     assert fc.name == "get_weather" and fc.arguments == '{"city": "Paris"}' and r1.store
     assert client.responses.retrieve(r1.id).id == r1.id
-    r2 = client.responses.create(model=MODEL, previous_response_id=r1.id, tools=RTOOLS, max_output_tokens=100,
-                                 input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"}])
+    r2 = client.responses.create(
+        model=MODEL,
+        previous_response_id=r1.id,
+        tools=RTOOLS,
+        max_output_tokens=100,
+        input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"}],
+    )
     assert r2.output_text == "Sunny." and r2.previous_response_id == r1.id
     assert r2.usage.input_tokens > r1.usage.input_tokens + r1.usage.output_tokens - 5
     with pytest.raises(openai.NotFoundError, match="no stored response 'resp_nope'"):
@@ -358,7 +410,9 @@ def test_chat_logprobs_n_and_stop(server, client):
     for c in r.choices:
         assert c.message.content == "one two" and c.finish_reason == "stop"
         toks = [x.token for x in c.logprobs.content]
-        assert "".join(toks).startswith("one two") and all(len(x.top_logprobs) == 3 for x in c.logprobs.content)
+        assert "".join(toks).startswith("one two") and all(
+            len(x.top_logprobs) == 3 for x in c.logprobs.content
+        )
 
 
 def test_models_health_metrics(server, client):
@@ -416,14 +470,18 @@ def test_constrained_decoding_on_a_random_model(server, aclient):
     tools, jsons, free = asyncio.run(run())
     calls = [r.choices[0].message.tool_calls for r in tools]
     assert all(c and r.choices[0].finish_reason == "tool_calls" for c, r in zip(calls, tools, strict=True))
-    args = {n: [c[0].function.arguments for c in calls if c[0].function.name == n] for n in ("forecast", "now")}
+    args = {
+        n: [c[0].function.arguments for c in calls if c[0].function.name == n] for n in ("forecast", "now")
+    }
     assert len(args["forecast"]) + len(args["now"]) == 50
     assert count_valid(args["forecast"]) + count_valid(args["now"], NOW_SCHEMA) == 50
     contents = [r.choices[0].message.content for r in jsons]
     assert count_valid(contents) == 50 and len(set(contents)) > 1
     unconstrained = count_valid([r.choices[0].message.content for r in free])
-    print(f"\nconstrained: tool arguments 50/50 valid ({len(args['forecast'])} forecast, {len(args['now'])} now), "
-          f"json_schema 50/50; unconstrained: {unconstrained}/50 valid")
+    print(
+        f"\nconstrained: tool arguments 50/50 valid ({len(args['forecast'])} forecast, {len(args['now'])} now), "
+        f"json_schema 50/50; unconstrained: {unconstrained}/50 valid"
+    )
     assert unconstrained < 50
 
 
@@ -488,7 +546,9 @@ def test_auth_and_body_limit(server):
     r = httpx.post(f"{url}/v1/chat/completions", content=big, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=120)  # fmt: skip
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
     assert r.status_code == 200
     log = server[1].read_text()
     assert "POST /v1/chat/completions 413" in log and "a" * 100 not in log  # one line per request, no body

@@ -61,7 +61,10 @@ def test_named_tool_and_json_final_answer():
                                              "required": ["ok"], "additionalProperties": False}}}  # fmt: skip
     for _ in range(4):
         p = parsed(walk(TokenMask(named, 64), 64, rng))
-        assert [c.name for c in p.tool_calls] == ["b"] and json.loads(p.tool_calls[0].text)["ok"] in (True, False)
+        assert [c.name for c in p.tool_calls] == ["b"] and json.loads(p.tool_calls[0].text)["ok"] in (
+            True,
+            False,
+        )
     for _ in range(4):
         toks = walk(TokenMask({"final": SCHEMA, "calls": {}}, 64), 64, rng)
         p = parsed(toks)

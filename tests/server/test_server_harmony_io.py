@@ -25,11 +25,19 @@ from gptoss_jax.tokenizer import decode, encode, get_harmony_encoding
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+}
 
 
 def expected(messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=None) -> list[int]:
-    sys_ = SystemContent.new().with_reasoning_effort(effort).with_conversation_start_date(dt.date.today().isoformat())
+    sys_ = (
+        SystemContent.new()
+        .with_reasoning_effort(effort)
+        .with_conversation_start_date(dt.date.today().isoformat())
+    )
     head = [Message.from_role_and_content(Role.SYSTEM, sys_)]
     if instructions or tools:
         dev = DeveloperContent.new()
@@ -111,7 +119,11 @@ def test_reasoning_is_dropped_after_a_final_answer_and_kept_in_the_tool_loop_aft
 
 
 def test_content_parts_and_several_calls_in_one_turn():
-    call2 = {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    call2 = {
+        "id": "call_2",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+    }
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Paris "}, {"type": "text", "text": "and Oslo"}]},
             {"role": "assistant", "tool_calls": [CALL, call2]},
             {"role": "tool", "tool_call_id": "call_2", "content": "cold"},
@@ -165,7 +177,9 @@ def test_responses_items_phases_and_previous_response():
     turn.messages += parts_to_messages(p.parts)
     nxt = responses_turn(parse(ResponsesRequest, {"input": "Thanks", "previous_response_id": "r"}), turn)
     # instructions and tools are not inherited; the finished turn's reasoning is dropped
-    assert nxt.prompt_tokens() == expected(want[:1] + want[2:] + [asst("It is sunny.", "final"), user("Thanks")])
+    assert nxt.prompt_tokens() == expected(
+        want[:1] + want[2:] + [asst("It is sunny.", "final"), user("Thanks")]
+    )
 
 
 def test_responses_assistant_phase_and_unknown_call_id():

@@ -42,17 +42,17 @@ def idle(url: str) -> bool:
 def test_full_queue_is_a_429_and_disconnects_cancel(server):
     _, url, log = server
     before = log.read_text().count("POST /v1/chat/completions 499")
-    with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
-        with a.stream("POST", f"{url}/v1/chat/completions", json=LONG | {"stream": True}, headers=AUTH) as ra:
-            la = ra.iter_lines()  # kept: a dropped line iterator closes the response
-            next(la)  # admitted (its first chunk is out)
-            with b.stream("POST", f"{url}/v1/chat/completions", json=LONG | {"stream": True}, headers=AUTH) as rb:
-                lb = rb.iter_lines()
-                next(lb)
-                assert metric(url, "gptoss_server_pending_sequences") == 2
-                r = httpx.post(f"{url}/v1/chat/completions", json=LONG, headers=AUTH)
-                assert r.status_code == 429 and "the server is busy" in r.json()["error"]["message"]
-                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    chat, stream = f"{url}/v1/chat/completions", LONG | {"stream": True}
+    with httpx.Client(timeout=60) as a, a.stream("POST", chat, json=stream, headers=AUTH) as ra:
+        la = ra.iter_lines()  # kept: a dropped line iterator closes the response
+        next(la)  # admitted (its first chunk is out)
+        with httpx.Client(timeout=60) as b, b.stream("POST", chat, json=stream, headers=AUTH) as rb:
+            lb = rb.iter_lines()
+            next(lb)
+            assert metric(url, "gptoss_server_pending_sequences") == 2
+            r = httpx.post(chat, json=LONG, headers=AUTH)
+            assert r.status_code == 429 and "the server is busy" in r.json()["error"]["message"]
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
     # both clients went away mid-generation: their sequences are cancelled and freed at once
     assert wait_until(lambda: idle(url)), httpx.get(f"{url}/metrics").text
     generated = metric(url, "gptoss_engine_generated_tokens")

@@ -52,18 +52,18 @@ CASES = {
         "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>4 🦜<|return|>",
         [("reasoning", None, "Let me think."), ("content", None, "4 🦜")], "stop"),
     "reasoning then tool call": (
-        "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
-        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+        ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'),
         [("reasoning", None, "Need the weather."), ("tool_call", "get_weather", '{"city": "Paris"}')], "tool_calls"),
     "two tool calls": (
-        '<|channel|>commentary to=functions.a <|constrain|>json<|message|>{"x":1}<|end|><|start|>assistant'
-        '<|channel|>commentary to=functions.b <|constrain|>json<|message|>{"y":2}<|call|>',
+        ('<|channel|>commentary to=functions.a <|constrain|>json<|message|>{"x":1}<|end|><|start|>assistant'
+        '<|channel|>commentary to=functions.b <|constrain|>json<|message|>{"y":2}<|call|>'),
         [("tool_call", "a", '{"x":1}'), ("tool_call", "b", '{"y":2}')], "tool_calls"),
     "recipient in the role part": (
         ' to=functions.f<|channel|>commentary json<|message|>{}<|call|>', [("tool_call", "f", "{}")], "tool_calls"),
     "preamble": (
-        "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.f "
-        "<|constrain|>json<|message|>{}<|call|>", [("preamble", None, "Checking."), ("tool_call", "f", "{}")],
+        ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.f "
+        "<|constrain|>json<|message|>{}<|call|>"), [("preamble", None, "Checking."), ("tool_call", "f", "{}")],
         "tool_calls"),
     "built-in tool call goes to reasoning": (
         '<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>',
@@ -88,8 +88,8 @@ CASES = {
     "header cut off by max_tokens": ("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fin",
                                      [("reasoning", None, "x")], "stop"),
     "hallucinated tool answer is not content": (
-        "<|start|>functions.f to=assistant<|channel|>commentary<|message|>fake<|end|><|start|>assistant"
-        "<|channel|>final<|message|>ok<|return|>", [("reasoning", None, "fake"), ("content", None, "ok")], "stop"),
+        ("<|start|>functions.f to=assistant<|channel|>commentary<|message|>fake<|end|><|start|>assistant"
+        "<|channel|>final<|message|>ok<|return|>"), [("reasoning", None, "fake"), ("content", None, "ok")], "stop"),
 }  # fmt: skip
 
 
@@ -103,7 +103,9 @@ def test_outputs(name):
 
 def test_malformed_output_warns_once(caplog):
     with caplog.at_level(logging.WARNING, logger="gptoss_jax.server"):
-        run("<|channel|>final<|message|>x<|end|>junk<|start|>assistant<|channel|><|channel|>final<|message|>y")
+        run(
+            "<|channel|>final<|message|>x<|end|>junk<|start|>assistant<|channel|><|channel|>final<|message|>y"
+        )
     warnings = [r for r in caplog.records if "not valid harmony" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -129,7 +131,11 @@ def test_cut_off_by_max_tokens():
     assert parts(p) == [("reasoning", None, "x"), ("content", None, "The answer is")]
     assert p.finish_reason(True) == "length"
     p, _ = run(ids[:-3])  # cut inside a call's arguments: length, not tool_calls
-    p2, _ = run(encode('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ', allowed_special="all"))
+    p2, _ = run(
+        encode(
+            '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ', allowed_special="all"
+        )
+    )
     assert p2.finish_reason(True) == "length" and p2.tool_calls[0].text == '{"a": '
 
 
@@ -143,7 +149,7 @@ def test_reasoning_tokens_count_the_analysis_messages():
 
 
 def test_stop_strings_cut_content_across_tokens():
-    p, events = run("<|channel|>analysis<|message|>STOP here is fine<|end|><|start|>assistant<|channel|>final"
+    p, _events = run("<|channel|>analysis<|message|>STOP here is fine<|end|><|start|>assistant<|channel|>final"
                     "<|message|>one two STOP three<|return|>", stop=["STOP"])  # fmt: skip
     assert parts(p) == [("reasoning", None, "STOP here is fine"), ("content", None, "one two ")]
     assert p.stopped and p.finish_reason(False) == "stop"

@@ -28,6 +28,7 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
+from .serving.paged import paged_layout, pool_plan
 from .sharding import (
     MESH_AXES,
     check_mesh_shape,
@@ -59,7 +60,8 @@ def _nbytes(shape, dtype) -> int:
     return int(math.prod(shape)) * np.dtype(dtype).itemsize
 
 
-def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: int = 1) -> dict:
+def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: int = 1,
+         max_seqs: int | None = None, page_size: int = 16) -> dict:  # fmt: skip
     """Per-device memory of `cfg` on a mesh of `mesh_shape` ({"expert": 8} or "expert=4,model=2").
 
     Returns a dict of plain numbers (bytes per device unless named otherwise):
@@ -69,6 +71,7 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
       weights_one_copy (what `model.param_bytes(cfg)` gives), params (as `model.param_count(cfg)`),
       kv_cache_one_copy (`generate.cache_bytes`), replicated_fallback (parameters left whole although their
       rule names a mesh axis larger than 1, because a size does not divide), and the inputs.
+    With `max_seqs`: engine, the serving engine's KV memory (`engine_plan`).
     """
     shape = parse_mesh(mesh_shape) if isinstance(mesh_shape, str) else check_mesh_shape(mesh_shape)
     for what, v in (("context", context), ("batch", batch)):
@@ -109,7 +112,28 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
         "params": weights.param_count(cfg),
         "kv_cache_one_copy": cache_bytes(cfg, batch, context),
         "replicated_fallback": fallback,
-    }
+    } | ({} if max_seqs is None else {"engine": engine_plan(cfg, shape, context, max_seqs, page_size)})
+
+
+# [serving] The serving engine's KV memory: a page pool for full-attention layers, a ring per slot for sliding
+# ones (`serving.paged`), per device as the engine splits it (pages and slots over data, kv heads over model).
+def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: int, page_size: int) -> dict:
+    """`serving.paged.pool_plan` for `max_seqs` slots at `context` tokens (the pool that never waits or
+    preempts), with per-device bytes: pool_per_device, rings_per_device, page_per_device (one page of
+    every full layer on one device) and data_shards (the pool's pages split over them)."""
+    data = shape.get("data", 1)
+    e = pool_plan(cfg, max_seqs=-(-max_seqs // data) * data, max_context=context, page_size=page_size)
+    e["num_pages"] = -(-e["num_pages"] // data) * data
+    slack = e["ring_slots"] - cfg.sliding_window if e["ring_slots"] else 0
+    layout = paged_layout(cfg, num_pages=e["num_pages"], page_size=page_size, max_seqs=e["max_seqs"],
+                          ring_slack=slack)
+    per = {n: _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt)
+           for n, (shp, dt, axes) in layout.items()}  # fmt: skip
+    e["pool_per_device"] = sum(b for n, b in per.items() if not cfg.layer_unit[int(n.split(".")[1])])
+    e["rings_per_device"] = sum(per.values()) - e["pool_per_device"]
+    e["page_per_device"] = e["pool_per_device"] // max(e["num_pages"] // data, 1)
+    e["data_shards"] = data
+    return e
 
 
 def _falls_back(name, shape, spec, mesh_shape, cfg) -> bool:
@@ -154,6 +178,13 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
     lines.append(f"all devices: weights {p['weights_all_devices'] / GiB:.2f} GiB "
                  f"(one copy {p['weights_one_copy'] / GiB:.2f} GiB), "
                  f"KV cache one copy {p['kv_cache_one_copy'] / GiB:.2f} GiB")  # fmt: skip
+    if "engine" in p:  # [serving]
+        e = p["engine"]
+        lines.append(f"serving engine, {e['max_seqs']} slots x {e['max_context']} tokens, pages of "
+                     f"{e['page_size']} tokens:")  # fmt: skip
+        pool, rings = f"page pool ({e['num_pages']} pages)", f"rings ({e['ring_slots']} slots each)"
+        lines.append(f"  {pool:<34}{_gib(e['pool_per_device'])}")
+        lines.append(f"  {rings:<34}{_gib(e['rings_per_device'])}")
     if p["replicated_fallback"]:
         lines.append(
             "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
@@ -164,6 +195,12 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         verdict = (f"fits, {left / GiB:.2f} GiB left for activations and XLA workspace" if left > 0
                    else f"does NOT fit: {-left / GiB:.2f} GiB over")  # fmt: skip
         lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
+        if "engine" in p:  # [serving] the pool that fits beside the weights and the rings
+            e = p["engine"]
+            left = max(0, int(cap - p["weights_total"] - e["rings_per_device"]))
+            fit = left // max(e["page_per_device"], 1) * e["data_shards"]
+            lines.append(f"serving engine: {fit} pages ({fit * e['page_size']} tokens) fill the memory left "
+                         f"beside the weights and rings (Engine(num_pages=...); leave room for activations)")
     return "\n".join(lines)
 
 
@@ -186,6 +223,9 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
                         help="non-expert weights and KV cache dtype (default bfloat16, as load() uses)")  # fmt: skip
     parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                         help="memory of one device in GiB: say whether the plan fits")  # fmt: skip
+    parser.add_argument("--max-seqs", type=int, default=None,
+                        help="also plan the serving engine's KV memory for this many sequences at --context")
+    parser.add_argument("--page-size", type=int, default=16, help="serving engine: tokens per page (default 16)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -224,7 +264,7 @@ def run_info(args: argparse.Namespace) -> int:
         context = cfg.context_length if args.context is None else args.context
         if args.device_memory is not None and not args.device_memory > 0:
             raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-        p = plan(cfg, parse_mesh(args.mesh), context, args.batch)
+        p = plan(cfg, parse_mesh(args.mesh), context, args.batch, args.max_seqs, args.page_size)
     except (ValueError, OSError) as e:  # bad input or unreadable checkpoint (CheckpointError: a ValueError)
         print(f"gptoss-jax info: error: {e}", file=sys.stderr)
         return 2

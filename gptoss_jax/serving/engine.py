@@ -4,7 +4,7 @@
     engine.warmup()                      # compiles every call shape ahead; returns the seconds it took
     with engine:                         # steps in a background thread
         h = engine.submit(prompt_ids, max_tokens=64, temperature=0.7, seed=1, stop=["\\n\\n"])
-        for ev in h: ...                 # or `async for ev in h`; TokenEvent(token, text, logprob, top_logprobs)
+        for ev in h: ...                 # or `async for ev in h`: TokenEvent(token, text, logprob, ...)
         h.result()                       # Result(tokens, text, finish_reason, ...)
 
 Each step (`Engine.step`) is one plan from the scheduler (`serving.scheduler`): a decode call with one token
@@ -64,7 +64,11 @@ def _run(graphdef, sliding, n_top, state, kv, a):
     sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], jnp.ones_like(a["top_p"]))
     keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(a["keys"], a["index"])
     tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], lg.shape[-1]))
-    return (cache.k, cache.v), tok, *token_logprobs(lg, tok, n_top)
+    # log-probs cost a log-softmax and a top-k over the vocabulary: only when some row asked for them
+    B = tok.shape[0]
+    none = (jnp.zeros(B, jnp.float32), jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
+    lp = jax.lax.cond(a["logprobs"], lambda: token_logprobs(lg, tok, n_top), lambda: none)
+    return (cache.k, cache.v), tok, *lp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +135,9 @@ class Engine:
         self.mesh = mesh_of(model)
         lanes = int(dict(self.mesh.shape).get("data", 1)) if self.mesh is not None else 1
         max_context = min(cfg.context_length, 8192) if max_context is None else max_context
-        if not isinstance(max_context, int) or isinstance(max_context, bool) or not 1 < max_context <= cfg.context_length:
-            raise ValueError(f"max_context must be an integer in [2, {cfg.context_length}], got {max_context!r}")
+        limit = cfg.context_length
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or not 1 < max_context <= limit:
+            raise ValueError(f"max_context must be an integer in [2, {limit}], got {max_context!r}")
         chunk = cfg.prefill_chunk if chunk is None else chunk
         budget = chunk if budget is None else budget
         for name, v in (("chunk", chunk), ("budget", budget), ("max_top_logprobs", max_top_logprobs + 1)):
@@ -142,14 +147,15 @@ class Engine:
                               ring_slack=ring_slack, num_pages=num_pages, kv_bytes=kv_memory)  # fmt: skip
         num_pages = self.plan["num_pages"]
         if max_seqs % lanes or num_pages % lanes:
-            raise ValueError(f"max_seqs ({max_seqs}) and num_pages ({num_pages}) must divide by the mesh's data "
-                             f"axis ({lanes}): each data shard holds its own slots and pages")  # fmt: skip
+            raise ValueError(f"max_seqs ({max_seqs}) and num_pages ({num_pages}) must divide by the mesh's "
+                             f"data axis ({lanes}): each data shard holds its own slots and pages")
         if num_pages // lanes < 1:
             raise ValueError(f"num_pages must be at least 1 per data shard, got {num_pages}")
         self.max_top_logprobs, self.detokenize = max_top_logprobs, detokenize
+        ring_len = cfg.sliding_window + ring_slack if any(cfg.layer_unit) else 0
         self.scheduler = Scheduler(
             lanes=lanes, slots=max_seqs, pages=num_pages, page_size=page_size, max_context=max_context,
-            chunk=chunk, budget=budget, ring_len=cfg.sliding_window + ring_slack if any(cfg.layer_unit) else 0,
+            chunk=chunk, budget=budget, ring_len=ring_len,
             window=cfg.sliding_window, vocab_size=cfg.vocab_size, eos=tuple(cfg.eos_token_ids), reuse=reuse,
             resident_pages=num_pages if resident_pages is None else resident_pages, max_top=max_top_logprobs,
             seq_buckets=seq_buckets, page_buckets=page_buckets, token_buckets=token_buckets,
@@ -171,6 +177,7 @@ class Engine:
         self._stopping = False
         self._closed = False
         self.warmup_seconds: float | None = None
+        self.last_step = (0.0, 0.0, 0.0)  # seconds of the last step: planning, device calls, commit
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------------------------------ public
@@ -195,9 +202,9 @@ class Engine:
                              f"{sch.max_context}")  # fmt: skip
         need = math.ceil(min(len(prompt) + options.max_tokens, sch.max_context) / sch.page_size)
         if need > sch.pages_per_lane:
-            raise ValueError(f"prompt + max_tokens need {need} pages of {sch.page_size} tokens, more than the "
-                             f"{sch.pages_per_lane} pages a data shard holds: lower max_tokens or give the "
-                             f"engine more pages")  # fmt: skip
+            raise ValueError(f"prompt + max_tokens need {need} pages of {sch.page_size} tokens, more than "
+                             f"the {sch.pages_per_lane} pages a data shard holds: lower max_tokens or give "
+                             f"the engine more pages")  # fmt: skip
         seed = secrets.randbits(63) if options.seed is None else int(options.seed)
         key = _base_key(seed)
         handle = RequestHandle(next(self._ids), prompt, options, seed, self._cancel)
@@ -221,12 +228,17 @@ class Engine:
             self._drain()
             if self.scheduler.idle():
                 return False
+            t0 = time.perf_counter()
             calls = self.scheduler.plan()
             if jax.process_count() > 1:
                 self._send([c.arrays for c in calls])
+            t1 = time.perf_counter()
             outs = self._execute([c.arrays for c in calls])
+            t2 = time.perf_counter()
             self.scheduler.commit(calls, outs)
-            self._rate.append((time.perf_counter(), self.scheduler.counters.generated_tokens))
+            t3 = time.perf_counter()
+            self.last_step = (t1 - t0, t2 - t1, t3 - t2)
+            self._rate.append((t3, self.scheduler.counters.generated_tokens))
             return True
 
     def warmup(self) -> float:
@@ -240,6 +252,10 @@ class Engine:
         return self.warmup_seconds
 
     def metrics(self) -> Metrics:
+        with self._lock:  # a consistent snapshot: waits for a step in flight
+            return self._metrics()
+
+    def _metrics(self) -> Metrics:
         sch, c = self.scheduler, self.scheduler.counters
         now = time.perf_counter()
         while len(self._rate) > 1 and self._rate[0][0] < now - 10.0:
@@ -254,13 +270,15 @@ class Engine:
         ring_bytes = self.plan["ring_slots"] * token_bytes(self.cfg)[1]
         slots_used = len(sch.running) + len(sch.resident)
         tt, tp = _stats(ttft), _stats(tpot)
+        queued = sum(1 for k, _ in list(self._inbox) if k == "add")
         return Metrics(
-            running=len(sch.running), waiting=len(sch.waiting) + sum(1 for k, _ in self._inbox if k == "add"),
+            running=len(sch.running), waiting=len(sch.waiting) + queued,
             resident=len(sch.resident), pages_total=sch.lanes * sch.pages_per_lane, pages_used=sch.pages_used,
             pages_free=sch.lanes * sch.pages_per_lane - sch.pages_used, page_size=sch.page_size,
             kv_bytes_used=sch.pages_used * self.plan["page_bytes"] + slots_used * ring_bytes,
             kv_bytes_total=self.plan["total_bytes"], reuse_hits=c.reuse_hits, reuse_tokens=c.reuse_tokens,
-            prefill_tokens=c.prefill_tokens, decode_tokens=c.decode_tokens, generated_tokens=c.generated_tokens,
+            prefill_tokens=c.prefill_tokens, decode_tokens=c.decode_tokens,
+            generated_tokens=c.generated_tokens,
             preemptions=c.preemptions, finished=c.finished, steps=c.steps, tokens_per_s=rate,
             ttft_mean=tt[0], ttft_p50=tt[1], ttft_p99=tt[2], tpot_mean=tp[0], tpot_p50=tp[1], tpot_p99=tp[2],
             warmup_seconds=self.warmup_seconds,

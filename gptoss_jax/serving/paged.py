@@ -1,4 +1,5 @@
-"""The serving engine's KV cache: a shared page pool for full-attention layers, a ring per slot for sliding ones.
+"""The serving engine's KV cache: a page pool shared by all sequences on full-attention layers, a ring per
+slot on sliding ones.
 
 `PagedKVCache` implements the protocol `model.forward` uses (`begin`, `kv`, `with_kv`, and its step's
 `attend`), so the model's layer scan runs over it unchanged.
@@ -231,10 +232,11 @@ def pool_plan(cfg: Config, *, max_seqs: int, max_context: int, page_size: int = 
         else:
             num_pages = min(max_seqs * per_seq, max(0, kv_bytes - ring_bytes) // max(page_bytes, 1))
             if num_pages < per_seq:
-                raise ValueError(f"kv memory of {kv_bytes} bytes holds {num_pages} pages of {page_size} tokens "
-                                 f"after the rings: fewer than one sequence of {max_context} tokens needs "
-                                 f"({per_seq})")  # fmt: skip
+                raise ValueError(f"kv memory of {kv_bytes} bytes holds {num_pages} pages of {page_size} "
+                                 f"tokens after the rings: fewer than one sequence of {max_context} tokens "
+                                 f"needs ({per_seq})")  # fmt: skip
     return {"max_seqs": max_seqs, "max_context": max_context, "num_pages": int(num_pages),
             "page_size": page_size, "pages_per_seq": per_seq, "tokens": int(num_pages) * page_size,
             "ring_slots": ring_len, "page_bytes": page_bytes, "ring_bytes": ring_bytes,
-            "pool_bytes": int(num_pages) * page_bytes, "total_bytes": int(num_pages) * page_bytes + ring_bytes}  # fmt: skip
+            "pool_bytes": int(num_pages) * page_bytes,
+            "total_bytes": int(num_pages) * page_bytes + ring_bytes}  # fmt: skip

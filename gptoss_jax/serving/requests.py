@@ -84,7 +84,7 @@ class RequestOptions:
             raise ValueError(f"top_logprobs must be an integer in [0, {max_top_logprobs}] (the engine's "
                              f"max_top_logprobs), got {self.top_logprobs!r}")  # fmt: skip
         if self.allowed_tokens is not None and not callable(self.allowed_tokens):
-            raise ValueError("allowed_tokens must be a callable(tokens generated so far) -> ids, mask or None")
+            raise ValueError("allowed_tokens must be a callable(generated tokens) -> ids, mask or None")
 
 
 def _is_int(v) -> bool:
@@ -97,13 +97,15 @@ def allowed_mask(allowed, vocab_size: int) -> np.ndarray | None:
     if allowed is None:
         return None
     a = np.asarray(allowed)
+    if a.size == 0:
+        raise ValueError("allowed_tokens allowed no token")
     if a.dtype == bool:
         if a.shape != (vocab_size,):
-            raise ValueError(f"allowed_tokens returned a bool mask of shape {a.shape}, expected ({vocab_size},)")
+            raise ValueError(f"allowed_tokens returned a bool mask of shape {a.shape}, not ({vocab_size},)")
         mask = a
     else:
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= vocab_size)):
-            raise ValueError(f"allowed_tokens must return token ids in [0, {vocab_size}), a bool mask or None")
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= vocab_size:
+            raise ValueError(f"allowed_tokens must return ids in [0, {vocab_size}), a bool mask or None")
         mask = np.zeros(vocab_size, bool)
         mask[a] = True
     if not mask.any():

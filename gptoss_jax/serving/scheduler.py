@@ -13,8 +13,9 @@ Each step, first come first served by arrival:
 1. admission: waiting sequences take a free slot, or the slot of a resident sequence they extend (reuse),
    or evict the least recently used resident sequence;
 2. decode: every sequence with one token to feed gets the page that token needs;
-3. prefill: chunks of at most `chunk` tokens, `budget` tokens in all, one chunk per sequence; a call holds
-   one chunk per lane.
+3. prefill: chunks of at most `chunk` tokens, `budget` tokens in all (at least a chunk per lane when no
+   sequence decodes: then nothing waits on the step), one chunk per sequence; a call holds one chunk per
+   lane.
 Pages come from the sequence's lane: a free one, else a resident sequence's (least recently used first),
 else the newest running sequence of the lane newer than the one asking is preempted (its slot and pages
 freed; it waits again and is recomputed from its tokens: nothing is lost). A decode row that still finds
@@ -177,7 +178,8 @@ class Scheduler:
             if s.remaining == 1 and s.slot >= 0 and self._grow(s, s.length + 1, preempt_self=True):
                 decode.append(s)
         chunks: list[list[tuple[Seq, int]]] = []
-        budget, chosen = self.budget, set()
+        # the budget keeps prefill from stalling decoding sequences; with none decoding, nothing can stall
+        budget, chosen = (self.budget if decode else max(self.budget, self.chunk * self.lanes)), set()
         while budget > 0:
             per_lane: list[tuple[Seq, int]] = []
             for lane in range(self.lanes):
@@ -212,11 +214,11 @@ class Scheduler:
             s = self.waiting[0]
             need = math.ceil((len(s.tokens) + 1) / self.page_size)
             match = self._match(s) if self.reuse and s.handle.options.reuse else None
-            if match is not None and self._available(match[0].lane, match[0]) >= need - math.ceil(match[1] / self.page_size):
+            kept = math.ceil(match[1] / self.page_size) if match is not None else 0
+            if match is not None and self._available(match[0].lane, match[0]) >= need - kept:
                 self._take_resident(s, *match)
             else:
-                lanes = [ln for ln in range(self.lanes) if self._available(ln) >= need
-                         and (self.free_slots[ln] or any(r.lane == ln for r in self.resident.values()))]  # fmt: skip
+                lanes = [ln for ln in range(self.lanes) if self._available(ln) >= need and self._slot_in(ln)]
                 if not lanes:
                     return
                 lane = max(lanes, key=lambda ln: (len(self.free_slots[ln]) > 0, len(self.free_pages[ln])))
@@ -226,6 +228,9 @@ class Scheduler:
                 s.pages, s.length, s.ring_lo = [], 0, 0
             self.waiting.pop(0)
             self.running[s.slot] = s
+
+    def _slot_in(self, lane: int) -> bool:
+        return bool(self.free_slots[lane]) or any(r.lane == lane for r in self.resident.values())
 
     def _available(self, lane: int, keep: Resident | None = None) -> int:
         """Pages a new sequence could get in `lane`: free, or held by resident sequences (but `keep`)."""
@@ -237,7 +242,8 @@ class Scheduler:
         for r in self.resident.values():
             n = min(len(r.fed), len(s.tokens) - 1)
             common = next((i for i in range(n) if r.fed[i] != s.tokens[i]), n)
-            if common >= 1 and len(r.fed) - common <= self.max_rollback and (best is None or common > best[1]):
+            ok = common >= 1 and len(r.fed) - common <= self.max_rollback
+            if ok and (best is None or common > best[1]):
                 best = (r, common)
         return best
 
@@ -302,7 +308,8 @@ class Scheduler:
                 "start": np.zeros(B, np.int32), "ring_lo": np.zeros(B, np.int32),
                 "temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
                 "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
-                "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32)}  # fmt: skip
+                "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32),
+                "logprobs": np.zeros((), bool)}  # fmt: skip
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, pages) a call can have: what the warm-up compiles."""
@@ -331,6 +338,7 @@ class Scheduler:
                     a["temperature"][row], a["top_k"][row], a["top_p"][row], a["min_p"][row] = (
                         o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
                     a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
+                    a["logprobs"] |= o.logprobs
                     if o.allowed_tokens is not None:
                         m = allowed_mask(o.allowed_tokens(list(s.generated)), self.vocab_size)
                         if m is not None:
@@ -389,11 +397,13 @@ class Scheduler:
         h._push(ev, self._result(s, reason, stop, now))
         self._finish(s)
 
-    def _result(self, s: Seq, reason: str, stop=None, now: float | None = None, error: str | None = None) -> Result:
+    def _result(self, s: Seq, reason: str, stop=None, now: float | None = None, error: str | None = None):
         h = s.handle
         ttft = None if s.first_token is None else s.first_token - h.submitted
         n = len(s.generated)
-        tpot = (now - s.first_token) / (n - 1) if now is not None and s.first_token is not None and n > 1 else None
+        tpot = None
+        if now is not None and s.first_token is not None and n > 1:
+            tpot = (now - s.first_token) / (n - 1)
         if reason in ("stop", "length"):
             self.counters.finished += 1
             self.recent.append((now, ttft, tpot, n))

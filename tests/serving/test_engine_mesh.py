@@ -1,0 +1,134 @@
+"""The engine on a mesh (8 fake CPU devices: data=2 lanes, experts and heads split) and on two processes
+(process 0 schedules, process 1 follows its plan): the tokens of every request equal single-device
+`generate` on its prompt alone, and nothing compiles after the warm-up.
+
+The worker of the two-process test is this file run as a script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import gptoss_jax
+
+MESH = "data=2,expert=2,model=2"
+ENGINE = dict(max_seqs=4, max_context=336, page_size=16, chunk=32, seq_buckets=(2,), page_buckets=(),
+              token_buckets=(32,), detokenize=False)  # fmt: skip
+NEW = 10
+
+
+def workload(vocab: int):
+    rng = np.random.default_rng(23)
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(1, 200, 6)]
+    return prompts, rng.integers(0, 6, len(prompts)).tolist()
+
+
+def drive(engine, prompts, arrivals):
+    handles, step = [None] * len(prompts), 0
+    while not all(h is not None and h.done for h in handles):
+        for i, p in enumerate(prompts):
+            if arrivals[i] == step:
+                handles[i] = engine.submit(p, max_tokens=NEW)
+        engine.step()
+        step += 1
+    return [h.result().tokens for h in handles]
+
+
+def test_on_a_mesh_of_eight_devices(hf_ckpt, tiny_cfg):
+    from hf_reference import our_model
+
+    from gptoss_jax.serving import Engine
+
+    prompts, arrivals = workload(tiny_cfg.vocab_size)
+    want = gptoss_jax.generate(our_model(hf_ckpt), prompts, max_new_tokens=NEW)
+    model = gptoss_jax.load(str(hf_ckpt), dtype="float32", mesh=MESH, quiet=True)
+    eng = Engine(model, **ENGINE)
+    assert eng.scheduler.lanes == 2
+    spec = eng._kv[0][1].sharding.spec  # the full layer's pool: pages over data, kv heads over model
+    assert spec[1] == "data" and spec[3] == "model"
+    eng.warmup()
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = drive(eng, prompts, arrivals)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert got == want and compiles == []
+    lanes = {s // 2 for s in eng.scheduler.resident}
+    assert lanes == {0, 1}  # both data shards held sequences
+
+
+def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                               process_id=process_id, initialization_timeout=120)  # fmt: skip
+    from gptoss_jax.serving import Engine
+
+    model = gptoss_jax.load(ckpt, dtype="float32", mesh=MESH, quiet=True)
+    eng = Engine(model, **ENGINE)
+    eng.warmup()
+    if process_id == 0:
+        prompts, arrivals = workload(model.cfg.vocab_size)
+        tokens = drive(eng, prompts, arrivals)
+        eng.close()  # releases the follower
+        Path(out, "tokens.json").write_text(json.dumps(tokens))
+    else:
+        with pytest.raises(Exception, match="process 0"):
+            eng.submit([1, 2, 3])
+        eng.follow()
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_run_process_0s_plan(tmp_path, hf_ckpt, tiny_cfg):
+    from hf_reference import our_model
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = _free_port()
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            subprocess.Popen([sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)],
+                             env=env, stdout=stack.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
+                             cwd=Path(__file__).parents[2])
+            for i in range(2)
+        ]  # fmt: skip
+        prompts, _ = workload(tiny_cfg.vocab_size)
+        want = gptoss_jax.generate(our_model(hf_ckpt), prompts, max_new_tokens=NEW)
+        deadline = time.monotonic() + 400
+        try:
+            for p in procs:
+                p.wait(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {i} failed:\n{logs[i].read_text()[-4000:]}"
+    assert json.loads((tmp_path / "tokens.json").read_text()) == want
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

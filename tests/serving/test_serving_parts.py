@@ -1,0 +1,127 @@
+"""The engine's parts without a model: bucket sizes, pool sizing (and the planner that reports it, against
+the buffers an engine really allocates), ring positions after rollbacks, streamed text with stop strings,
+token masks, and the plan a multi-process engine sends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_one_line
+from flax import nnx
+
+from gptoss_jax import tokenizer
+from gptoss_jax.config import Config
+from gptoss_jax.model import Transformer
+from gptoss_jax.serving import Engine, pool_plan
+from gptoss_jax.serving.engine import _decode_plan, _encode_plan
+from gptoss_jax.serving.paged import _ring_positions
+from gptoss_jax.serving.requests import TextStream, allowed_mask
+from gptoss_jax.serving.scheduler import bucket, buckets
+
+
+def test_buckets():
+    assert buckets(16) == (1, 2, 4, 8, 16) and buckets(21) == (1, 2, 4, 8, 16, 21)
+    assert buckets(512, 16) == (16, 32, 64, 128, 256, 512)
+    assert buckets(21, given=(8, 64)) == (8, 21) and buckets(21, given=()) == (21,)
+    assert [bucket(n, (2, 4, 21)) for n in (1, 2, 3, 5, 21)] == [2, 2, 4, 21, 21]
+    with pytest.raises(ValueError, match="page_buckets"):
+        buckets(4, given=(0,), name="page_buckets")
+
+
+def test_pool_plan(tiny_cfg):
+    p = pool_plan(tiny_cfg, max_seqs=4, max_context=100, page_size=16, ring_slack=16)
+    assert p["pages_per_seq"] == 7 and p["num_pages"] == 28
+    assert p["ring_slots"] == tiny_cfg.sliding_window + 16
+    # k and v of 2 kv heads x 16 dims in bfloat16, on 2 full (pages) and 2 sliding (rings) layers
+    assert p["page_bytes"] == 16 * 2 * (2 * 16 * 2) * 2 and p["ring_bytes"] == 4 * 24 * 2 * (2 * 16 * 2) * 2
+    q = pool_plan(tiny_cfg, max_seqs=4, max_context=100, kv_bytes=p["ring_bytes"] + 10 * p["page_bytes"] + 5)
+    assert q["num_pages"] == 10
+    with pytest.raises(ValueError) as e:
+        pool_plan(tiny_cfg, max_seqs=4, max_context=100, kv_bytes=p["ring_bytes"] + 6 * p["page_bytes"])
+    assert_one_line(e, "6 pages", "(7)")
+
+
+def test_planner_reports_the_pool_an_engine_allocates():
+    """`gptoss-jax info tiny --max-seqs` (the real entry point) against an engine's buffers for that
+    config."""
+    info = [sys.executable, "-m", "gptoss_jax", "info", "tiny", "--max-seqs", "6"]
+    out = subprocess.run([*info, "--dtype", "float32", "--context", "300", "--page-size", "32", "--json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    e = json.loads(out.stdout)["engine"]
+    model = Transformer(Config.tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    eng = Engine(model, max_seqs=6, max_context=300, page_size=32, detokenize=False)
+    held = sum(a.nbytes for kv in eng._kv for a in kv)
+    assert e["num_pages"] == 6 * 10
+    assert e["total_bytes"] == held == e["pool_per_device"] + e["rings_per_device"]
+    text = subprocess.run([*info, "--device-memory", "1"], capture_output=True, text=True, check=True).stdout
+    assert "page pool (" in text and "fill the memory left" in text
+
+
+def test_ring_positions_follow_writes_and_rollbacks():
+    """The position each ring slot holds, derived from (start, ring_lo), against a ring actually written
+    chunk by chunk, with rollbacks (the slots past the new end become invalid)."""
+    W = 11
+    rng = np.random.default_rng(0)
+    ring = np.full(W, -1)
+    length, lo = 0, 0
+    for _ in range(60):
+        if length > 3 and rng.random() < 0.25:
+            d = int(rng.integers(1, 4))
+            lo = max(lo, length - W)
+            ring[(ring >= length - d)] = -1  # what a rollback leaves is stale: never to be seen
+            length -= d
+        else:
+            n = int(rng.integers(1, 2 * W))
+            for p in range(length, length + n):
+                ring[p % W] = p
+            length += n
+        got = np.asarray(_ring_positions(jnp.asarray([length]), jnp.asarray([lo]), W))[0]
+        np.testing.assert_array_equal(got, ring)
+
+
+def test_text_stream_holds_back_stop_strings_and_split_characters():
+    text = "naïve café → done. The END is near END"
+    toks = tokenizer.encode(text)
+    s = TextStream(["END", "zzz"])
+    out, stop = [], None
+    for t in toks:
+        piece, stop = s.add(t)
+        out.append(piece)
+        assert "END" not in "".join(out)
+        if stop:
+            break
+    assert stop == "END" and "".join(out) == s.text == "naïve café → done. The "
+    # a character split over byte tokens comes out whole
+    s = TextStream(())
+    pieces = [s.add(t)[0] for t in tokenizer.encode("→")] + [s.finish()]
+    assert "".join(pieces) == "→" and all("\ufffd" not in p for p in pieces)
+    # a held-back prefix ("EN") is released once it turns out not to be a stop string
+    s = TextStream(["END"])
+    got = "".join(s.add(t)[0] for t in tokenizer.encode("AN ENTRY")) + s.finish()
+    assert got == "AN ENTRY"
+
+
+def test_allowed_mask():
+    m = allowed_mask([3, 5], 8)
+    assert m.tolist() == [False, False, False, True, False, True, False, False]
+    assert allowed_mask(None, 8) is None and allowed_mask(np.ones(8, bool), 8).all()
+    for bad, needle in (([], "allowed no token"), ([9], "[0, 8)"), (np.ones(7, bool), "(8,)")):
+        with pytest.raises(ValueError) as e:
+            allowed_mask(bad, 8)
+        assert_one_line(e, needle)
+
+
+def test_plan_roundtrip():
+    calls = [{"tokens": np.arange(6, dtype=np.int32).reshape(2, 3), "keys": np.ones((2, 2), np.uint32)},
+             {"mask": np.full((1, 4), 255, np.uint8)}]  # fmt: skip
+    back = _decode_plan(_encode_plan(calls))
+    assert len(back) == 2 and back[1].keys() == {"mask"}
+    for a, b in zip(calls, back, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            assert a[k].dtype == b[k].dtype

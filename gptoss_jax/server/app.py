@@ -35,14 +35,24 @@ log = logging.getLogger("gptoss_jax.server")
 
 MAX_BODY = 32 * 2**20  # bytes; a larger body gets a 413
 DRAIN_MAX = 256 * 2**20  # a too-large body is read (and dropped) up to this, so the client sees the 413
-ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/health", "/metrics",
-          "/v1/test/scripts")  # fmt: skip
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/v1/test/scripts",
+)
 
 
 class BodyTooLarge(APIError):
     def __init__(self, limit: int):
-        super().__init__(f"the request body is larger than the limit of {limit // 2**20} MiB", 413,
-                         code="request_too_large")  # fmt: skip
+        super().__init__(
+            f"the request body is larger than the limit of {limit // 2**20} MiB",
+            413,
+            code="request_too_large",
+        )
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -62,8 +72,13 @@ class Edge:
         status = [0]
         seen = [0]
         path = scope["path"]
-        route = path if path in ROUTES else "/v1/responses/{id}" if path.startswith("/v1/responses/") else (
-            "/v1/models/{id}" if path.startswith("/v1/models/") else "other")  # fmt: skip
+        route = (
+            path
+            if path in ROUTES
+            else "/v1/responses/{id}"
+            if path.startswith("/v1/responses/")
+            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
 
         async def limited_receive():
             msg = await receive()
@@ -94,8 +109,16 @@ class Edge:
             self.counts[(route, status[0])] += 1
             summary = state.get("summary")
             client = scope.get("client") or ("-", 0)
-            log.info("%s:%s %s %s %d %.3fs%s", client[0], client[1], scope["method"], path, status[0],
-                     time.perf_counter() - t0, f" {summary()}" if summary else "")  # fmt: skip
+            log.info(
+                "%s:%s %s %s %d %.3fs%s",
+                client[0],
+                client[1],
+                scope["method"],
+                path,
+                status[0],
+                time.perf_counter() - t0,
+                f" {summary()}" if summary else "",
+            )
 
 
 async def _drain(receive, limit: int) -> None:
@@ -147,8 +170,16 @@ class EventStream(StreamingResponse):
             scope.setdefault("state", {})["disconnected"] = True
 
 
-def create_app(backend, *, model_name: str, api_key: str | None = None, max_pending: int = 256,
-               test_hooks: bool = False, max_body: int = MAX_BODY, store_capacity: int = 1024):  # fmt: skip
+def create_app(
+    backend,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_pending: int = 256,
+    test_hooks: bool = False,
+    max_body: int = MAX_BODY,
+    store_capacity: int = 1024,
+):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429."""
     server = Server(backend, model_name, test_hooks, max_pending)
@@ -173,8 +204,10 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
-        msg = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} is not "
-               f"allowed on {request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+        msg = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
         return error_response(APIError(msg, e.status_code))
 
     @app.exception_handler(Exception)
@@ -245,8 +278,13 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
         return await answer(request, CompletionJob(server, data), bool(data.get("stream")))
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "gptoss-jax",
-                "max_model_len": backend.context_length}  # fmt: skip
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "gptoss-jax",
+            "max_model_len": backend.context_length,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -265,8 +303,10 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, max_pend
 
     @app.get("/metrics")
     async def metrics():
-        lines = ["# HELP gptoss_http_requests_total HTTP requests by route and status.",
-                 "# TYPE gptoss_http_requests_total counter"]  # fmt: skip
+        lines = [
+            "# HELP gptoss_http_requests_total HTTP requests by route and status.",
+            "# TYPE gptoss_http_requests_total counter",
+        ]
         for (route, status), n in sorted(counts.items()):
             lines.append(f'gptoss_http_requests_total{{route="{route}",status="{status}"}} {n}')
         lines += [

@@ -1,6 +1,6 @@
 """The generation interface the server is written against, and its adapter to the model.
 
-    backend.generate(prompt_ids, GenParams) -> async iterator of Generated(token, logprob, top)
+    backend.generate(prompt_ids, GenParams, info) -> async iterator of Generated(token, logprob, top)
     backend.score(token_ids, top) -> log-probabilities of each token given the ones before it
     backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
 
@@ -66,13 +66,27 @@ class EngineBackend:
         self.engine.close()
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.engine.metrics().as_dict().items() if v is not None}
+        return {
+            k: v
+            for k, v in self.engine.metrics().as_dict().items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
-    async def generate(self, prompt: list[int], params: GenParams) -> AsyncIterator[Generated]:
-        opts = RequestOptions(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                              seed=params.seed, stop_token_ids=params.stop_tokens,
-                              logprobs=params.logprobs is not None, top_logprobs=params.logprobs or 0,
-                              allowed_tokens=params.mask)  # fmt: skip
+    async def generate(
+        self, prompt: list[int], params: GenParams, info: dict | None = None
+    ) -> AsyncIterator[Generated]:
+        """The request's tokens as they come; `info` gets "cached_tokens" (prompt tokens whose KV the engine
+        reused from an earlier request) at the end."""
+        opts = RequestOptions(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_token_ids=params.stop_tokens,
+            logprobs=params.logprobs is not None,
+            top_logprobs=params.logprobs or 0,
+            allowed_tokens=params.mask,
+        )
         try:
             handle = self.engine.submit(prompt, opts)
         except ValueError as e:  # what the engine cannot hold (pages): the request's fault, a 400
@@ -88,6 +102,8 @@ class EngineBackend:
             result = handle.result()
             if result.finish_reason == "error":
                 raise RuntimeError(f"engine: {result.error}")
+            if info is not None:
+                info["cached_tokens"] = result.cached_tokens
         finally:
             if not handle.done:  # closed early: the client went away, or a stop string matched
                 handle.cancel()
@@ -126,5 +142,6 @@ def _score(graphdef, state, tokens, positions, nxt, top):
     m = nnx.merge(graphdef, state)
     h, _ = forward(m, tokens, positions)
     h = h[0].reshape(-1, SCORE_CHUNK, h.shape[-1])
-    return jax.lax.map(lambda xs: token_logprobs(logits(m, xs[0]), xs[1], top),
-                       (h, nxt.reshape(-1, SCORE_CHUNK)))  # fmt: skip
+    return jax.lax.map(
+        lambda xs: token_logprobs(logits(m, xs[0]), xs[1], top), (h, nxt.reshape(-1, SCORE_CHUNK))
+    )

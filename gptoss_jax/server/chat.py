@@ -46,10 +46,22 @@ class ChatJob:
         where = {t.function.name: f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])}
         check_schemas(spec, where | {"": "response_format.json_schema.schema"})
         self.top = (req.top_logprobs or 0) if req.logprobs else None
-        self.choices = [Choice(i, server.params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                                seed=req.seed, index=i, logprobs=self.top, spec=spec),
-                               OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls))
-                        for i in range(req.n)]  # fmt: skip
+        self.choices = [
+            Choice(
+                i,
+                server.params(
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    index=i,
+                    logprobs=self.top,
+                    spec=spec,
+                ),
+                OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls),
+            )
+            for i in range(req.n)
+        ]
         self.id, self.created = new_id("chatcmpl", "-"), int(time.time())
         self.views = [ChatView(self.top) for _ in self.choices]
 
@@ -58,19 +70,37 @@ class ChatJob:
 
     def usage(self) -> dict:
         done = sum(len(c.tokens) for c in self.choices)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done,
-                "prompt_tokens_details": {"cached_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": sum(c.parser.reasoning_tokens for c in self.choices)}}  # fmt: skip
+        cached = max(c.info.get("cached_tokens", 0) for c in self.choices)
+        reasoning = sum(c.parser.reasoning_tokens for c in self.choices)
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": done,
+            "total_tokens": len(self.prompt) + done,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.model_name,
-                "system_fingerprint": None}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.server.model_name,
+            "system_fingerprint": None,
+        }
 
     async def response(self) -> dict:
         async for i, events in merged(self._streams()):
             self.views[i].deltas(events)
-        choices = [{"index": c.index, "message": v.message(), "logprobs": v.logprobs_json(),
-                    "finish_reason": c.finish_reason} for c, v in zip(self.choices, self.views, strict=True)]  # fmt: skip
+        choices = [
+            {
+                "index": c.index,
+                "message": v.message(),
+                "logprobs": v.logprobs_json(),
+                "finish_reason": c.finish_reason,
+            }
+            for c, v in zip(self.choices, self.views, strict=True)
+        ]
         return self._head("chat.completion") | {"choices": choices, "usage": self.usage()}
 
     async def stream(self) -> AsyncIterator[str]:
@@ -78,8 +108,12 @@ class ChatJob:
         extra = {"usage": None} if usage else {}
 
         def chunk(i: int, delta: dict, lp=None, finish=None) -> str:
-            c = {"index": i, "delta": delta, "logprobs": None if lp is None else {"content": lp},
-                 "finish_reason": finish}  # fmt: skip
+            c = {
+                "index": i,
+                "delta": delta,
+                "logprobs": None if lp is None else {"content": lp},
+                "finish_reason": finish,
+            }
             return sse(self._head("chat.completion.chunk") | {"choices": [c]} | extra)
 
         for c in self.choices:
@@ -94,8 +128,10 @@ class ChatJob:
         yield "data: [DONE]\n\n"
 
     def summary(self) -> str:
-        return (f"prompt={len(self.prompt)} completion={sum(len(c.tokens) for c in self.choices)} "
-                f"finish={','.join(c.finish_reason for c in self.choices)}")  # fmt: skip
+        return (
+            f"prompt={len(self.prompt)} completion={sum(len(c.tokens) for c in self.choices)} "
+            f"finish={','.join(c.finish_reason for c in self.choices)}"
+        )
 
 
 class ChatView:
@@ -115,10 +151,19 @@ class ChatView:
         for kind, part, text in events:
             if part.type == "tool_call":
                 if kind == "start":
-                    call = {"index": part.index, "id": part.call_id, "type": "function",
-                            "function": {"name": part.name, "arguments": ""}}  # fmt: skip
-                    self.calls.append({"id": part.call_id, "type": "function",
-                                       "function": {"name": part.name, "arguments": ""}})  # fmt: skip
+                    call = {
+                        "index": part.index,
+                        "id": part.call_id,
+                        "type": "function",
+                        "function": {"name": part.name, "arguments": ""},
+                    }
+                    self.calls.append(
+                        {
+                            "id": part.call_id,
+                            "type": "function",
+                            "function": {"name": part.name, "arguments": ""},
+                        }
+                    )
                     out.append(({"tool_calls": [call]}, None))
                 elif kind == "delta" and text:
                     self.calls[part.index]["function"]["arguments"] += text
@@ -146,8 +191,12 @@ class ChatView:
 
     def message(self) -> dict:
         reasoning = "".join(self.reasoning) or None
-        msg = {"role": "assistant", "content": "".join(self.content) if self.content or not self.calls else None,
-               "reasoning": reasoning, "reasoning_content": reasoning}  # fmt: skip
+        msg = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not self.calls else None,
+            "reasoning": reasoning,
+            "reasoning_content": reasoning,
+        }
         if self.calls:
             msg["tool_calls"] = self.calls
         return msg
@@ -162,8 +211,10 @@ def token_json(token: int) -> dict:
 
 
 def logprob_json(g, top: int) -> dict:
-    return (token_json(g.token) | {"logprob": g.logprob,
-            "top_logprobs": [token_json(t) | {"logprob": lp} for t, lp in (g.top or [])[:top]]})  # fmt: skip
+    return token_json(g.token) | {
+        "logprob": g.logprob,
+        "top_logprobs": [token_json(t) | {"logprob": lp} for t, lp in (g.top or [])[:top]],
+    }
 
 
 def sse(obj: dict, event: str | None = None) -> str:

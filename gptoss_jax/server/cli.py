@@ -21,31 +21,55 @@ API_KEY_ENV = "GPTOSS_JAX_API_KEY"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder: released safetensors (HF or original/ layout) or an Orbax "
-                   "checkpoint from gptoss-convert")  # fmt: skip
+    p.add_argument(
+        "path",
+        help="checkpoint folder: released safetensors (HF or original/ layout) or an Orbax "
+        "checkpoint from gptoss-convert",
+    )
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                   "only; 0.0.0.0 for every interface)")  # fmt: skip
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)",
+    )
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     g.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)",
     )
-    g.add_argument("--served-model-name", help="the model name clients send and /v1/models lists (default: the "
-                   "checkpoint folder's name)")  # fmt: skip
+    g.add_argument(
+        "--served-model-name",
+        help="the model name clients send and /v1/models lists (default: the checkpoint folder's name)",
+    )
     g.add_argument("--max-seqs", type=int, default=16, help="sequences the engine runs at once (default 16)")
-    g.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot; past max-seqs + "
-                   "max-queue a request gets a 429 (default 256)")  # fmt: skip
-    g.add_argument("--max-context", type=int, help="longest sequence (prompt + output) a request may reach "
-                   "(default: the model's context length, at most 8192)")  # fmt: skip
-    g.add_argument("--no-warmup", action="store_true", help="compile the engine's call shapes when first used, "
-                   "not before serving (faster start; early requests of each size wait for a compile)")  # fmt: skip
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences waiting for a slot; past max-seqs + max-queue a request gets a 429 (default 256)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        help="longest sequence (prompt + output) a request may reach "
+        "(default: the model's context length, at most 8192)",
+    )
+    g.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="compile the engine's call shapes when first used, "
+        "not before serving (faster start; early requests of each size wait for a compile)",
+    )
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
-    m.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")  # fmt: skip
+    m.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU",
+    )
     m.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
@@ -87,9 +111,13 @@ def build_app(args, model):
         log.info("compiled in %.1f s", engine.warmup())
     ll_tokenizer()  # built now (~2 s), not in the first constrained request
     name = args.served_model_name or Path(args.path).resolve().name
-    return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
-                      max_pending=args.max_seqs + args.max_queue,
-                      test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")  # fmt: skip
+    return create_app(
+        EngineBackend(engine, model),
+        model_name=name,
+        api_key=args.api_key,
+        max_pending=args.max_seqs + args.max_queue,
+        test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
+    )
 
 
 def run_serve(args) -> int:
@@ -99,8 +127,11 @@ def run_serve(args) -> int:
     from ..sharding import make_mesh
 
     _check(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     log = logging.getLogger("gptoss_jax.server")
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = args.dtype
@@ -108,14 +139,34 @@ def run_serve(args) -> int:
         import jax
 
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model = load(args.path, dtype=dtype, mesh=mesh, quiet=True, attention_impl=args.attention_impl,
-                 moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+    model = load(
+        args.path,
+        dtype=dtype,
+        mesh=mesh,
+        quiet=True,
+        attention_impl=args.attention_impl,
+        moe_impl=args.moe_impl,
+        expert_format=args.expert_format,
+    )
     app = build_app(args, model)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=None, lifespan="on")  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=None,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
-    log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,
-             args.max_seqs, args.max_queue)  # fmt: skip
+    log.info(
+        "serving %s on http://%s:%d (max %d sequences + %d queued)",
+        args.path,
+        args.host,
+        args.port,
+        args.max_seqs,
+        args.max_queue,
+    )
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
     # one in place, that ends `run()` normally and the command exits 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

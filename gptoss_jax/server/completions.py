@@ -92,8 +92,15 @@ class CompletionJob:
         for p in self.prompts:
             max_tokens = server.budget(len(p), req.max_tokens, "max_tokens", "prompt")
             for j in range(req.n):
-                params = server.params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                       seed=req.seed, index=j, logprobs=self.top, stop_tokens=STOP_TOKENS)  # fmt: skip
+                params = server.params(
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    index=j,
+                    logprobs=self.top,
+                    stop_tokens=STOP_TOKENS,
+                )
                 # max_tokens 0 (echo only): nothing is generated, "length" as OpenAI says
                 self.choices.append(
                     Choice(len(self.choices), params, TextParser(req.stop), hit_length=not max_tokens)
@@ -111,8 +118,10 @@ class CompletionJob:
         return text, scored
 
     def _streams(self):
-        return [run_choice(self.server.backend, self._prompt_of(c), c) if c.params.max_tokens else _nothing()
-                for c in self.choices]  # fmt: skip
+        return [
+            run_choice(self.server.backend, self._prompt_of(c), c) if c.params.max_tokens else _nothing()
+            for c in self.choices
+        ]
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
@@ -120,8 +129,13 @@ class CompletionJob:
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     def _head(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
-                "system_fingerprint": None}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.server.model_name,
+            "system_fingerprint": None,
+        }
 
     async def response(self) -> dict:
         async for _ in merged(self._streams()):
@@ -130,8 +144,14 @@ class CompletionJob:
         for c in self.choices:
             text, scored = await self._echo(c) if self.req.echo else ("", [])
             lp = logprobs_json(scored + c.parser.part.logprobs, self.top, 0) if self.top is not None else None
-            choices.append({"index": c.index, "text": text + c.parser.part.text, "logprobs": lp,
-                            "finish_reason": c.finish_reason})  # fmt: skip
+            choices.append(
+                {
+                    "index": c.index,
+                    "text": text + c.parser.part.text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
         return self._head() | {"choices": choices, "usage": self.usage()}
 
     async def stream(self) -> AsyncIterator[str]:
@@ -163,8 +183,11 @@ class CompletionJob:
         yield "data: [DONE]\n\n"
 
     def summary(self) -> str:
-        return (f"prompt={sum(len(p) for p in self.prompts)} completion={sum(len(c.tokens) for c in self.choices)} "
-                f"finish={','.join(c.finish_reason for c in self.choices)}")  # fmt: skip
+        return (
+            f"prompt={sum(len(p) for p in self.prompts)} "
+            f"completion={sum(len(c.tokens) for c in self.choices)} "
+            f"finish={','.join(c.finish_reason for c in self.choices)}"
+        )
 
 
 async def _nothing():
@@ -180,8 +203,11 @@ def logprobs_json(entries: list, top: int, offset: int) -> dict:
         s = enc.decode_single_token_bytes(g.token).decode("utf-8", "replace")
         tokens.append(s)
         lps.append(g.logprob)
-        tops.append(None if g.top is None else {enc.decode_single_token_bytes(t).decode("utf-8", "replace"): lp
-                                                for t, lp in g.top[:top]})  # fmt: skip
+        tops.append(
+            None
+            if g.top is None
+            else {enc.decode_single_token_bytes(t).decode("utf-8", "replace"): lp for t, lp in g.top[:top]}
+        )
         offs.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}

@@ -53,8 +53,13 @@ def ll_tokenizer():
     enc = get_encoding()
     # tiktoken names id 200018 twice (<|endofprompt|>, <|reserved_200018|>): llguidance wants one name per id
     specials = {k: v for k, v in enc._special_tokens.items() if k != "<|reserved_200018|>"}
-    return llguidance.LLTokenizer.from_tiktoken(encoder=enc._mergeable_ranks, special_tokens=specials,
-                                                pattern=enc._pat_str, eos_token=RETURN, n_vocab=N_VOCAB)  # fmt: skip
+    return llguidance.LLTokenizer.from_tiktoken(
+        encoder=enc._mergeable_ranks,
+        special_tokens=specials,
+        pattern=enc._pat_str,
+        eos_token=RETURN,
+        n_vocab=N_VOCAB,
+    )
 
 
 def _tok(t: int) -> str:
@@ -71,8 +76,13 @@ def _json(schema: dict) -> str:
     return "%json " + json.dumps(schema)
 
 
-def grammar(*, final: dict | None | bool, calls: dict[str, dict | None], reasoning: bool = True,
-            after_end: bool = False) -> str:  # fmt: skip
+def grammar(
+    *,
+    final: dict | None | bool,
+    calls: dict[str, dict | None],
+    reasoning: bool = True,
+    after_end: bool = False,
+) -> str:
     """The lark grammar of an assistant turn.
 
     final: False = no final answer allowed (a call is required); None = free text; a dict = its JSON Schema.
@@ -91,8 +101,9 @@ def grammar(*, final: dict | None | bool, calls: dict[str, dict | None], reasoni
         names = []
         for i, (name, schema) in enumerate(calls.items()):
             args = "TEXT" if schema is None else f"args_{i}"
-            rules.append(f"call_{i}: {_lit(name)} \" \" {_tok(CONSTRAIN)} \"json\" {_tok(MESSAGE)} {args} "
-                         f"{_tok(CALL)}")  # fmt: skip
+            rules.append(
+                f'call_{i}: {_lit(name)} " " {_tok(CONSTRAIN)} "json" {_tok(MESSAGE)} {args} {_tok(CALL)}'
+            )
             if schema is not None:
                 rules.append(f"args_{i}: {_json(schema)}")
             names.append(f"call_{i}")
@@ -103,13 +114,15 @@ def grammar(*, final: dict | None | bool, calls: dict[str, dict | None], reasoni
     head = f'{_tok(END)} {_tok(START)} "assistant" ' if after_end else ""
     pre = "pre* " if reasoning else ""
     channels = '"analysis" | "commentary"' if calls else '"analysis"'
-    return "\n".join([
-        f"start: {head}{pre}last",
-        f"pre: {_tok(CHANNEL)} ({channels}) {_tok(MESSAGE)} TEXT {_tok(END)} {_tok(START)} \"assistant\"",
-        f"last: {' | '.join(lasts)}",
-        *rules,
-        r"TEXT: /(.|\n)*/",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"start: {head}{pre}last",
+            f'pre: {_tok(CHANNEL)} ({channels}) {_tok(MESSAGE)} TEXT {_tok(END)} {_tok(START)} "assistant"',
+            f"last: {' | '.join(lasts)}",
+            *rules,
+            r"TEXT: /(.|\n)*/",
+        ]
+    )
 
 
 class TokenMask:
@@ -132,8 +145,12 @@ class TokenMask:
             return None
         for t in tokens[self._seen :]:
             if not self._m.consume_token(int(t)):
-                log.warning("constrained decoding: token %d is not allowed by the grammar (%s); the rest of "
-                            "the request is unconstrained", t, self._m.get_error())  # fmt: skip
+                log.warning(
+                    "constrained decoding: token %d is not allowed by the grammar (%s); the rest of "
+                    "the request is unconstrained",
+                    t,
+                    self._m.get_error(),
+                )
                 self.failed = True
                 return None
         self._seen = len(tokens)
@@ -163,8 +180,9 @@ def check_schema(schema: dict, where: str) -> None:
     """A 400 naming `where` when llguidance cannot compile a schema we must enforce."""
     import llguidance
 
-    g = llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"x-guidance": {"whitespace_pattern": WHITESPACE},
-                                                                 **schema}))  # fmt: skip
+    g = llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps({"x-guidance": {"whitespace_pattern": WHITESPACE}, **schema})
+    )
     is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(g, ll_tokenizer())
     if is_error:
         raise APIError(

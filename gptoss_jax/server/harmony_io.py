@@ -62,15 +62,22 @@ class Turn:
 
     def conversation(self) -> list[Message]:
         content = SystemContent.new().with_reasoning_effort(EFFORTS[self.effort])
-        head = [Message.from_role_and_content(Role.SYSTEM, content.with_conversation_start_date(
-            dt.date.today().isoformat()))]  # fmt: skip
+        head = [
+            Message.from_role_and_content(
+                Role.SYSTEM, content.with_conversation_start_date(dt.date.today().isoformat())
+            )
+        ]
         if self.instructions or self.tools:
             dev = DeveloperContent.new()
             if self.instructions:
                 dev = dev.with_instructions(self.instructions)
             if self.tools:
-                dev = dev.with_function_tools([ToolDescription.new(f.name, f.description or "", f.parameters)
-                                               for f in self.tools.values()])  # fmt: skip
+                dev = dev.with_function_tools(
+                    [
+                        ToolDescription.new(f.name, f.description or "", f.parameters)
+                        for f in self.tools.values()
+                    ]
+                )
             head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
         return head + drop_finished_reasoning(self.messages)
 
@@ -86,8 +93,10 @@ class Turn:
 
 def drop_finished_reasoning(messages: list[Message]) -> list[Message]:
     """Analysis messages before the last final answer are dropped; later ones (a tool loop) are kept."""
-    last = max((i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"),
-               default=-1)  # fmt: skip
+    last = max(
+        (i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"),
+        default=-1,
+    )
     return [m for i, m in enumerate(messages) if not (i < last and m.channel == "analysis")]
 
 
@@ -138,16 +147,19 @@ def check_tool(fn: FunctionDef, where: str) -> None:
     if params is None:
         return
     if params.get("type", "object") != "object":
-        raise APIError(f"{where}.parameters: must be a JSON Schema of type 'object', got type "
-                       f"{params.get('type')!r}", param=f"{where}.parameters")  # fmt: skip
+        raise APIError(
+            f"{where}.parameters: must be a JSON Schema of type 'object', got type {params.get('type')!r}",
+            param=f"{where}.parameters",
+        )
     try:
         jsonschema.validators.validator_for(params, default=jsonschema.Draft202012Validator).check_schema(
             params
         )
     except jsonschema.SchemaError as e:
         path = "".join(f"[{p!r}]" for p in e.path)
-        raise APIError(f"{where}.parameters{path}: invalid JSON Schema: {e.message}",
-                       param=f"{where}.parameters") from None  # fmt: skip
+        raise APIError(
+            f"{where}.parameters{path}: invalid JSON Schema: {e.message}", param=f"{where}.parameters"
+        ) from None
 
 
 def _tools(fns: list[FunctionDef], where: list[str], choice: Any) -> tuple[dict[str, FunctionDef], str]:
@@ -162,8 +174,11 @@ def _tools(fns: list[FunctionDef], where: list[str], choice: Any) -> tuple[dict[
     elif not isinstance(choice, str):
         name = choice.function.name if hasattr(choice, "function") else choice.name
         if name not in tools:
-            raise APIError(f"tool_choice: names the function {name!r}, which is not among the tools "
-                           f"({', '.join(tools) or 'none given'})", param="tool_choice")  # fmt: skip
+            raise APIError(
+                f"tool_choice: names the function {name!r}, which is not among the tools "
+                f"({', '.join(tools) or 'none given'})",
+                param="tool_choice",
+            )
         choice = name
     if choice != "auto" and choice != "none" and not tools:
         raise APIError(f"tool_choice: {choice!r} needs tools, and none are given", param="tool_choice")
@@ -182,8 +197,11 @@ def _text(content: Any, where: str, required: bool = True) -> str | None:
 
 # ------------------------------------------------------------------------------------------ requests
 def chat_turn(req: ChatRequest) -> Turn:
-    tools, choice = _tools([t.function for t in req.tools or []],
-                           [f"tools[{i}].function" for i in range(len(req.tools or []))], req.tool_choice)  # fmt: skip
+    tools, choice = _tools(
+        [t.function for t in req.tools or []],
+        [f"tools[{i}].function" for i in range(len(req.tools or []))],
+        req.tool_choice,
+    )
     instructions, msgs, names = [], [], {}
     for i, m in enumerate(req.messages):
         w = f"messages[{i}]"
@@ -204,8 +222,11 @@ def chat_turn(req: ChatRequest) -> Turn:
                     f"{w}.tool_call_id: field required for tool messages", param=f"{w}.tool_call_id"
                 )
             if m.tool_call_id not in names:
-                raise APIError(f"{w}.tool_call_id: {m.tool_call_id!r} matches no tool call of an earlier "
-                               "assistant message", param=f"{w}.tool_call_id")  # fmt: skip
+                raise APIError(
+                    f"{w}.tool_call_id: {m.tool_call_id!r} matches no tool call of an earlier "
+                    "assistant message",
+                    param=f"{w}.tool_call_id",
+                )
             msgs.append(tool_result_message(names[m.tool_call_id], _text(m.content, f"{w}.content")))
     return Turn(
         msgs, "\n\n".join(instructions) or None, tools, choice, req.reasoning_effort or "medium", names
@@ -216,8 +237,11 @@ def responses_turn(req: ResponsesRequest, previous: Turn | None) -> Turn:
     """The conversation of a Responses request: the stored one of `previous_response_id` (its messages and
     call ids; its instructions are not inherited, as in OpenAI's API), then this request's input."""
     raw_tools = req.tools or []
-    tools, choice = _tools([parse_response_tool(i, t) for i, t in enumerate(raw_tools)],
-                           [f"tools[{i}]" for i in range(len(raw_tools))], req.tool_choice)  # fmt: skip
+    tools, choice = _tools(
+        [parse_response_tool(i, t) for i, t in enumerate(raw_tools)],
+        [f"tools[{i}]" for i in range(len(raw_tools))],
+        req.tool_choice,
+    )
     msgs = list(previous.messages) if previous else []
     names = dict(previous.call_names) if previous else {}
     instructions = [req.instructions] if req.instructions else []
@@ -232,8 +256,14 @@ def responses_turn(req: ResponsesRequest, previous: Turn | None) -> Turn:
             elif it.role == "user":
                 msgs.append(Message.from_role_and_content(Role.USER, text))
             else:  # phase "commentary" (or, without a phase, followed by a call of the same turn): a preamble
-                later = next((x for x in items[i + 1 :] if x.type != "reasoning" and not (
-                    x.type == "message" and x.role == "assistant")), None)  # fmt: skip
+                later = next(
+                    (
+                        x
+                        for x in items[i + 1 :]
+                        if x.type != "reasoning" and not (x.type == "message" and x.role == "assistant")
+                    ),
+                    None,
+                )
                 calls = later is not None and later.type == "function_call"
                 preamble = it.phase == "commentary" or (it.phase is None and calls)
                 msgs.append(_assistant(text, "commentary" if preamble else "final"))
@@ -242,8 +272,11 @@ def responses_turn(req: ResponsesRequest, previous: Turn | None) -> Turn:
             msgs.append(tool_call_message(it.name, it.arguments))
         elif it.type == "function_call_output":
             if it.call_id not in names:
-                raise APIError(f"{w}.call_id: {it.call_id!r} matches no function_call of this input or of the "
-                               "previous response", param=f"{w}.call_id")  # fmt: skip
+                raise APIError(
+                    f"{w}.call_id: {it.call_id!r} matches no function_call of this input or of the "
+                    "previous response",
+                    param=f"{w}.call_id",
+                )
             out = it.output if isinstance(it.output, str) else "".join(p.text for p in it.output)
             msgs.append(tool_result_message(names[it.call_id], out))
         else:  # reasoning

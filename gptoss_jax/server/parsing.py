@@ -1,4 +1,5 @@
-"""Generated token ids -> the parts of an assistant turn, as events (one harmony `StreamableParser` per request).
+"""Generated token ids -> the parts of an assistant turn, as events (one harmony `StreamableParser` per
+request).
 
 A turn is a list of `Part`s, one per harmony message the model wrote:
 
@@ -185,8 +186,10 @@ class OutputParser:
 
     def _warn(self, why: str) -> None:
         if not self.warned:
-            log.warning("model output is not valid harmony (%s); the text that does not parse is returned as "
-                        "content", why)  # fmt: skip
+            log.warning(
+                "model output is not valid harmony (%s); the text that does not parse is returned as content",
+                why,
+            )
             self.warned = True
 
     def _text(self, tokens: list[int], final: bool = False) -> str:
@@ -261,8 +264,14 @@ class OutputParser:
             p = self._p
             type_ = part_type(p.current_role, p.current_channel, p.current_recipient)
             name = p.current_recipient.removeprefix("functions.") if type_ == "tool_call" else None
-            self._part = self._start(type_, out, name=name, channel=p.current_channel,
-                                     content_type=p.current_content_type, tokens=len(self._header))  # fmt: skip
+            self._part = self._start(
+                type_,
+                out,
+                name=name,
+                channel=p.current_channel,
+                content_type=p.current_content_type,
+                tokens=len(self._header),
+            )
             self._header = []
         elif (
             token in END_TOKENS
@@ -271,8 +280,12 @@ class OutputParser:
             if len(msgs) > self._n_messages:
                 self._n_messages = len(msgs)
                 m = msgs[-1]
-                part = self._start(part_type(m.author.role, m.channel, m.recipient), out, channel=m.channel,
-                                   tokens=len(self._header))  # fmt: skip
+                part = self._start(
+                    part_type(m.author.role, m.channel, m.recipient),
+                    out,
+                    channel=m.channel,
+                    tokens=len(self._header),
+                )
                 self._delta(part, strip_markers("".join(getattr(c, "text", "") for c in m.content)), out)
                 self._end(part, out)
             self._header = []

@@ -20,17 +20,28 @@ MAX_TOP_LOGPROBS = 20
 class APIError(ValueError):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "invalid_request_error",
-                                       404: "invalid_request_error", 413: "invalid_request_error",
-                                       429: "rate_limit_error", 503: "server_error"}  # fmt: skip
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }
 
     def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None):
         super().__init__(" ".join(str(message).split()))
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def _loc(loc: tuple) -> str:
@@ -46,8 +57,10 @@ def _loc(loc: tuple) -> str:
 def parse(model: type[BaseModel], data: Any, where: str = ""):
     """`model` validated from JSON data, or an APIError naming the first bad field."""
     if not isinstance(data, dict):
-        raise APIError(f"{where or 'the request body'} must be a JSON object, got {type(data).__name__}",
-                       param=where or None)  # fmt: skip
+        raise APIError(
+            f"{where or 'the request body'} must be a JSON object, got {type(data).__name__}",
+            param=where or None,
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -238,15 +251,21 @@ class ReasoningItem(_Base):
     content: list[ReasoningText] | None = None
 
 
-INPUT_ITEMS = {"message": InputMessage, "function_call": FunctionCallItem,
-               "function_call_output": FunctionCallOutputItem, "reasoning": ReasoningItem}  # fmt: skip
+INPUT_ITEMS = {
+    "message": InputMessage,
+    "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem,
+    "reasoning": ReasoningItem,
+}
 
 
 def parse_input_item(i: int, item: Any):
     kind = item.get("type", "message") if isinstance(item, dict) else None
     if kind not in INPUT_ITEMS:
-        raise APIError(f"input[{i}].type: unsupported input item type {kind!r} (supported: "
-                       f"{', '.join(INPUT_ITEMS)})", param=f"input[{i}].type")  # fmt: skip
+        raise APIError(
+            f"input[{i}].type: unsupported input item type {kind!r} (supported: {', '.join(INPUT_ITEMS)})",
+            param=f"input[{i}].type",
+        )
     return parse(INPUT_ITEMS[kind], item, f"input[{i}]")
 
 
@@ -272,10 +291,18 @@ class CompletionRequest(_Sampling):
 
 
 # Fields whose non-default values this server cannot honour: refused with a 400 rather than ignored.
-UNSUPPORTED = {"frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-               "best_of": (None, 1), "suffix": (None, ""), "background": (None, False),
-               "truncation": (None, "disabled"), "audio": (None,), "prediction": (None,),
-               "modalities": (None, ["text"])}  # fmt: skip
+UNSUPPORTED = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "background": (None, False),
+    "truncation": (None, "disabled"),
+    "audio": (None,),
+    "prediction": (None,),
+    "modalities": (None, ["text"]),
+}
 
 
 def check_unsupported(req: BaseModel) -> None:

@@ -43,8 +43,13 @@ class ResponseStore:
 
     def get(self, rid: str, param: str = "previous_response_id") -> tuple[Turn, dict]:
         if rid not in self._items:
-            raise APIError(f"{param}: no stored response {rid!r} (responses are stored with store=true, in "
-                           f"memory, the last {self.capacity})", 404, param=param, code="response_not_found")  # fmt: skip
+            raise APIError(
+                f"{param}: no stored response {rid!r} (responses are stored with store=true, in "
+                f"memory, the last {self.capacity})",
+                404,
+                param=param,
+                code="response_not_found",
+            )
         return self._items[rid]
 
 
@@ -67,9 +72,18 @@ class ResponseJob:
         spec = constraint_spec(tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema)
         where = {t.get("name"): f"tools[{i}].parameters" for i, t in enumerate(req.tools or [])}
         check_schemas(spec, where | {"": "text.format.schema"})
-        self.choice = Choice(0, server.params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                              seed=req.seed, index=0, spec=spec),
-                             OutputParser(single_tool_call=not req.parallel_tool_calls))  # fmt: skip
+        self.choice = Choice(
+            0,
+            server.params(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                index=0,
+                spec=spec,
+            ),
+            OutputParser(single_tool_call=not req.parallel_tool_calls),
+        )
         self.choices = [self.choice]
         self.id, self.created = new_id("resp"), int(time.time())
         self.items: list[dict] = []
@@ -80,26 +94,46 @@ class ResponseJob:
         req = self.req
         choice = req.tool_choice
         effort = self.turn.effort
-        fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else {
-            "type": "text"}  # fmt: skip
-        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "model": self.server.model_name, "output": copy.deepcopy(self.items), "usage": usage,
-                "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-                "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
-                "reasoning": {"effort": effort, "summary": None}, "store": req.store,
-                "temperature": 1.0 if req.temperature is None else req.temperature,
-                "top_p": 1.0 if req.top_p is None else req.top_p, "text": {"format": fmt},
-                "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else (choice or "auto"),
-                "tools": [{"strict": None, "description": None, **t} for t in req.tools or []],
-                "truncation": "disabled", "metadata": req.metadata or {}, "background": False}  # fmt: skip
+        fmt = (
+            req.text.format.model_dump(by_alias=True, exclude_none=True)
+            if req.text and req.text.format
+            else {"type": "text"}
+        )
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.server.model_name,
+            "output": copy.deepcopy(self.items),
+            "usage": usage,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": effort, "summary": None},
+            "store": req.store,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "text": {"format": fmt},
+            "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else (choice or "auto"),
+            "tools": [{"strict": None, "description": None, **t} for t in req.tools or []],
+            "truncation": "disabled",
+            "metadata": req.metadata or {},
+            "background": False,
+        }
 
     def usage(self) -> dict:
-        n = len(self.choice.tokens)
-        return {"input_tokens": len(self.prompt), "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
-                "output_tokens_details": {"reasoning_tokens": self.choice.parser.reasoning_tokens},
-                "total_tokens": len(self.prompt) + n}  # fmt: skip
+        n, cached = len(self.choice.tokens), self.choice.info.get("cached_tokens", 0)
+        return {
+            "input_tokens": len(self.prompt),
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": n,
+            "output_tokens_details": {"reasoning_tokens": self.choice.parser.reasoning_tokens},
+            "total_tokens": len(self.prompt) + n,
+        }
 
     # ------------------------------------------------------------------------------------ events -> items
     def _ev(self, type_: str, **kw) -> tuple[str, dict]:
@@ -123,8 +157,9 @@ class ResponseJob:
             if kind == "start":
                 out.append(self._ev("response.output_item.added", output_index=idx, item=copy.deepcopy(item)))
                 if part.type != "tool_call":
-                    out.append(self._ev("response.content_part.added", **ref, content_index=0,
-                                        part=empty_part(part)))  # fmt: skip
+                    out.append(
+                        self._ev("response.content_part.added", **ref, content_index=0, part=empty_part(part))
+                    )
             elif kind == "delta" and text:
                 if part.type == "tool_call":
                     item["arguments"] += text
@@ -134,14 +169,23 @@ class ResponseJob:
                     out.append(self._ev("response.reasoning_text.delta", **ref, content_index=0, delta=text))
                 else:
                     item["content"][0]["text"] += text
-                    out.append(self._ev("response.output_text.delta", **ref, content_index=0, delta=text,
-                                        logprobs=[]))  # fmt: skip
+                    out.append(
+                        self._ev(
+                            "response.output_text.delta", **ref, content_index=0, delta=text, logprobs=[]
+                        )
+                    )
             elif kind == "end":
                 cut = self.choice.hit_length and part is self.choice.parser.parts[-1]
                 item["status"] = "incomplete" if cut else "completed"
                 if part.type == "tool_call":
-                    out.append(self._ev("response.function_call_arguments.done", **ref, name=part.name,
-                                        arguments=item["arguments"]))  # fmt: skip
+                    out.append(
+                        self._ev(
+                            "response.function_call_arguments.done",
+                            **ref,
+                            name=part.name,
+                            arguments=item["arguments"],
+                        )
+                    )
                 else:
                     content = item["content"][0]
                     done = (
@@ -151,8 +195,11 @@ class ResponseJob:
                     )
                     extra = {} if part.type == "reasoning" else {"logprobs": []}
                     out.append(self._ev(done, **ref, content_index=0, text=content["text"], **extra))
-                    out.append(self._ev("response.content_part.done", **ref, content_index=0,
-                                        part=copy.deepcopy(content)))  # fmt: skip
+                    out.append(
+                        self._ev(
+                            "response.content_part.done", **ref, content_index=0, part=copy.deepcopy(content)
+                        )
+                    )
                 out.append(self._ev("response.output_item.done", output_index=idx, item=copy.deepcopy(item)))
         return out
 
@@ -160,8 +207,14 @@ class ResponseJob:
         status = "incomplete" if self.choice.finish_reason == "length" else "completed"
         obj = self.obj(status, self.usage())
         if self.req.store:
-            stored = Turn(self.turn.messages + parts_to_messages(self.choice.parser.parts), None, {}, "auto",
-                          self.turn.effort, dict(self.turn.call_names))  # fmt: skip
+            stored = Turn(
+                self.turn.messages + parts_to_messages(self.choice.parser.parts),
+                None,
+                {},
+                "auto",
+                self.turn.effort,
+                dict(self.turn.call_names),
+            )
             for p in self.choice.parser.tool_calls:
                 stored.call_names[p.call_id] = p.name
             self.store.put(self.id, stored, obj)
@@ -184,17 +237,30 @@ class ResponseJob:
         )
 
     def summary(self) -> str:
-        return (f"prompt={len(self.prompt)} completion={len(self.choice.tokens)} "
-                f"finish={self.choice.finish_reason}")  # fmt: skip
+        return (
+            f"prompt={len(self.prompt)} completion={len(self.choice.tokens)} "
+            f"finish={self.choice.finish_reason}"
+        )
 
 
 def new_item(part: Part) -> dict:
     if part.type == "tool_call":
-        return {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": part.call_id,
-                "name": part.name, "arguments": ""}  # fmt: skip
+        return {
+            "id": new_id("fc"),
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": part.call_id,
+            "name": part.name,
+            "arguments": "",
+        }
     if part.type == "reasoning":
-        return {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
-                "content": [empty_part(part)]}  # fmt: skip
+        return {
+            "id": new_id("rs"),
+            "type": "reasoning",
+            "status": "in_progress",
+            "summary": [],
+            "content": [empty_part(part)],
+        }
     return {
         "id": new_id("msg"),
         "type": "message",

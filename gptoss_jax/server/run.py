@@ -40,8 +40,12 @@ class Server:
     def admit(self, n: int):
         """Counts `n` sequences in (a 429 when that would pass max_pending); returns the release function."""
         if self.pending + n > self.max_pending:
-            raise APIError(f"the server is busy: {self.pending} sequences are running or queued (limit "
-                           f"{self.max_pending}); retry later", 429, code="rate_limit_exceeded")  # fmt: skip
+            raise APIError(
+                f"the server is busy: {self.pending} sequences are running or queued (limit "
+                f"{self.max_pending}); retry later",
+                429,
+                code="rate_limit_exceeded",
+            )
         self.pending += n
         released = []
 
@@ -61,33 +65,61 @@ class Server:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(f"model: {name!r} does not exist; this server serves {self.model_name!r}", 404,
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                f"model: {name!r} does not exist; this server serves {self.model_name!r}",
+                404,
+                param="model",
+                code="model_not_found",
+            )
 
     def budget(self, prompt_len: int, max_tokens: int | None, field: str, prompt_field: str) -> int:
         """max_tokens checked against the context (a 400 naming the counts), or what is left of it."""
         ctx = self.backend.context_length
         if max_tokens is None:
             if prompt_len >= ctx:
-                raise APIError(f"the prompt has {prompt_len} tokens, and the context length is {ctx}: nothing is "
-                               "left to generate", param=prompt_field, code="context_length_exceeded")  # fmt: skip
+                raise APIError(
+                    f"the prompt has {prompt_len} tokens, and the context length is {ctx}: nothing is "
+                    "left to generate",
+                    param=prompt_field,
+                    code="context_length_exceeded",
+                )
             return ctx - prompt_len
         if prompt_len + max_tokens > ctx:
-            raise APIError(f"the prompt ({prompt_len} tokens) plus {field} ({max_tokens}) exceed the context "
-                           f"length of {ctx} tokens", param=field, code="context_length_exceeded")  # fmt: skip
+            raise APIError(
+                f"the prompt ({prompt_len} tokens) plus {field} ({max_tokens}) exceed the context "
+                f"length of {ctx} tokens",
+                param=field,
+                code="context_length_exceeded",
+            )
         return max_tokens
 
-    def params(self, *, max_tokens: int, temperature, top_p, seed, index: int, logprobs: int | None = None,
-               spec: dict | None = None, stop_tokens=HARMONY_STOP) -> GenParams:  # fmt: skip
+    def params(
+        self,
+        *,
+        max_tokens: int,
+        temperature,
+        top_p,
+        seed,
+        index: int,
+        logprobs: int | None = None,
+        spec: dict | None = None,
+        stop_tokens=HARMONY_STOP,
+    ) -> GenParams:
         """One choice's settings; its mask is a queued test script, else the request's constraint."""
         mask = (
             ForcedTokens(self.scripts.popleft())
             if self.test_hooks and self.scripts
             else new_mask(spec, max_tokens)
         )
-        return GenParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                         top_p=1.0 if top_p is None else top_p, seed=None if seed is None else seed + index,
-                         stop_tokens=tuple(stop_tokens), logprobs=logprobs, mask=mask)  # fmt: skip
+        return GenParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=None if seed is None else seed + index,
+            stop_tokens=tuple(stop_tokens),
+            logprobs=logprobs,
+            mask=mask,
+        )
 
 
 @dataclasses.dataclass
@@ -100,6 +132,7 @@ class Choice:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[Generated] = dataclasses.field(default_factory=list)
     hit_length: bool = False
+    info: dict = dataclasses.field(default_factory=dict)  # the backend's report (cached_tokens)
 
     @property
     def finish_reason(self) -> str:
@@ -108,7 +141,7 @@ class Choice:
 
 async def run_choice(backend, prompt: list[int], choice: Choice) -> AsyncIterator[list[Event]]:
     """The parser events of one choice, as its tokens arrive; closing this cancels the generation."""
-    gen = backend.generate(prompt, choice.params)
+    gen = backend.generate(prompt, choice.params, choice.info)
     want_lp = choice.params.logprobs is not None
     try:
         async for g in gen:
@@ -123,8 +156,11 @@ async def run_choice(backend, prompt: list[int], choice: Choice) -> AsyncIterato
     finally:
         await gen.aclose()
     t = choice.tokens
-    choice.hit_length = (not choice.parser.stopped and len(t) >= choice.params.max_tokens
-                         and (not t or t[-1] not in choice.params.stop_tokens))  # fmt: skip
+    choice.hit_length = (
+        not choice.parser.stopped
+        and len(t) >= choice.params.max_tokens
+        and (not t or t[-1] not in choice.params.stop_tokens)
+    )
     events = choice.parser.finish()
     if events:
         yield events

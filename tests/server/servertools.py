@@ -28,8 +28,20 @@ def start_server(ckpt: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, 
     port = free_port()
     env = dict(os.environ, GPTOSS_JAX_SERVE_TEST_HOOKS="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test session's eight
-    cmd = [*SERVE, str(ckpt), "--port", str(port), "--api-key", KEY, "--served-model-name", MODEL,
-           "--dtype", "float32", "--no-warmup", *extra]  # fmt: skip
+    cmd = [
+        *SERVE,
+        str(ckpt),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--served-model-name",
+        MODEL,
+        "--dtype",
+        "float32",
+        "--no-warmup",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -58,8 +70,9 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 def script(url: str, *outputs) -> None:
     """Queues outputs (harmony text or token ids) the next generations are forced to emit."""
-    r = httpx.post(f"{url}/v1/test/scripts", json={"scripts": list(outputs)},
-                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/test/scripts", json={"scripts": list(outputs)}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 200, r.text
 
 

@@ -31,8 +31,14 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time",
-        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}}}}  # fmt: skip
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}},
+    },
+}
 TOOLS = [WEATHER, TIME]
 RTOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses API's flat tool shape
 
@@ -63,57 +69,116 @@ def aclient(server):
 # name -> (the model's output, chat-completions expectation, responses expectation, max_tokens)
 #   chat: (content, reasoning, [(tool, arguments)], finish_reason)
 #   responses: ([(item type, phase or name, text or arguments)], status)
-CUT = ("<|channel|>analysis<|message|>Thinking it over.<|end|><|start|>assistant<|channel|>final<|message|>"
-       "Here is a long answer that will not fit in the budget.<|return|>")  # fmt: skip
+CUT = (
+    "<|channel|>analysis<|message|>Thinking it over.<|end|><|start|>assistant<|channel|>final<|message|>"
+    "Here is a long answer that will not fit in the budget.<|return|>"
+)
 CUT_AT = encode(CUT, allowed_special="all").index(encode(" will")[0])  # max_tokens: cut before " will"
 SCENARIOS = {
     "reasoning then final": (
-        ("<|channel|>analysis<|message|>The user asks for 2+2.<|end|><|start|>assistant<|channel|>final<|message|>"
-        "2 + 2 = 4.<|return|>"),
+        (
+            "<|channel|>analysis<|message|>The user asks for 2+2.<|end|><|start|>assistant"
+            "<|channel|>final<|message|>"
+            "2 + 2 = 4.<|return|>"
+        ),
         ("2 + 2 = 4.", "The user asks for 2+2.", [], "stop"),
-        ([("reasoning", None, "The user asks for 2+2."), ("message", "final_answer", "2 + 2 = 4.")], "completed"),
-        200),
+        (
+            [("reasoning", None, "The user asks for 2+2."), ("message", "final_answer", "2 + 2 = 4.")],
+            "completed",
+        ),
+        200,
+    ),
     "reasoning then tool call": (
-        ("<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary "
-        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'),
+        (
+            "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant"
+            "<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+        ),
         (None, "Need the weather tool.", [("get_weather", '{"city": "Paris"}')], "tool_calls"),
-        ([("reasoning", None, "Need the weather tool."), ("function_call", "get_weather", '{"city": "Paris"}')],
-         "completed"),
-        200),
+        (
+            [
+                ("reasoning", None, "Need the weather tool."),
+                ("function_call", "get_weather", '{"city": "Paris"}'),
+            ],
+            "completed",
+        ),
+        200,
+    ),
     "two tool calls": (
-        ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|end|>'
-        "<|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>"
-        '{"timezone":"Europe/Paris"}<|call|>'),
-        (None, None, [("get_weather", '{"city":"Paris"}'), ("get_time", '{"timezone":"Europe/Paris"}')],
-         "tool_calls"),
-        ([("function_call", "get_weather", '{"city":"Paris"}'),
-          ("function_call", "get_time", '{"timezone":"Europe/Paris"}')], "completed"),
-        200),
+        (
+            "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+            '{"city":"Paris"}<|end|>'
+            "<|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>"
+            '{"timezone":"Europe/Paris"}<|call|>'
+        ),
+        (
+            None,
+            None,
+            [("get_weather", '{"city":"Paris"}'), ("get_time", '{"timezone":"Europe/Paris"}')],
+            "tool_calls",
+        ),
+        (
+            [
+                ("function_call", "get_weather", '{"city":"Paris"}'),
+                ("function_call", "get_time", '{"timezone":"Europe/Paris"}'),
+            ],
+            "completed",
+        ),
+        200,
+    ),
     "commentary preamble": (
-        ("<|channel|>analysis<|message|>Call the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>"
-        "Let me look that up.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
-        '<|constrain|>json<|message|>{"city":"Oslo"}<|call|>'),
+        (
+            "<|channel|>analysis<|message|>Call the tool.<|end|><|start|>assistant"
+            "<|channel|>commentary<|message|>"
+            "Let me look that up.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+            '<|constrain|>json<|message|>{"city":"Oslo"}<|call|>'
+        ),
         (None, "Call the tool.\n\nLet me look that up.", [("get_weather", '{"city":"Oslo"}')], "tool_calls"),
-        ([("reasoning", None, "Call the tool."), ("message", "commentary", "Let me look that up."),
-          ("function_call", "get_weather", '{"city":"Oslo"}')], "completed"),
-        200),
+        (
+            [
+                ("reasoning", None, "Call the tool."),
+                ("message", "commentary", "Let me look that up."),
+                ("function_call", "get_weather", '{"city":"Oslo"}'),
+            ],
+            "completed",
+        ),
+        200,
+    ),
     "cut off by max_tokens": (
-        CUT, ("Here is a long answer that", "Thinking it over.", [], "length"),
-        ([("reasoning", None, "Thinking it over."), ("message", "final_answer", "Here is a long answer that")],
-         "incomplete"),
-        CUT_AT),
+        CUT,
+        ("Here is a long answer that", "Thinking it over.", [], "length"),
+        (
+            [
+                ("reasoning", None, "Thinking it over."),
+                ("message", "final_answer", "Here is a long answer that"),
+            ],
+            "incomplete",
+        ),
+        CUT_AT,
+    ),
     "malformed harmony": (
-        "<|channel|>final<|message|>Hello<|end|> stray text<|channel|><|channel|>final<|message|> world<|return|>",
+        (
+            "<|channel|>final<|message|>Hello<|end|> stray text<|channel|><|channel|>final<|message|>"
+            " world<|return|>"
+        ),
         ("Hello stray text world", None, [], "stop"),
-        ([("message", "final_answer", "Hello"), ("message", "final_answer", " stray text"),
-          ("message", "final_answer", " world")], "completed"),
-        200),
+        (
+            [
+                ("message", "final_answer", "Hello"),
+                ("message", "final_answer", " stray text"),
+                ("message", "final_answer", " world"),
+            ],
+            "completed",
+        ),
+        200,
+    ),
     "refusal without channel tokens": (
         "I'm sorry, but I can't help with that.<|return|>",
         ("I'm sorry, but I can't help with that.", None, [], "stop"),
         ([("message", "final_answer", "I'm sorry, but I can't help with that.")], "completed"),
-        200),
-}  # fmt: skip
+        200,
+    ),
+}
 
 
 def extra(obj, name):
@@ -149,8 +214,12 @@ def chat_of_stream(chunks):
                     calls[t.index][1] += t.function.arguments
             finish = c.finish_reason or finish
     tool_calls = [tuple(calls[i]) for i in sorted(calls)]
-    return ("".join(content) if content or not tool_calls else None, "".join(reasoning) or None, tool_calls,
-            finish), ids  # fmt: skip
+    return (
+        "".join(content) if content or not tool_calls else None,
+        "".join(reasoning) or None,
+        tool_calls,
+        finish,
+    ), ids
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -205,8 +274,11 @@ def responses_of_events(events):
             assert e.output_index == len(items) and e.item.status == "in_progress"
             items[e.output_index] = e.item
             text[e.output_index] = ""
-        elif e.type in ("response.reasoning_text.delta", "response.output_text.delta",
-                        "response.function_call_arguments.delta"):  # fmt: skip
+        elif e.type in (
+            "response.reasoning_text.delta",
+            "response.output_text.delta",
+            "response.function_call_arguments.delta",
+        ):
             assert e.item_id == items[e.output_index].id
             text[e.output_index] += e.delta
         elif e.type in ("response.reasoning_text.done", "response.output_text.done"):
@@ -218,8 +290,10 @@ def responses_of_events(events):
     final = events[-1].response
     assert final.usage.output_tokens > 0
     got = responses_of_response(final)
-    kinds = [(i.type, i.phase if i.type == "message" else i.name if i.type == "function_call" else None)
-             for i in items.values()]  # fmt: skip
+    kinds = [
+        (i.type, i.phase if i.type == "message" else i.name if i.type == "function_call" else None)
+        for i in items.values()
+    ]
     assert [(k, p, text[i]) for i, (k, p) in enumerate(kinds)] == got[0]
     return got
 
@@ -266,7 +340,7 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
         Message,
         RenderConversationConfig,
         Role,
-        SystemContent,  # fmt: skip
+        SystemContent,
         ToolDescription,
     )
 
@@ -281,9 +355,15 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
     )
     m = r1.choices[0].message
     assert r1.choices[0].finish_reason == "tool_calls" and m.tool_calls[0].function.name == "get_weather"
-    msgs += [{"role": "assistant", "content": None, "reasoning": extra(m, "reasoning"),
-              "tool_calls": [t.model_dump() for t in m.tool_calls]},
-             {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": '{"sky": "sunny"}'}]  # fmt: skip
+    msgs += [
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning": extra(m, "reasoning"),
+            "tool_calls": [t.model_dump() for t in m.tool_calls],
+        },
+        {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": '{"sky": "sunny"}'},
+    ]
     r2 = client.chat.completions.create(
         model=MODEL, messages=msgs, tools=TOOLS, max_tokens=100, temperature=0
     )
@@ -291,13 +371,28 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
 
     def rendered(history):
         sys_ = SystemContent.new().with_conversation_start_date(dt.date.today().isoformat())
-        dev = DeveloperContent.new().with_instructions(SYSTEM["content"]).with_function_tools(
-            [ToolDescription.new(t["function"]["name"], t["function"]["description"], t["function"]["parameters"])
-             for t in TOOLS])  # fmt: skip
-        conv = Conversation.from_messages([Message.from_role_and_content(Role.SYSTEM, sys_),
-                                           Message.from_role_and_content(Role.DEVELOPER, dev), *history])  # fmt: skip
+        dev = (
+            DeveloperContent.new()
+            .with_instructions(SYSTEM["content"])
+            .with_function_tools(
+                [
+                    ToolDescription.new(
+                        t["function"]["name"], t["function"]["description"], t["function"]["parameters"]
+                    )
+                    for t in TOOLS
+                ]
+            )
+        )
+        conv = Conversation.from_messages(
+            [
+                Message.from_role_and_content(Role.SYSTEM, sys_),
+                Message.from_role_and_content(Role.DEVELOPER, dev),
+                *history,
+            ]
+        )
         return get_harmony_encoding().render_conversation_for_completion(
-            conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False))  # fmt: skip
+            conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+        )
 
     A = lambda t, ch: Message.from_role_and_content(Role.ASSISTANT, t).with_channel(ch)
     user = Message.from_role_and_content(Role.USER, "Weather in Paris?")
@@ -306,8 +401,11 @@ def test_tool_loop_keeps_the_reasoning_until_the_final_answer(server, client):
         .with_recipient("functions.get_weather")
         .with_content_type("<|constrain|>json")
     )
-    result = (Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"), '{"sky": "sunny"}')
-              .with_channel("commentary").with_recipient("assistant"))  # fmt: skip
+    result = (
+        Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"), '{"sky": "sunny"}')
+        .with_channel("commentary")
+        .with_recipient("assistant")
+    )
     loop = [user, A(reasoning, "analysis"), call, result]
     assert r2.usage.prompt_tokens == len(rendered(loop))
     script(url, "<|channel|>final<|message|>Bye.<|return|>")
@@ -363,14 +461,21 @@ def test_openai_agents_runs_a_function_tool(server):
         seen.append(city)
         return f"sunny in {city}"
 
-    call = ('<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary '
-            'to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>')  # fmt: skip
+    call = (
+        "<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>'
+    )
     final = "<|channel|>final<|message|>It is sunny in Paris.<|return|>"
     for kind in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
         model = kind(MODEL, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0))
         script(url, call, final)
-        agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model,
-                             model_settings=agents.ModelSettings(max_tokens=100))  # fmt: skip
+        agent = agents.Agent(
+            name="weather",
+            instructions="Answer with the tool.",
+            tools=[get_weather],
+            model=model,
+            model_settings=agents.ModelSettings(max_tokens=100),
+        )
         result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?"))
         assert result.final_output == "It is sunny in Paris."
         assert seen.pop() == "Paris" and not seen
@@ -403,9 +508,16 @@ def test_chat_logprobs_n_and_stop(server, client):
     url, _ = server
     text = "<|channel|>final<|message|>one two three four<|return|>"
     script(url, text, text)
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count"}], n=2,
-                                       max_tokens=50, logprobs=True, top_logprobs=3, stop=[" three"],
-                                       temperature=0)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "count"}],
+        n=2,
+        max_tokens=50,
+        logprobs=True,
+        top_logprobs=3,
+        stop=[" three"],
+        temperature=0,
+    )
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert c.message.content == "one two" and c.finish_reason == "stop"
@@ -425,15 +537,30 @@ def test_models_health_metrics(server, client):
 
 
 # ------------------------------------------------------------------------------------ constrained decoding
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-          "unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
-          "required": ["city", "unit", "days"], "additionalProperties": False}  # fmt: skip
-FORECAST = {"type": "function", "function": {"name": "forecast", "description": "Weather forecast",
-            "parameters": SCHEMA, "strict": True}}  # fmt: skip
-NOW_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
-              "additionalProperties": False}  # fmt: skip
-NOW = {"type": "function", "function": {"name": "now", "description": "Weather now", "parameters": NOW_SCHEMA,
-       "strict": True}}  # fmt: skip
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+FORECAST = {
+    "type": "function",
+    "function": {"name": "forecast", "description": "Weather forecast", "parameters": SCHEMA, "strict": True},
+}
+NOW_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+NOW = {
+    "type": "function",
+    "function": {"name": "now", "description": "Weather now", "parameters": NOW_SCHEMA, "strict": True},
+}
 
 
 def count_valid(outputs, schema=SCHEMA) -> int:
@@ -479,16 +606,22 @@ def test_constrained_decoding_on_a_random_model(server, aclient):
     assert count_valid(contents) == 50 and len(set(contents)) > 1
     unconstrained = count_valid([r.choices[0].message.content for r in free])
     print(
-        f"\nconstrained: tool arguments 50/50 valid ({len(args['forecast'])} forecast, {len(args['now'])} now), "
+        f"\nconstrained: tool arguments 50/50 valid ({len(args['forecast'])} forecast, "
+        f"{len(args['now'])} now), "
         f"json_schema 50/50; unconstrained: {unconstrained}/50 valid"
     )
     assert unconstrained < 50
 
 
 def test_named_tool_choice_forces_that_call(server, client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=96,
-                                       tools=[FORECAST, WEATHER], temperature=0,
-                                       tool_choice={"type": "function", "function": {"name": "forecast"}})  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=96,
+        tools=[FORECAST, WEATHER],
+        temperature=0,
+        tool_choice={"type": "function", "function": {"name": "forecast"}},
+    )
     (c,) = r.choices[0].message.tool_calls
     assert c.function.name == "forecast" and count_valid([c.function.arguments]) == 1
 
@@ -498,27 +631,78 @@ BAD = {
     "malformed JSON": (b'{"model": "x", "messages": [', 400, "not valid JSON"),
     "missing messages": ({"model": MODEL}, 400, "messages: field required"),
     "unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
-    "tool message matching no call": ({"messages": [{"role": "user", "content": "x"}, {"role": "tool",
-                                       "tool_call_id": "call_x", "content": "y"}]}, 400, "'call_x' matches no tool call"),
-    "tool with an invalid schema": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
-                                     "function": {"name": "f", "parameters": {"type": "object", "properties":
-                                     {"a": {"type": "strin"}}}}}]}, 400, "invalid JSON Schema"),
-    "tool_choice naming an unknown tool": ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
-                                            "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-                                           400, "'nope', which is not among the tools"),
+    "tool message matching no call": (
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "tool", "tool_call_id": "call_x", "content": "y"},
+            ]
+        },
+        400,
+        "'call_x' matches no tool call",
+    ),
+    "tool with an invalid schema": (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}},
+                    },
+                }
+            ],
+        },
+        400,
+        "invalid JSON Schema",
+    ),
+    "tool_choice naming an unknown tool": (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        400,
+        "'nope', which is not among the tools",
+    ),
     "n < 1": ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n: Input should be greater"),
-    "negative max_tokens": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, 400, "max_tokens"),
-    "temperature above 2": ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 400, "temperature"),
-    "max_tokens past the context": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400,
-                                    "plus max_tokens (5000) exceed the context length of 2048"),
-    "prompt past the context": ({"messages": [{"role": "user", "content": "hello " * 2100}]}, 400,
-                                "the context length is 2048"),
-    "unknown model": ({"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}, 404, "'gpt-5' does not exist"),
-    "unsupported field": ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, 400,
-                          "logit_bias: not supported"),
-    "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-                      400, "messages[0].content"),
-}  # fmt: skip
+    "negative max_tokens": (
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": -5},
+        400,
+        "max_tokens",
+    ),
+    "temperature above 2": (
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 2.5},
+        400,
+        "temperature",
+    ),
+    "max_tokens past the context": (
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},
+        400,
+        "plus max_tokens (5000) exceed the context length of 2048",
+    ),
+    "prompt past the context": (
+        {"messages": [{"role": "user", "content": "hello " * 2100}]},
+        400,
+        "the context length is 2048",
+    ),
+    "unknown model": (
+        {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]},
+        404,
+        "'gpt-5' does not exist",
+    ),
+    "unsupported field": (
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}},
+        400,
+        "logit_bias: not supported",
+    ),
+    "image content": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -543,8 +727,9 @@ def test_auth_and_body_limit(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (50 * 2**20) + b'"}]}'
-    r = httpx.post(f"{url}/v1/chat/completions", content=big, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=120)  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/chat/completions", content=big, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    )
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
     r = httpx.post(
         f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60

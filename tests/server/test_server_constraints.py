@@ -18,9 +18,16 @@ from gptoss_jax.server.parsing import OutputParser
 from gptoss_jax.server.protocol import APIError, FunctionDef
 from gptoss_jax.tokenizer import CALL, END, N_VOCAB, RETURN, encode
 
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-          "unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
-          "required": ["city", "unit", "days"], "additionalProperties": False}  # fmt: skip
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
 
 
 def walk(mask: TokenMask, max_tokens: int, rng) -> list[int]:
@@ -57,8 +64,17 @@ def test_required_strict_tool_call_is_valid(max_tokens):
 
 def test_named_tool_and_json_final_answer():
     rng = np.random.default_rng(1)
-    named = {"final": False, "calls": {"b": {"type": "object", "properties": {"ok": {"type": "boolean"}},
-                                             "required": ["ok"], "additionalProperties": False}}}  # fmt: skip
+    named = {
+        "final": False,
+        "calls": {
+            "b": {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            }
+        },
+    }
     for _ in range(4):
         p = parsed(walk(TokenMask(named, 64), 64, rng))
         assert [c.name for c in p.tool_calls] == ["b"] and json.loads(p.tool_calls[0].text)["ok"] in (
@@ -95,9 +111,11 @@ def test_reasoning_budget_closes_the_analysis():
 
 def test_the_model_may_follow_its_own_path_through_the_grammar():
     """A natural turn (reasoning, preamble, call) is accepted token for token."""
-    text = ('<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>'
-            'Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
-            '<|message|>{"city": "Paris", "unit": "c", "days": 3}<|call|>')  # fmt: skip
+    text = (
+        "<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>"
+        "Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city": "Paris", "unit": "c", "days": 3}<|call|>'
+    )
     ids = encode(text, allowed_special="all")
     m = TokenMask({"final": None, "calls": {"get_weather": SCHEMA}}, 200)
     for i, t in enumerate(ids):
@@ -114,19 +132,27 @@ def test_constraint_spec_cases():
     g = FunctionDef(name="g")
     assert constraint_spec(tools={"g": g}, tool_choice="auto", json_schema=None) is None
     assert constraint_spec(tools={"f": f, "g": g}, tool_choice="auto", json_schema=None) == {
-        "final": None, "calls": {"f": SCHEMA, "g": None}}  # fmt: skip
+        "final": None,
+        "calls": {"f": SCHEMA, "g": None},
+    }
     assert constraint_spec(tools={"f": f, "g": g}, tool_choice="g", json_schema=None) == {
-        "final": False, "calls": {"g": None}}  # fmt: skip
+        "final": False,
+        "calls": {"g": None},
+    }
     assert constraint_spec(tools={}, tool_choice="none", json_schema={"type": "object"}) == {
-        "final": {"type": "object"}, "calls": {}}  # fmt: skip
+        "final": {"type": "object"},
+        "calls": {},
+    }
     with pytest.raises(ValueError):
         grammar(final=False, calls={})
 
 
 def test_unenforceable_schema_is_a_400():
     with pytest.raises(APIError) as e:
-        check_schema({"type": "object", "properties": {"a": {"type": "string", "format": "nonsense"}}},
-                     "tools[0].function.parameters")  # fmt: skip
+        check_schema(
+            {"type": "object", "properties": {"a": {"type": "string", "format": "nonsense"}}},
+            "tools[0].function.parameters",
+        )
     assert e.value.param == "tools[0].function.parameters" and "cannot be enforced" in str(e.value)
 
 

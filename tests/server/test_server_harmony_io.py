@@ -23,8 +23,14 @@ from gptoss_jax.server.parsing import OutputParser
 from gptoss_jax.server.protocol import APIError, ChatRequest, ResponsesRequest, parse
 from gptoss_jax.tokenizer import decode, encode, get_harmony_encoding
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 CALL = {
     "id": "call_1",
     "type": "function",
@@ -47,8 +53,11 @@ def expected(messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=N
             dev = dev.with_function_tools(tools)
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     conv = Conversation.from_messages(head + messages)
-    return list(get_harmony_encoding().render_conversation_for_completion(
-        conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)))  # fmt: skip
+    return list(
+        get_harmony_encoding().render_conversation_for_completion(
+            conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+        )
+    )
 
 
 def user(t):
@@ -64,8 +73,11 @@ def call(name, args):
 
 
 def result(name, out):
-    return (Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), out)
-            .with_channel("commentary").with_recipient("assistant"))  # fmt: skip
+    return (
+        Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), out)
+        .with_channel("commentary")
+        .with_recipient("assistant")
+    )
 
 
 def chat(**body):
@@ -76,45 +88,79 @@ TOOL = ToolDescription.new("get_weather", "Weather in a city", WEATHER["function
 
 
 def test_system_and_developer_become_the_developer_instructions_with_tools():
-    got = chat(messages=[{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use SI."},
-                         {"role": "user", "content": "Hi"}], tools=[WEATHER], reasoning_effort="high")  # fmt: skip
+    got = chat(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Use SI."},
+            {"role": "user", "content": "Hi"},
+        ],
+        tools=[WEATHER],
+        reasoning_effort="high",
+    )
     assert got == expected([user("Hi")], ReasoningEffort.HIGH, "Be brief.\n\nUse SI.", [TOOL])
     assert "namespace functions" in decode(got) and "type get_weather" in decode(got)
 
 
 def test_tool_choice_none_keeps_instructions_and_renders_no_tools():
-    got = chat(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-               tools=[WEATHER], tool_choice="none")  # fmt: skip
+    got = chat(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tools=[WEATHER],
+        tool_choice="none",
+    )
     assert got == expected([user("Hi")], instructions="Be brief.")
     assert "get_weather" not in decode(got) and "Be brief." in decode(got)
 
 
 def test_tool_loop_keeps_reasoning_and_renders_calls_and_results():
-    msgs = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "reasoning_content": "Need the tool.", "tool_calls": [CALL]},
-            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "reasoning_content": "Need the tool.", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
+    ]
     got = chat(messages=msgs, tools=[WEATHER])
-    want = [user("Weather in Paris?"), asst("Need the tool.", "analysis"), call("get_weather", '{"city":"Paris"}'),
-            result("get_weather", '{"temp": 20}')]  # fmt: skip
+    want = [
+        user("Weather in Paris?"),
+        asst("Need the tool.", "analysis"),
+        call("get_weather", '{"city":"Paris"}'),
+        result("get_weather", '{"temp": 20}'),
+    ]
     assert got == expected(want, tools=[TOOL])
     assert "Need the tool." in decode(got)
 
 
 def test_reasoning_is_dropped_after_a_final_answer_and_kept_in_the_tool_loop_after_it():
-    msgs = [{"role": "user", "content": "q1"},
-            {"role": "assistant", "content": "a1", "reasoning": "think1"},
-            {"role": "user", "content": "q2"},
-            {"role": "assistant", "content": "Checking.", "reasoning": "think2", "tool_calls": [CALL]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1", "reasoning": "think1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "Checking.", "reasoning": "think2", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     got = chat(messages=msgs, tools=[WEATHER])
-    want = [user("q1"), asst("a1", "final"), user("q2"), asst("think2", "analysis"), asst("Checking.", "commentary"),
-            call("get_weather", '{"city":"Paris"}'), result("get_weather", "sunny")]  # fmt: skip
+    want = [
+        user("q1"),
+        asst("a1", "final"),
+        user("q2"),
+        asst("think2", "analysis"),
+        asst("Checking.", "commentary"),
+        call("get_weather", '{"city":"Paris"}'),
+        result("get_weather", "sunny"),
+    ]
     assert got == expected(want, tools=[TOOL])
     text = decode(got)
     assert "think1" not in text and "think2" in text
     # harmony's own auto_drop_analysis keeps think1 here (it only looks at the first final answer)
-    conv = Conversation.from_messages([user("q1"), asst("think1", "analysis"), asst("a1", "final"), user("q2"),
-                                       asst("think2", "analysis"), call("f", "{}"), result("f", "x")])  # fmt: skip
+    conv = Conversation.from_messages(
+        [
+            user("q1"),
+            asst("think1", "analysis"),
+            asst("a1", "final"),
+            user("q2"),
+            asst("think2", "analysis"),
+            call("f", "{}"),
+            result("f", "x"),
+        ]
+    )
     assert "think1" in decode(get_harmony_encoding().render_conversation_for_completion(conv, Role.ASSISTANT))
 
 
@@ -124,30 +170,84 @@ def test_content_parts_and_several_calls_in_one_turn():
         "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
     }
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Paris "}, {"type": "text", "text": "and Oslo"}]},
-            {"role": "assistant", "tool_calls": [CALL, call2]},
-            {"role": "tool", "tool_call_id": "call_2", "content": "cold"},
-            {"role": "tool", "tool_call_id": "call_1", "content": "warm"}]  # fmt: skip
-    want = [user("Paris and Oslo"), call("get_weather", '{"city":"Paris"}'), call("get_weather", '{"city":"Oslo"}'),
-            result("get_weather", "cold"), result("get_weather", "warm")]  # fmt: skip
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Paris "}, {"type": "text", "text": "and Oslo"}],
+        },
+        {"role": "assistant", "tool_calls": [CALL, call2]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "cold"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "warm"},
+    ]
+    want = [
+        user("Paris and Oslo"),
+        call("get_weather", '{"city":"Paris"}'),
+        call("get_weather", '{"city":"Oslo"}'),
+        result("get_weather", "cold"),
+        result("get_weather", "warm"),
+    ]
     assert chat(messages=msgs, tools=[WEATHER]) == expected(want, tools=[TOOL])
 
 
-@pytest.mark.parametrize("body, needle, param", [
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "y"}]},
-     "'nope' matches no tool call", "messages[1].tool_call_id"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {"type": "function",
-      "function": {"name": "get_time"}}}, "'get_time', which is not among the tools", "tool_choice"),
-    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "needs tools", "tool_choice"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, WEATHER]}, "duplicate tool name",
-     "tools[1].function.name"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
-      "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}}]},
-     "invalid JSON Schema", "tools[0].function.parameters"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
-      "name": "f", "parameters": {"type": "array"}}}]}, "type 'object'", "tools[0].function.parameters"),
-    ({"messages": [{"role": "user"}]}, "field required", "messages[0].content"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, needle, param",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "tool", "tool_call_id": "nope", "content": "y"},
+                ]
+            },
+            "'nope' matches no tool call",
+            "messages[1].tool_call_id",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            },
+            "'get_time', which is not among the tools",
+            "tool_choice",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+            "needs tools",
+            "tool_choice",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, WEATHER]},
+            "duplicate tool name",
+            "tools[1].function.name",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}},
+                        },
+                    }
+                ],
+            },
+            "invalid JSON Schema",
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+            },
+            "type 'object'",
+            "tools[0].function.parameters",
+        ),
+        ({"messages": [{"role": "user"}]}, "field required", "messages[0].content"),
+    ],
+)
 def test_bad_conversations(body, needle, param):
     with pytest.raises(APIError) as e:
         chat_turn(parse(ChatRequest, body))
@@ -156,17 +256,33 @@ def test_bad_conversations(body, needle, param):
 
 
 def test_responses_items_phases_and_previous_response():
-    body = {"instructions": "Be brief.", "tools": [{"type": "function", "name": "get_weather", "description": "Weather in a city",
-            "parameters": WEATHER["function"]["parameters"]}],
-            "input": [{"role": "user", "content": "Paris?"},
-                      {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "Need the tool."}]},
-                      {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "On it."}]},
-                      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
-                      {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
-            "reasoning": {"effort": "low"}}  # fmt: skip
+    body = {
+        "instructions": "Be brief.",
+        "tools": [
+            {
+                "type": "function",
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": WEATHER["function"]["parameters"],
+            }
+        ],
+        "input": [
+            {"role": "user", "content": "Paris?"},
+            {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "Need the tool."}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "On it."}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ],
+        "reasoning": {"effort": "low"},
+    }
     turn = responses_turn(parse(ResponsesRequest, body), None)
-    want = [user("Paris?"), asst("Need the tool.", "analysis"), asst("On it.", "commentary"),
-            call("get_weather", "{}"), result("get_weather", "sunny")]  # fmt: skip
+    want = [
+        user("Paris?"),
+        asst("Need the tool.", "analysis"),
+        asst("On it.", "commentary"),
+        call("get_weather", "{}"),
+        result("get_weather", "sunny"),
+    ]
     assert turn.prompt_tokens() == expected(want, ReasoningEffort.LOW, "Be brief.", [TOOL])
 
     # the model answers; a follow-up refers to it by previous_response_id (stored as harmony messages)
@@ -183,11 +299,17 @@ def test_responses_items_phases_and_previous_response():
 
 
 def test_responses_assistant_phase_and_unknown_call_id():
-    body = {"input": [{"role": "user", "content": "x"},
-                      {"role": "assistant", "content": "Working on it.", "phase": "commentary"},
-                      {"role": "assistant", "content": "Done.", "phase": "final_answer"}]}  # fmt: skip
+    body = {
+        "input": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "Working on it.", "phase": "commentary"},
+            {"role": "assistant", "content": "Done.", "phase": "final_answer"},
+        ]
+    }
     assert responses_turn(parse(ResponsesRequest, body), None).messages[1:] == [
-        asst("Working on it.", "commentary"), asst("Done.", "final")]  # fmt: skip
+        asst("Working on it.", "commentary"),
+        asst("Done.", "final"),
+    ]
     bad = {"input": [{"type": "function_call_output", "call_id": "zz", "output": "x"}]}
     with pytest.raises(APIError, match="input\\[0\\].call_id: 'zz' matches no function_call"):
         responses_turn(parse(ResponsesRequest, bad), None)

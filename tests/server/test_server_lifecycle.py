@@ -13,8 +13,12 @@ import pytest
 from servertools import KEY, MODEL, metric, script, start_server, stop_server
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1500,
-        "temperature": 0}  # fmt: skip
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 1500,
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,11 @@ def wait_until(cond, seconds: float = 20) -> bool:
 
 
 def idle(url: str) -> bool:
-    return (metric(url, "gptoss_server_pending_sequences") == 0 and metric(url, "gptoss_engine_running") == 0
-            and metric(url, "gptoss_engine_waiting") == 0)  # fmt: skip
+    return (
+        metric(url, "gptoss_server_pending_sequences") == 0
+        and metric(url, "gptoss_engine_running") == 0
+        and metric(url, "gptoss_engine_waiting") == 0
+    )
 
 
 def test_full_queue_is_a_429_and_disconnects_cancel(server):
@@ -76,8 +83,13 @@ def test_non_streamed_request_is_cancelled_when_the_client_leaves(server):
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(server):
     proc, url, log = server
     script(url, "<|channel|>final<|message|>" + " one" * 40 + "<|return|>")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 100, "stream": True,
-            "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 100,
+        "stream": True,
+        "temperature": 0,
+    }
     content, seen = [], []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
         lines = r.iter_lines()

@@ -49,48 +49,99 @@ def parts(p):
 
 CASES = {
     "reasoning then final": (
-        "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>4 🦜<|return|>",
-        [("reasoning", None, "Let me think."), ("content", None, "4 🦜")], "stop"),
+        (
+            "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final"
+            "<|message|>4 🦜<|return|>"
+        ),
+        [("reasoning", None, "Let me think."), ("content", None, "4 🦜")],
+        "stop",
+    ),
     "reasoning then tool call": (
-        ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
-        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'),
-        [("reasoning", None, "Need the weather."), ("tool_call", "get_weather", '{"city": "Paris"}')], "tool_calls"),
+        (
+            "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+        ),
+        [("reasoning", None, "Need the weather."), ("tool_call", "get_weather", '{"city": "Paris"}')],
+        "tool_calls",
+    ),
     "two tool calls": (
-        ('<|channel|>commentary to=functions.a <|constrain|>json<|message|>{"x":1}<|end|><|start|>assistant'
-        '<|channel|>commentary to=functions.b <|constrain|>json<|message|>{"y":2}<|call|>'),
-        [("tool_call", "a", '{"x":1}'), ("tool_call", "b", '{"y":2}')], "tool_calls"),
+        (
+            '<|channel|>commentary to=functions.a <|constrain|>json<|message|>{"x":1}<|end|>'
+            "<|start|>assistant"
+            '<|channel|>commentary to=functions.b <|constrain|>json<|message|>{"y":2}<|call|>'
+        ),
+        [("tool_call", "a", '{"x":1}'), ("tool_call", "b", '{"y":2}')],
+        "tool_calls",
+    ),
     "recipient in the role part": (
-        ' to=functions.f<|channel|>commentary json<|message|>{}<|call|>', [("tool_call", "f", "{}")], "tool_calls"),
+        " to=functions.f<|channel|>commentary json<|message|>{}<|call|>",
+        [("tool_call", "f", "{}")],
+        "tool_calls",
+    ),
     "preamble": (
-        ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.f "
-        "<|constrain|>json<|message|>{}<|call|>"), [("preamble", None, "Checking."), ("tool_call", "f", "{}")],
-        "tool_calls"),
+        (
+            "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant"
+            "<|channel|>commentary to=functions.f "
+            "<|constrain|>json<|message|>{}<|call|>"
+        ),
+        [("preamble", None, "Checking."), ("tool_call", "f", "{}")],
+        "tool_calls",
+    ),
     "built-in tool call goes to reasoning": (
         '<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>',
-        [("reasoning", None, '{"query": "x"}')], "stop"),
+        [("reasoning", None, '{"query": "x"}')],
+        "stop",
+    ),
     "refusal, message without channel": (
-        "<|message|>I can't help with that.<|end|>", [("content", None, "I can't help with that.")], "stop"),
+        "<|message|>I can't help with that.<|end|>",
+        [("content", None, "I can't help with that.")],
+        "stop",
+    ),
     "refusal, no header at all": (
-        "I can't help with that.<|return|>", [("content", None, "I can't help with that.")], "stop"),
+        "I can't help with that.<|return|>",
+        [("content", None, "I can't help with that.")],
+        "stop",
+    ),
     "text and no end token": ("Just text", [("content", None, "Just text")], "stop"),
     "marker inside content is dropped": (
-        "<|channel|>final<|message|>a<|message|>b<|constrain|>c<|return|>", [("content", None, "abc")], "stop"),
+        "<|channel|>final<|message|>a<|message|>b<|constrain|>c<|return|>",
+        [("content", None, "abc")],
+        "stop",
+    ),
     "new message without <|end|>": (
         "<|channel|>analysis<|message|>x<|start|>assistant<|channel|>final<|message|>y<|return|>",
-        [("reasoning", None, "x"), ("content", None, "y")], "stop"),
+        [("reasoning", None, "x"), ("content", None, "y")],
+        "stop",
+    ),
     "garbage between messages": (
         "<|channel|>final<|message|>x<|end|>junk<|start|>assistant<|channel|>final<|message|>y<|return|>",
-        [("content", None, "x"), ("content", None, "junk"), ("content", None, "y")], "stop"),
+        [("content", None, "x"), ("content", None, "junk"), ("content", None, "y")],
+        "stop",
+    ),
     "doubled channel marker": (
-        "<|channel|><|channel|>final<|message|>z<|return|>", [("content", None, "z")], "stop"),
+        "<|channel|><|channel|>final<|message|>z<|return|>",
+        [("content", None, "z")],
+        "stop",
+    ),
     "leaked channel names never reach content": (
-        "analysisassistantfinal<|channel|>final<|message|>ok<|return|>", [("content", None, "ok")], "stop"),
-    "header cut off by max_tokens": ("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fin",
-                                     [("reasoning", None, "x")], "stop"),
+        "analysisassistantfinal<|channel|>final<|message|>ok<|return|>",
+        [("content", None, "ok")],
+        "stop",
+    ),
+    "header cut off by max_tokens": (
+        "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fin",
+        [("reasoning", None, "x")],
+        "stop",
+    ),
     "hallucinated tool answer is not content": (
-        ("<|start|>functions.f to=assistant<|channel|>commentary<|message|>fake<|end|><|start|>assistant"
-        "<|channel|>final<|message|>ok<|return|>"), [("reasoning", None, "fake"), ("content", None, "ok")], "stop"),
-}  # fmt: skip
+        (
+            "<|start|>functions.f to=assistant<|channel|>commentary<|message|>fake<|end|><|start|>assistant"
+            "<|channel|>final<|message|>ok<|return|>"
+        ),
+        [("reasoning", None, "fake"), ("content", None, "ok")],
+        "stop",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -125,8 +176,10 @@ def test_tool_calls_get_ids_and_indices():
 
 
 def test_cut_off_by_max_tokens():
-    ids = encode("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>The answer is",
-                 allowed_special="all")  # fmt: skip
+    ids = encode(
+        "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>The answer is",
+        allowed_special="all",
+    )
     p, _ = run(ids)
     assert parts(p) == [("reasoning", None, "x"), ("content", None, "The answer is")]
     assert p.finish_reason(True) == "length"
@@ -140,7 +193,10 @@ def test_cut_off_by_max_tokens():
 
 
 def test_reasoning_tokens_count_the_analysis_messages():
-    text = "<|channel|>analysis<|message|>one two three<|end|><|start|>assistant<|channel|>final<|message|>hi<|return|>"
+    text = (
+        "<|channel|>analysis<|message|>one two three<|end|><|start|>assistant<|channel|>final<|message|>"
+        "hi<|return|>"
+    )
     p, _ = run(text)
     ids = encode(text, allowed_special="all")
     first_end = ids.index(END)
@@ -149,8 +205,11 @@ def test_reasoning_tokens_count_the_analysis_messages():
 
 
 def test_stop_strings_cut_content_across_tokens():
-    p, _events = run("<|channel|>analysis<|message|>STOP here is fine<|end|><|start|>assistant<|channel|>final"
-                    "<|message|>one two STOP three<|return|>", stop=["STOP"])  # fmt: skip
+    p, _events = run(
+        "<|channel|>analysis<|message|>STOP here is fine<|end|><|start|>assistant<|channel|>final"
+        "<|message|>one two STOP three<|return|>",
+        stop=["STOP"],
+    )
     assert parts(p) == [("reasoning", None, "STOP here is fine"), ("content", None, "one two ")]
     assert p.stopped and p.finish_reason(False) == "stop"
     p, _ = run("<|channel|>final<|message|>one ST<|return|>", stop=["STOP"])  # a partial match is released
@@ -191,7 +250,8 @@ def test_random_token_streams_never_raise():
     """Random mixes of harmony markers and text: the invariants hold and no marker reaches content."""
     rng = np.random.default_rng(0)
     pieces = [CHANNEL, START, END, MESSAGE, RETURN, CALL, 200003, 200013, 199999] + encode(
-        "analysis final commentary to=functions.f assistant json {\"a\": 1} hello world 🦜")  # fmt: skip
+        'analysis final commentary to=functions.f assistant json {"a": 1} hello world 🦜'
+    )
     for _ in range(300):
         ids = [int(t) for t in rng.choice(pieces, size=int(rng.integers(1, 40)))]
         p, _ = run(ids)

@@ -314,7 +314,7 @@ def create_app(
             "# TYPE gptoss_server_pending_sequences gauge",
             f"gptoss_server_pending_sequences {server.pending}",
         ]
-        for name, value in sorted(backend.metrics().items()):
+        for name, value in sorted((await backend.metrics()).items()):
             metric = f"gptoss_engine_{name}"
             lines += [
                 f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}",

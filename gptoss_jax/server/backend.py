@@ -2,7 +2,7 @@
 
     backend.generate(prompt_ids, GenParams, info) -> async iterator of Generated(token, logprob, top)
     backend.score(token_ids, top) -> log-probabilities of each token given the ones before it
-    backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
+    await backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
 
 Closing the iterator (the client went away, a stop string matched) cancels the request and frees its memory.
 `GenParams.mask(tokens_so_far) -> bool[V] | None` is applied before sampling at every step (constrained
@@ -65,12 +65,10 @@ class EngineBackend:
     def stop(self) -> None:
         self.engine.close()
 
-    def metrics(self) -> dict[str, float]:
-        return {
-            k: v
-            for k, v in self.engine.metrics().as_dict().items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+    async def metrics(self) -> dict[str, float]:
+        """The engine's metrics (taken off the event loop: the engine snapshots them between steps)."""
+        m = await asyncio.to_thread(self.engine.metrics)
+        return {k: v for k, v in m.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     async def generate(
         self, prompt: list[int], params: GenParams, info: dict | None = None

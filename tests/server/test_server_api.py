@@ -236,7 +236,9 @@ def test_chat_completions_scripted(name, server, client):
     script(url, text, text)
     resp = client.chat.completions.create(**body)
     got, ids = chat_of_message(resp)
-    streamed, sids = chat_of_stream(client.chat.completions.create(**body, stream=True))
+    chunks = list(client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    streamed, sids = chat_of_stream(chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
     assert got == want
     assert streamed == got  # arguments byte-identical, reasoning and content as the message's
     assert len(set(ids + sids)) == 2 * len(ids) and all(i.startswith("call_") for i in ids)
@@ -474,7 +476,7 @@ def test_openai_agents_runs_a_function_tool(server):
             instructions="Answer with the tool.",
             tools=[get_weather],
             model=model,
-            model_settings=agents.ModelSettings(max_tokens=100),
+            model_settings=agents.ModelSettings(max_tokens=100, temperature=0),
         )
         result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?"))
         assert result.final_output == "It is sunny in Paris."
@@ -496,9 +498,9 @@ def test_completions_echo_logprobs_and_stream(server, client):
     g = client.completions.create(model=MODEL, prompt=ids[:-1], max_tokens=1, logprobs=2)
     assert g.choices[0].text == decode([ids[-1]])
     assert g.choices[0].logprobs.token_logprobs[0] == pytest.approx(lp.token_logprobs[-1], abs=2e-3)
-    # streamed text equals the non-streamed text (same seed)
-    a = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, seed=7, temperature=1.0)
-    s = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, seed=7, temperature=1.0, stream=True)
+    # streamed text equals the non-streamed text
+    a = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    s = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, stream=True)
     chunks = list(s)
     assert "".join(c.choices[0].text for c in chunks) == a.choices[0].text
     assert chunks[-1].choices[0].finish_reason == a.choices[0].finish_reason == "length"
@@ -525,11 +527,34 @@ def test_chat_logprobs_n_and_stop(server, client):
         assert "".join(toks).startswith("one two") and all(
             len(x.top_logprobs) == 3 for x in c.logprobs.content
         )
+    # two choices streamed at once: each index gets its own text and finish reason
+    script(
+        url, "<|channel|>final<|message|>left<|return|>", "<|channel|>final<|message|>right side<|return|>"
+    )
+    chunks = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        n=2,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+    )
+    text, finish = {0: "", 1: ""}, {}
+    for ch in chunks:
+        for c in ch.choices:
+            text[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert sorted(text.values()) == ["left", "right side"] and finish == {0: "stop", 1: "stop"}
 
 
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
+    r = httpx.get(f"{url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v1/nothing"
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     text = httpx.get(f"{url}/metrics").text
     assert 'gptoss_http_requests_total{route="/v1/chat/completions",status="200"}' in text
@@ -591,7 +616,7 @@ def test_constrained_decoding_on_a_random_model(server, aclient):
         fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": SCHEMA, "strict": True}}
         tools = [one(i, tools=[FORECAST, NOW], tool_choice="required", max_tokens=64) for i in range(50)]
         jsons = [one(i, response_format=fmt, max_tokens=64) for i in range(50)]
-        free = [one(i, max_tokens=32) for i in range(50)]
+        free = [one(i, max_tokens=24) for i in range(50)]
         return await asyncio.gather(*tools), await asyncio.gather(*jsons), await asyncio.gather(*free)
 
     tools, jsons, free = asyncio.run(run())

@@ -68,7 +68,9 @@ class EngineBackend:
     async def metrics(self) -> dict[str, float]:
         """The engine's metrics (taken off the event loop: the engine snapshots them between steps)."""
         m = await asyncio.to_thread(self.engine.metrics)
-        return {k: v for k, v in m.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {
+            k: v for k, v in m.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     async def generate(
         self, prompt: list[int], params: GenParams, info: dict | None = None
@@ -109,6 +111,8 @@ class EngineBackend:
     async def score(self, tokens: list[int], top: int) -> list[Generated]:
         """Each token's log-probability given the ones before it (none for the first), and its `top`
         most likely alternatives."""
+        if jax.process_count() > 1:  # the other processes only follow the engine's plans
+            raise APIError("echo with logprobs (prompt scoring) needs a single-process server", param="echo")
         chosen, ids, lps = await asyncio.to_thread(prompt_logprobs, self.model, tokens, top)
         return [Generated(tokens[0])] + [
             Generated(tokens[i + 1], float(chosen[i]), [(int(t), float(v)) for t, v in zip(ids[i], lps[i])])

@@ -96,82 +96,65 @@ def _check(args) -> None:
         raise FileNotFoundError(2, "No such file or directory", args.path)
 
 
-def build_app(args, model):
-    """The ASGI app for `model` with the command's options (the engine compiles its call shapes first,
-    unless --no-warmup)."""
+def make_engine(args, model):
+    """The serving engine with the command's options; it compiles its call shapes first unless
+    --no-warmup (every process of a multi-host job compiles the same shapes)."""
     from ..serving import Engine
+
+    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
+    if not args.no_warmup:
+        log = logging.getLogger("gptoss_jax.server")
+        log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
+        log.info("compiled in %.1f s", engine.warmup())
+    return engine
+
+
+def build_app(args, engine, model):
+    """The ASGI app serving `engine` with the command's options."""
     from .app import create_app
     from .backend import EngineBackend
     from .constraints import ll_tokenizer
 
-    log = logging.getLogger("gptoss_jax.server")
-    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
-    if not args.no_warmup:
-        log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
-        log.info("compiled in %.1f s", engine.warmup())
     ll_tokenizer()  # built now (~2 s), not in the first constrained request
     name = args.served_model_name or Path(args.path).resolve().name
-    return create_app(
-        EngineBackend(engine, model),
-        model_name=name,
-        api_key=args.api_key,
-        max_pending=args.max_seqs + args.max_queue,
-        test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
-    )
+    return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
+                      max_pending=args.max_seqs + args.max_queue,
+                      test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")  # fmt: skip
 
 
 def run_serve(args) -> int:
+    """Process 0 serves HTTP; in a multi-host job the other processes run the engine's plans (`follow`)."""
+    import jax
     import uvicorn
 
     from ..loading import load
-    from ..sharding import make_mesh
+    from ..sharding import make_mesh, maybe_initialize_distributed
 
     _check(args)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     log = logging.getLogger("gptoss_jax.server")
+    maybe_initialize_distributed()  # before anything touches a device
     mesh = make_mesh(args.mesh) if args.mesh else None
-    dtype = args.dtype
-    if dtype == "auto":
-        import jax
-
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model = load(
-        args.path,
-        dtype=dtype,
-        mesh=mesh,
-        quiet=True,
-        attention_impl=args.attention_impl,
-        moe_impl=args.moe_impl,
-        expert_format=args.expert_format,
+    dtype = (
+        args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
     )
-    app = build_app(args, model)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=None,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    log.info(
-        "serving %s on http://%s:%d (max %d sequences + %d queued)",
-        args.path,
-        args.host,
-        args.port,
-        args.max_seqs,
-        args.max_queue,
-    )
+    model = load(args.path, dtype=dtype, mesh=mesh, quiet=True, attention_impl=args.attention_impl,
+                 moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+    engine = make_engine(args, model)
+    if jax.process_index() != 0:
+        engine.follow()  # until process 0 closes its engine
+        return 0
+    app = build_app(args, engine, model)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=None, lifespan="on")  # fmt: skip
+    log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,
+             args.max_seqs, args.max_queue)  # fmt: skip
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
     # one in place, that ends `run()` normally and the command exits 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        uvicorn.Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -183,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run_serve(args)
-    except ValueError as e:
-        print(f"gptoss-jax serve: error: {e}", file=sys.stderr)
+    except ValueError as e:  # CheckpointError included
+        print(f"gptoss-jax serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"gptoss-jax serve: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 

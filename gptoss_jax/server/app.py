@@ -55,6 +55,16 @@ class BodyTooLarge(APIError):
         )
 
 
+def route_of(path: str) -> str:
+    """The route a path counts under in /metrics (few label values, whatever clients send)."""
+    if path in ROUTES:
+        return path
+    for prefix in ("/v1/responses/", "/v1/models/"):
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -72,13 +82,7 @@ class Edge:
         status = [0]
         seen = [0]
         path = scope["path"]
-        route = (
-            path
-            if path in ROUTES
-            else "/v1/responses/{id}"
-            if path.startswith("/v1/responses/")
-            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        )
+        route = route_of(path)
 
         async def limited_receive():
             msg = await receive()
@@ -196,7 +200,6 @@ def create_app(
             backend.stop()
 
     app = FastAPI(title="gptoss-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):

@@ -320,9 +320,16 @@ class Engine:
         self.close()
 
     def _loop(self) -> None:
+        idle_since = time.monotonic()
         while not self._stopping:
             try:
                 worked = self.step()
+                if worked:
+                    idle_since = time.monotonic()
+                elif jax.process_count() > 1 and time.monotonic() - idle_since > 5.0:
+                    with self._lock:  # an empty plan now and then: followers never wait long in one broadcast
+                        self._send([])
+                    idle_since = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to every request, then the thread ends
                 self.error = e
                 with self._lock:

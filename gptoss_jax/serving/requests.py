@@ -253,7 +253,11 @@ class TextStream:
 
     def add(self, token: int) -> tuple[str, str | None]:
         """-> (text released now, the stop string that matched or None)."""
-        self.text += self._utf8.decode(tokenizer.get_encoding().decode_single_token_bytes(int(token)))
+        try:
+            raw = tokenizer.get_encoding().decode_single_token_bytes(int(token))
+        except KeyError:  # an id o200k_harmony does not define (a checkpoint with another vocabulary)
+            raw = b""
+        self.text += self._utf8.decode(raw)
         if self.stops:
             hits = [(i, s) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
             if hits:

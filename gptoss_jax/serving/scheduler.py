@@ -74,6 +74,7 @@ class Seq:
     length: int = 0  # tokens held in the cache
     ring_lo: int = 0
     cached: int = 0
+    allowed: np.ndarray | None = None  # this step's allowed-token mask (None: any token)
     first_token: float | None = None
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
@@ -197,14 +198,28 @@ class Scheduler:
                 break
             chunks.append(per_lane)
         calls = []
-        decode = [s for s in decode if s.slot >= 0]  # a prefill chunk may have preempted a newer one
-        if decode:
-            calls.append(self._call([(s, 1) for s in decode], decode=True))
-        for per_lane in chunks:
-            per_lane = [(s, n) for s, n in per_lane if s.slot >= 0]
-            if per_lane:
-                calls.append(self._call(per_lane, decode=False))
+        decode = [(s, 1) for s in decode if s.slot >= 0]  # a prefill chunk may have preempted a newer one
+        for rows, is_decode in [(decode, True)] + [(c, False) for c in chunks]:
+            rows = [(s, n) for s, n in rows if s.slot >= 0 and self._mask(s, n)]
+            if rows:
+                calls.append(self._call(rows, decode=is_decode))
         return calls
+
+    def _mask(self, s: Seq, n: int) -> bool:
+        """Asks the request's allowed-tokens hook for the token this row samples (kept in `s.allowed`); a
+        hook that fails or returns nonsense ends its own request ("error"), not the engine."""
+        s.allowed = None
+        hook = s.handle.options.allowed_tokens
+        if hook is None or s.length + n != len(s.tokens):
+            return True
+        try:
+            s.allowed = allowed_mask(hook(list(s.generated)), self.vocab_size)
+            return True
+        except Exception as e:  # noqa: BLE001 - the user's code: reported on its request
+            why = f"allowed_tokens failed: {type(e).__name__}: {e}"
+            s.handle._push(result=self._result(s, "error", error=why))
+            self._release(s)
+            return False
 
     def _admit(self) -> None:
         """Waiting sequences in arrival order take a slot while their lane has the pages their tokens need
@@ -339,10 +354,8 @@ class Scheduler:
                         o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
                     a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
                     a["logprobs"] |= o.logprobs
-                    if o.allowed_tokens is not None:
-                        m = allowed_mask(o.allowed_tokens(list(s.generated)), self.vocab_size)
-                        if m is not None:
-                            masks[row] = m
+                    if s.allowed is not None:
+                        masks[row] = s.allowed
                 out.append((row, s, n, samples))
         if masks:
             allowed = np.ones((B, self.vocab_size), bool)

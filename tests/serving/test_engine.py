@@ -295,6 +295,19 @@ def test_logprobs_and_allowed_token_mask(engine, model, tiny_cfg):
     assert set(r.tokens) <= set(allowed) and r.tokens[0] == allowed[int(np.argmax(lp[allowed]))]
     assert calls == [r.tokens[:i] for i in range(5)]
 
+    def broken(generated):
+        if generated:
+            raise RuntimeError("grammar exploded")
+        return allowed
+
+    bad = engine.submit(prompt, max_tokens=4, allowed_tokens=broken)
+    good = engine.submit(prompt[:20], max_tokens=4, stop_token_ids=())
+    while not (bad.done and good.done):
+        engine.step()
+    r = bad.result()
+    assert r.finish_reason == "error" and "grammar exploded" in r.error and len(r.tokens) == 1
+    assert good.result().finish_reason == "length"  # a failing hook ends its own request only
+
 
 @pytest.mark.parametrize("kw, needles", [
     (dict(prompt=[]), ["prompt", "non-empty"]),

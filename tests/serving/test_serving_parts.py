@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_one_line
 from flax import nnx
 
-from gptoss_jax import tokenizer
+from gptoss_jax import planning, tokenizer
 from gptoss_jax.config import Config
 from gptoss_jax.model import Transformer
 from gptoss_jax.serving import Engine, pool_plan
@@ -58,8 +58,10 @@ def test_planner_reports_the_pool_an_engine_allocates():
     held = sum(a.nbytes for kv in eng._kv for a in kv)
     assert e["num_pages"] == 6 * 10
     assert e["total_bytes"] == held == e["pool_per_device"] + e["rings_per_device"]
-    text = subprocess.run([*info, "--device-memory", "1"], capture_output=True, text=True, check=True).stdout
-    assert "page pool (" in text and "fill the memory left" in text
+    p = planning.plan(Config.tiny(), {}, 300, max_seqs=6, page_size=32)
+    text = planning.format_plan(p, device_memory_gib=1)
+    fit = (2**30 - p["weights_total"] - p["engine"]["rings_per_device"]) // p["engine"]["page_per_device"]
+    assert "page pool (60 pages)" in text and f"serving engine: {fit} pages" in text
 
 
 def test_ring_positions_follow_writes_and_rollbacks():

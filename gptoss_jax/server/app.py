@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .chat import ChatJob
+from .chat import ChatJob, sse
 from .completions import CompletionJob
 from .protocol import APIError
 from .responses import ResponseJob, ResponseStore
@@ -247,6 +247,9 @@ def create_app(
                     async with contextlib.aclosing(job.stream()) as it:
                         async for s in it:
                             yield s
+                except Exception as e:  # after the 200 went out: the stream ends with an error event
+                    log.exception("stream failed on %s", request.url.path)
+                    yield sse(APIError(f"internal error: {type(e).__name__}: {e}", 500).body(), "error")
                 finally:
                     release()
 

@@ -57,10 +57,12 @@ class Server:
         return release
 
     def queue_scripts(self, scripts: list) -> int:
-        for s in scripts:
-            self.scripts.append(
-                encode(s, allowed_special="all") if isinstance(s, str) else [int(t) for t in s]
-            )
+        vocab = self.backend.vocab_size
+        for i, s in enumerate(scripts):
+            ids = encode(s, allowed_special="all") if isinstance(s, str) else s
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise APIError(f"scripts[{i}]: token ids must be integers in [0, {vocab})", param="scripts")
+            self.scripts.append(list(ids))
         return len(self.scripts)
 
     def check_model(self, name: str | None) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 KEY = "sk-test-key"
 MODEL = "gpt-oss-tiny"
@@ -81,3 +82,20 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+_CKPT: dict = {}
+
+
+@pytest.fixture(scope="session", name="serve_ckpt")
+def serve_ckpt_fixture(tmp_path_factory):
+    """A random tiny checkpoint with the real o200k_harmony vocabulary (the server renders harmony), written
+    once per session. A fixture here, imported by the test modules, not in a conftest.py: tests elsewhere
+    import the top-level `conftest` by name."""
+    if "path" not in _CKPT:
+        from gptoss_jax.checkpoint.synthetic import write_checkpoint
+        from gptoss_jax.config import Config
+
+        folder = tmp_path_factory.mktemp("serve") / MODEL
+        _CKPT["path"] = write_checkpoint(folder, Config.tiny(), layout="hf", shards=1, seed=3)
+    return _CKPT["path"]

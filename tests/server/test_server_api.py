@@ -18,7 +18,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from servertools import KEY, MODEL, script, start_server, stop_server
+from servertools import (
+    KEY,
+    MODEL,
+    script,
+    serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
+    start_server,
+    stop_server,
+)
 
 from gptoss_jax.tokenizer import encode
 

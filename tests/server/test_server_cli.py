@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from servertools import SERVE
+from servertools import (
+    SERVE,
+    serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
+)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -10,7 +10,15 @@ import time
 
 import httpx
 import pytest
-from servertools import KEY, MODEL, metric, script, start_server, stop_server
+from servertools import (
+    KEY,
+    MODEL,
+    metric,
+    script,
+    serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
+    start_server,
+    stop_server,
+)
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = {

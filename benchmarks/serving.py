@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -76,15 +77,18 @@ def hf_runner(ckpt, threads):
     logging.disable_progress_bar()
     import logging as pylogging
 
-    pylogging.getLogger("ContinuousBatchingLogger").setLevel(pylogging.ERROR)  # "eos_token_id not set": on purpose
+    # it warns that eos_token_id is not set: on purpose, every sequence decodes its N tokens
+    pylogging.getLogger("ContinuousBatchingLogger").setLevel(pylogging.ERROR)
     torch.set_num_threads(threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = GptOssForCausalLM.from_pretrained(str(ckpt), quantization_config=Mxfp4Config(dequantize=True),
-                                                  dtype=torch.float32, attn_implementation="eager").eval()  # fmt: skip
+        model = GptOssForCausalLM.from_pretrained(
+            str(ckpt), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32,
+            attn_implementation="eager").eval()  # fmt: skip
 
     def gen(prompts, n):
-        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)  # fmt: skip
         cb = ContinuousBatchingConfig(num_blocks=256, max_batch_tokens=512)
         with torch.inference_mode():
             out = model.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cb)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt length of the throughput run (default 32)")
     ap.add_argument("--budget", type=int, default=64,
                     help="engine: prefill tokens per step while sequences decode (default 64)")  # fmt: skip
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4",
                     help="our experts: packed MXFP4 (default) or dense float32 like transformers' on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -141,8 +145,8 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------------------------- throughput
     prompts = [rng.integers(0, V, args.prompt).tolist() for _ in range(16)]
-    gen16 = lambda n: gptoss_jax.generate(model, prompts, max_new_tokens=n, stop_tokens=())  # noqa: E731
-    gen1 = lambda n: gptoss_jax.generate(model, prompts[:1], max_new_tokens=n, stop_tokens=())  # noqa: E731
+    gen16 = lambda n: gptoss_jax.generate(model, prompts, max_new_tokens=n, stop_tokens=())
+    gen1 = lambda n: gptoss_jax.generate(model, prompts[:1], max_new_tokens=n, stop_tokens=())
     for f in (gen16, gen1):
         f(1), f(N + 1)  # compile
     hf = hf_runner(args.ckpt, args.threads) if not args.no_hf else None
@@ -197,8 +201,8 @@ def main(argv=None) -> int:
     for h in handles:
         h.cancel()
     engine.step()
-    steady = [b - a for s in stamps for a, b in zip(s, s[1:]) if b < arrival and a > stamps[0][5]]
-    during = [b - a for s in stamps for a, b in zip(s, s[1:]) if a >= arrival and b <= done_at]
+    steady = [b - a for s in stamps for a, b in itertools.pairwise(s) if b < arrival and a > stamps[0][5]]
+    during = [b - a for s in stamps for a, b in itertools.pairwise(s) if a >= arrival and b <= done_at]
     stall = (pct(steady, 99), pct(during, 99), big.result().ttft, pct(steady, 50), pct(during, 50))
 
     # ---------------------------------------------------------------------------------------- memory
@@ -230,21 +234,25 @@ def main(argv=None) -> int:
             m0 = engine.metrics()
             r = engine.generate([turn2], max_tokens=4, stop_token_ids=(), reuse=reuse)[0]
             ttft[key].append(r.ttft)
-            prefilled[key] = (engine.metrics().prefill_tokens - m0.prefill_tokens, r.cached_tokens, len(turn2))
+            fed = engine.metrics().prefill_tokens - m0.prefill_tokens
+            prefilled[key] = (fed, r.cached_tokens, len(turn2))
     after = len(compiles) - n_before
 
     # ------------------------------------------------------------------------------------------ report
     print()
-    print(f"date      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"date      {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
     print(f"hardware  {cpu_model()}, {os.cpu_count()} cores")
     print(f"software  jax {jax.__version__}, python {platform.python_version()}"
           + (f", {hf[1]}" if hf else ""))  # fmt: skip
     print(f"command   python {os.path.relpath(__file__, ROOT)} {' '.join(argv or sys.argv[1:])}")
-    print(f"load avg  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min; a busy machine slows everything)")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load avg  {load} (1/5/15 min; a busy machine slows everything)")
     experts = "packed MXFP4" if args.expert_format == "mxfp4" else "dequantized float32"
-    print(f"model     bench_config(): 4 layers, 32 experts top-4, hidden 512, vocab 32000, float32, {experts} experts")
-    print(f"engine    16 slots, pages of 16 tokens, prefill {args.budget} tokens/step while decoding (else 512); "
-          f"warm-up {warm:.1f} s for {len(engine.scheduler.shapes())} shapes; compiles after warm-up: {after}")
+    print(f"model     bench_config(): 4 layers, 32 experts top-4, hidden 512, vocab 32000, float32, "
+          f"{experts} experts")  # fmt: skip
+    print(f"engine    16 slots, pages of 16 tokens, prefill {args.budget} tokens/step while decoding (else "
+          f"512); warm-up {warm:.1f} s for {len(engine.scheduler.shapes())} shapes; compiles after warm-up: "
+          f"{after}")  # fmt: skip
     print()
     print(f"decode throughput, {args.prompt}-token prompts, {N} tokens each (median of {args.reps}):")
     print(f"  engine, 16 concurrent sequences     {tps['engine']:7.1f} tok/s")
@@ -258,21 +266,24 @@ def main(argv=None) -> int:
     full_step = 16 / tps["engine"]
     dev = statistics.median(device_step)
     print(f"  engine step {1e3 * full_step:.1f} ms = jitted call and transfers {1e3 * dev:.1f} ms + host "
-          f"{1e3 * (full_step - dev):.1f} ms; generate's loop step {1e3 * 16 / tps['static16']:.1f} ms")  # fmt: skip
+          f"{1e3 * (full_step - dev):.1f} ms; generate's loop step "
+          f"{1e3 * 16 / tps['static16']:.1f} ms")  # fmt: skip
     print()
-    print(f"no stall: 8 sequences decoding, a 4096-token prompt arrives (prefilled {args.budget} tokens/step):")
+    print(f"no stall: 8 sequences decoding, a 4096-token prompt arrives ({args.budget} tokens/step):")
     print(f"  inter-token p99 steady {1e3 * stall[0]:.1f} ms, while prefilling {1e3 * stall[1]:.1f} ms "
           f"= {stall[1] / stall[0]:.2f}x (target <= 3); p50 {1e3 * stall[3]:.1f} -> {1e3 * stall[4]:.1f} ms "
           f"({stall[4] / stall[3]:.2f}x); the long prompt's TTFT {stall[2]:.1f} s")
     print()
     print(f"memory: 16 sequences of {min(lengths)}..{max(lengths)} tokens ({memory[3]} tokens held):")
-    print(f"  KV held {memory[0] / 2**20:.2f} MiB ({memory[2]} pages + rings) vs needed {memory[1] / 2**20:.2f} MiB "
+    print(f"  KV held {memory[0] / 2**20:.2f} MiB ({memory[2]} pages + rings) vs needed "
+          f"{memory[1] / 2**20:.2f} MiB "
           f"= {memory[0] / memory[1]:.3f}x (target <= 1.1)")
     print()
     print("reuse: second turn of a 2000-token conversation (+ 32 generated + 24 new tokens):")
     t_r, t_c = statistics.median(ttft["reuse"]), statistics.median(ttft["cold"])
-    print(f"  TTFT reusing {t_r * 1e3:.0f} ms (prefilled {prefilled['reuse'][0]} of {prefilled['reuse'][2]} tokens, "
-          f"{prefilled['reuse'][1]} cached) vs cold {t_c * 1e3:.0f} ms (prefilled {prefilled['cold'][0]}) "
+    re_fed, re_cached, re_len = prefilled["reuse"]
+    print(f"  TTFT reusing {t_r * 1e3:.0f} ms (prefilled {re_fed} of {re_len} tokens, "
+          f"{re_cached} cached) vs cold {t_c * 1e3:.0f} ms (prefilled {prefilled['cold'][0]}) "
           f"= {t_c / t_r:.1f}x lower (target >= 5)")  # fmt: skip
     engine.close()
     if tmp is not None:

@@ -1,0 +1,341 @@
+"""The HTTP server: FastAPI routes, SSE, errors in OpenAI's shape, the edge (body limit, API key, one log
+line per request, request counts), and client disconnects.
+
+    POST /v1/chat/completions   POST /v1/responses   GET /v1/responses/{id}   POST /v1/completions
+    GET /v1/models   GET /v1/models/{id}   GET /health   GET /metrics (Prometheus text)
+
+Errors: {"error": {"message", "type", "param", "code"}} with 400 (bad request, context overflow), 401 (missing
+or wrong key when an API key is set), 404 (unknown model, route or stored response), 413 (body over the
+limit), 429 (the engine's queue is full). No bad input gives a 5xx, and no error is wrapped in a 200.
+
+A client that disconnects cancels its request (streamed or not): the engine drops the sequence and frees
+its memory. Each request logs one line (client, method, path, status, seconds, tokens), never the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .chat import ChatJob, sse
+from .completions import CompletionJob
+from .protocol import APIError
+from .responses import ResponseJob, ResponseStore
+from .run import Server
+
+log = logging.getLogger("gptoss_jax.server")
+
+MAX_BODY = 32 * 2**20  # bytes; a larger body gets a 413
+DRAIN_MAX = 256 * 2**20  # a too-large body is read (and dropped) up to this, so the client sees the 413
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/v1/test/scripts",
+)
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the request body is larger than the limit of {limit // 2**20} MiB",
+            413,
+            code="request_too_large",
+        )
+
+
+def route_of(path: str) -> str:
+    """The route a path counts under in /metrics (few label values, whatever clients send)."""
+    if path in ROUTES:
+        return path
+    for prefix in ("/v1/responses/", "/v1/models/"):
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class Edge:
+    """ASGI middleware: body size limit, one log line per request (at the end of a stream), counts."""
+
+    def __init__(self, app, *, max_body: int, counts: Counter):
+        self.app, self.max_body, self.counts = app, max_body, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [0]
+        seen = [0]
+        path = scope["path"]
+        route = route_of(path)
+
+        async def limited_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return msg
+
+        async def watched_send(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        length = dict(scope["headers"]).get(b"content-length")
+        try:
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                await error_response(BodyTooLarge(self.max_body))(scope, receive, watched_send)
+                await _drain(receive, int(length))
+            else:
+                await self.app(scope, limited_receive, watched_send)
+                if status[0] == 413:
+                    await _drain(receive, DRAIN_MAX)
+        finally:
+            state = scope.get("state", {})
+            if state.get("disconnected"):
+                status[0] = 499  # nginx's "client closed request": nothing was answered
+            self.counts[(route, status[0])] += 1
+            summary = state.get("summary")
+            client = scope.get("client") or ("-", 0)
+            log.info(
+                "%s:%s %s %s %d %.3fs%s",
+                client[0],
+                client[1],
+                scope["method"],
+                path,
+                status[0],
+                time.perf_counter() - t0,
+                f" {summary()}" if summary else "",
+            )
+
+
+async def _drain(receive, limit: int) -> None:
+    got = 0
+    with contextlib.suppress(Exception):
+        while got < min(limit, DRAIN_MAX):
+            msg = await receive()
+            got += len(msg.get("body", b""))
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                break
+
+
+async def _until_disconnect(receive, coro):
+    """Runs `coro` unless the client disconnects first -> (finished, its result); when the client goes,
+    `coro` is cancelled (and with it the engine request)."""
+    task = asyncio.create_task(coro)
+
+    async def gone():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
+class EventStream(StreamingResponse):
+    """SSE whose generator is cancelled as soon as the client disconnects (not only at its next write), and
+    always closed, so that the engine request ends with it."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send):
+        try:
+            finished, _ = await _until_disconnect(receive, self.stream_response(send))
+        except OSError:  # the client went away while we wrote
+            finished = False
+        finally:
+            await self.body_iterator.aclose()
+        if not finished:
+            scope.setdefault("state", {})["disconnected"] = True
+
+
+def create_app(
+    backend,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_pending: int = 256,
+    test_hooks: bool = False,
+    max_body: int = MAX_BODY,
+    store_capacity: int = 1024,
+):
+    """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
+    admitted at once (running and queued); past it a request gets a 429."""
+    server = Server(backend, model_name, test_hooks, max_pending)
+    store = ResponseStore(store_capacity)
+    counts: Counter = Counter()
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        backend.start()
+        try:
+            yield
+        finally:
+            backend.stop()
+
+    app = FastAPI(title="gptoss-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        msg = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
+        return error_response(APIError(msg, e.status_code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", 500).body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not got.lower().startswith("bearer ") or got[7:].strip() != api_key:
+            why = "a wrong API key was given" if got else "no API key was given (Authorization: Bearer KEY)"
+            raise APIError(f"unauthorized: {why}", 401, code="invalid_api_key")
+
+    async def body(request: Request) -> dict:
+        authorize(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    async def answer(request: Request, job, stream: bool):
+        request.state.summary = job.summary
+        release = server.admit(len(job.choices))
+        if stream:
+
+            async def events():
+                try:
+                    async with contextlib.aclosing(job.stream()) as it:
+                        async for s in it:
+                            yield s
+                except Exception as e:  # after the 200 went out: the stream ends with an error event
+                    log.exception("stream failed on %s", request.url.path)
+                    yield sse(APIError(f"internal error: {type(e).__name__}: {e}", 500).body(), "error")
+                finally:
+                    release()
+
+            return EventStream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            finished, result = await _until_disconnect(request.receive, job.response())
+        finally:
+            release()
+        if not finished:
+            request.scope.setdefault("state", {})["disconnected"] = True
+            return Response(status_code=499)
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        data = await body(request)
+        return await answer(request, ChatJob(server, data), bool(data.get("stream")))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        data = await body(request)
+        return await answer(request, ResponseJob(server, store, data), bool(data.get("stream")))
+
+    @app.get("/v1/responses/{rid}")
+    async def get_response(rid: str, request: Request):
+        authorize(request)
+        return store.get(rid, "response_id")[1]
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        data = await body(request)
+        return await answer(request, CompletionJob(server, data), bool(data.get("stream")))
+
+    def model_card() -> dict:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "gptoss-jax",
+            "max_model_len": backend.context_length,
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        server.check_model(name)
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = [
+            "# HELP gptoss_http_requests_total HTTP requests by route and status.",
+            "# TYPE gptoss_http_requests_total counter",
+        ]
+        for (route, status), n in sorted(counts.items()):
+            lines.append(f'gptoss_http_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines += [
+            "# HELP gptoss_server_pending_sequences Sequences admitted (generating or queued).",
+            "# TYPE gptoss_server_pending_sequences gauge",
+            f"gptoss_server_pending_sequences {server.pending}",
+        ]
+        for name, value in sorted((await backend.metrics()).items()):
+            metric = f"gptoss_engine_{name}"
+            lines += [
+                f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}",
+                f"{metric} {value}",
+            ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    if test_hooks:
+
+        @app.post("/v1/test/scripts")
+        async def test_scripts(request: Request):
+            data = await body(request)
+            scripts = data.get("scripts")
+            if not isinstance(scripts, list) or not all(isinstance(s, (str, list)) for s in scripts):
+                raise APIError("scripts: a list of harmony strings or token id lists", param="scripts")
+            return {"queued": server.queue_scripts(scripts)}
+
+    return Edge(app, max_body=max_body, counts=counts)

@@ -1,0 +1,149 @@
+"""The generation interface the server is written against, and its adapter to the model.
+
+    backend.generate(prompt_ids, GenParams, info) -> async iterator of Generated(token, logprob, top)
+    backend.score(token_ids, top) -> log-probabilities of each token given the ones before it
+    await backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
+
+Closing the iterator (the client went away, a stop string matched) cancels the request and frees its memory.
+`GenParams.mask(tokens_so_far) -> bool[V] | None` is applied before sampling at every step (constrained
+decoding, `constraints.TokenMask`; None allows every token). Admission (the 429 of a full queue) is the
+server's (`run.Server.admit`), so the engine's own queue never overflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..model import forward, logits
+from ..sampling import token_logprobs
+from ..serving import RequestOptions
+from ..sharding import with_model_mesh
+from .protocol import APIError
+
+Mask = Callable[[list[int]], "np.ndarray | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
+    mask: Mask | None = None
+
+
+@dataclasses.dataclass
+class Generated:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (token, log-prob), most likely first
+
+
+class EngineBackend:
+    """The serving engine (`gptoss_jax.serving.Engine`: continuous batching over the paged cache) behind
+    the interface. Prompt log-probabilities (`score`) come from the model's forward over the whole prompt,
+    which the engine does not return."""
+
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
+        self.vocab_size = engine.cfg.vocab_size
+        self.context_length = engine.scheduler.max_context
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.close()
+
+    async def metrics(self) -> dict[str, float]:
+        """The engine's metrics (taken off the event loop: the engine snapshots them between steps)."""
+        m = await asyncio.to_thread(self.engine.metrics)
+        return {
+            k: v for k, v in m.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+
+    async def generate(
+        self, prompt: list[int], params: GenParams, info: dict | None = None
+    ) -> AsyncIterator[Generated]:
+        """The request's tokens as they come; `info` gets "cached_tokens" (prompt tokens whose KV the engine
+        reused from an earlier request) at the end."""
+        opts = RequestOptions(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_token_ids=params.stop_tokens,
+            logprobs=params.logprobs is not None,
+            top_logprobs=params.logprobs or 0,
+            allowed_tokens=params.mask,
+        )
+        try:
+            handle = self.engine.submit(prompt, opts)
+        except ValueError as e:  # what the engine cannot hold (pages): the request's fault, a 400
+            raise APIError(str(e)) from None
+        try:
+            async for ev in handle:
+                top = (
+                    [(int(t), float(lp)) for t, lp in ev.top_logprobs]
+                    if params.logprobs is not None
+                    else None
+                )
+                yield Generated(ev.token, ev.logprob, top)
+            result = handle.result()
+            if result.finish_reason == "error":
+                raise RuntimeError(f"engine: {result.error}")
+            if info is not None:
+                info["cached_tokens"] = result.cached_tokens
+        finally:
+            if not handle.done:  # closed early: the client went away, or a stop string matched
+                handle.cancel()
+
+    async def score(self, tokens: list[int], top: int) -> list[Generated]:
+        """Each token's log-probability given the ones before it (none for the first), and its `top`
+        most likely alternatives."""
+        if jax.process_count() > 1:  # the other processes only follow the engine's plans
+            raise APIError("echo with logprobs (prompt scoring) needs a single-process server", param="echo")
+        chosen, ids, lps = await asyncio.to_thread(prompt_logprobs, self.model, tokens, top)
+        return [Generated(tokens[0])] + [
+            Generated(tokens[i + 1], float(chosen[i]), [(int(t), float(v)) for t, v in zip(ids[i], lps[i])])
+            for i in range(len(tokens) - 1)
+        ]
+
+
+SCORE_CHUNK = 256  # positions whose (V,) logits exist at once while scoring a prompt
+
+
+@with_model_mesh
+def prompt_logprobs(model, tokens: list[int], top: int):
+    """Log-probabilities of tokens[1:] under the model given the tokens before each, and the `top` most
+    likely ids at each position -> (chosen (T-1,), top ids (T-1, top), top log-probs (T-1, top))."""
+    T = len(tokens)
+    P = max(SCORE_CHUNK, 1 << (T - 1).bit_length())  # few compiled lengths
+    toks = np.zeros((1, P), np.int32)
+    toks[0, :T] = tokens
+    pos = np.where(np.arange(P) < T, np.arange(P), -1).astype(np.int32)[None]
+    nxt = np.zeros(P, np.int32)
+    nxt[: T - 1] = tokens[1:]
+    graphdef, state = nnx.split(model)
+    out = _score(graphdef, state, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(nxt), top)
+    return tuple(np.asarray(x).reshape(P, *x.shape[2:])[: T - 1] for x in out)  # (chunks, CHUNK, ...) -> rows
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _score(graphdef, state, tokens, positions, nxt, top):
+    m = nnx.merge(graphdef, state)
+    h, _ = forward(m, tokens, positions)
+    h = h[0].reshape(-1, SCORE_CHUNK, h.shape[-1])
+    return jax.lax.map(
+        lambda xs: token_logprobs(logits(m, xs[0]), xs[1], top), (h, nxt.reshape(-1, SCORE_CHUNK))
+    )

@@ -1,0 +1,222 @@
+"""`POST /v1/chat/completions`.
+
+The answer's message: `content` carries only the final channel (and text that did not parse as harmony);
+`reasoning` (alias `reasoning_content`) carries the analysis channel and commentary preambles, one message
+after another, separated by a blank line; `tool_calls` carry the calls to functions, with ids and the
+arguments as the model wrote them. A streamed answer is made of the same deltas the non-streamed message
+is folded from, so the two are identical (a tool call's first delta has its id, name and empty arguments;
+later ones carry argument pieces at the call's `index`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from ..tokenizer import get_encoding
+from .constraints import check_schemas, constraint_spec
+from .harmony_io import chat_turn
+from .parsing import Event, OutputParser, new_id
+from .protocol import ChatRequest, check_unsupported, parse
+from .run import Choice, Server, merged, run_choice
+
+REASONING_SEP = "\n\n"
+
+
+class ChatJob:
+    def __init__(self, server: Server, body: dict):
+        req = parse(ChatRequest, body)
+        check_unsupported(req)
+        server.check_model(req.model)
+        self.req, self.server = req, server
+        turn = chat_turn(req)
+        self.prompt = turn.prompt_tokens()
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = server.budget(
+            len(self.prompt), req.max_completion_tokens or req.max_tokens, field, "messages"
+        )
+        fmt = req.response_format
+        schema = None
+        if fmt is not None and fmt.type == "json_object":
+            schema = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = (fmt.json_schema.schema_ if fmt.json_schema else None) or {}
+        spec = constraint_spec(tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema)
+        where = {t.function.name: f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])}
+        check_schemas(spec, where | {"": "response_format.json_schema.schema"})
+        self.top = (req.top_logprobs or 0) if req.logprobs else None
+        self.choices = [
+            Choice(
+                i,
+                server.params(
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    index=i,
+                    logprobs=self.top,
+                    spec=spec,
+                ),
+                OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls),
+            )
+            for i in range(req.n)
+        ]
+        self.id, self.created = new_id("chatcmpl", "-"), int(time.time())
+        self.views = [ChatView(self.top) for _ in self.choices]
+
+    def _streams(self):
+        return [run_choice(self.server.backend, self.prompt, c) for c in self.choices]
+
+    def usage(self) -> dict:
+        done = sum(len(c.tokens) for c in self.choices)
+        cached = max(c.info.get("cached_tokens", 0) for c in self.choices)
+        reasoning = sum(c.parser.reasoning_tokens for c in self.choices)
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": done,
+            "total_tokens": len(self.prompt) + done,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
+
+    def _head(self, obj: str) -> dict:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.server.model_name,
+            "system_fingerprint": None,
+        }
+
+    async def response(self) -> dict:
+        async for i, events in merged(self._streams()):
+            self.views[i].deltas(events)
+        choices = [
+            {
+                "index": c.index,
+                "message": v.message(),
+                "logprobs": v.logprobs_json(),
+                "finish_reason": c.finish_reason,
+            }
+            for c, v in zip(self.choices, self.views, strict=True)
+        ]
+        return self._head("chat.completion") | {"choices": choices, "usage": self.usage()}
+
+    async def stream(self) -> AsyncIterator[str]:
+        usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        extra = {"usage": None} if usage else {}
+
+        def chunk(i: int, delta: dict, lp=None, finish=None) -> str:
+            c = {
+                "index": i,
+                "delta": delta,
+                "logprobs": None if lp is None else {"content": lp},
+                "finish_reason": finish,
+            }
+            return sse(self._head("chat.completion.chunk") | {"choices": [c]} | extra)
+
+        for c in self.choices:
+            yield chunk(c.index, {"role": "assistant", "content": ""})
+        async for i, events in merged(self._streams()):
+            for delta, lp in self.views[i].deltas(events):
+                yield chunk(i, delta, lp)
+        for c in self.choices:
+            yield chunk(c.index, {}, finish=c.finish_reason)
+        if usage:
+            yield sse(self._head("chat.completion.chunk") | {"choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
+
+    def summary(self) -> str:
+        return (
+            f"prompt={len(self.prompt)} completion={sum(len(c.tokens) for c in self.choices)} "
+            f"finish={','.join(c.finish_reason for c in self.choices)}"
+        )
+
+
+class ChatView:
+    """One choice's events -> chat-completions deltas, and the message folded from those same deltas."""
+
+    def __init__(self, top: int | None):
+        self.top = top
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[dict] = []
+        self.lp: list[dict] = []
+        self._lp_seen: dict[int, int] = {}  # id(part) -> log-prob entries already sent
+        self._open_reasoning = None
+
+    def deltas(self, events: list[Event]) -> list[tuple[dict, list | None]]:
+        out = []
+        for kind, part, text in events:
+            if part.type == "tool_call":
+                if kind == "start":
+                    call = {
+                        "index": part.index,
+                        "id": part.call_id,
+                        "type": "function",
+                        "function": {"name": part.name, "arguments": ""},
+                    }
+                    self.calls.append(
+                        {
+                            "id": part.call_id,
+                            "type": "function",
+                            "function": {"name": part.name, "arguments": ""},
+                        }
+                    )
+                    out.append(({"tool_calls": [call]}, None))
+                elif kind == "delta" and text:
+                    self.calls[part.index]["function"]["arguments"] += text
+                    out.append(
+                        ({"tool_calls": [{"index": part.index, "function": {"arguments": text}}]}, None)
+                    )
+            elif part.type == "content" and kind == "delta":
+                lp = None
+                if self.top is not None:
+                    seen = self._lp_seen.get(id(part), 0)
+                    lp = [logprob_json(g, self.top) for g in part.logprobs[seen:]]
+                    self._lp_seen[id(part)] = len(part.logprobs)
+                    self.lp += lp
+                if text or lp:
+                    self.content.append(text)
+                    out.append(({"content": text}, lp))
+            elif part.type in ("reasoning", "preamble") and kind == "delta" and text:
+                if self._open_reasoning is not part:
+                    if self.reasoning:
+                        text = REASONING_SEP + text
+                    self._open_reasoning = part
+                self.reasoning.append(text)
+                out.append(({"reasoning": text, "reasoning_content": text}, None))
+        return out
+
+    def message(self) -> dict:
+        reasoning = "".join(self.reasoning) or None
+        msg = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not self.calls else None,
+            "reasoning": reasoning,
+            "reasoning_content": reasoning,
+        }
+        if self.calls:
+            msg["tool_calls"] = self.calls
+        return msg
+
+    def logprobs_json(self) -> dict | None:
+        return None if self.top is None else {"content": self.lp}
+
+
+def token_json(token: int) -> dict:
+    b = get_encoding().decode_single_token_bytes(token)
+    return {"token": b.decode("utf-8", "replace"), "bytes": list(b)}
+
+
+def logprob_json(g, top: int) -> dict:
+    return token_json(g.token) | {
+        "logprob": g.logprob,
+        "top_logprobs": [token_json(t) | {"logprob": lp} for t, lp in (g.top or [])[:top]],
+    }
+
+
+def sse(obj: dict, event: str | None = None) -> str:
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {data}\n\n" if event else f"data: {data}\n\n"

@@ -1,0 +1,178 @@
+"""`gptoss-jax serve PATH`: load a checkpoint and serve it over HTTP with uvicorn.
+
+`add_serve_arguments(parser)` declares the options on the `serve` subparser of `gptoss-jax`, `run_serve(args)`
+runs it (bad input: a ValueError with one line naming the option, which the CLI turns into exit code 2).
+`python -m gptoss_jax.server.cli PATH ...` runs the same command on its own.
+
+SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+TEST_HOOKS_ENV = "GPTOSS_JAX_SERVE_TEST_HOOKS"  # "1": the test-only script endpoint (see run.py)
+API_KEY_ENV = "GPTOSS_JAX_API_KEY"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        help="checkpoint folder: released safetensors (HF or original/ layout) or an Orbax "
+        "checkpoint from gptoss-convert",
+    )
+    g = p.add_argument_group("server")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)",
+    )
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        help="the model name clients send and /v1/models lists (default: the checkpoint folder's name)",
+    )
+    g.add_argument("--max-seqs", type=int, default=16, help="sequences the engine runs at once (default 16)")
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences waiting for a slot; past max-seqs + max-queue a request gets a 429 (default 256)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        help="longest sequence (prompt + output) a request may reach "
+        "(default: the model's context length, at most 8192)",
+    )
+    g.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="compile the engine's call shapes when first used, "
+        "not before serving (faster start; early requests of each size wait for a compile)",
+    )
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    m = p.add_argument_group("model")
+    m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
+    m.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU",
+    )
+    m.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto")
+    m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
+    m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
+    m.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="persistent XLA compilation cache ('off' disables it; see `gptoss-jax generate -h`)",
+    )
+
+
+def _check(args) -> None:
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_seqs", "max_context"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key: empty key")
+    if not Path(args.path).exists():
+        raise FileNotFoundError(2, "No such file or directory", args.path)
+
+
+def make_engine(args, model):
+    """The serving engine with the command's options; it compiles its call shapes first unless
+    --no-warmup (every process of a multi-host job compiles the same shapes)."""
+    from ..serving import Engine
+
+    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
+    if not args.no_warmup:
+        log = logging.getLogger("gptoss_jax.server")
+        log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
+        log.info("compiled in %.1f s", engine.warmup())
+    return engine
+
+
+def build_app(args, engine, model):
+    """The ASGI app serving `engine` with the command's options."""
+    from .app import create_app
+    from .backend import EngineBackend
+    from .constraints import ll_tokenizer
+
+    ll_tokenizer()  # built now (~2 s), not in the first constrained request
+    name = args.served_model_name or Path(args.path).resolve().name
+    return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
+                      max_pending=args.max_seqs + args.max_queue,
+                      test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")  # fmt: skip
+
+
+def run_serve(args) -> int:
+    """Process 0 serves HTTP; in a multi-host job the other processes run the engine's plans (`follow`)."""
+    import jax
+    import uvicorn
+
+    from ..loading import load
+    from ..sharding import make_mesh, maybe_initialize_distributed
+
+    _check(args)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    log = logging.getLogger("gptoss_jax.server")
+    maybe_initialize_distributed()  # before anything touches a device
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    dtype = (
+        args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    )
+    model = load(args.path, dtype=dtype, mesh=mesh, quiet=True, attention_impl=args.attention_impl,
+                 moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+    engine = make_engine(args, model)
+    if jax.process_index() != 0:
+        engine.follow()  # until process 0 closes its engine
+        return 0
+    app = build_app(args, engine, model)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=None, lifespan="on")  # fmt: skip
+    log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,
+             args.max_seqs, args.max_queue)  # fmt: skip
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
+    # one in place, that ends `run()` normally and the command exits 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gptoss-jax serve", description="OpenAI-compatible server for gpt-oss")
+    add_serve_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_serve(args)
+    except ValueError as e:  # CheckpointError included
+        print(f"gptoss-jax serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"gptoss-jax serve: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Request bodies of the OpenAI API, validated at the edge, and the API's error.
+
+Every request is checked here before anything else runs: a bad field becomes an `APIError` (HTTP 400) whose
+one-line message names the field (`messages[2].role: ...`). Unknown fields are accepted and ignored (clients
+send vendor extensions), except the ones listed in `UNSUPPORTED`, which would change the answer and are
+refused rather than silently dropped. docs/serving.md lists every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_N = 16  # choices per request (each is a sequence in the engine)
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(ValueError):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }
+
+    def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None):
+        super().__init__(" ".join(str(message).split()))
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif not str(x).startswith(("function-", "literal[", "list[", "str", "int", "dict[", "union")):
+            out += f".{x}" if out else str(x)
+    return out
+
+
+def parse(model: type[BaseModel], data: Any, where: str = ""):
+    """`model` validated from JSON data, or an APIError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise APIError(
+            f"{where or 'the request body'} must be a JSON object, got {type(data).__name__}",
+            param=where or None,
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # of a union's branches, the one that got furthest
+        param = _loc(((where,) if where else ()) + tuple(err["loc"]))
+        got = f" (got {err['input']!r:.80})" if err["type"] not in ("missing",) and "input" in err else ""
+        msg = "field required" if err["type"] == "missing" else err["msg"]
+        raise APIError(f"{param}: {msg}{got}", param=param) from None
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------------------------- shared
+class FunctionDef(_Base):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Base):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+def _stop_list(v):
+    if v is None or isinstance(v, str):
+        return [v] if v else []
+    if len(v) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings")
+    return list(v)
+
+
+class _Sampling(_Base):
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+# -------------------------------------------------------------------------------------- chat completions
+class ContentPart(_Base):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class ToolCallFunction(_Base):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Base):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatTool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _Named(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: _Named
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    _stop = field_validator("stop", mode="before")(lambda v: _stop_list(v))
+
+
+# ------------------------------------------------------------------------------------------- responses
+class ReasoningConfig(_Base):
+    effort: Literal["low", "medium", "high"] | None = None
+    summary: str | None = None
+
+
+class TextFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Base):
+    format: TextFormat | None = None
+
+
+class ResponseFunctionTool(FunctionDef):
+    type: Literal["function"]
+
+
+class ResponseNamedToolChoice(_Base):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(_Sampling):
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning: ReasoningConfig | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    store: bool = True
+    previous_response_id: str | None = None
+    text: TextConfig | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class InputText(_Base):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(_Base):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+    phase: Literal["commentary", "final_answer"] | None = None
+
+
+class FunctionCallItem(_Base):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Base):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputText]
+
+
+class ReasoningText(_Base):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Base):
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+
+
+INPUT_ITEMS = {
+    "message": InputMessage,
+    "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem,
+    "reasoning": ReasoningItem,
+}
+
+
+def parse_input_item(i: int, item: Any):
+    kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind not in INPUT_ITEMS:
+        raise APIError(
+            f"input[{i}].type: unsupported input item type {kind!r} (supported: {', '.join(INPUT_ITEMS)})",
+            param=f"input[{i}].type",
+        )
+    return parse(INPUT_ITEMS[kind], item, f"input[{i}]")
+
+
+def parse_response_tool(i: int, tool: Any) -> ResponseFunctionTool:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind != "function":
+        raise APIError(
+            f"tools[{i}].type: only function tools are supported, got {kind!r}", param=f"tools[{i}].type"
+        )
+    return parse(ResponseFunctionTool, tool, f"tools[{i}]")
+
+
+# ----------------------------------------------------------------------------------------- completions
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: list[str] = Field(default_factory=list)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    _stop = field_validator("stop", mode="before")(lambda v: _stop_list(v))
+
+
+# Fields whose non-default values this server cannot honour: refused with a 400 rather than ignored.
+UNSUPPORTED = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "background": (None, False),
+    "truncation": (None, "disabled"),
+    "audio": (None,),
+    "prediction": (None,),
+    "modalities": (None, ["text"]),
+}
+
+
+def check_unsupported(req: BaseModel) -> None:
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+            raise APIError(f"{name}: not supported by this server (got {value!r:.60})", param=name)

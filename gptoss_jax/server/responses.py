@@ -1,0 +1,277 @@
+"""`POST /v1/responses` (and `GET /v1/responses/{id}` for stored ones).
+
+Output items, one per harmony message: `reasoning` (its text as `reasoning_text` content), `message`
+(`phase` "final_answer" for the final channel, "commentary" for a preamble), `function_call`. Streaming
+sends OpenAI's events: response.created, response.in_progress, then for each item
+response.output_item.added, response.content_part.added, the text deltas (response.reasoning_text.delta,
+response.output_text.delta, response.function_call_arguments.delta) and their .done events,
+response.content_part.done, response.output_item.done, and last response.completed (response.incomplete
+when max_output_tokens cut the answer), with usage. The non-streamed object is folded from the same events.
+
+`store` (default true) keeps the conversation (as harmony messages, so a later `previous_response_id`
+renders it exactly as the model wrote it) and the response object, in memory, for the last
+`ResponseStore.capacity` responses.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import time
+from collections.abc import AsyncIterator
+
+from .chat import sse
+from .constraints import check_schemas, constraint_spec
+from .harmony_io import Turn, parts_to_messages, responses_turn
+from .parsing import Event, OutputParser, Part, new_id
+from .protocol import APIError, ResponsesRequest, check_unsupported, parse
+from .run import Choice, Server, run_choice
+
+
+class ResponseStore:
+    """The last `capacity` stored responses: id -> (conversation after it, response object)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self._items: collections.OrderedDict[str, tuple[Turn, dict]] = collections.OrderedDict()
+
+    def put(self, rid: str, turn: Turn, obj: dict) -> None:
+        self._items[rid] = (turn, obj)
+        self._items.move_to_end(rid)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, rid: str, param: str = "previous_response_id") -> tuple[Turn, dict]:
+        if rid not in self._items:
+            raise APIError(
+                f"{param}: no stored response {rid!r} (responses are stored with store=true, in "
+                f"memory, the last {self.capacity})",
+                404,
+                param=param,
+                code="response_not_found",
+            )
+        return self._items[rid]
+
+
+class ResponseJob:
+    def __init__(self, server: Server, store: ResponseStore, body: dict):
+        req = parse(ResponsesRequest, body)
+        check_unsupported(req)
+        server.check_model(req.model)
+        self.req, self.server, self.store = req, server, store
+        previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
+        self.turn = turn = responses_turn(req, previous)
+        self.prompt = turn.prompt_tokens()
+        max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
+        fmt = req.text.format if req.text else None
+        schema = None
+        if fmt is not None and fmt.type == "json_object":
+            schema = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = fmt.schema_ or {}
+        spec = constraint_spec(tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema)
+        where = {t.get("name"): f"tools[{i}].parameters" for i, t in enumerate(req.tools or [])}
+        check_schemas(spec, where | {"": "text.format.schema"})
+        self.choice = Choice(
+            0,
+            server.params(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                index=0,
+                spec=spec,
+            ),
+            OutputParser(single_tool_call=not req.parallel_tool_calls),
+        )
+        self.choices = [self.choice]
+        self.id, self.created = new_id("resp"), int(time.time())
+        self.items: list[dict] = []
+        self._index: dict[int, int] = {}  # id(part) -> output index
+        self._seq = 0
+
+    def obj(self, status: str, usage: dict | None = None) -> dict:
+        req = self.req
+        choice = req.tool_choice
+        effort = self.turn.effort
+        fmt = (
+            req.text.format.model_dump(by_alias=True, exclude_none=True)
+            if req.text and req.text.format
+            else {"type": "text"}
+        )
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.server.model_name,
+            "output": copy.deepcopy(self.items),
+            "usage": usage,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": effort, "summary": None},
+            "store": req.store,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "text": {"format": fmt},
+            "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else (choice or "auto"),
+            "tools": [{"strict": None, "description": None, **t} for t in req.tools or []],
+            "truncation": "disabled",
+            "metadata": req.metadata or {},
+            "background": False,
+        }
+
+    def usage(self) -> dict:
+        n, cached = len(self.choice.tokens), self.choice.info.get("cached_tokens", 0)
+        return {
+            "input_tokens": len(self.prompt),
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": n,
+            "output_tokens_details": {"reasoning_tokens": self.choice.parser.reasoning_tokens},
+            "total_tokens": len(self.prompt) + n,
+        }
+
+    # ------------------------------------------------------------------------------------ events -> items
+    def _ev(self, type_: str, **kw) -> tuple[str, dict]:
+        """An event (numbered in order) as (name, body)."""
+        self._seq += 1
+        return type_, {"type": type_, "sequence_number": self._seq - 1, **kw}
+
+    def _sse(self, type_: str, **kw) -> str:
+        name, body = self._ev(type_, **kw)
+        return sse(body, name)
+
+    def events(self, events: list[Event]) -> list[tuple[str, dict]]:
+        out = []
+        for kind, part, text in events:
+            if kind == "start":
+                self._index[id(part)] = len(self.items)
+                self.items.append(new_item(part))
+            idx = self._index[id(part)]
+            item = self.items[idx]
+            ref = {"item_id": item["id"], "output_index": idx}
+            if kind == "start":
+                out.append(self._ev("response.output_item.added", output_index=idx, item=copy.deepcopy(item)))
+                if part.type != "tool_call":
+                    out.append(
+                        self._ev("response.content_part.added", **ref, content_index=0, part=empty_part(part))
+                    )
+            elif kind == "delta" and text:
+                if part.type == "tool_call":
+                    item["arguments"] += text
+                    out.append(self._ev("response.function_call_arguments.delta", **ref, delta=text))
+                elif part.type == "reasoning":
+                    item["content"][0]["text"] += text
+                    out.append(self._ev("response.reasoning_text.delta", **ref, content_index=0, delta=text))
+                else:
+                    item["content"][0]["text"] += text
+                    out.append(
+                        self._ev(
+                            "response.output_text.delta", **ref, content_index=0, delta=text, logprobs=[]
+                        )
+                    )
+            elif kind == "end":
+                cut = self.choice.hit_length and part is self.choice.parser.parts[-1]
+                item["status"] = "incomplete" if cut else "completed"
+                if part.type == "tool_call":
+                    out.append(
+                        self._ev(
+                            "response.function_call_arguments.done",
+                            **ref,
+                            name=part.name,
+                            arguments=item["arguments"],
+                        )
+                    )
+                else:
+                    content = item["content"][0]
+                    done = (
+                        "response.reasoning_text.done"
+                        if part.type == "reasoning"
+                        else "response.output_text.done"
+                    )
+                    extra = {} if part.type == "reasoning" else {"logprobs": []}
+                    out.append(self._ev(done, **ref, content_index=0, text=content["text"], **extra))
+                    out.append(
+                        self._ev(
+                            "response.content_part.done", **ref, content_index=0, part=copy.deepcopy(content)
+                        )
+                    )
+                out.append(self._ev("response.output_item.done", output_index=idx, item=copy.deepcopy(item)))
+        return out
+
+    def _finish(self) -> dict:
+        status = "incomplete" if self.choice.finish_reason == "length" else "completed"
+        obj = self.obj(status, self.usage())
+        if self.req.store:
+            stored = Turn(
+                self.turn.messages + parts_to_messages(self.choice.parser.parts),
+                None,
+                {},
+                "auto",
+                self.turn.effort,
+                dict(self.turn.call_names),
+            )
+            for p in self.choice.parser.tool_calls:
+                stored.call_names[p.call_id] = p.name
+            self.store.put(self.id, stored, obj)
+        return obj
+
+    async def response(self) -> dict:
+        async for events in run_choice(self.server.backend, self.prompt, self.choice):
+            self.events(events)
+        return self._finish()
+
+    async def stream(self) -> AsyncIterator[str]:
+        yield self._sse("response.created", response=self.obj("in_progress"))
+        yield self._sse("response.in_progress", response=self.obj("in_progress"))
+        async for events in run_choice(self.server.backend, self.prompt, self.choice):
+            for name, ev in self.events(events):
+                yield sse(ev, name)
+        obj = self._finish()
+        yield self._sse(
+            "response.incomplete" if obj["status"] == "incomplete" else "response.completed", response=obj
+        )
+
+    def summary(self) -> str:
+        return (
+            f"prompt={len(self.prompt)} completion={len(self.choice.tokens)} "
+            f"finish={self.choice.finish_reason}"
+        )
+
+
+def new_item(part: Part) -> dict:
+    if part.type == "tool_call":
+        return {
+            "id": new_id("fc"),
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": part.call_id,
+            "name": part.name,
+            "arguments": "",
+        }
+    if part.type == "reasoning":
+        return {
+            "id": new_id("rs"),
+            "type": "reasoning",
+            "status": "in_progress",
+            "summary": [],
+            "content": [empty_part(part)],
+        }
+    return {
+        "id": new_id("msg"),
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "phase": "commentary" if part.type == "preamble" else "final_answer",
+        "content": [empty_part(part)],
+    }
+
+
+def empty_part(part: Part) -> dict:
+    if part.type == "reasoning":
+        return {"type": "reasoning_text", "text": ""}
+    return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

@@ -1,0 +1,206 @@
+"""Running a request's choices on the backend: prompt checks, sampling settings, constraint masks, the test
+hook, and the generated tokens turned into parser events. Shared by the three APIs.
+
+Test hook (tests only: `Server(test_hooks=True)`, or $GPTOSS_JAX_SERVE_TEST_HOOKS=1 for `gptoss-jax serve`):
+`POST /v1/test/scripts {"scripts": ["<|channel|>final<|message|>Hi<|return|>", [200005, ...], ...]}` queues
+token sequences (harmony text, special tokens included, or ids); each following generation takes the next
+one and is forced to emit exactly it through the real engine (`constraints.ForcedTokens` as its mask), so
+that every parsing path runs end to end on a random model. A generation without a queued script samples as
+usual. The endpoint does not exist unless the hook is enabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..tokenizer import CALL, RETURN, encode
+from .backend import Generated, GenParams
+from .constraints import ForcedTokens, new_mask
+from .parsing import Event, OutputParser
+from .protocol import APIError
+
+HARMONY_STOP = (RETURN, CALL)  # an assistant turn ends with <|return|> (answer) or <|call|> (tool call)
+
+
+@dataclasses.dataclass
+class Server:
+    """What the request handlers share."""
+
+    backend: Any
+    model_name: str
+    test_hooks: bool = False
+    max_pending: int = 256  # sequences admitted at once (generating or queued in the engine)
+    pending: int = 0
+    scripts: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def admit(self, n: int):
+        """Counts `n` sequences in (a 429 when that would pass max_pending); returns the release function."""
+        if self.pending + n > self.max_pending:
+            raise APIError(
+                f"the server is busy: {self.pending} sequences are running or queued (limit "
+                f"{self.max_pending}); retry later",
+                429,
+                code="rate_limit_exceeded",
+            )
+        self.pending += n
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.pending -= n
+
+        return release
+
+    def queue_scripts(self, scripts: list) -> int:
+        vocab = self.backend.vocab_size
+        for i, s in enumerate(scripts):
+            ids = encode(s, allowed_special="all") if isinstance(s, str) else s
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise APIError(f"scripts[{i}]: token ids must be integers in [0, {vocab})", param="scripts")
+            self.scripts.append(list(ids))
+        return len(self.scripts)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                f"model: {name!r} does not exist; this server serves {self.model_name!r}",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def budget(self, prompt_len: int, max_tokens: int | None, field: str, prompt_field: str) -> int:
+        """max_tokens checked against the context (a 400 naming the counts), or what is left of it."""
+        ctx = self.backend.context_length
+        if max_tokens is None:
+            if prompt_len >= ctx:
+                raise APIError(
+                    f"the prompt has {prompt_len} tokens, and the context length is {ctx}: nothing is "
+                    "left to generate",
+                    param=prompt_field,
+                    code="context_length_exceeded",
+                )
+            return ctx - prompt_len
+        if prompt_len + max_tokens > ctx:
+            raise APIError(
+                f"the prompt ({prompt_len} tokens) plus {field} ({max_tokens}) exceed the context "
+                f"length of {ctx} tokens",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def params(
+        self,
+        *,
+        max_tokens: int,
+        temperature,
+        top_p,
+        seed,
+        index: int,
+        logprobs: int | None = None,
+        spec: dict | None = None,
+        stop_tokens=HARMONY_STOP,
+    ) -> GenParams:
+        """One choice's settings; its mask is a queued test script, else the request's constraint."""
+        mask = (
+            ForcedTokens(self.scripts.popleft())
+            if self.test_hooks and self.scripts
+            else new_mask(spec, max_tokens)
+        )
+        return GenParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=None if seed is None else seed + index,
+            stop_tokens=tuple(stop_tokens),
+            logprobs=logprobs,
+            mask=mask,
+        )
+
+
+@dataclasses.dataclass
+class Choice:
+    """One generation of a request and what came of it."""
+
+    index: int
+    params: GenParams
+    parser: OutputParser
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Generated] = dataclasses.field(default_factory=list)
+    hit_length: bool = False
+    info: dict = dataclasses.field(default_factory=dict)  # the backend's report (cached_tokens)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.parser.finish_reason(self.hit_length)
+
+
+async def run_choice(backend, prompt: list[int], choice: Choice) -> AsyncIterator[list[Event]]:
+    """The parser events of one choice, as its tokens arrive; closing this cancels the generation."""
+    gen = backend.generate(prompt, choice.params, choice.info)
+    want_lp = choice.params.logprobs is not None
+    try:
+        async for g in gen:
+            choice.tokens.append(g.token)
+            if want_lp:
+                choice.logprobs.append(g)
+            events = choice.parser.feed(g.token, g if want_lp else None)
+            if events:
+                yield events
+            if choice.parser.stopped:
+                break
+    finally:
+        await gen.aclose()
+    t = choice.tokens
+    choice.hit_length = (
+        not choice.parser.stopped
+        and len(t) >= choice.params.max_tokens
+        and (not t or t[-1] not in choice.params.stop_tokens)
+    )
+    events = choice.parser.finish()
+    if events:
+        yield events
+
+
+async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as they come; cancels them all when closed."""
+    if len(streams) == 1:
+        try:
+            async for x in streams[0]:
+                yield 0, x
+        finally:
+            await streams[0].aclose()
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, it):
+        try:
+            async for x in it:
+                await q.put((i, x))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
+            await q.put((i, e))
+        finally:
+            await q.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, x = await q.get()
+            if x is done:
+                left -= 1
+            elif isinstance(x, BaseException):
+                raise x
+            else:
+                yield i, x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,26 @@
+"""`gptoss-jax serve` rejects bad options with exit code 2 and one line naming the option, before loading."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from servertools import (
+    SERVE,
+    serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
+)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["/no/such/checkpoint"], "/no/such/checkpoint: No such file or directory"),
+    (["{ckpt}", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["{ckpt}", "--max-seqs", "0"], "--max-seqs must be at least 1, got 0"),
+    (["{ckpt}", "--max-queue", "-1"], "--max-queue must be at least 0, got -1"),
+    (["{ckpt}", "--api-key", " "], "--api-key: empty key"),
+])  # fmt: skip
+def test_bad_options_exit_2_with_one_line(args, needle, serve_ckpt):
+    args = [a.format(ckpt=serve_ckpt) for a in args]
+    r = subprocess.run([*SERVE, *args], check=False, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert needle in lines[0]

@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         i.set_defaults(info_error=str(e))
     else:
         add_info_arguments(i)
+
+    from .server.cli import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server: chat completions, responses, "
+                                       "completions, with harmony tool calls and structured outputs"))  # fmt: skip
     return p
 
 
@@ -614,7 +619,14 @@ def cmd_info(args) -> int:
     return run_info(args)
 
 
-COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info}
+def cmd_serve(args) -> int:
+    from .server.cli import run_serve
+
+    return run_serve(args)
+
+
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info,
+            "serve": cmd_serve}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

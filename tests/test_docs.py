@@ -77,6 +77,8 @@ SKIP = {
     "python benchmarks/cpu_vs_transformers.py": "a benchmark: minutes on 2 cores, writes a 0.5 GB checkpoint",
     "python benchmarks/cpu_profile.py": "a benchmark: minutes on 2 cores",
     "python benchmarks/convert_bench.py": "a benchmark: writes and converts a 1.5 GB checkpoint",
+    "gptoss-jax serve": "a server runs until stopped: tests/server start it and drive it over HTTP",
+    "curl ": "needs a running server: tests/server send the same requests with the openai client",
 }
 
 # (pattern, replacement) applied to each command before it runs

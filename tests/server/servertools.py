@@ -15,7 +15,7 @@ import pytest
 
 KEY = "sk-test-key"
 MODEL = "gpt-oss-tiny"
-SERVE = [sys.executable, "-m", "gptoss_jax.server.cli"]  # `gptoss-jax serve` once cli.py routes to it
+SERVE = [sys.executable, "-m", "gptoss_jax", "serve"]  # the real entry point
 
 
 def free_port() -> int:

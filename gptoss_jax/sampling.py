@@ -100,7 +100,8 @@ def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams, *, greedy: bo
     """(B,V) float32 logits, (B,) keys -> (B,) int32 tokens.
 
     greedy=True (static) skips the sampling math for a batch known to be all greedy; otherwise rows with
-    temperature 0 still take the argmax, and the sort over the vocabulary runs only when some row samples.
+    temperature 0 still take the argmax, and the sort over the vocabulary runs only when some sampling row
+    filters (top-k, top-p or min-p).
     `seen` (B,V) bool enables the repetition penalty; `allowed` (B,V) bool restricts each row to its allowed
     tokens (constrained decoding; every row must allow at least one).
     """
@@ -112,10 +113,15 @@ def sample(logits: jax.Array, keys: jax.Array, sp: SamplingParams, *, greedy: bo
     if greedy:
         return best
 
-    def draw():
-        return jax.vmap(jax.random.categorical)(keys, filter_logits(logits, sp)).astype(jnp.int32)
+    def draw(filtered: bool):
+        scaled = filter_logits(logits, sp) if filtered else logits / jnp.maximum(sp.temperature, 1e-6)[:, None]
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
-    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda: best)
+    # the sort over the vocabulary (201k entries) only when some sampling row uses top-k, top-p or min-p
+    filters = jnp.any((sp.temperature > 0) & ((sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0)))
+    drawn = jax.lax.cond(jnp.any(sp.temperature > 0),
+                         lambda: jax.lax.cond(filters, lambda: draw(True), lambda: draw(False)),
+                         lambda: best)  # fmt: skip
     return jnp.where(sp.temperature > 0, drawn, best)
 
 

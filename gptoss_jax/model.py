@@ -141,6 +141,7 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, k: int) -> tuple[jax
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
                  "mlp1_bias", "mlp2_bias")  # fmt: skip
+EXPERT_LEAVES += kernels.mxfp4_matmul.LORA_LEAVES  # training: optional per-expert LoRA adapters
 
 
 def moe_experts(x, idx, w, p: dict, cfg: Config):

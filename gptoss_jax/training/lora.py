@@ -256,7 +256,6 @@ def cross_entropy_sums(h, unembedding, targets, weights_, dtype) -> tuple[jax.Ar
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(B, n, c, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
     def one(total, xs):
         hc, tc, wc = xs
         logits = einsum("BCD,VD->BCV", hc, unembedding, dtype).astype(F32)
@@ -264,12 +263,17 @@ def cross_entropy_sums(h, unembedding, targets, weights_, dtype) -> tuple[jax.Ar
         return total + jnp.sum(nll * wc), None
 
     w = weights_.astype(F32)
-    total, _ = jax.lax.scan(one, jnp.zeros((), F32), (chunks(h), chunks(targets), chunks(w)))
+    if n == 1:  # fits one chunk: nothing to recompute
+        return one(jnp.zeros((), F32), (h, targets, w))[0], jnp.sum(w)
+    total, _ = jax.lax.scan(jax.checkpoint(one), jnp.zeros((), F32), (chunks(h), chunks(targets), chunks(w)))
     return total, jnp.sum(w)
 
 
 def loss_sums(params: dict, adapters: dict, batch: dict, cfg: Config, lcfg: LoraConfig | None, *,
               remat: bool = True) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """(summed token loss, number of trained tokens) of a batch {tokens, positions, targets, weights} (B,T)."""
+    """(summed token loss, number of trained tokens) of a batch: tokens, positions (B,T); loss_pos (B,K) the
+    positions whose next token carries loss, targets (B,K) those tokens, weights (B,K) 0 for padding
+    entries (`data.Rows.batch`). Only those K positions go through the unembedding."""
     h = hidden_states(params, adapters, batch["tokens"], batch["positions"], cfg, lcfg, remat=remat)
+    h = jnp.take_along_axis(h, batch["loss_pos"][..., None], axis=1)
     return cross_entropy_sums(h, params["unembedding"], batch["targets"], batch["weights"], cfg.jax_dtype)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -109,29 +107,20 @@ def peft_config(lcfg: LoraConfig, base: str | None = None) -> dict:
 
 def save_adapters(path: str | os.PathLike, adapters: dict, cfg: Config, lcfg: LoraConfig, *,
                   base: str | None = None) -> Path:  # fmt: skip
-    """Writes DIR/adapter_config.json and DIR/adapter_model.safetensors (float32) in PEFT's format. The folder
-    appears complete or not at all: written beside it under a temporary name, then renamed (an existing
-    adapter folder is replaced)."""
+    """Writes DIR/adapter_model.safetensors (float32), then DIR/adapter_config.json, in PEFT's format. Each
+    file is written under a temporary name and renamed, and the config (which makes the folder an adapter)
+    comes last: an interrupted save never leaves a folder that looks complete."""
     path = Path(path)
     host = {n: np.asarray(jax.device_get(a), np.float32) for n, a in adapters.items()}
     tensors = {}
     for name, (ours, r, which) in peft_names(cfg, lcfg).items():
         tensors[name] = _to_peft(host[ours][r], target_of(ours) in EXPERT_TARGETS, which)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(lcfg, base), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).unlink(missing_ok=True)
+    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    tmp = path / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(peft_config(lcfg, base), indent=2) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
     return path
 
 

@@ -1,1 +1,25 @@
-"""Fine-tuning gpt-oss: LoRA on the packed MXFP4 base (or full fine-tuning of dequantized weights)."""
+"""Fine-tuning gpt-oss: LoRA on the packed MXFP4 base (or full fine-tuning of dequantized weights).
+
+- `lora.py`: targets, adapter arrays, the training forward pass (adapters merged per layer, remat) and loss
+- `peft.py`: adapter folders in Hugging Face PEFT's format, `apply_adapters(model, DIR)`
+- `data.py`: OpenAI chat JSONL -> harmony tokens with loss weights, packing, the step -> rows order
+- `loop.py`: `finetune(base, data, out)`, optax, gradient accumulation, Orbax checkpoints, loss curve
+- `command.py`: `gptoss-jax finetune`
+
+The package itself stays light (the CLI imports `command` to build its parser); the names below load their
+module on first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LoraConfig", "TrainConfig", "apply_adapters", "finetune", "load_adapters", "read_jsonl",
+           "save_adapters"]  # fmt: skip
+
+
+def __getattr__(name: str):
+    from . import data, lora, loop, peft
+
+    for mod in (loop, lora, peft, data):
+        if name in __all__ and hasattr(mod, name):
+            return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

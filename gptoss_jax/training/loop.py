@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from ..config import Config
 from ..loading import load
 from ..ops import F32
-from ..sharding import mesh_of, param_sharding
+from ..sharding import as_model_mesh, mesh_of, param_sharding
 from .data import Loader, Rows, pack, read_jsonl
 from .lora import LoraConfig, adapter_shardings, init_adapters, loss_sums, model_params
 from .peft import save_adapters
@@ -141,10 +142,18 @@ def make_step(cfg: Config, lcfg: LoraConfig | None, tcfg: TrainConfig, optimizer
         g = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, trainable)
         updates, opt_state = optimizer.update(g, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss / denom, "tokens": n, "grad_norm": optax.global_norm(g), "lr": sched(step)}
+        metrics = {"loss": loss / denom, "tokens": n, "grad_norm": optax.tree.norm(g), "lr": sched(step)}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def step_for(cfg: Config, lcfg: LoraConfig | None, tcfg: TrainConfig, total_steps: int):
+    """(optimizer, jitted step) for these settings, kept: a second run in the same process (a notebook, a
+    resumed run) reuses the compiled step."""
+    optimizer, sched = make_optimizer(tcfg, total_steps)
+    return optimizer, make_step(cfg, lcfg, tcfg, optimizer, sched)
 
 
 def batch_arrays(rows: Rows, idx: np.ndarray, accum: int, mesh) -> dict[str, jax.Array]:
@@ -252,12 +261,13 @@ class Result:
 
 def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: LoraConfig | None = None,
              train: TrainConfig | None = None, mesh=None, dtype: str = "bfloat16", reasoning_effort: str = "medium",
-             quiet: bool = False, stop_after: int | None = None) -> Result:  # fmt: skip
+             quiet: bool = False, stop_after: int | None = None, expert_format: str | None = None) -> Result:  # fmt: skip
     """Fine-tunes `base` (a checkpoint path, or a loaded model) on `data` (chat JSONL) into `out`.
 
-    lora: the adapters (default LoraConfig()); ignored with `train.full`. mesh, dtype: as for
-    `gptoss_jax.load`. stop_after: end after that many steps of this call (the run stays resumable),
-    for tests and notebooks. Restarting with the same `out` and settings resumes from its last checkpoint.
+    lora: the adapters (default LoraConfig()); ignored with `train.full`. mesh, dtype, expert_format: as for
+    `gptoss_jax.load` (full fine-tuning loads the experts dequantized). stop_after: end after that many
+    steps of this call (the run stays resumable), for tests and notebooks. Restarting with the same `out`
+    and settings resumes from its last checkpoint.
     """
     tcfg = train or TrainConfig()
     lcfg = None if tcfg.full else (lora or LoraConfig())
@@ -267,23 +277,23 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         raise TrainError(f"--out {out}: exists and is not a folder")
     rows = pack(read_jsonl(data, seq_len=tcfg.seq_len, reasoning_effort=reasoning_effort,
                            assistant_only=tcfg.assistant_only), tcfg.seq_len, pack=tcfg.pack)  # fmt: skip
-    if isinstance(base, (str, os.PathLike)):
-        fmt = "dequantized" if tcfg.full else None
-        model = load(base, dtype=dtype, mesh=mesh, quiet=quiet, expert_format=fmt)
-        base_name = str(base)
-    else:
+    loaded = not isinstance(base, (str, os.PathLike))
+    mesh = mesh_of(base) if loaded else as_model_mesh(mesh)
+    n_data = dict(mesh.shape).get("data", 1) if mesh is not None else 1
+    if tcfg.batch_size % n_data:
+        raise TrainError(f"batch_size {tcfg.batch_size} must be a multiple of the mesh's data axis ({n_data})")
+    if loaded:
         model, base_name = base, None
+    else:
+        fmt = "dequantized" if tcfg.full else expert_format
+        model, base_name = load(base, dtype=dtype, mesh=mesh, quiet=quiet, expert_format=fmt), str(base)
     cfg = model.cfg
     if tcfg.full and cfg.expert_format != "dequantized":
         raise TrainError("full fine-tuning needs dequantized experts: load the base with "
                          "expert_format='dequantized' (the packed MXFP4 experts have no gradient)")  # fmt: skip
-    mesh = mesh_of(model)
-    n_data = dict(mesh.shape).get("data", 1) if mesh is not None else 1
-    if tcfg.batch_size % n_data:
-        raise TrainError(f"batch_size {tcfg.batch_size} must be a multiple of the mesh's data axis ({n_data})")
 
     total = tcfg.total_steps(len(rows))
-    optimizer, sched = make_optimizer(tcfg, total)
+    optimizer, step_fn = step_for(cfg, lcfg, tcfg, total)
     params = model_params(model)
     trainable, frozen = split_params(params, tcfg.full)
     if lcfg is not None:
@@ -312,7 +322,6 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         trainable, opt_state = state["trainable"], state["opt_state"]
         if not quiet:
             print(f"resuming {out} at step {start} of {total}", file=sys.stderr)
-    step_fn = make_step(cfg, lcfg, tcfg, optimizer, sched)
     loader = Loader(rows, tcfg.rows_per_step, tcfg.seed)
     csv_path = out / "loss.csv"
     log = _read_csv(csv_path, start)

@@ -208,8 +208,10 @@ def hidden_states(params: dict, adapters: dict, tokens, positions, cfg: Config, 
     hidden (B,T,D). Positions increase by one along each row, negative for padding at the ends.
 
     remat: each layer keeps only its input for the backward pass and recomputes the rest (activation memory
-    of one layer plus a (B,T,D) array per layer, instead of every intermediate of every layer).
+    of one layer plus a (B,T,D) array per layer, instead of every intermediate of every layer). Attention and
+    experts take the XLA path whatever the config says: the Pallas kernels have no backward pass.
     """
+    cfg = cfg.replace(attention_impl="xla", moe_impl="xla")  # the Pallas kernels have no backward pass
     dt = cfg.jax_dtype
     x = constrain(params["embedding"][tokens].astype(dt), ACT)
     cos, sin = rope_cos_sin(positions, cfg, dt)

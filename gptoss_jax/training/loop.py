@@ -39,9 +39,9 @@ from jax.sharding import PartitionSpec as P
 from ..config import Config
 from ..loading import load
 from ..ops import F32
-from ..sharding import as_model_mesh, mesh_of, param_sharding
+from ..sharding import as_model_mesh, mesh_of
 from .data import Loader, Rows, pack, read_jsonl
-from .lora import LoraConfig, adapter_shardings, init_adapters, loss_sums, model_params
+from .lora import LoraConfig, adapter_shardings, init_adapters, keep_shardings, loss_sums, model_params
 from .peft import save_adapters
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -141,11 +141,16 @@ def make_step(cfg: Config, lcfg: LoraConfig | None, tcfg: TrainConfig, optimizer
         denom = jnp.maximum(n, 1.0)
         g = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, trainable)
         updates, opt_state = optimizer.update(g, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = keep_shardings((optax.apply_updates(trainable, updates), opt_state), g, cfg)
         metrics = {"loss": loss / denom, "tokens": n, "grad_norm": optax.tree.norm(g), "lr": sched(step)}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def init_state(optimizer, trainable: dict, cfg: Config):
+    """The optimizer state, its moments sharded like `trainable`."""
+    return jax.jit(lambda t: keep_shardings(optimizer.init(t), t, cfg))(trainable)
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,10 +306,8 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         if mesh is not None:
             sh = adapter_shardings(cfg, {n: a.shape for n, a in trainable.items()}, mesh)
             trainable = {n: jax.device_put(a, sh[n]) for n, a in trainable.items()}
-    elif mesh is not None:  # the weights' copies the optimizer updates keep their shardings
-        trainable = {n: jax.device_put(a, param_sharding(n, a.shape, mesh, cfg)) for n, a in trainable.items()}
     with _mesh_ctx(mesh):
-        opt_state = jax.jit(optimizer.init)(trainable)
+        opt_state = init_state(optimizer, trainable, cfg)
     if mesh is None:  # committed like the step's outputs, so the second step does not compile again
         trainable, opt_state, frozen = jax.device_put((trainable, opt_state, frozen), _one_device())
     settings = _settings(lcfg, tcfg, _sha256(data), cfg)

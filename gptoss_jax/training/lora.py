@@ -43,7 +43,7 @@ from ..config import Config
 from ..kernels.mxfp4_matmul import LORA_LEAVES
 from ..model import ACT, attention_layer, moe_layer, rms_norm, rope_cos_sin
 from ..ops import F32, einsum
-from ..sharding import constrain, param_sharding
+from ..sharding import constrain, current_mesh, param_spec
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -143,15 +143,34 @@ def init_adapters(cfg: Config, lcfg: LoraConfig, seed: int = 0, *, b_std: float 
     return out
 
 
-def adapter_shardings(cfg: Config, names_shapes: dict[str, tuple[int, ...]], mesh) -> dict[str, object]:
-    """Expert adapters split like their experts; the dense ones (r x in, out x r: small) replicated."""
+def trainable_specs(cfg: Config, shapes: dict[str, tuple[int, ...]], mesh_shape) -> dict[str, P]:
+    """PartitionSpecs of adapters (or of the weights, for full fine-tuning) by name: expert adapters split
+    like their experts, the base weights by the rule table, the dense adapters (r x in, out x r: small)
+    replicated."""
     out = {}
-    for name, shape in names_shapes.items():
-        if name.rsplit(".", 1)[-1] in EXPERT_LORA_AXES:
-            out[name] = param_sharding(name, shape, mesh, cfg)
-        else:
-            out[name] = NamedSharding(mesh, P())
+    for name, shape in shapes.items():
+        known = name.rsplit(".", 1)[-1] in weights.LEAF_AXES
+        out[name] = param_spec(name, shape, dict(mesh_shape), cfg) if known else P()
     return out
+
+
+def adapter_shardings(cfg: Config, shapes: dict[str, tuple[int, ...]], mesh) -> dict[str, NamedSharding]:
+    return {n: NamedSharding(mesh, s) for n, s in trainable_specs(cfg, shapes, mesh.shape).items()}
+
+
+def keep_shardings(tree, names_like: dict, cfg: Config):
+    """Inside jit under a mesh: every dict of `tree` keyed like `names_like` (the adapters, Adam's moments)
+    constrained to `trainable_specs`, so the step returns them as it got them (and does not compile again)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return tree
+    specs = trainable_specs(cfg, {n: a.shape for n, a in names_like.items()}, mesh.shape)
+
+    def fix(d):
+        return {n: jax.lax.with_sharding_constraint(a, specs[n]) for n, a in d.items()}
+
+    same = lambda x: isinstance(x, dict) and set(x) == set(specs)  # noqa: E731
+    return jax.tree.map(lambda x: fix(x) if same(x) else x, tree, is_leaf=same)
 
 
 # ------------------------------------------------------------------------------------ parameters by name

@@ -4,7 +4,7 @@
     gptoss-jax generate PATH --prompt T  raw completion (or --tokens "1 2 3" for token ids)
     gptoss-jax chat PATH                 harmony chat: multi-turn, reasoning effort, analysis/final channels
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
-    gptoss-jax info MODEL                per-device memory plan for a mesh (nothing loaded)
+    gptoss-jax info MODEL [--train]      per-device memory plan for a mesh (nothing loaded)
     gptoss-jax finetune BASE DATA --out DIR   LoRA fine-tuning on chat JSONL; adapters in PEFT's format
 
 Commands that load a model take --mesh data=1,expert=4,model=2, --dtype, --attention-impl, --moe-impl.
@@ -114,7 +114,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.command import add_finetune_arguments
+    from .training.command import add_finetune_arguments, add_train_plan_arguments
 
     p = _Parser(prog=PROG, description="gpt-oss in JAX / Flax NNX with MXFP4 experts kept packed.")
     from . import __version__
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         i.set_defaults(info_error=str(e))
     else:
         add_info_arguments(i)
+        add_train_plan_arguments(i)
     return p
 
 
@@ -454,6 +455,10 @@ def cmd_finetune(args) -> int:
 def cmd_info(args) -> int:
     if getattr(args, "info_error", None):
         return _fail(f"info is unavailable: {args.info_error}", 1)
+    if args.train:
+        from .training.command import run_train_plan
+
+        return run_train_plan(args)
     from .planning import run_info
 
     return run_info(args)

@@ -64,3 +64,45 @@ def run_finetune(args, *, dtype: str, mesh) -> int:
         what = "adapters" if lora is not None else "checkpoint"
         print(f"{what} in {res.out} after {res.steps} steps; loss {res.losses[-1]:.4f}", file=sys.stderr)
     return 0
+
+
+def add_train_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """`gptoss-jax info MODEL --train`: the options added to `info`'s (model, --mesh, --batch, --dtype, ...)."""
+    g = p.add_argument_group("training plan (with --train)")
+    g.add_argument("--train", action="store_true", help="plan a fine-tuning step instead of inference")
+    g.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--targets", default="default", help="LoRA targets, as for finetune (default q,k,v,o,mlp1,mlp2)")
+    g.add_argument("--full", action="store_true", help="full fine-tuning (experts dequantized) instead of LoRA")
+    g.add_argument("--no-remat", action="store_true", help="without rematerialization per layer")
+
+
+def run_train_plan(args) -> int:
+    """Prints the training plan; 0, or 2 with one line on stderr for bad input."""
+    import json
+    from pathlib import Path
+
+    from ..planning import _config_for
+    from .lora import LoraConfig
+    from .plan import format_training_plan, plan_training
+
+    try:
+        model = args.model or args.model_opt
+        if not model:
+            raise ValueError("no model: give a preset (gpt-oss-20b, gpt-oss-120b, tiny) or a checkpoint folder")
+        cfg = _config_for(model).replace(dtype=args.dtype or "bfloat16")
+        if args.expert_format and not args.full:
+            cfg = cfg.replace(expert_format=args.expert_format)
+        lora = None if args.full else LoraConfig(rank=args.rank, targets=args.targets)
+        if args.device_memory is not None and not args.device_memory > 0:
+            raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
+        p = plan_training(cfg, args.mesh, args.seq_len, args.batch, lora, remat=not args.no_remat)
+    except (ValueError, OSError) as e:
+        print(f"gptoss-jax info: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(p, indent=2))
+    else:
+        name = Path(model).name if Path(model).exists() else model
+        print(format_training_plan(p, name=name, device_memory_gib=args.device_memory))
+    return 0

@@ -24,17 +24,30 @@ end. That folder holds:
 Snapshots are written without tensorstore's fsync per file (`orbax_io._deferred_fsync`); the finished
 checkpoint is fsync'd as a whole (`orbax_io.sync_tree`) before the rename, so DST is durable when it appears.
 Bad input (corrupt or truncated shard, bad header, missing/unexpected/wrong-shape/wrong-dtype tensor,
-config not matching the tensors, an E8M0 scale of 255) raises `CheckpointError` and deletes the temporary
-folder: nothing of it can be resumed. An interruption (signal, kill, I/O error such as a full disk) keeps
-it, so the same command resumes.
+config not matching the tensors, an E8M0 scale of 255, NaN or Inf in a float weight unless
+`allow_nonfinite`) raises `CheckpointError` and deletes the temporary folder: nothing of it can be
+resumed. An interruption (signal, kill, I/O error) keeps it, so the same command resumes.
+
+Destinations are checked before any work: an existing DST (a dangling symlink included), a parent that is
+not a folder, a folder we cannot write in, or too little free space for the output raise `UsageError`. A
+disk that fills up anyway while writing raises `NoSpaceError` (one line: bytes still to write, bytes
+free) and keeps `DST.converting/` for resuming.
+
+Integrity: each array's crc32c is computed from the bytes handed to Orbax and recorded in our metadata
+(`gptoss_jax.checkpoint.integrity`); `--verify` re-reads the output and checks it against both the source
+and the checksums.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax import mxfp4
-from gptoss_jax.checkpoint import keys
+from gptoss_jax.checkpoint import integrity, keys
 from gptoss_jax.checkpoint import orbax as ckpt_orbax
-from gptoss_jax.checkpoint.safetensors import CheckpointError
 from gptoss_jax.checkpoint.source import Source, open_source
+from gptoss_jax.checkpoint.untrusted import CheckpointError, read_json
 from gptoss_jax.progress import progress_bar
 from gptoss_jax.weights import storage_specs
 
@@ -69,7 +82,11 @@ class UsageError(ValueError):
 
 
 class VerifyError(RuntimeError):
-    """The written checkpoint differs from the source (`--verify`)."""
+    """The written checkpoint differs from the source or from its checksums (`--verify`)."""
+
+
+class NoSpaceError(RuntimeError):
+    """The disk filled up while writing; the partial work is kept for resuming."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Options:
     chunk_mib: int = 16  # largest stored chunk: the unit a sharded restore reads
     compression: bool = False  # zstd; random-looking bf16/fp4 data barely compresses and it costs time
     group_mib: float | None = None  # MiB per Orbax snapshot; None: 64 MiB or the largest tensor if larger
+    allow_nonfinite: bool = False  # NaN/Inf in a float weight: a warning instead of an error
 
     def __post_init__(self):
         if self.expert_format not in ("mxfp4", "dequantized"):
@@ -92,7 +110,7 @@ class Options:
             raise UsageError("chunk and group sizes must be positive")
 
     def journal(self) -> dict:
-        # group_mib only changes how tensors are batched, not the result: a resume may use another.
+        # group_mib and allow_nonfinite do not change what is written: a resume may use others.
         return {"expert_format": self.expert_format, "dtype": self.dtype, "shard_hint": self.shard_hint,
                 "chunk_mib": self.chunk_mib, "compression": self.compression}  # fmt: skip
 
@@ -171,11 +189,12 @@ def _dequantize(src: Source, rule: keys.Rule, dtype) -> np.ndarray:
     return out
 
 
-def produce(src: Source, rule: keys.Rule, spec) -> np.ndarray:
-    """The parameter `rule.target` as stored: our layout, the spec's dtype, C-contiguous."""
+def produce(src: Source, rule: keys.Rule, spec, nonfinite=None) -> np.ndarray:
+    """The parameter `rule.target` as stored: our layout, the spec's dtype, C-contiguous. NaN or Inf in a
+    float source raises CheckpointError, or is passed to `nonfinite` (a warning) when that is given."""
     if len(rule.sources) == 2:  # dequantized experts (the only two-source rule)
         return _dequantize(src, rule, spec.dtype)
-    arr = src.read(rule)
+    arr = src.read(rule, nonfinite=nonfinite)
     return np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
 
 
@@ -225,14 +244,16 @@ def convert(src_path, dst_path, opts: Options = Options(), *, verify: bool = Fal
     """Converts `src_path` (either released layout) into an Orbax checkpoint at `dst_path`.
 
     Resumes an interrupted run of the same conversion. Raises CheckpointError (bad input; temporary folder
-    deleted), UsageError (bad arguments, DST exists, a different unfinished conversion is in the way),
-    VerifyError (verification failed; temporary folder deleted).
+    deleted), UsageError (bad arguments, a destination that cannot be written or lacks the space, DST
+    exists, a different unfinished conversion is in the way), VerifyError (verification failed; temporary
+    folder deleted), NoSpaceError (the disk filled up while writing; temporary folder kept).
+    `log` receives progress messages (default: stderr unless quiet) and warnings (default: stderr).
     """
     t0 = time.perf_counter()
+    warn = log or (lambda msg: print(msg, file=sys.stderr))
     log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
     src_path, dst = Path(src_path), Path(dst_path).absolute()  # Orbax wants absolute paths
-    if dst.exists():
-        raise UsageError(f"{dst}: already exists; choose a new destination or delete it")
+    check_destination(dst)
     src = open_source(src_path)
     cfg, items = plan(src, opts)
     t_plan = time.perf_counter() - t0
@@ -240,14 +261,18 @@ def convert(src_path, dst_path, opts: Options = Options(), *, verify: bool = Fal
     log(f"source: {src.root} ({'Hugging Face' if src.layout == 'hf' else 'original/'} layout){note}")
 
     work = work_dir(dst)
+    check_space(work, bytes_to_write(work, items))
     journal = {"tool": "gptoss-convert", "format": ckpt_orbax.FORMAT_VERSION, "source": _fingerprint(src),
                "options": opts.journal(), "dst": str(dst.resolve())}  # fmt: skip
     _prepare_work(work, journal)
     ckpt = work / CKPT
     meta = ckpt_orbax.make_metadata(cfg, generation_config=src.extra_json.get("generation_config"),
                                   source={"layout": src.layout, "files": [f[0] for f in journal["source"]["files"]]})  # fmt: skip
+    nonfinite = None
+    if opts.allow_nonfinite:
+        nonfinite = lambda msg: warn(f"warning: {msg}; converted as it is (--allow-nonfinite)")  # noqa: E731
     try:
-        resumed = _write_all(src, items, opts, ckpt, meta, work, quiet, log)
+        resumed = _write_all(src, items, opts, ckpt, meta, work, quiet, log, nonfinite)
         if verify:
             verify_checkpoint(src, items, ckpt, opts, quiet=quiet)
         orbax_io.sync_tree(ckpt)  # on disk before it is published under its final name
@@ -264,13 +289,96 @@ def convert(src_path, dst_path, opts: Options = Options(), *, verify: bool = Fal
                   verified=verify, plan_seconds=t_plan)  # fmt: skip
 
 
+# -------------------------------------------------------------------------------------- destination
+def check_destination(dst: Path) -> None:
+    """Refuses, before any work, a destination that could never become the checkpoint (UsageError)."""
+    if os.path.lexists(dst):
+        what = "is a symbolic link to a missing target" if not dst.exists() else "already exists"
+        raise UsageError(f"{dst}: {what}; choose a new destination or delete it")
+    work = work_dir(dst)
+    if os.path.lexists(work) and (work.is_symlink() or not work.is_dir()):
+        raise UsageError(f"{work}: exists and is not the folder of an unfinished conversion; delete it")
+    parent = dst.parent
+    while not os.path.lexists(parent):  # missing parents are created; the first existing one must be a folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{dst}: cannot be created: {parent} is not a folder")
+    try:  # os.access says yes to root on a read-only mount's files; creating something is the real test
+        os.rmdir(tempfile.mkdtemp(prefix=".gptoss-convert-probe-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"{dst}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _stored_bytes(spec) -> int:
+    return int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+
+
+def bytes_to_write(work: Path, items) -> int:
+    """Bytes of the arrays not yet written by an earlier run of this conversion."""
+    ckpt = work / CKPT
+    if ckpt_orbax.is_orbax_checkpoint(ckpt):  # finalized: only the rename is left
+        return 0
+    done = orbax_io.saved_in_partial(ckpt) if work.is_dir() else set()
+    return sum(_stored_bytes(spec) for rule, spec, _ in items if rule.target not in done)
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _with_overhead(n: int) -> int:
+    # Orbax's metadata, OCDBT's B-tree and the partial-save snapshots' own files: small, bounded generously
+    return n + n // 50 + (16 << 20) if n else 0
+
+
+def _needed_vs_free(need: int, free: int) -> str:
+    return f"about {need} bytes ({need / 1e9:.2f} GB) are needed, {free} bytes ({free / 1e9:.2f} GB) are free"
+
+
+def check_space(work: Path, nbytes: int) -> None:
+    need, free = _with_overhead(nbytes), _free_bytes(work)
+    if need > free:
+        raise UsageError(f"{work.parent}: not enough free space for the output: " + _needed_vs_free(need, free))
+
+
+def _no_space(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in text \
+                or "Disk quota exceeded" in text or "os_error_code='28'" in text:  # fmt: skip
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record):
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+    """Orbax logs a failed write (a full disk) as a long traceback on stderr, then raises it: we turn what
+    it raises into one line, so its log of the same error is dropped."""
+    logger, f = logging.getLogger("absl"), _DropErrors()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
 def _prepare_work(work: Path, journal: dict) -> None:
     """Creates the temporary folder, or checks that the unfinished one there is this same conversion."""
     jpath = work / JOURNAL
     if work.exists():
         try:
-            old = json.loads(jpath.read_text())
-        except (OSError, ValueError):
+            old = read_json(jpath)  # bounded, regular files only: a FIFO there cannot hang us
+        except CheckpointError:
             old = None
         if old is None:  # killed before the journal was written: nothing of value inside
             shutil.rmtree(work)
@@ -288,7 +396,7 @@ def _prepare_work(work: Path, journal: dict) -> None:
     _write_json(jpath, journal)
 
 
-def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log) -> int:
+def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log, nonfinite=None) -> int:
     """Writes every parameter not yet in the partial checkpoint, then finalizes it. Returns how many
     tensors an earlier run had already written."""
     ctx = orbax_io.writer_context(chunk_bytes=opts.chunk_mib * MiB, shard_experts=opts.shard_hint == "expert",
@@ -311,27 +419,41 @@ def _write_all(src, items, opts, ckpt: Path, meta, work: Path, quiet, log) -> in
         log(f"resuming: {resumed} of {len(items)} tensors already written")
     total = sum(n for _, _, n in items)
     done = total - sum(n for _, _, n in todo)
+    left = sum(_stored_bytes(spec) for _, spec, _ in todo)
     bar = progress_bar(total, "converting", quiet=quiet, initial=done, terminal_only=False)
-    with bar, open(work / PROGRESS, "a") as journal:
-        for group in _groups(todo, group_budget(items, opts)):
-            arrays = {rule.target: produce(src, rule, spec) for rule, spec, _ in group}
-            orbax_io.partial_save(ctx, ckpt, arrays, meta)
-            del arrays
-            _release(src)
-            nbytes = sum(n for _, _, n in group)
-            journal.write(json.dumps({"names": [r.target for r, _, _ in group], "bytes": nbytes}) + "\n")
-            journal.flush()
-            bar.update(nbytes)
-            if _TEST_DELAY:  # tests only: widen the window in which an interruption lands
-                time.sleep(_TEST_DELAY)
-    if not partial.is_dir():
-        raise RuntimeError(f"{ckpt}: nothing to finalize")
-    (work / FINALIZING).touch()
-    orbax_io.partial_finalize(ctx, ckpt)
+    try:
+        with bar, open(work / PROGRESS, "a") as journal, _orbax_errors_raised_not_logged():
+            for group in _groups(todo, group_budget(items, opts)):
+                arrays = {rule.target: produce(src, rule, spec, nonfinite) for rule, spec, _ in group}
+                # at memory speed over data just produced; Orbax merges the snapshots' metadata key by key
+                # at finalize, so each snapshot records its own arrays' checksums and they add up
+                sums = {name: integrity.crc32c(a) for name, a in arrays.items()}
+                orbax_io.partial_save(ctx, ckpt, arrays, meta | {ckpt_orbax.CHECKSUMS: sums})
+                del arrays
+                _release(src)
+                left -= sum(_stored_bytes(spec) for _, spec, _ in group)
+                nbytes = sum(n for _, _, n in group)
+                journal.write(json.dumps({"names": [r.target for r, _, _ in group], "bytes": nbytes}) + "\n")
+                journal.flush()
+                bar.update(nbytes)
+                if _TEST_DELAY:  # tests only: widen the window in which an interruption lands
+                    time.sleep(_TEST_DELAY)
+            if not partial.is_dir():
+                raise RuntimeError(f"{ckpt}: nothing to finalize")
+            (work / FINALIZING).touch()
+            orbax_io.partial_finalize(ctx, ckpt)
+    except Exception as e:
+        if not _no_space(e):
+            raise
+        raise NoSpaceError(f"{work}: the disk filled up while writing: "
+                           f"{_needed_vs_free(_with_overhead(left), _free_bytes(work))}; {work} is kept: free "
+                           f"some space and rerun the same command to resume") from None  # fmt: skip
     have = ckpt_orbax.stored_arrays(ckpt)
-    missing = sorted({it[0].target for it in items} - set(have))
+    sums = ckpt_orbax.read_metadata(ckpt).get(ckpt_orbax.CHECKSUMS) or {}
+    missing = sorted({it[0].target for it in items} - (set(have) & set(sums)))
     if missing:  # a snapshot vanished between runs: refuse to publish an incomplete checkpoint
-        raise RuntimeError(f"{ckpt}: finalized checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
+        raise RuntimeError(f"{ckpt}: finalized checkpoint lacks {missing[0]} or its checksum "
+                           f"(and {len(missing) - 1} more)")  # fmt: skip
     return resumed
 
 
@@ -350,12 +472,15 @@ def _expected_dequantized(src: Source, rule: keys.Rule, dtype) -> np.ndarray:
 
 
 def verify_checkpoint(src: Source, items, ckpt: Path, opts: Options, *, quiet: bool = False) -> None:
-    """Re-reads every array through a plain Orbax restore and compares it bit for bit with the source.
+    """Re-reads every array through a plain Orbax restore and compares it bit for bit with the source, and
+    its crc32c with the one recorded while converting (one read serves both).
 
     Packed experts and other weights: the source bytes after our layout transform and cast (bf16 -> bf16
     is a copy, so bit-exact). Dequantized experts: an independent decoder (`_expected_dequantized`).
     """
     total = sum(n for _, _, n in items)
+    sums = ckpt_orbax.read_metadata(ckpt).get(ckpt_orbax.CHECKSUMS) or {}
+    report = integrity.VerifyReport(path=ckpt)
     with progress_bar(total, "verifying", quiet=quiet, terminal_only=False) as bar:
         for group in _groups(items, group_budget(items, opts)):
             got = ckpt_orbax.read_arrays(ckpt, {r.target: np.dtype(spec.dtype) for r, spec, _ in group})
@@ -363,7 +488,7 @@ def verify_checkpoint(src: Source, items, ckpt: Path, opts: Options, *, quiet: b
                 if len(rule.sources) == 2:
                     want = _expected_dequantized(src, rule, spec.dtype)
                 else:
-                    want = produce(src, rule, spec)
+                    want = produce(src, rule, spec, nonfinite=lambda msg: None)  # checked when written
                 g = got.pop(rule.target)
                 if g.shape != want.shape or g.dtype != want.dtype:
                     raise VerifyError(
@@ -373,6 +498,9 @@ def verify_checkpoint(src: Source, items, ckpt: Path, opts: Options, *, quiet: b
                     bad = int(np.count_nonzero(g.view(np.uint8) != want.view(np.uint8)))
                     raise VerifyError(f"{ckpt}: {rule.target} differs from {rule.sources[0]} "
                                       f"({bad} bytes differ)")  # fmt: skip
+                integrity.check(report, rule.target, g, sums.get(rule.target))
+                if report.problems:
+                    raise VerifyError(report.problems[0])
                 del want, g
                 bar.update(n)
             _release(src)

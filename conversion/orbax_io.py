@@ -8,13 +8,14 @@ databases into one. That is what lets the converter stream (see `conversion/conv
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from gptoss_jax.checkpoint.orbax import META_KEY, STATE, nest
+from gptoss_jax.checkpoint.orbax import META_KEY, PYTREE_METADATA, STATE, nest
+from gptoss_jax.checkpoint.untrusted import CheckpointError, read_json
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -104,17 +105,17 @@ def saved_in_partial(path: Path) -> set[str]:
 
     Each completed call is one `*.pending_<time>_<uuid>` snapshot folder inside `path.partial_save/`
     (Orbax renames it into place only once written, so an interrupted call leaves none); its
-    `state/_METADATA` lists the keys it holds.
+    `state/_METADATA` lists the keys it holds. A snapshot whose list cannot be read (damaged since) is
+    deleted: its tensors are written again.
     """
     names: set[str] = set()
     pdir = path.parent / (path.name + ".partial_save")
     for d in sorted(pdir.glob("*.pending_*")) if pdir.is_dir() else []:
-        meta = d / STATE / "_METADATA"
-        if not meta.is_file():
+        try:
+            tree = read_json(d / STATE / PYTREE_METADATA)["tree_metadata"]
+            found = {".".join(str(k["key"]) for k in entry["key_metadata"]) for entry in tree.values()}
+        except (CheckpointError, KeyError, TypeError, AttributeError):
+            shutil.rmtree(d, ignore_errors=True)
             continue
-        tree = json.loads(meta.read_text())["tree_metadata"]
-        for entry in tree.values():
-            names.add(".".join(str(k["key"]) for k in entry["key_metadata"]))
+        names |= found
     return names
-
-

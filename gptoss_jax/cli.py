@@ -1,28 +1,43 @@
 """`gptoss-jax`: a thin shell over the library (every command is a few calls to public functions).
 
     gptoss-jax demo                      write a tiny random checkpoint, load it, generate (start here)
-    gptoss-jax generate PATH --prompt T  raw completion (or --tokens "1 2 3" for token ids)
+    gptoss-jax generate PATH --prompt T  raw completion (--prompt-file F, --prompt - for stdin, --tokens IDS)
     gptoss-jax chat PATH                 harmony chat: multi-turn, reasoning effort, analysis/final channels
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
     gptoss-jax info MODEL [--train]      per-device memory plan for a mesh (nothing loaded)
     gptoss-jax finetune BASE DATA --out DIR   LoRA fine-tuning on chat JSONL; adapters in PEFT's format
 
-Commands that load a model take --mesh data=1,expert=4,model=2, --dtype, --attention-impl, --moe-impl.
-Exit codes: 0 ok; 2 bad input (one line on stderr naming the argument, file or tensor); 130 interrupted.
+PATH is a checkpoint folder as typed (relative, ~, trailing slash) or a Hugging Face model id
+(openai/gpt-oss-20b, fetched through the hub cache). Commands that load a model take --mesh
+data=1,expert=4,model=2, --dtype, --attention-impl, --moe-impl, --expert-format. Every argument is checked
+before any weight is read.
+Exit codes: 0 ok; 2 bad input (one line on stderr naming the argument, file or tensor); 130 interrupted
+(one line, at any point, also during compilation).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import sys
+import threading
 import time
+
+from .kernels import VALIDATED_PLATFORMS
+from .progress import StatusLine, exit_now, exit_on_interrupt
 
 PROG = "gptoss-jax"
 IMPLS = ("auto", "xla", "pallas")
 DTYPES = ("auto", "bfloat16", "float32")
 DTYPE_HELP = ("compute and non-expert weight dtype: auto (default) = bfloat16 on GPU/TPU, float32 on CPU, where "
               "XLA's bfloat16 matmuls are several times slower; float32 is also the exact mode")  # fmt: skip
+IMPL_HELP = ("{what}: auto (default) = the Pallas kernel only on platforms where it has been validated "
+             f"({', '.join(sorted(VALIDATED_PLATFORMS)) or 'none yet'}), XLA everywhere else; xla; or pallas "
+             "(interpret mode on CPU)")  # fmt: skip
+COMPILING = "compiling (first run for these shapes)"
+SEED_LIMIT = 2**63  # jax.random.key takes a signed 64-bit seed
 
 
 class UsageError(ValueError):
@@ -43,19 +58,24 @@ def _fail(msg, code: int = 2) -> int:
 
 # ------------------------------------------------------------------------------------------ arguments
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder: released safetensors (HF or original/ layout) or an Orbax "
-                   "checkpoint from gptoss-convert")  # fmt: skip
+    p.add_argument("path", help="checkpoint: a folder of released safetensors (HF or original/ layout), an "
+                   "Orbax checkpoint from gptoss-convert, or a Hugging Face model id such as openai/gpt-oss-20b")  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (the sizes must multiply to the "
                    "number of devices; default: one device)")  # fmt: skip
     g.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
-    g.add_argument("--attention-impl", choices=IMPLS, default="auto", help="attention: auto (Pallas on GPU/TPU, "
-                   "XLA on CPU), xla or pallas")  # fmt: skip
-    g.add_argument("--moe-impl", choices=IMPLS, default="auto", help="expert computation: auto, xla or pallas")
-    g.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4",
-                   help="keep experts packed in MXFP4 (default) or dequantize them at load")  # fmt: skip
-    g.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    _impl_args(g)
+    g.add_argument("--expert-format", choices=("auto", "mxfp4", "dequantized"), default="auto",
+                   help="auto (default): as the checkpoint stores them (released weights: packed MXFP4); "
+                   "mxfp4 keeps them packed; dequantized inflates them at load")  # fmt: skip
+    g.add_argument("--quiet", action="store_true", help="no progress bar, status or timing lines")
     _cache_arg(g)
+
+
+def _impl_args(g) -> None:
+    g.add_argument("--attention-impl", choices=IMPLS, default="auto", help=IMPL_HELP.format(what="attention"))
+    g.add_argument("--moe-impl", choices=IMPLS, default="auto",
+                   help=IMPL_HELP.format(what="expert computation"))  # fmt: skip
 
 
 def _cache_arg(g) -> None:
@@ -106,9 +126,15 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=temperature,
                    help=f"0 = greedy (default {temperature:g})")  # fmt: skip
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass in (0, 1] (default 1.0 = off)")  # fmt: skip
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than min-p times the most likely one, in [0, 1] (default off)")  # fmt: skip
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the logits of tokens already in the context by this when positive, multiply "
+                   "when negative (> 0; default 1.0 = off)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, 0 <= seed < 2**63 (default 0)")
     g.add_argument("--max-context", type=int, help="KV-cache length: prompt + new tokens must fit (default: "
                    "exactly what the request needs, up to the model's context length)")  # fmt: skip
 
@@ -128,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
     d.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     d.add_argument("--mesh", help="device mesh, e.g. expert=2 (default: one device)")
-    d.add_argument("--attention-impl", choices=IMPLS, default="auto")
-    d.add_argument("--moe-impl", choices=IMPLS, default="auto")
+    _impl_args(d)
     d.add_argument("--seed", type=int, default=0, help="checkpoint and sampling seed (default 0)")
     _cache_arg(d)
 
@@ -137,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _adapters_arg(g)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 vocabulary)")
+    src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 "
+                     "vocabulary); '-' reads it from stdin")  # fmt: skip
+    src.add_argument("--prompt-file", metavar="FILE", help="read the text prompt from FILE (UTF-8; one final "
+                     "newline is dropped, as for stdin)")  # fmt: skip
     src.add_argument("--tokens", help="prompt as token ids, separated by spaces or commas; prints token ids")
     _sampling_args(g, temperature=0.0)
     g.add_argument("--no-stream", action="store_true", help="print the result at the end (one jitted loop)")
@@ -146,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _adapters_arg(c)
     c.add_argument("--message", "-m", action="append", help="a user message (repeat for several turns); "
-                   "default: read messages from stdin, one per line (an empty line or EOF ends)")  # fmt: skip
+                   "default: read messages from stdin, one per line (an empty line or EOF ends), with line "
+                   "editing and history on a terminal; /reset starts a new conversation, /exit leaves")  # fmt: skip
     c.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     c.add_argument("--developer", help="developer instructions (the system prompt of other chat formats)")
     c.add_argument("--date", help="conversation start date for the system message, e.g. 2025-08-05")
@@ -209,31 +238,82 @@ def _load(args):
         if jax.process_index() != 0:  # every process runs the model; process 0 alone prints
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
             args.quiet = True
-    mesh = _mesh(args.mesh)  # a bad spec fails before any file is read
+    mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     args.dtype = resolve_dtype(args.dtype)
+    # "auto" passes nothing: the loader then keeps the format the checkpoint stores
+    fmt = {} if args.expert_format == "auto" else {"expert_format": args.expert_format}
     model = load(args.path, dtype=args.dtype, mesh=mesh, quiet=args.quiet, attention_impl=args.attention_impl,
-                 moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+                 moe_impl=args.moe_impl, **fmt)  # fmt: skip
     if getattr(args, "adapters", None):
         from .training.peft import apply_adapters
 
         apply_adapters(model, args.adapters)
     cfg = model.cfg
-    _say(args, f"loaded {args.path}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts, vocab "
-               f"{cfg.vocab_size}, {args.dtype}, {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    _say(args, f"loaded {args.path}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
+               f"({cfg.expert_format}), vocab {cfg.vocab_size}, {args.dtype}, {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return model
 
 
-def _check_sampling(args) -> None:
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.max_context is not None and args.max_context < 1:
-        raise UsageError(f"--max-context must be positive, got {args.max_context}")
+def _check_args(args) -> None:
+    """Everything that can be checked from the command line alone, before any file is read."""
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise UsageError(f"--{name} must be {rule}, got {getattr(args, name.replace('-', '_'))}")
+
+    if getattr(args, "mesh", None):
+        from .sharding import parse_mesh
+
+        parse_mesh(args.mesh)  # the spec's syntax; its size is checked against the devices at load
+    if not hasattr(args, "max_new_tokens"):
+        return
+    need(args.max_new_tokens >= 1, "max-new-tokens", "at least 1")
+    need(math.isfinite(args.temperature) and args.temperature >= 0, "temperature", ">= 0 (0 = greedy)")
+    need(0 < args.top_p <= 1, "top-p", "in (0, 1]")
+    need(args.top_k >= 0, "top-k", ">= 0 (0 = off)")
+    need(args.min_p is None or 0 <= args.min_p <= 1, "min-p", "in [0, 1]")
+    penalty = args.repetition_penalty
+    need(penalty is None or (math.isfinite(penalty) and penalty > 0), "repetition-penalty", "> 0 (1.0 = off)")
+    need(0 <= args.seed < SEED_LIMIT, "seed", "in [0, 2**63)")
+    need(args.max_context is None or args.max_context >= 1, "max-context", "at least 1")
+
+
+def _check_fit(args, cfg, prompt: list[int] | None = None, what: str = "") -> None:
+    """Prompt tokens against the vocabulary and prompt + new tokens against the cache and the model, from the
+    checkpoint's config alone (no weights read yet)."""
+    if args.top_k > cfg.vocab_size:
+        raise UsageError(f"--top-k must be at most the vocabulary size {cfg.vocab_size}, got {args.top_k}")
+    if prompt is None:
+        return
+    if not prompt:
+        raise UsageError(f"{what}: the prompt is empty")
+    bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
+    if bad is not None:
+        hint = " (text needs the o200k_harmony vocabulary; use --tokens)" if what != "--tokens" else ""
+        raise UsageError(f"{what}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of "
+                         f"{args.path}{hint}")  # fmt: skip
+    need = len(prompt) + args.max_new_tokens
+    limits = [("the cache length", args.max_context, "--max-context"),
+              ("the model's context length", cfg.context_length, args.path)]  # fmt: skip
+    for name, limit, source in limits:
+        if limit is not None and need > limit:
+            raise UsageError(f"{what}: prompt {len(prompt)} + --max-new-tokens {args.max_new_tokens} = "
+                             f"{need} tokens exceed {name} {limit} ({source})")  # fmt: skip
+
+
+def _config(args):
+    from .hub import read_config
+
+    return read_config(args.path)
 
 
 def _sample_kw(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, cache_length=args.max_context)  # fmt: skip
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, cache_length=args.max_context)  # fmt: skip
+    # passed only when set, so generate() keeps its own defaults (off)
+    kw.update({k: v for k in ("min_p", "repetition_penalty") if (v := getattr(args, k)) is not None})
+    return kw
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -247,10 +327,50 @@ def parse_token_ids(text: str) -> list[int]:
         raise UsageError(f"--tokens: {bad!r} is not an integer token id") from None
 
 
+def read_prompt(args) -> tuple[str, str]:
+    """(text, where it came from) for --prompt TEXT, --prompt - (stdin) or --prompt-file FILE."""
+    if args.prompt_file is not None:
+        try:
+            with open(os.path.expanduser(args.prompt_file), encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
+        return text.removesuffix("\n"), "--prompt-file"
+    if args.prompt == "-":
+        return sys.stdin.read().removesuffix("\n"), "--prompt -"
+    return args.prompt, "--prompt"
+
+
+_COMPILE_STARTED = threading.Event()
+
+
+@functools.cache
+def _watch_compiles() -> None:
+    import jax
+
+    def on_event(event: str, *_, **__) -> None:
+        if event.startswith("/jax/core/compile/"):  # JAX traced, lowered or compiled a program
+            _COMPILE_STARTED.set()
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+
+
+def _compile_status(args) -> StatusLine:
+    """The "compiling ..." line of the next generate call: shown only once JAX starts on a new program (its
+    monitoring events), so shapes already compiled in this process print nothing."""
+    _watch_compiles()
+    _COMPILE_STARTED.clear()
+    return StatusLine(COMPILING, quiet=args.quiet, delay=1.0, when=_COMPILE_STARTED)
+
+
 # ------------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
     from .demo import DEFAULT_PROMPT, run_demo
 
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     run_demo(args.out, prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens,
              dtype=resolve_dtype(args.dtype), mesh=_mesh(args.mesh), seed=args.seed,
              attention_impl=args.attention_impl, moe_impl=args.moe_impl)  # fmt: skip
@@ -261,20 +381,33 @@ def cmd_generate(args) -> int:
     from . import tokenizer
     from .generate import generate
 
-    _check_sampling(args)
+    _check_args(args)
     raw = args.tokens is not None
-    ids = parse_token_ids(args.tokens) if raw else tokenizer.encode(args.prompt)
+    if raw:
+        ids, what = parse_token_ids(args.tokens), "--tokens"
+    else:
+        text, what = read_prompt(args)
+        ids = tokenizer.encode(text)
+    _check_fit(args, _config(args), ids, what)
     model = _load(args)
     kw = _sample_kw(args)
+    t0 = time.perf_counter()
     if args.no_stream:
-        new = generate(model, ids, **kw)[0]
+        with _compile_status(args):
+            new = generate(model, ids, **kw)[0]
         print(" ".join(map(str, new)) if raw else tokenizer.decode(new), flush=True)
+        dt = time.perf_counter() - t0
+        _say(args, f"{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f} s "
+                   f"({len(new) / dt:.1f} tokens/s over the whole call)")  # fmt: skip
         return 0
     out: list[int] = []
+    stamps: list[float] = []
     shown = ""
 
     def on_token(step):
         nonlocal shown
+        status.done()
+        stamps.append(time.perf_counter())
         out.append(step[0])
         if raw:
             print(step[0], end=" ", flush=True)
@@ -284,51 +417,88 @@ def cmd_generate(args) -> int:
                 print(text[len(shown):], end="", flush=True)
                 shown = text
 
-    generate(model, ids, callback=on_token, **kw)
+    with _compile_status(args) as status:
+        generate(model, ids, callback=on_token, **kw)
     if not raw and len(shown) < len(text := tokenizer.decode(out)):
         print(text[len(shown):], end="")
     print(flush=True)
+    # the steady rate counts from the second token: the first decode step compiles too
+    rate = f", then {(len(out) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s" if len(out) > 2 else ""
+    _say(args, f"{len(ids)} prompt tokens, {len(out)} new tokens in {stamps[-1] - t0:.2f} s: first after "
+               f"{stamps[0] - t0:.2f} s{rate}")  # fmt: skip
     return 0
 
 
 _LABELS = {"analysis": ("[analysis] ", "\033[2m"), "final": ("[final] ", "\033[1m"),
            "commentary": ("[commentary] ", "\033[36m")}  # fmt: skip
+CHAT_HELP = "type a message and press Enter; /reset starts a new conversation; /exit or Ctrl-D leaves"
+
+
+def _chat_lines(args, interactive: bool):
+    """User messages: -m values, else stdin lines (an empty line or EOF ends; /exit too)."""
+    if args.message is not None:
+        yield from args.message
+        return
+    if interactive:
+        import readline  # noqa: F401 - input() gains line editing and history
+
+        print(CHAT_HELP, file=sys.stderr, flush=True)
+    while True:
+        if interactive:
+            try:
+                line = input("user> ")
+            except EOFError:
+                print(flush=True)
+                return
+            if not line.strip():
+                continue
+        else:
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return
+        yield line.rstrip("\n")
 
 
 def cmd_chat(args) -> int:
     from . import tokenizer
     from .generate import generate
 
-    _check_sampling(args)
+    _check_args(args)
+    cfg = _config(args)
+    _check_fit(args, cfg)
+    if cfg.vocab_size != tokenizer.N_VOCAB:
+        raise UsageError(f"{args.path}: chat needs the o200k_harmony vocabulary ({tokenizer.N_VOCAB} "
+                         f"tokens), this model has {cfg.vocab_size}")  # fmt: skip
     model = _load(args)
-    session = tokenizer.ChatSession(reasoning_effort=args.reasoning_effort, developer_instructions=args.developer,
-                                    conversation_start_date=args.date)  # fmt: skip
+
+    def new_session():
+        return tokenizer.ChatSession(reasoning_effort=args.reasoning_effort,
+                                     developer_instructions=args.developer,
+                                     conversation_start_date=args.date)  # fmt: skip
+
+    session = new_session()
     stop = tokenizer.stop_tokens_for_assistant_actions()
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    interactive = args.message is None and sys.stdin.isatty()
-
-    def messages():
-        if args.message is not None:
-            yield from args.message
-            return
-        while True:
-            if interactive:
-                print("user> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line or not line.strip():
-                return
-            yield line.rstrip("\n")
-
-    for turn, text in enumerate(messages()):
+    turn = 0
+    for text in _chat_lines(args, interactive=args.message is None and sys.stdin.isatty()):
+        command = text.strip().lower()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            session = new_session()
+            _say(args, "(new conversation)")
+            continue
+        turn += 1
         prompt = session.prompt_tokens(text)
         if args.show_prompt:
-            print(f"[prompt {turn + 1}] {' '.join(map(str, prompt))}", flush=True)
+            print(f"[prompt {turn}] {' '.join(map(str, prompt))}", flush=True)
         stream = tokenizer.ChatStream()
         out: list[int] = []
         channel = [None]
         broken = [False]
 
         def on_token(step):
+            status.done()
             tok = step[0]
             out.append(tok)
             if broken[0]:
@@ -349,8 +519,8 @@ def cmd_chat(args) -> int:
                 channel[0] = ch
             print(piece, end="", flush=True)
 
-        kw = _sample_kw(args)
-        generate(model, prompt, stop_tokens=stop, callback=on_token, **kw)
+        with _compile_status(args) as status:
+            generate(model, prompt, stop_tokens=stop, callback=on_token, **_sample_kw(args))
         if color and channel[0] is not None:
             print("\033[0m", end="")
         if channel[0] is not None:
@@ -376,11 +546,17 @@ def cmd_bench(args) -> int:
 
     from .cache import cache_bytes
     from .generate import generate
+    from .kernels import resolve_impl
     from .weights import param_bytes
 
+    _check_args(args)
     for name in ("prompt_len", "new", "batch", "reps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    cfg = _config(args)
+    if args.prompt_len + args.new + 1 > cfg.context_length:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new {args.new} + 1 exceed the model's context "
+                         f"length {cfg.context_length}")  # fmt: skip
     model = _load(args)
     cfg = model.cfg
     rng = np.random.default_rng(0)
@@ -392,7 +568,8 @@ def cmd_bench(args) -> int:
         return time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    run(1), run(args.new + 1)
+    with _compile_status(args):
+        run(1), run(args.new + 1)
     compile_s = time.perf_counter() - t0
     t1 = statistics.median(run(1) for _ in range(args.reps))
     tn = statistics.median(run(args.new + 1) for _ in range(args.reps))
@@ -417,7 +594,12 @@ def cmd_bench(args) -> int:
         rows.append(("host RSS", _gib(psutil.Process().memory_info().rss), "this process"))
     except ImportError:
         pass
-    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}, attention {args.attention_impl}, moe {args.moe_impl})")
+
+    def impl(choice: str) -> str:
+        return f"{resolve_impl(choice)} ({choice})" if choice == "auto" else choice
+
+    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}, attention {impl(args.attention_impl)}, "
+          f"moe {impl(args.moe_impl)})")  # fmt: skip
     for name, value, note in rows:
         print(f"  {name:<12} {value:>14}   {note}")
     return 0
@@ -472,20 +654,20 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
-        args = build_parser().parse_args(argv)
-        if args.command is None:
-            build_parser().print_help()
-            return 2
-        if hasattr(args, "compile_cache"):  # commands that compile
-            setup_compile_cache(args.compile_cache)
-        return COMMANDS[args.command](args)
+        with exit_on_interrupt(f"{PROG}: interrupted"):
+            args = build_parser().parse_args(argv)
+            if args.command is None:
+                build_parser().print_help()
+                return 2
+            if hasattr(args, "compile_cache"):  # commands that compile
+                setup_compile_cache(args.compile_cache)
+            return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError) as e:
         return _fail(e, 2)
     except FileNotFoundError as e:
         return _fail(f"{e.filename}: {e.strerror}", 2)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        exit_now(f"{PROG}: interrupted")  # not a return: the interpreter's shutdown is what crashes here
     except BrokenPipeError:  # `gptoss-jax ... | head`
         return 0
 

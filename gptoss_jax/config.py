@@ -2,14 +2,18 @@
 
 Architecture fields use OpenAI's `original/config.json` names. `from_hf_config` and
 `from_original_config` build a Config from either on-disk config; `validate` raises one clear
-`ValueError` for missing, unknown or inconsistent fields. Runtime fields (dtype, expert format,
+`ValueError` for missing, unknown or inconsistent fields. Configs come from downloaded files, so every
+field is type- and range-checked (finite floats, upper bounds no real gpt-oss reaches, window within the
+context), in O(layers), before anything is sized from it. Runtime fields (dtype, expert format,
 kernel choices) are not part of a checkpoint and are set by `gptoss_jax.load(..., **overrides)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 # Fields that describe the network (saved with a checkpoint) vs. fields that only choose how we run it.
@@ -18,6 +22,33 @@ RUNTIME_FIELDS = ("dtype", "expert_format", "attention_impl", "moe_impl", "prefi
 _DTYPES = ("bfloat16", "float32")
 _EXPERT_FORMATS = ("mxfp4", "dequantized")
 _IMPLS = ("xla", "pallas", "auto")
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+# Upper bounds far above any gpt-oss (20b: 24 layers, 32 experts, vocab 201088, hidden 2880, 64 heads of 64):
+# a config beyond them is damaged or hostile, and sizing tables or models from it would exhaust memory.
+# Heads come before head_dim: a missing head_dim is derived from them.
+_INT_LIMITS = {"num_hidden_layers": 1024, "num_experts": 1024, "experts_per_token": 1024,
+               "vocab_size": 1 << 22, "hidden_size": 65536, "intermediate_size": 1 << 18,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024}  # fmt: skip
+# (name, lower bound, lower bound excluded, upper bound); rope_theta > 1 because YaRN divides by log(theta)
+_FLOAT_LIMITS = (("swiglu_limit", 0, True, 1e6), ("swiglu_alpha", 0, True, 1e3), ("rope_theta", 1, True, 1e12),
+                 ("rope_scaling_factor", 1, False, 1e4), ("rope_ntk_alpha", 0, True, 1e6),
+                 ("rope_ntk_beta", 0, True, 1e6), ("rms_norm_eps", 0, True, 1.0))  # fmt: skip
+MAX_CONTEXT = 1 << 24
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+def _show(v) -> str:
+    """A field value for a message: repr (control characters escaped), cut short."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"an integer of {v.bit_length()} bits"
+    return r if len(r) <= 80 else r[:80] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 MXFP4_BLOCK = 32  # elements sharing one E8M0 scale
 ORIGINAL_KEYS = (
@@ -62,11 +93,12 @@ class Config:
     prefill_chunk: int = 512  # prompts are prefilled (and model(tokens) attends) this many tokens at a time
 
     def __post_init__(self):
-        if self.layer_types is not None and not isinstance(self.layer_types, tuple):
+        # lists (from JSON) become tuples; anything else is left for validate() to name
+        if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if isinstance(self.eos_token_ids, int):
+        if _is_int(self.eos_token_ids):
             object.__setattr__(self, "eos_token_ids", (self.eos_token_ids,))
-        elif not isinstance(self.eos_token_ids, tuple):
+        elif isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         self.validate()
 
@@ -81,7 +113,7 @@ class Config:
             return self.max_position_embeddings
         return int(self.initial_context_length * self.rope_scaling_factor)
 
-    @property
+    @functools.cached_property  # built once: the model asks for it once per layer
     def sliding_layers(self) -> tuple[bool, ...]:
         if self.layer_types is None:
             return tuple(i % 2 == 0 for i in range(self.num_hidden_layers))
@@ -135,14 +167,26 @@ class Config:
 
     # -------------------------------------------------------------------------------- validation
     def validate(self) -> None:
+        """One ValueError naming the first bad field; O(layers)."""
+
         def bad(msg):
             raise ValueError(f"invalid gpt-oss config: {msg}")
 
-        for name in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-                     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads"):  # fmt: skip
+        def integer(name, lo, hi, v=...):
+            v = getattr(self, name) if v is ... else v
+            if not _is_int(v) or not lo <= v <= hi:
+                bad(f"{name} must be an integer in [{lo}, {hi}], got {_show(v)}")
+
+        for name, hi in _INT_LIMITS.items():
+            integer(name, 1, hi)
+        for name, lo, open_lo, hi in _FLOAT_LIMITS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                bad(f"{name} must be a positive integer, got {v!r}")
+            try:  # float() of a huge int overflows: that is out of range too
+                ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+            except OverflowError:
+                ok = False
+            if not ok or not (v > lo if open_lo else v >= lo) or v > hi:
+                bad(f"{name} must be a finite number {'>' if open_lo else '>='} {lo} and <= {hi:g}, got {_show(v)}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")  # fmt: skip
@@ -153,25 +197,43 @@ class Config:
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % MXFP4_BLOCK:
                 bad(f"{name} ({getattr(self, name)}) must be a multiple of {MXFP4_BLOCK} for MXFP4 experts")
-        if self.sliding_window < 0:
-            bad(f"sliding_window must be >= 0, got {self.sliding_window}")
+        integer("initial_context_length", 1, MAX_CONTEXT)
+        if self.max_position_embeddings is not None:
+            integer("max_position_embeddings", 1, MAX_CONTEXT)
+        if self.context_length > MAX_CONTEXT:
+            bad(f"context length initial_context_length * rope_scaling_factor = {self.context_length} is more "
+                f"than {MAX_CONTEXT}")  # fmt: skip
         if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple):
+                bad(f"layer_types must be a list, got {_show(self.layer_types)}")
             if len(self.layer_types) != self.num_hidden_layers:
                 bad(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-            odd = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
-            if odd:
-                bad(f"unknown layer_types {odd}")
-        if self.rope_scaling_factor < 1.0 or self.rope_theta <= 0:
-            bad("rope_scaling_factor must be >= 1 and rope_theta > 0")
+            odd = next((t for t in self.layer_types if not isinstance(t, str) or t not in _LAYER_TYPES), None)
+            if odd is not None:
+                bad(f"unknown layer type {_show(odd)} in layer_types (expected {' or '.join(_LAYER_TYPES)})")
+        integer("sliding_window", 0, self.context_length)
+        if self.sliding_window == 0 and any(self.sliding_layers):
+            bad("sliding_window is 0 but layer_types has sliding_attention layers")
+        if self.rope_scaling_factor > 1:  # YaRN: the ramp between the two beta frequencies must fit head_dim
+            d_half, log_theta = self.head_dim / 2, math.log(self.rope_theta)
+            low = d_half * math.log(self.initial_context_length / (self.rope_ntk_beta * 2 * math.pi)) / log_theta
+            high = d_half * math.log(self.initial_context_length / (self.rope_ntk_alpha * 2 * math.pi)) / log_theta
+            if not 0 < low < high < d_half - 1:
+                bad(f"the YaRN ramp from rope_ntk_beta/rope_ntk_alpha ({low:.3g}..{high:.3g}) does not fit "
+                    f"head_dim {self.head_dim} (needs 0 < low < high < {d_half - 1:g})")  # fmt: skip
+        if not isinstance(self.eos_token_ids, tuple) or not 1 <= len(self.eos_token_ids) <= 64:
+            bad(f"eos_token_ids must be a list of 1 to 64 token ids, got {_show(self.eos_token_ids)}")
+        for t in self.eos_token_ids:
+            integer("eos_token_ids", 0, MAX_TOKEN_ID, t)
+        integer("pad_token_id", 0, MAX_TOKEN_ID)
         if self.dtype not in _DTYPES:
-            bad(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+            bad(f"dtype must be one of {_DTYPES}, got {_show(self.dtype)}")
         if self.expert_format not in _EXPERT_FORMATS:
-            bad(f"expert_format must be one of {_EXPERT_FORMATS}, got {self.expert_format!r}")
+            bad(f"expert_format must be one of {_EXPERT_FORMATS}, got {_show(self.expert_format)}")
         for name in ("attention_impl", "moe_impl"):
             if getattr(self, name) not in _IMPLS:
-                bad(f"{name} must be one of {_IMPLS}, got {getattr(self, name)!r}")
-        if self.prefill_chunk <= 0:
-            bad(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+                bad(f"{name} must be one of {_IMPLS}, got {_show(getattr(self, name))}")
+        integer("prefill_chunk", 1, 1 << 20)
 
     # ----------------------------------------------------------------------------------- presets
     @classmethod
@@ -205,6 +267,8 @@ class Config:
     @classmethod
     def from_original_config(cls, d: dict, **kw) -> Config:
         """From OpenAI's `original/config.json` (16 keys, OpenAI naming)."""
+        if not isinstance(d, dict):
+            raise ValueError("original config.json is not a JSON object")
         missing = [k for k in ORIGINAL_KEYS if k not in d]
         if missing:
             raise ValueError(f"original config.json is missing field(s): {', '.join(missing)}")
@@ -217,8 +281,10 @@ class Config:
     @classmethod
     def from_hf_config(cls, d: dict, **kw) -> Config:
         """From a Hugging Face `config.json` (model_type gpt_oss)."""
+        if not isinstance(d, dict):
+            raise ValueError("config.json is not a JSON object")
         if d.get("model_type") not in (None, "gpt_oss"):
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_oss'")
+            raise ValueError(f"config.json has model_type {_show(d.get('model_type'))}, expected 'gpt_oss'")
         required = ("num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size",
                     "intermediate_size", "num_attention_heads", "num_key_value_heads")  # fmt: skip
         missing = [k for k in required if k not in d]
@@ -227,21 +293,29 @@ class Config:
         if missing:
             raise ValueError(f"config.json is missing field(s): {', '.join(missing)}")
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json rope_scaling must be an object, got {_show(rope)}")
         theta = d.get("rope_theta", rope.get("rope_theta", 150000.0))
         if rope and rope.get("rope_type", rope.get("type", "yarn")) != "yarn":
-            raise ValueError(f"config.json rope_scaling type {rope.get('rope_type')!r} is not 'yarn'")
+            raise ValueError(f"config.json rope_scaling type {_show(rope.get('rope_type'))} is not 'yarn'")
         if rope.get("truncate", False):
             raise ValueError("config.json rope_scaling.truncate is true; gpt-oss uses truncate=false")
         eos = d.get("eos_token_id") or 200002
+        eos = eos if isinstance(eos, list) else [eos]
+        if len(eos) > 64 or not all(_is_int(e) for e in eos):
+            raise ValueError(f"config.json eos_token_id must be a token id or a list of them, got {_show(eos)}")
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        # without head_dim, derive it only from valid fields; validate() names a bad one
+        head_dim = d.get("head_dim", hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None)
         args = dict(
             num_hidden_layers=d["num_hidden_layers"],
             num_experts=d["num_local_experts"],
             experts_per_token=d.get("num_experts_per_tok", d.get("experts_per_token")),
             vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=d["intermediate_size"],
-            head_dim=d.get("head_dim", d["hidden_size"] // d["num_attention_heads"]),
-            num_attention_heads=d["num_attention_heads"],
+            head_dim=head_dim,
+            num_attention_heads=heads,
             num_key_value_heads=d["num_key_value_heads"],
             swiglu_limit=d.get("swiglu_limit", 7.0),
             sliding_window=d.get("sliding_window") or 0,
@@ -252,10 +326,10 @@ class Config:
             rope_ntk_alpha=rope.get("beta_slow", 1.0),
             rope_ntk_beta=rope.get("beta_fast", 32.0),
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            layer_types=tuple(d["layer_types"]) if d.get("layer_types") else None,
+            layer_types=d.get("layer_types") or None,
             max_position_embeddings=d.get("max_position_embeddings"),
             pad_token_id=d.get("pad_token_id") or 199999,
-            eos_token_ids=tuple(sorted({*(eos if isinstance(eos, list) else [eos]), 199999, 200002, 200012})),
+            eos_token_ids=tuple(sorted({*eos, 199999, 200002, 200012})),
         )  # fmt: skip
         return cls._build(args, kw)
 

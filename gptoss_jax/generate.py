@@ -66,7 +66,7 @@ def _decode_step(graphdef, state, tok, cache, keys, i, seen, sp, greedy):
     return _decode_one(nnx.merge(graphdef, state), tok, cache, keys, i, sp, seen, greedy)
 
 
-@partial(jax.jit, static_argnums=(0, 10, 11), donate_argnums=(3, 6))
+@partial(jax.jit, static_argnums=(0, 10, 11), donate_argnums=3)
 def _decode_loop(graphdef, state, first, cache, keys, sp, seen, stop, done0, max_steps, steps, greedy):
     """Runs up to `steps` decode steps on device (static bound, `max_steps` the live one); stops early once
     every row has produced a stop token."""

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import mxfp4, weights
+from .checkpoint import integrity
 from .checkpoint import orbax as ckpt_orbax
 from .checkpoint.safetensors import CheckpointError
 from .checkpoint.source import open_source
 from .config import RUNTIME_FIELDS, Config
+from .hub import resolve_checkpoint
 from .model import Transformer
 from .progress import progress_bar
 from .sharding import as_model_mesh, param_sharding
@@ -95,7 +97,7 @@ def _check_overrides(overrides: dict) -> None:
 
 
 def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: bool = False,
-         expert_format: str | None = None, **overrides) -> Transformer:  # fmt: skip
+         expert_format: str | None = None, verify: bool = False, **overrides) -> Transformer:  # fmt: skip
     """Loads gpt-oss weights from `path` and returns a `Transformer`.
 
     path: a folder of released safetensors (Hugging Face top level with its index, or `original/`, or a
@@ -104,17 +106,25 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
     mesh: a `jax.sharding.Mesh` with axes among (data, expert, model), Explicit or Auto axis types (e.g.
     `jax.make_mesh((1, 4, 2), ("data", "expert", "model"))`), or a spec "expert=4,model=2"; None = one device.
     expert_format: "mxfp4" (packed), "dequantized", or None: as the checkpoint stores them.
+    verify: for a converted checkpoint, first re-read every array and check its recorded crc32c
+    (`checkpoint.integrity`); a damaged array is a CheckpointError naming it and its file.
     overrides: other runtime config fields: attention_impl, moe_impl ("xla" | "pallas" | "auto"),
     prefill_chunk.
     """
     _check_overrides(overrides)
     mesh = as_model_mesh(mesh)
-    path = Path(path)
+    # any path as typed (relative, ~, trailing slash) or a Hugging Face model id -> absolute folder
+    path = resolve_checkpoint(path, quiet=quiet)
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
     overrides = dict(overrides, dtype=dtype)
     if ckpt_orbax.is_orbax_checkpoint(path):
-        return _load_orbax(path.absolute(), mesh, expert_format, overrides, quiet)
+        if verify:
+            integrity.verify_checkpoint(path, quiet=quiet).raise_if_bad()
+        return _load_orbax(path, mesh, expert_format, overrides, quiet)
+    if verify:
+        raise ValueError(f"{path}: verify=True checks the checksums of a converted checkpoint; released "
+                         f"safetensors carry none (convert it with gptoss-convert, which records them)")  # fmt: skip
     src = open_source(path)
     cfg = src.config.replace(expert_format=expert_format or "mxfp4", **overrides)
     asm = _Assembler(cfg, mesh)

@@ -26,6 +26,7 @@ live in `kernels/`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -37,6 +38,7 @@ import numpy as np
 from . import kernels, weights
 from .cache import Step
 from .config import Config
+from .kernels.attention import attention_probs
 from .ops import F32, einsum
 from .sharding import constrain, current_mesh, expert_parallel, map_attention, with_model_mesh
 
@@ -97,13 +99,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # -------------------------------------------------------------------------------------------- attention
 def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv=None, step: Step | None = None,
-                    r=None):  # fmt: skip
+                    r=None, tap: _Tap | None = None):  # fmt: skip
     """One attention block with its residual: x (B,T,D) -> (x + attn, kv).
 
     p: this layer's weights by leaf name ("norm" for the scale). Without a cache (kv None) the keys are
     these tokens. With one, kv is this unit position's stacked (k, v) buffers, r the repeat, and `step` the
     cache's `Step` for this forward pass, which writes the chunk and says what to attend over
-    (`cache.Step.attend`; the serving engine's paged cache implements the same two methods).
+    (`cache.Step.attend`; the serving engine's paged cache implements the same two methods). `tap`: this
+    layer's probe and intervention (`forward`'s `probe` / `intervene`), None on the plain path.
     """
     dt = x.dtype
     T = x.shape[1]
@@ -116,7 +119,18 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
         keys, vals, k_pos, aligned = k, v, q_pos, T
     else:
         keys, vals, k_pos, aligned, kv = step.attend(kv, r, k, v, q_pos, ring=bool(window))
-    o = attention(q, keys, vals, p["sinks"], q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
+    sinks = p["sinks"] if tap is None or tap.sinks is None else tap.sinks.reshape(p["sinks"].shape)
+    o = attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
+    if tap is not None:
+        if tap.wants("attention"):
+            def probs():  # (B,K,G,Q,S+1) -> (B,N,Q,S+1): query head n = k*G + g
+                a = attention_probs(q[:, tap.take], keys, sinks, q_pos[:, tap.take], k_pos, window=window,
+                                    sm_scale=cfg.sm_scale)  # fmt: skip
+                return a.reshape((a.shape[0], -1) + a.shape[3:])
+
+            tap.lazy("attention", probs)
+        if tap.heads is not None:
+            o = o * tap.heads.reshape(sinks.shape + (1,)).astype(o.dtype)
     return x + einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt) + p["o_bias"], kv
 
 
@@ -134,9 +148,26 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, k: int) -> tuple[jax
 
     Top-k of the biased logits FIRST, then a softmax over just those k (not softmax-then-top-k).
     """
-    logits = einsum("TD,DE->TE", x, weight, x.dtype) + bias.astype(x.dtype)
-    vals, idx = jax.lax.top_k(logits, k)
-    return idx.astype(jnp.int32), jax.nn.softmax(vals.astype(F32), axis=-1).astype(x.dtype)
+    return choose_experts(router_logits(x, weight, bias), k)
+
+
+def router_logits(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """x (T,D) -> the router's biased logits (T,E) in x.dtype."""
+    return einsum("TD,DE->TE", x, weight, x.dtype) + bias.astype(x.dtype)
+
+
+def choose_experts(logits: jax.Array, k: int, select: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """logits (T,E) -> experts (T,X) int32, weights (T,X): the top k, then a softmax over their logits.
+
+    select (E,), an intervention, is added to the logits for the choice only: -inf never picks an expert,
+    +inf always does, 0 leaves it be; the weights remain the softmax of the chosen experts' own logits.
+    """
+    if select is None:
+        vals, idx = jax.lax.top_k(logits, k)
+    else:
+        _, idx = jax.lax.top_k(logits + select.astype(logits.dtype), k)
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    return idx.astype(jnp.int32), jax.nn.softmax(vals.astype(F32), axis=-1).astype(logits.dtype)
 
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
@@ -155,11 +186,19 @@ def moe_experts(x, idx, w, p: dict, cfg: Config):
     return local(x, idx, w, p)
 
 
-def moe_layer(x, p: dict, cfg: Config):
-    """One MoE block with its residual: x (B,T,D) -> x + experts(route(norm(x)))."""
+def moe_layer(x, p: dict, cfg: Config, tap: _Tap | None = None):
+    """One MoE block with its residual: x (B,T,D) -> x + experts(route(norm(x))). `tap` as in
+    `attention_layer`."""
     B, T, D = x.shape
     t = rms_norm(x, p["norm"], cfg.rms_norm_eps).reshape(B * T, D)
-    idx, w = route(t, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
+    if tap is None:
+        idx, w = route(t, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
+    else:
+        logits = router_logits(t, p["gate_weight"], p["gate_bias"])
+        idx, w = choose_experts(logits, cfg.experts_per_token, tap.experts)
+        if tap.wants("router"):
+            for name, a in (("router_logits", logits), ("experts", idx), ("expert_weights", w)):
+                tap.out[name] = a.reshape(B, T, -1)[:, tap.take]
     return x + moe_experts(t, idx, w, p, cfg).reshape(B, T, D)
 
 
@@ -175,7 +214,8 @@ def _layer_params(group) -> dict:
     return {"attn": leaves(group.attn), "mlp": leaves(group.mlp)}
 
 
-def forward(model: Transformer, tokens, positions, cache=None):
+def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe | None = None,
+            intervene: Intervene | None = None):  # fmt: skip
     """tokens (B,T) int32, positions (B,T) int32 (negative = padding) -> (final-normed hidden (B,T,D), cache).
 
     With a cache, positions must be each row's next positions (`KVCache.chunk_positions`); without one they
@@ -183,6 +223,10 @@ def forward(model: Transformer, tokens, positions, cache=None):
     outside their window (`kernels.attention_xla`). The cache is any object with the `KVCache` protocol:
     `begin(positions) -> (cache, step)`, `kv` (a (k, v) pair of stacked buffers per unit position) and
     `with_kv(kv)`, its step with `attend`.
+
+    probe (`Probe`): also return what it asks for, (hidden, cache, captures: name -> array with a leading
+    axis over the probed layers, in order). intervene (`Intervene`): change the pass as it says. Without
+    either, the pass is exactly the plain one (no hook is traced).
     """
     cfg = model.cfg
     dt = cfg.jax_dtype
@@ -193,33 +237,287 @@ def forward(model: Transformer, tokens, positions, cache=None):
         cache, step = cache.begin(positions)
         kv = cache.kv
     unit = cfg.layer_unit
+    hooks = None
+    if probe is not None or intervene is not None:
+        hooks = _Hooks(model, probe, intervene, tokens.shape, cached=cache is not None)
 
     def body(carry, xs):
-        x, kv = carry
-        r, layers = xs
+        x, kv, bufs = carry
+        r, layers, hx = xs
         kv = list(kv) if kv is not None else None
         for j, sliding in enumerate(unit):
+            tap = None if hooks is None else _Tap(hooks, j, hx[j])
             with jax.named_scope(f"{'sliding' if sliding else 'full'}{j}"):
+                if tap is not None:
+                    x = tap.site("resid_pre", x)
                 x, kv_j = attention_layer(x, layers[j]["attn"], cos, sin, positions,
                                           window=cfg.sliding_window if sliding else 0, cfg=cfg,
-                                          kv=None if kv is None else kv[j], step=step, r=r)  # fmt: skip
+                                          kv=None if kv is None else kv[j], step=step, r=r,
+                                          tap=tap)  # fmt: skip
                 if kv is not None:
                     kv[j] = kv_j
-                x = constrain(moe_layer(x, layers[j]["mlp"], cfg), ACT)  # block boundary
-        return (x, None if kv is None else tuple(kv)), None
+                if tap is not None:
+                    x = tap.site("resid_mid", x)
+                x = constrain(moe_layer(x, layers[j]["mlp"], cfg, tap=tap), ACT)  # block boundary
+                if tap is not None:
+                    x = tap.site("resid_post", x)
+                    bufs = hooks.record(bufs, tap)
+        return (x, None if kv is None else tuple(kv), bufs), None
 
     params = [_layer_params(g) for g in model.blocks]
-    xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), params)
-    (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+    xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), params, None if hooks is None else hooks.xs)
+    bufs = None if hooks is None else hooks.buffers()
+    (x, kv, bufs), _ = jax.lax.scan(body, (x, kv, bufs), xs)
     if cache is not None:
         cache = cache.with_kv(kv)
-    return rms_norm(x, model.norm.scale[...], cfg.rms_norm_eps), cache
+    h = rms_norm(x, model.norm.scale[...], cfg.rms_norm_eps)
+    if probe is None:
+        return h, cache
+    return h, cache, hooks.collect(bufs)
 
 
 def logits(model: Transformer, h):
     """(…,D) -> float32 (…,V); rounded to the compute dtype first, as the reference returns them."""
     out = einsum("...D,VD->...V", h, model.unembedding[...], h.dtype).astype(F32)
     return constrain(out, ("batch",) + (None,) * (h.ndim - 2) + ("vocab",))
+
+
+# ------------------------------------------------------------------------------------------- inspection
+CAPTURES = {  # Probe flag -> the captures it records
+    "attention": ("attention",),
+    "router": ("router_logits", "experts", "expert_weights"),
+    "residual": ("resid_pre", "resid_mid", "resid_post"),
+    "logit_lens": ("logit_lens",),
+}
+SITES = CAPTURES["residual"]
+
+
+def _int_tuple(v, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in (v if isinstance(v, tuple | list | range | np.ndarray) else [v]))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be integers, got {v!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What `forward` records in each layer: hashable, so jit takes it as a static argument. Each capture is
+    an array with a leading axis over the probed layers, for the Q tokens of `at`:
+
+    attention   float32 (L, B, N, Q, S+1): each query head's attention probabilities over the S keys, the
+                sink's share last (the XLA path's softmax, `attention_probs`; a pass without a cache)
+    router      router_logits float32 (L, B, Q, E); experts int32 (L, B, Q, X), as chosen; expert_weights
+                (L, B, Q, X)
+    residual    resid_pre, resid_mid, resid_post (L, B, Q, D): the stream before the attention block,
+                between the blocks and after the MoE block
+    logit_lens  float32 (L, B, Q, V): each layer's output through the final norm and the unembedding
+
+    layers: which layers (default all); at: which tokens, as indices along the sequence, negative from the
+    end (default all). Only these are computed and kept, in buffers of their size carried through the layer
+    scan, and an attention or logit-lens capture runs only in the layers asked for, so a long sequence never
+    holds every layer's T x S probabilities.
+    """
+
+    attention: bool = False
+    router: bool = False
+    residual: bool = False
+    logit_lens: bool = False
+    layers: tuple[int, ...] | None = None
+    at: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("layers", "at"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _int_tuple(getattr(self, name), f"Probe.{name}"))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for flag, names in CAPTURES.items() if getattr(self, flag) for n in names)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intervene:
+    """Changes to the forward pass, every field optional (`inspect.intervention` builds one from a model).
+    A pytree: its arrays are jit arguments (new values do not recompile), the rest is static.
+
+    experts  (L, E) float32 added to the router logits for the choice only: 0 routes as usual, -inf never
+             picks the expert (ablation), +inf always picks it (forcing); the chosen experts' weights stay
+             the softmax of their own logits.
+    heads    (L, N) float32: each query head's attention output is multiplied by it (0 zeroes the head).
+    sinks    (L, N) float32: the sink logits used instead of the checkpoint's.
+    patch    (P, B, Q, D): written into the residual stream at `patch_site` (one of `SITES`) of each of the P
+             `patch_layers`, at the Q tokens `patch_at` (indices along the sequence; None: all) -- e.g.
+             another run's `Probe(residual=True)` capture (activation patching).
+    """
+
+    experts: jax.Array | None = None
+    heads: jax.Array | None = None
+    sinks: jax.Array | None = None
+    patch: jax.Array | None = None
+    patch_site: str = dataclasses.field(default="resid_post", metadata={"static": True})
+    patch_layers: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+    patch_at: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"static": True})
+
+
+def _take(at, n: int, what: str) -> np.ndarray:
+    """Indices (negative from the end) into n tokens -> int array; ValueError naming `what` if one is out."""
+    if at is None:
+        return np.arange(n)
+    if not at:
+        raise ValueError(f"{what} must name at least one token (None: all)")
+    bad = [i for i in at if not -n <= i < n]
+    if bad:
+        raise ValueError(f"{what}: index {bad[0]} is out of range for {n} tokens")
+    return np.asarray([i % n for i in at], dtype=np.int64)
+
+
+def _layer_rows(layers, cfg: Config, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Selected layers -> per unit position j: the row (among the selected layers of j) of each repeat's
+    layer (the count of them = not selected) and the layers in row order."""
+    L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
+    chosen = set(range(L)) if layers is None else set(layers)
+    if not chosen:
+        raise ValueError(f"{what} must name at least one layer (None: all)")
+    bad = sorted(i for i in chosen if not 0 <= i < L)
+    if bad:
+        raise ValueError(f"{what}: layer {bad[0]} is out of range: the model has {L} layers")
+    slots, order = [], []
+    for j in range(p):
+        mine = [r * p + j for r in range(R) if r * p + j in chosen]
+        slot = np.full(R, len(mine), np.int32)
+        slot[[i // p for i in mine]] = np.arange(len(mine), dtype=np.int32)
+        slots.append(slot)
+        order.append(np.asarray(mine, np.int64))
+    return slots, order
+
+
+class _Hooks:
+    """A forward pass's probe and intervention, checked against the model and the token shape (at trace
+    time): per unit position, the arrays the layer scan reads at each repeat (`xs`), and the capture
+    buffers it carries."""
+
+    def __init__(self, model: Transformer, probe: Probe | None, iv: Intervene | None, shape, *, cached: bool):
+        cfg = self.cfg = model.cfg
+        self.model = model
+        B, T = self.shape = tuple(shape)
+        L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
+        self.probe = probe if probe is not None and probe.names else None
+        if self.probe is not None and probe.attention and cached:
+            raise ValueError("Probe(attention=True) needs a forward pass without a cache (model(tokens) or "
+                             "inspect.run); the other captures work with one")  # fmt: skip
+        self.take = _take(None if probe is None else probe.at, T, "Probe.at")
+        self.slots, self.order = _layer_rows(None if probe is None else probe.layers, cfg, "Probe.layers")
+        self.xs = [{} for _ in range(p)]
+        if self.probe is not None:
+            for j in range(p):
+                if len(self.order[j]):
+                    self.xs[j]["slot"] = jnp.asarray(self.slots[j])
+        iv = iv or Intervene()
+        N, E = cfg.num_attention_heads, cfg.num_experts
+        for name, width in (("experts", E), ("heads", N), ("sinks", N)):
+            a = getattr(iv, name)
+            if a is None:
+                continue
+            if tuple(a.shape) != (L, width):
+                what = "experts" if name == "experts" else "heads"
+                raise ValueError(f"Intervene.{name} must have shape ({L}, {width}) (layers, {what}), got "
+                                 f"{tuple(a.shape)}")  # fmt: skip
+            a = jnp.asarray(a, F32).reshape(R, p, width)
+            for j in range(p):
+                self.xs[j][name] = a[:, j]
+        self.patch = None
+        if iv.patch is not None:
+            if iv.patch_site not in SITES:
+                raise ValueError(f"Intervene.patch_site must be one of {', '.join(SITES)}, got "
+                                 f"{iv.patch_site!r}")  # fmt: skip
+            self.patch_at = _take(iv.patch_at, T, "Intervene.patch_at")
+            want = (len(iv.patch_layers), B, len(self.patch_at), cfg.hidden_size)
+            if tuple(iv.patch.shape) != want:
+                raise ValueError(f"Intervene.patch must have shape {want} (patch_layers, batch, patch_at "
+                                 f"tokens, hidden), got {tuple(iv.patch.shape)}")  # fmt: skip
+            if len(set(iv.patch_layers)) != len(iv.patch_layers):
+                raise ValueError(f"Intervene.patch_layers must not repeat a layer, got {iv.patch_layers}")
+            pslots, porder = _layer_rows(iv.patch_layers, cfg, "Intervene.patch_layers")
+            row = {layer: i for i, layer in enumerate(iv.patch_layers)}
+            values = jnp.asarray(iv.patch).astype(cfg.jax_dtype)
+            self.patch, self.patch_site = [], iv.patch_site
+            for j in range(p):
+                self.patch.append(values[np.asarray([row[int(i)] for i in porder[j]], np.int64)])
+                if len(porder[j]):
+                    self.xs[j]["pslot"] = jnp.asarray(pslots[j])
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], object]]:
+        cfg, (B, T), Q = self.cfg, self.shape, len(self.take)
+        E, X, N, D = cfg.num_experts, cfg.experts_per_token, cfg.num_attention_heads, cfg.hidden_size
+        out = {"attention": ((B, N, Q, T + 1), F32), "router_logits": ((B, Q, E), F32),
+               "experts": ((B, Q, X), jnp.int32), "expert_weights": ((B, Q, X), F32),
+               "logit_lens": ((B, Q, cfg.vocab_size), F32)}  # fmt: skip
+        out.update({s: ((B, Q, D), cfg.jax_dtype) for s in SITES})
+        return {n: out[n] for n in self.probe.names}
+
+    def buffers(self):
+        """The capture buffers the layer scan carries: name -> per unit position (its probed layers, ...)."""
+        if self.probe is None:
+            return None
+        return {n: tuple(jnp.zeros((len(o),) + shape, dt) if len(o) else None for o in self.order)
+                for n, (shape, dt) in self.shapes().items()}  # fmt: skip
+
+    def record(self, bufs, tap: _Tap):
+        """Writes a layer's captures into its row of the buffers (a repeat not probed writes nothing)."""
+        if tap.slot is None:
+            return bufs
+        return {n: tuple(b.at[tap.slot].set(tap.out[n].astype(b.dtype), mode="drop") if j == tap.j else b
+                         for j, b in enumerate(bs)) for n, bs in bufs.items()}  # fmt: skip
+
+    def collect(self, bufs) -> dict[str, jax.Array]:
+        """Buffers per unit position -> name: (probed layers in order, ...)."""
+        if self.probe is None:
+            return {}
+        layers = np.concatenate(self.order)
+        perm = np.argsort(layers, kind="stable")
+        return {n: jnp.concatenate([b for b in bs if b is not None])[perm] for n, bs in bufs.items()}
+
+
+class _Tap:
+    """One layer's hooks while `forward` is traced: its intervention values and the captures it records
+    (`out`). `slot` is the layer's row in the capture buffers (traced: the repeat is a scan index)."""
+
+    def __init__(self, hooks: _Hooks, j: int, hx: dict):
+        self.hooks, self.j, self.take = hooks, j, hooks.take
+        self.slot = hx.get("slot")
+        self.pslot = hx.get("pslot")
+        self.experts, self.heads, self.sinks = hx.get("experts"), hx.get("heads"), hx.get("sinks")
+        self.out: dict[str, jax.Array] = {}
+
+    def wants(self, flag: str) -> bool:
+        return self.slot is not None and getattr(self.hooks.probe, flag)
+
+    def lazy(self, name: str, fn) -> None:
+        """Captures fn() (an expensive capture) only in the layers asked for: under `lax.cond`, unless every
+        repeat of this unit position is probed."""
+        n = len(self.hooks.order[self.j])
+        if n == self.hooks.cfg.layer_repeats:
+            self.out[name] = fn()
+            return
+        shape = jax.eval_shape(fn)
+        self.out[name] = jax.lax.cond(self.slot < n, fn, lambda: jnp.zeros(shape.shape, shape.dtype))
+
+    def site(self, name: str, x):
+        """The residual stream x (B,T,D) at site `name`: patched if the intervention says so, captured if the
+        probe asks; after the layer (resid_post), also its logit lens."""
+        h = self.hooks
+        if self.pslot is not None and name == h.patch_site:
+            values, at = h.patch[self.j], h.patch_at
+            v = jnp.take(values, jnp.minimum(self.pslot, len(values) - 1), axis=0)
+            x = x.at[:, at].set(jnp.where(self.pslot < len(values), v, x[:, at]))
+        if self.wants("residual"):
+            self.out[name] = x[:, self.take]
+        if name == "resid_post" and self.wants("logit_lens"):
+            m = h.model
+            lens = lambda: logits(m, rms_norm(x[:, self.take], m.norm.scale[...], m.cfg.rms_norm_eps))  # noqa: E731
+            self.lazy("logit_lens", lens)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -10,7 +10,7 @@ laptop. `gptoss-jax info` is `add_info_arguments` + `run_info`.
 Not counted: activations (a prefill chunk's residual stream and attention scores, logits of the last
 position), experts dequantized on the fly during a step, and XLA's workspace. With the Pallas kernels they
 are small next to 120b's weights but not zero, which is why `--device-memory` reports the headroom left
-rather than a bare yes/no (the plain-XLA attention keeps up to `model.SCORES_BUDGET` float32 scores, 1 GiB,
+rather than a bare yes/no (the plain-XLA attention keeps up to `kernels.attention.SCORES_BUDGET` float32 scores, 1 GiB,
 per query block: see docs/sharding.md).
 """
 
@@ -28,6 +28,7 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
+from .hub import is_model_id, read_config
 from .sharding import (
     MESH_AXES,
     check_mesh_shape,
@@ -171,7 +172,9 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `gptoss-jax info`."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="preset (gpt-oss-20b, gpt-oss-120b, tiny) or checkpoint folder (safetensors or Orbax)")  # fmt: skip
+                        help="preset (gpt-oss-20b, gpt-oss-120b, tiny), checkpoint folder (safetensors or "
+                        "Orbax) or Hugging Face model id such as openai/gpt-oss-20b (only its config.json is "
+                        "fetched)")  # fmt: skip
     parser.add_argument(
         "--model", dest="model_opt", default=None, metavar="MODEL", help="same as the positional"
     )
@@ -190,19 +193,12 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_for(model: str) -> Config:
-    path = Path(model)
-    if not path.exists():
+    if not Path(model).expanduser().exists() and not is_model_id(model):
         if model in ("gpt-oss-20b", "gpt-oss-120b", "tiny"):
             return Config.preset(model)
-        raise ValueError(
-            f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny) nor an existing checkpoint folder"
-        )
-    from .checkpoint import orbax as ckpt_orbax
-    from .checkpoint.source import open_source
-
-    if ckpt_orbax.is_orbax_checkpoint(path):
-        return ckpt_orbax.stored_config(ckpt_orbax.read_metadata(path))
-    return open_source(path).config
+        raise ValueError(f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny), an existing checkpoint "
+                         f"folder nor a Hugging Face model id")  # fmt: skip
+    return read_config(model)  # either released layout, Orbax, or a model id (its config.json alone)
 
 
 def run_info(args: argparse.Namespace) -> int:

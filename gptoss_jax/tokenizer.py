@@ -310,8 +310,31 @@ def encode(text: str, *, allowed_special: Union[str, Iterable[str]] = ()) -> lis
 
 
 def decode(ids: Iterable[int] | Any, *, errors: str = "replace") -> str:
-    """Decode token ids (list, numpy or jax array). Invalid UTF-8 is replaced by default."""
-    return get_encoding().decode(_as_int_list(ids), errors=errors)
+    """Decode token ids (list, numpy or jax array). Invalid UTF-8 is replaced by default.
+
+    An id outside the vocabulary raises ValueError (tiktoken would raise KeyError or OverflowError).
+    """
+    ids = _as_int_list(ids)
+    bad = next((t for t in ids if not 0 <= t < N_VOCAB), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{N_VOCAB - 1})")
+    return get_encoding().decode(ids, errors=errors)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """Token ids written as text ("1 2 3" or "1,2,3") -> ints; ValueError naming the first bad one.
+
+    Only ASCII digits count: Python's int() also accepts other scripts' digits, while str.isdigit() also
+    says yes to '²', which int() then refuses; checking one and converting with the other raised
+    StopIteration from the CLI for `--tokens ²`.
+    """
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise ValueError("--tokens: no token ids given")
+    for t in parts:
+        if not (t.isascii() and t.isdigit()) or len(t) > 9 or int(t) >= N_VOCAB:
+            raise ValueError(f"--tokens: {t[:40]!r} is not a token id (an integer from 0 to {N_VOCAB - 1})")
+    return [int(t) for t in parts]
 
 
 def stop_tokens_for_assistant_actions() -> list[int]:

@@ -139,3 +139,19 @@ def hf_mask(batch: int, q_len: int, kv_len: int, *, q_offset: int = 0, window: i
 
     fn = mu.sliding_window_causal_mask_function(window) if window else mu.causal_mask_function
     return mu.eager_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=q_offset, mask_function=fn)
+
+
+def hf_layer_mask(config, inputs_embeds, position_ids, *, sliding: bool):
+    """transformers' own mask for one decoder layer (sliding-window or full causal), built as its model does.
+
+    The no-cache argument is `cache` in current transformers (`past_key_values` is deprecated there and
+    warns); older releases only know `past_key_values`.
+    """
+    import inspect
+
+    from transformers import masking_utils as mu
+
+    make = mu.create_sliding_window_causal_mask if sliding else mu.create_causal_mask
+    no_cache = "cache" if "cache" in inspect.signature(make).parameters else "past_key_values"
+    return make(config=config, inputs_embeds=inputs_embeds, attention_mask=None, position_ids=position_ids,
+                **{no_cache: None})  # fmt: skip

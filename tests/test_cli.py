@@ -22,6 +22,7 @@ from hf_reference import our_model
 import gptoss_jax
 from gptoss_jax import cli
 from gptoss_jax import tokenizer as tk
+from gptoss_jax.kernels import resolve_impl
 
 PROMPT_IDS = [5, 17, 230, 999, 0, 42, 7]
 
@@ -125,6 +126,8 @@ def test_bench_reports_speed_and_memory(capsys, hf_ckpt):
     rc, out, err = run_cli(capsys, "bench", hf_ckpt, "--prompt-len", 8, "--new", 5, "--reps", 1, "--dtype",
                            "float32", "--quiet")  # fmt: skip
     assert rc == 0, err
+    auto = resolve_impl("auto")  # the header says what "auto" resolved to on this platform
+    assert out.splitlines()[0].endswith(f"attention {auto} (auto), moe {auto} (auto))"), out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     for name in ("prefill", "decode", "compile", "weights", "kv", "host"):
         assert name in rows, out
@@ -156,7 +159,8 @@ def test_chat_real_model_prompt_is_harmony_rendering(capsys, demo_run):
 
 @pytest.fixture
 def scripted_model(monkeypatch):
-    """Replaces generation with a fixed harmony reply (analysis, then final), fed token by token."""
+    """Replaces generation with a fixed harmony reply (analysis, then final), fed token by token, and loading
+    with nothing (the checkpoint's config is still read, to check the arguments)."""
     reply = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|>"
              "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>")  # fmt: skip
     tokens = tk.encode(reply, allowed_special="all")
@@ -174,8 +178,8 @@ def scripted_model(monkeypatch):
     return seen
 
 
-def test_chat_channels_and_multi_turn_history(capsys, scripted_model):
-    rc, out, err = run_cli(capsys, "chat", "unused", "-m", "Hi", "-m", "Bye", "--show-prompt",
+def test_chat_channels_and_multi_turn_history(capsys, scripted_model, demo_run):
+    rc, out, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "-m", "Bye", "--show-prompt",
                            "--developer", "Be terse.")  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
@@ -191,17 +195,17 @@ def test_chat_channels_and_multi_turn_history(capsys, scripted_model):
     assert sorted(scripted_model[0][1]) == sorted([tk.RETURN, tk.CALL])
 
 
-def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model):
+def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model, demo_run):
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n\nnot read\n"))
-    rc, out, err = run_cli(capsys, "chat", "unused", "--hide-analysis", "--show-prompt")
+    rc, out, err = run_cli(capsys, "chat", demo_run[2], "--hide-analysis", "--show-prompt")
     assert rc == 0, err
     assert "[analysis]" not in out
     assert out.count("[final] Hello! How can I help?") == 2
     assert len(_prompts(out)) == 2
 
 
-def test_chat_truncated_reply(capsys, scripted_model):
-    rc, out, err = run_cli(capsys, "chat", "unused", "-m", "Hi", "--max-new-tokens", 3)
+def test_chat_truncated_reply(capsys, scripted_model, demo_run):
+    rc, _, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "--max-new-tokens", 3)
     assert rc == 0, err
     assert "max-new-tokens 3" in err
 

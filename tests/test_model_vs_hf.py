@@ -20,6 +20,7 @@ from conftest import make_tiny_cfg
 from hf_reference import (
     HUB_CONFIG_20B,
     hf_cos_sin,
+    hf_layer_mask,
     hf_logits,
     hf_mask,
     hf_model,
@@ -248,8 +249,6 @@ def test_grouped_experts_uneven_routing(expert_format, hf_ckpt):
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
 def test_decoder_layer_matches_hf(layer, ours, hf, tiny_cfg):
     """The same hidden state into HF layer i and our layer i: attention half, MoE half, whole block."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
     cfg = tiny_cfg
     x = np.random.default_rng(11 + layer).standard_normal((2, SEQ, cfg.hidden_size), dtype=np.float32)
     pos = np.tile(np.arange(SEQ), (2, 1))
@@ -263,8 +262,7 @@ def test_decoder_layer_matches_hf(layer, ours, hf, tiny_cfg):
 
     hl = hf.model.layers[layer]
     xt, pt = torch_f32(x), torch.as_tensor(pos)
-    make = create_sliding_window_causal_mask if layer == 0 else create_causal_mask
-    mask = make(config=hf.config, inputs_embeds=xt, attention_mask=None, past_key_values=None, position_ids=pt)
+    mask = hf_layer_mask(hf.config, xt, pt, sliding=layer == 0)
     with torch.no_grad():
         pe = hf.model.rotary_emb(xt, pt)
         h_attn = xt + hl.self_attn(hl.input_layernorm(xt), pe, mask)[0]

@@ -1,23 +1,36 @@
-"""Notebooks run top to bottom in a fresh kernel (nbclient), on CPU, without errors and with their outputs."""
+"""Notebooks run top to bottom in a fresh kernel (nbclient), on CPU, without errors, print what they show and
+save each of their plots as a PNG."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import matplotlib.image
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+PLOTS = {
+    "01_quickstart.ipynb": ["quickstart_log_probs.png"],
+    "02_attention_sinks.ipynb": ["sink_share_by_head.png", "sink_share_sliding_vs_full.png",
+                                 "sink_share_by_position.png"],
+    "03_expert_routing.ipynb": ["expert_load.png", "expert_coselection.png", "routing_entropy.png",
+                                "expert_ablation.png"],
+    "04_mxfp4.ipynb": ["e8m0_scales.png", "dequantization_error.png", "memory_by_format.png"],
+    "05_long_context.ipynb": ["yarn.png", "kv_memory.png", "attention_by_distance.png"],
+}  # fmt: skip
 
 
-def execute(path: Path, cache: Path):
+def execute(path: Path, tmp: Path):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # outputs saved in the file must not count
         if cell.cell_type == "code":
             cell.outputs = []
-    # the kernel inherits this process's environment: CPU, and the vocabulary cache in a temp folder
-    env = {"JAX_PLATFORMS": "cpu", "GPTOSS_JAX_CACHE": str(cache)}
+    # the kernel inherits this process's environment: CPU, the vocabulary cache and the plots in temp folders
+    env = {"JAX_PLATFORMS": "cpu", "GPTOSS_JAX_CACHE": str(tmp / "cache"),
+           "GPTOSS_FIGURES": str(tmp / "figures")}  # fmt: skip
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -41,9 +54,37 @@ def text_of(nb) -> str:
     return "\n".join(parts)
 
 
-def test_quickstart_notebook(tmp_path):
-    nb = execute(NOTEBOOKS / "01_quickstart.ipynb", tmp_path)
-    out = text_of(nb)
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(PLOTS)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """name -> (output text, the figures folder), each notebook executed once."""
+    out = {}
+
+    def get(name):
+        if name not in out:
+            tmp = tmp_path_factory.mktemp(name.split("_")[0])
+            out[name] = text_of(execute(NOTEBOOKS / name, tmp)), tmp / "figures"
+        return out[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_notebook_saves_its_plots(name, ran):
+    _, figures = ran(name)
+    for png in PLOTS[name]:
+        f = figures / png
+        assert f.is_file() and f.stat().st_size > 1000, png
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        h, w = matplotlib.image.imread(f).shape[:2]
+        assert h > 100 and w > 100, png
+
+
+def test_quickstart_notebook(ran):
+    out, _ = ran("01_quickstart.ipynb")
     # load
     assert "model.safetensors.index.json" in out
     assert "4 layers, 5 experts (top-3), hidden 64" in out and "uint8" in out
@@ -57,4 +98,16 @@ def test_quickstart_notebook(tmp_path):
     assert "[('analysis', 'Simple arithmetic: 2+2=4.'), ('final', '4')]" in out
     # memory
     assert "KV cache for" in out
+    # a look inside
+    assert "layer 3: last token -> experts [" in out and "perplexity of 'The quick brown fox" in out
 
+
+def test_research_notebooks_show_what_they_claim(ran):
+    out, _ = ran("02_attention_sinks.ipynb")
+    assert "(4, 1, 6, 192, 193) (layers, batch, heads, queries, keys + sink)" in out
+    assert "rows sum to 1: True" in out
+    assert "sink logit +10.0: last query's sink share 0.9" in out  # a large sink logit takes the mass
+    out, _ = ran("04_mxfp4.ipynb")
+    assert "max |float32 - bf16| after decoding = 0.0" in out  # dequantization is exact in bf16
+    out, _ = ran("05_long_context.ipynb")
+    assert "mass beyond the window: {0: 0.0, 1: " in out and ", 2: 0.0, 3: " in out  # sliding layers 0 and 2

@@ -2,12 +2,19 @@
 
 We read the format ourselves (8-byte little-endian header length, a JSON header, then raw little-endian
 data) because we need: memory-mapped views with no copy (bounded-memory streaming), bf16/fp8 through
-ml_dtypes, and one-line errors that name the file and tensor for a truncated or corrupt shard.
+ml_dtypes, and one-line errors that name the file and tensor for a truncated, corrupt or hostile shard.
+
+The header is checked in full before anything else is read (`parse_header`): known dtypes, shapes of at
+most 32 non-negative integer dimensions whose byte size is computed exactly (no int64 overflow),
+offsets that match it, and tensors that tile the data section exactly (in order, no overlap, no gap, no
+trailing bytes), as the format requires; `__metadata__` maps strings to strings. A file is opened only if
+it is a regular file (`untrusted.open_regular`).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -15,6 +22,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from .untrusted import CheckpointError, open_regular, parse_json, read_exact, show
 
 DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -31,11 +40,63 @@ DTYPES = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+MAX_DIMS = 32
+
+__all__ = ["CheckpointError", "SafetensorsFile", "parse_header", "save_file"]
 
 
-class CheckpointError(ValueError):
-    """A problem with checkpoint files; the message is one line naming the file and tensor."""
+def _nonneg_ints(v, n: int | None = None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n) and len(v) <= MAX_DIMS
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))  # fmt: skip
+
+
+def parse_header(raw: bytes, data_size: int, where) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], dict]:
+    """The checked header: name -> (dtype, shape, begin, end) within the data section of `data_size`
+    bytes, and the `__metadata__` strings. CheckpointError naming `where` and the tensor otherwise."""
+    header = parse_json(raw, where, "safetensors header")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        bad = next((k for k, v in meta.items() if not isinstance(v, str)), None) if isinstance(meta, dict) else None
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings"
+                              + (f" (value of {show(bad)} is not a string)" if bad is not None else ""))  # fmt: skip
+    entries = {}
+    for name, info in header.items():
+        at = f"{where}: tensor {show(name)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{at}: header entry is not an object")
+        dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise CheckpointError(f"{at}: unknown dtype {show(dt)}")
+        if not _nonneg_ints(shape):
+            raise CheckpointError(f"{at}: shape must be a list of at most {MAX_DIMS} non-negative integers, "
+                                  f"got {show(shape)}")  # fmt: skip
+        if not _nonneg_ints(offsets, 2) or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{at}: data_offsets must be two non-negative integers in order, "
+                                  f"got {show(offsets)}")  # fmt: skip
+        begin, end = offsets
+        nbytes = DTYPES[dt].itemsize
+        for s in shape:  # exact Python integers: a shape of 1e30 or one that wraps int64 cannot overflow
+            nbytes *= s
+        if end - begin != nbytes:
+            raise CheckpointError(f"{at}: data_offsets {begin}..{end} do not match shape {tuple(shape)} of {dt}")
+        if end > data_size:
+            raise CheckpointError(f"{at}: data runs past the end of the file (data section is {data_size} "
+                                  f"bytes, tensor ends at {end}; truncated?)")  # fmt: skip
+        entries[name] = (DTYPES[dt], tuple(shape), begin, end)
+    pos, prev = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            raise CheckpointError(f"{where}: tensor {show(name)} overlaps tensor {show(prev)} in the data section")
+        if begin > pos:
+            raise CheckpointError(f"{where}: bytes {pos}..{begin} of the data section, before tensor {show(name)}, "
+                                  f"belong to no tensor")  # fmt: skip
+        pos, prev = end, name
+    if pos != data_size:
+        raise CheckpointError(f"{where}: the last {data_size - pos} bytes of the file belong to no tensor")
+    return entries, meta
 
 
 class SafetensorsFile:
@@ -43,44 +104,24 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        fd = open_regular(self.path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER or 8 + n > size:
-                    raise CheckpointError(f"{self.path}: bad safetensors header length {n} (file is {size} bytes)")
-                raw = f.read(n)
+            size = os.fstat(fd).st_size
+            head = read_exact(fd, 8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{self.path}: bad safetensors header length {n} (file is {size} bytes)")
+            raw = read_exact(fd, n)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise TypeError("header is not a JSON object")
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        finally:
+            os.close(fd)
+        self.entries, self.metadata = parse_header(raw, size - 8 - n, self.path)
         self.data_start = 8 + n
         self.size = size
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name}: bad header entry {info!r}") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name}: data_offsets {begin}..{end} do not match "
-                                      f"shape {shape} of {info['dtype']}")  # fmt: skip
-            if self.data_start + end > size:
-                raise CheckpointError(f"{self.path}: tensor {name}: data runs past the end of the file "
-                                      f"({self.data_start + end} > {size} bytes; truncated?)")  # fmt: skip
-            self.entries[name] = (dtype, shape, begin, end)
-        self._mmap = None
+        self._data = None
 
     def keys(self):
         return self.entries.keys()
@@ -95,15 +136,26 @@ class SafetensorsFile:
         _, _, b, e = self.entries[name]
         return e - b
 
+    def _map(self) -> np.ndarray:
+        fd = open_regular(self.path)
+        try:
+            if os.fstat(fd).st_size != self.size:  # mapping past a shortened file would crash on access
+                raise CheckpointError(f"{self.path}: changed size since its header was read")
+            return np.frombuffer(mmap.mmap(fd, self.size, access=mmap.ACCESS_READ), dtype=np.uint8)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot map ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
+
     def get(self, name: str) -> np.ndarray:
         """A read-only view on the mapped file (no copy); copy it if you need to keep it."""
         dtype, shape, begin, end = self.entries[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap[self.data_start + begin : self.data_start + end].view(dtype).reshape(shape)
+        if self._data is None:
+            self._data = self._map()
+        return self._data[self.data_start + begin : self.data_start + end].view(dtype).reshape(shape)
 
     def close(self):
-        self._mmap = None
+        self._data = None
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -11,6 +11,8 @@ Features
 - `decode_attention` (few queries over a KV cache): masks by `k_pos`, never by slot order, because a sliding
   layer's cache is a ring buffer (slot = pos % window) whose positions are not sorted; empty slots (pos < 0)
   and blocks past the filled part are skipped.
+- `attention_probs`: the same softmax for chosen queries, with the sink's share as a last column: what
+  `model.Probe(attention=True)` captures.
 - `attention_xla`: the model's XLA path: the reference over blocks of queries (bounded memory), and on
   sliding layers over only the keys each block can see (work O(T * window)).
 - `attention`: the dispatcher the model calls (impl "xla" | "pallas" | "auto"), falling back to the XLA path
@@ -113,25 +115,41 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
     return visible_mask(q_pos[:, :, None], k_pos[:, None, :], window)
 
 
-def attention_reference(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float) -> jax.Array:
-    """Dense attention with sinks: the numerical oracle for the kernels and for `attention_xla`, which runs
-    it over blocks. q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) -> q.dtype (B,T,K,G,H).
-
-    Rounds where the torch reference does: q.k logits come back in the model dtype (a bf16 matmul), the
-    softmax runs in f32, its weights are cast to the model dtype before W.V. The sink is one extra softmax
-    column with no value: it joins the max and the denominator, so the real keys' weights sum to < 1.
-    """
+def _sink_softmax(q, k, sinks, q_pos, k_pos, *, window: int, sm_scale: float):
+    """The softmax of attention with sinks, in f32: (weights of the keys (B,K,G,T,S), the sink's share
+    (B,K,G,T,1)). Logits come back in the model dtype (a bf16 matmul in the torch reference); the sink is one
+    extra softmax column with no value, so the keys' weights sum to < 1."""
     dtype, f32 = q.dtype, jnp.float32
-    prec = precision(dtype)
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=f32, precision=prec)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=f32, precision=precision(dtype))
     s = s.astype(dtype).astype(f32) * sm_scale
     s = jnp.where(visible(q_pos, k_pos, window)[:, None, None], s, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(f32)[None, :, :, None, None], s.shape[:-1] + (1,))
     m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sink)  # finite even for a row that sees no key
     e = jnp.exp(s - m)
-    p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(dtype), v, preferred_element_type=f32, precision=prec)
+    denom = jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m)
+    return e / denom, jnp.exp(sink - m) / denom
+
+
+def attention_reference(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float) -> jax.Array:
+    """Dense attention with sinks: the numerical oracle for the kernels and for `attention_xla`, which runs
+    it over blocks. q (B,T,K,G,H), k/v (B,S,K,H), sinks (K,G) -> q.dtype (B,T,K,G,H).
+
+    Rounds where the torch reference does: q.k logits in the model dtype, the softmax in f32
+    (`_sink_softmax`), its weights cast to the model dtype before W.V.
+    """
+    dtype = q.dtype
+    p, _ = _sink_softmax(q, k, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(dtype), v, preferred_element_type=jnp.float32,
+                     precision=precision(dtype))  # fmt: skip
     return out.astype(dtype)
+
+
+def attention_probs(q, k, sinks, q_pos, k_pos, *, window: int, sm_scale: float) -> jax.Array:
+    """The XLA path's attention probabilities with the sink's share as a last column: q (B,Q,K,G,H) (the
+    queries to look at, any subset), k (B,S,K,H) -> float32 (B,K,G,Q,S+1); each row sums to 1. The same
+    softmax as `attention_reference` (a row does not depend on the other queries), for `model.Probe`."""
+    p, sink = _sink_softmax(q, k, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
+    return jnp.concatenate([p, sink], axis=-1)
 
 
 # ============================================================================================== XLA path

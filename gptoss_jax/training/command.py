@@ -57,7 +57,7 @@ def run_finetune(args, *, dtype: str, mesh) -> int:
                         seq_len=args.seq_len, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                         seed=args.seed, save_every=args.save_every, pack=not args.no_pack,
                         assistant_only=not args.all_tokens, remat=not args.no_remat, full=args.full)  # fmt: skip
-    fmt = None if args.full else args.expert_format
+    fmt = None if args.full or args.expert_format == "auto" else args.expert_format
     res = finetune(args.path, args.data, args.out, lora=lora, train=train, mesh=mesh, dtype=dtype,
                    reasoning_effort=args.reasoning_effort, quiet=args.quiet, expert_format=fmt)  # fmt: skip
     if not args.quiet:

@@ -1,0 +1,60 @@
+"""Running the installed `gptoss-jax` and `gptoss-convert` commands in subprocesses, as a user does.
+
+The console scripts next to the test interpreter are used when they exist (an installed checkout), else
+`python -m` of the same entry points. PYTHONPATH points at this checkout so its code is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_MODULES = {"gptoss-jax": "gptoss_jax", "gptoss-convert": "conversion.cli"}
+
+
+def command(name: str) -> list[str]:
+    """argv prefix of a console script: its installed launcher, else `python -m`."""
+    exe = shutil.which(name, path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", _MODULES[name]]
+
+
+def cli_env(**extra) -> dict:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    bin_dir = os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )  # the console scripts
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, PATH=bin_dir)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(name: str, *argv, cwd=None, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
+    """Runs `name ARGV` to completion; text stdout and stderr captured."""
+    return subprocess.run(
+        [*command(name), *map(str, argv)],
+        cwd=cwd,
+        env=env or cli_env(),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_error_line(res: subprocess.CompletedProcess, *needles, code: int = 2) -> str:
+    """Exit `code` and exactly one line on stderr naming each of `needles`; returns that line."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == code, res.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def token_ids(stdout: str) -> list[int]:
+    return [int(t) for t in stdout.split()]

@@ -35,7 +35,7 @@ LAYERS = [
     ["loading"],
     ["planning", "tokenizer"],
     ["serving", "training.lora", "training.data", "inspect"],
-    ["training.peft"],
+    ["training.peft", "training.plan"],
     ["training.loop"],
     ["training", "training.command"],
     ["demo"],

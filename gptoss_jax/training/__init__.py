@@ -17,9 +17,8 @@ __all__ = ["LoraConfig", "TrainConfig", "apply_adapters", "finetune", "load_adap
 
 
 def __getattr__(name: str):
+    if name not in __all__:  # submodules and anything else: the normal lookup (and import) applies
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import data, lora, loop, peft
 
-    for mod in (loop, lora, peft, data):
-        if name in __all__ and hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return next(getattr(m, name) for m in (loop, lora, peft, data) if hasattr(m, name))

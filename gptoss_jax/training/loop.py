@@ -331,10 +331,7 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
     losses = [float(r["loss"]) for r in log]
     end = total if stop_after is None else min(total, start + stop_after)
     main = jax.process_index() == 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, desc="finetune", unit="step", disable=quiet or not main,
-               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = _StepProgress(total, start, quiet=quiet or not main)
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -348,8 +345,7 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
             log.append({"step": step + 1, "loss": f"{m['loss']:.6f}", "tokens": int(m["tokens"]),
                         "lr": f"{m['lr']:.6g}", "grad_norm": f"{m['grad_norm']:.6g}", "seconds": f"{dt:.4f}"})  # fmt: skip
             losses.append(m["loss"])
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{seen / dt:,.0f}")
-            bar.update(1)
+            bar.step(m["loss"], seen / dt)
             done = step + 1
             if done % tcfg.save_every == 0 or done == end:
                 _save(mngr, done, {"trainable": trainable, "opt_state": opt_state},
@@ -366,6 +362,36 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         if end == total and lcfg is not None:
             save_adapters(out, trainable, cfg, lcfg, base=base_name)
     return Result(out, end, losses, trainable, model)
+
+
+class _StepProgress:
+    """A tqdm bar with the loss and tokens/s on a terminal; elsewhere (a log, a notebook) one plain line every
+    `interval` seconds and at the end, never tqdm's `\\r` redraws."""
+
+    def __init__(self, total: int, start: int, *, quiet: bool, interval: float = 10.0):
+        self.total, self.n, self.quiet, self.interval = total, start, quiet, interval
+        self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if not quiet and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="finetune", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)  # fmt: skip
+
+    def step(self, loss: float, tok_s: float) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            self.bar.update(1)
+        elif not self.quiet and (time.monotonic() - self.last >= self.interval or self.n == self.total):
+            self.last = time.monotonic()
+            print(f"finetune: step {self.n}/{self.total}, loss {loss:.4f}, {tok_s:,.0f} tokens/s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:

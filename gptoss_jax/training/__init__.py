@@ -12,13 +12,20 @@ module on first use.
 
 from __future__ import annotations
 
-__all__ = ["LoraConfig", "TrainConfig", "apply_adapters", "finetune", "load_adapters", "read_jsonl",
-           "save_adapters"]  # fmt: skip
+__all__ = [
+    "LoraConfig",
+    "TrainConfig",
+    "apply_adapters",
+    "finetune",
+    "load_adapters",
+    "read_jsonl",
+    "save_adapters",
+]
 
 
 def __getattr__(name: str):
     if name not in __all__:  # submodules and anything else: the normal lookup (and import) applies
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import data, lora, loop, peft
+    from . import data, loop, lora, peft
 
     return next(getattr(m, name) for m in (loop, lora, peft, data) if hasattr(m, name))

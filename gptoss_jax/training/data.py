@@ -61,8 +61,9 @@ def _text(v, where: str) -> str:
     """A message content: a string, or a list of {"type": "text", "text": ...} parts."""
     if isinstance(v, str):
         return v
-    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in v):  # fmt: skip
+    if isinstance(v, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v
+    ):
         return "".join(p["text"] for p in v)
     raise ValueError(f"{where} must be a string or a list of text parts, got {type(v).__name__}")
 
@@ -76,7 +77,7 @@ def _tools(obj, where="tools"):
     for i, t in enumerate(obj):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ValueError(f"{where}[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+            raise ValueError(f'{where}[{i}] must be {{"type": "function", "function": {{...}}}}')
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ValueError(f"{where}[{i}].function.name must be a non-empty string")
         params = fn.get("parameters")
@@ -156,7 +157,9 @@ def to_harmony(example: dict) -> tuple[list, list[int]]:
                     raise ValueError(f"{cat}.function.name must be a non-empty string")
                 args = _arguments(fn.get("arguments", "{}"), f"{cat}.function.arguments")
                 msg = Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
-                out.append(msg.with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json"))
+                out.append(
+                    msg.with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json")
+                )
                 if call.get("id") is not None:
                     calls[call["id"]] = fn["name"]
             body += out
@@ -179,8 +182,9 @@ def _ends_turn(msg) -> bool:
     return msg.recipient is not None or msg.channel == "final"
 
 
-def render(example: dict, *, reasoning_effort: str = "medium", assistant_only: bool = True,
-           line: int = 0) -> list[Sequence]:  # fmt: skip
+def render(
+    example: dict, *, reasoning_effort: str = "medium", assistant_only: bool = True, line: int = 0
+) -> list[Sequence]:
     """One example -> token sequences with loss weights (see the module docstring)."""
     from openai_harmony import Role
 
@@ -223,8 +227,9 @@ def render(example: dict, *, reasoning_effort: str = "medium", assistant_only: b
     return seqs
 
 
-def read_jsonl(path: str | os.PathLike, *, seq_len: int, reasoning_effort: str = "medium",
-               assistant_only: bool = True) -> list[Sequence]:  # fmt: skip
+def read_jsonl(
+    path: str | os.PathLike, *, seq_len: int, reasoning_effort: str = "medium", assistant_only: bool = True
+) -> list[Sequence]:
     """Every line of a chat JSONL file -> sequences; DataError "FILE line N: what is wrong" on the first bad
     line (blank lines are skipped)."""
     path = Path(path)
@@ -248,8 +253,10 @@ def read_jsonl(path: str | os.PathLike, *, seq_len: int, reasoning_effort: str =
             raise DataError(f"{path} line {n}: {e}") from None
         for s in got:
             if len(s.tokens) > seq_len:
-                raise DataError(f"{path} line {n}: the conversation renders to {len(s.tokens)} tokens, more than "
-                                f"the sequence length {seq_len}")  # fmt: skip
+                raise DataError(
+                    f"{path} line {n}: the conversation renders to {len(s.tokens)} tokens, more than "
+                    f"the sequence length {seq_len}"
+                )
         seqs += got
     if not seqs:
         raise DataError(f"{path}: no examples")
@@ -289,9 +296,13 @@ class Rows:
         w = np.take_along_axis(nxt, pos, -1)
         pos = np.where(w, pos, 0)
         nxt_tok = np.concatenate([tok[..., 1:], np.zeros_like(tok[..., :1])], -1)
-        return {"tokens": tok, "positions": np.where(ar < self.lengths[idx][..., None], ar, -1).astype(np.int32),
-                "loss_pos": pos, "targets": np.take_along_axis(nxt_tok, pos, -1),
-                "weights": w.astype(np.float32)}  # fmt: skip
+        return {
+            "tokens": tok,
+            "positions": np.where(ar < self.lengths[idx][..., None], ar, -1).astype(np.int32),
+            "loss_pos": pos,
+            "targets": np.take_along_axis(nxt_tok, pos, -1),
+            "weights": w.astype(np.float32),
+        }
 
 
 def pack(seqs: list[Sequence], seq_len: int, *, pack: bool = True, pad_id: int = 0) -> Rows:
@@ -337,14 +348,14 @@ class Loader:
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             N = len(self.rows)
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(N) if self.shuffle
-                           else np.arange(N)}  # fmt: skip
+            self._perms = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(N)
+                if self.shuffle
+                else np.arange(N)
+            }
         return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:
         N = len(self.rows)
         g = np.arange(step * self.n, (step + 1) * self.n)
-        return np.array([self._perm(int(e))[int(p)] for e, p in zip(g // N, g % N)])
-
-    def steps_per_epoch(self) -> float:
-        return len(self.rows) / self.n
+        return np.array([self._perm(int(e))[int(p)] for e, p in zip(g // N, g % N, strict=True)])

@@ -75,10 +75,15 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):  # fmt: skip
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
             raise TrainError(f"steps must be a positive integer, got {self.steps!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
             raise TrainError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
@@ -101,8 +106,11 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransfo
     """AdamW after global-norm clipping; the learning rate warms up linearly, then follows the schedule."""
     lr, w = tcfg.learning_rate, min(tcfg.warmup_steps, total_steps)
     decay = max(1, total_steps - w)
-    after = {"cosine": optax.cosine_decay_schedule(lr, decay), "linear": optax.linear_schedule(lr, 0.0, decay),
-             "constant": optax.constant_schedule(lr)}[tcfg.schedule]  # fmt: skip
+    after = {
+        "cosine": optax.cosine_decay_schedule(lr, decay),
+        "linear": optax.linear_schedule(lr, 0.0, decay),
+        "constant": optax.constant_schedule(lr),
+    }[tcfg.schedule]
     sched = optax.join_schedules([optax.linear_schedule(0.0, lr, w), after], [w]) if w else after
     parts = [optax.clip_by_global_norm(tcfg.max_grad_norm)] if tcfg.max_grad_norm else []
     parts.append(optax.adamw(sched, weight_decay=tcfg.weight_decay))
@@ -177,8 +185,13 @@ def _settings(lcfg: LoraConfig | None, tcfg: TrainConfig, data_hash: str, cfg: C
     """What a resumed run must share with the run that wrote the checkpoint."""
     train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "save_every"}
     lora = None if lcfg is None else {"rank": lcfg.rank, "alpha": lcfg.alpha, "targets": list(lcfg.targets)}
-    return {"train": train, "lora": lora, "data_sha256": data_hash, "dtype": cfg.dtype,
-            "expert_format": cfg.expert_format}  # fmt: skip
+    return {
+        "train": train,
+        "lora": lora,
+        "data_sha256": data_hash,
+        "dtype": cfg.dtype,
+        "expert_format": cfg.expert_format,
+    }
 
 
 def _manager(path: Path, save_every: int):
@@ -188,20 +201,28 @@ def _manager(path: Path, save_every: int):
     return ocp.CheckpointManager(path.absolute(), options=opts, item_names=("state", "meta"))
 
 
+def _restore_meta(mngr, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def _restore(mngr, step: int, state: dict):
+    """The saved state into the shardings and dtypes of `state` (the freshly initialised one)."""
     import orbax.checkpoint as ocp
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                     meta=ocp.args.JsonRestore()))  # fmt: skip
-    return got["state"], got["meta"]
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
 def _save(mngr, step: int, state: dict, meta: dict, force: bool = False) -> None:
     import orbax.checkpoint as ocp
 
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=force)  # fmt: skip
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -225,7 +246,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def write_plot(path: Path, rows: list[dict]) -> bool:
-    """loss.png from the CSV rows; False when matplotlib is not installed (`pip install gptoss-jax[train]`)."""
+    """loss.png from the CSV rows; False without matplotlib (`pip install gptoss-jax[notebooks]` has it)."""
     try:
         import matplotlib
 
@@ -264,9 +285,20 @@ class Result:
     model: object  # the base model the run used
 
 
-def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: LoraConfig | None = None,
-             train: TrainConfig | None = None, mesh=None, dtype: str = "bfloat16", reasoning_effort: str = "medium",
-             quiet: bool = False, stop_after: int | None = None, expert_format: str | None = None) -> Result:  # fmt: skip
+def finetune(
+    base,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    lora: LoraConfig | None = None,
+    train: TrainConfig | None = None,
+    mesh=None,
+    dtype: str = "bfloat16",
+    reasoning_effort: str = "medium",
+    quiet: bool = False,
+    stop_after: int | None = None,
+    expert_format: str | None = None,
+) -> Result:
     """Fine-tunes `base` (a checkpoint path, or a loaded model) on `data` (chat JSONL) into `out`.
 
     lora: the adapters (default LoraConfig()); ignored with `train.full`. mesh, dtype, expert_format: as for
@@ -280,13 +312,20 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
     data = Path(data)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a folder")
-    rows = pack(read_jsonl(data, seq_len=tcfg.seq_len, reasoning_effort=reasoning_effort,
-                           assistant_only=tcfg.assistant_only), tcfg.seq_len, pack=tcfg.pack)  # fmt: skip
+    rows = pack(
+        read_jsonl(
+            data, seq_len=tcfg.seq_len, reasoning_effort=reasoning_effort, assistant_only=tcfg.assistant_only
+        ),
+        tcfg.seq_len,
+        pack=tcfg.pack,
+    )
     loaded = not isinstance(base, (str, os.PathLike))
     mesh = mesh_of(base) if loaded else as_model_mesh(mesh)
     n_data = dict(mesh.shape).get("data", 1) if mesh is not None else 1
     if tcfg.batch_size % n_data:
-        raise TrainError(f"batch_size {tcfg.batch_size} must be a multiple of the mesh's data axis ({n_data})")
+        raise TrainError(
+            f"batch_size {tcfg.batch_size} must be a multiple of the mesh's data axis ({n_data})"
+        )
     if loaded:
         model, base_name = base, None
     else:
@@ -294,8 +333,10 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         model, base_name = load(base, dtype=dtype, mesh=mesh, quiet=quiet, expert_format=fmt), str(base)
     cfg = model.cfg
     if tcfg.full and cfg.expert_format != "dequantized":
-        raise TrainError("full fine-tuning needs dequantized experts: load the base with "
-                         "expert_format='dequantized' (the packed MXFP4 experts have no gradient)")  # fmt: skip
+        raise TrainError(
+            "full fine-tuning needs dequantized experts: load the base with "
+            "expert_format='dequantized' (the packed MXFP4 experts have no gradient)"
+        )
 
     total = tcfg.total_steps(len(rows))
     optimizer, step_fn = step_for(cfg, lcfg, tcfg, total)
@@ -316,12 +357,15 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()
-        with _mesh_ctx(mesh):
-            state, meta = _restore(mngr, start, {"trainable": trainable, "opt_state": opt_state})
+        meta = _restore_meta(mngr, start)
         if meta.get("settings") != settings:
             diff = _first_difference(meta.get("settings") or {}, settings)
-            raise TrainError(f"{out / 'checkpoints'}: holds a run with other settings ({diff}); resume with the "
-                             f"same settings or choose another --out")  # fmt: skip
+            raise TrainError(
+                f"{out / 'checkpoints'}: holds a run with other settings ({diff}); resume with the "
+                f"same settings or choose another --out"
+            )
+        with _mesh_ctx(mesh):
+            state = _restore(mngr, start, {"trainable": trainable, "opt_state": opt_state})
         trainable, opt_state = state["trainable"], state["opt_state"]
         if not quiet:
             print(f"resuming {out} at step {start} of {total}", file=sys.stderr)
@@ -342,14 +386,27 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             seen = int(rows.lengths[idx].sum())
-            log.append({"step": step + 1, "loss": f"{m['loss']:.6f}", "tokens": int(m["tokens"]),
-                        "lr": f"{m['lr']:.6g}", "grad_norm": f"{m['grad_norm']:.6g}", "seconds": f"{dt:.4f}"})  # fmt: skip
+            log.append(
+                {
+                    "step": step + 1,
+                    "loss": f"{m['loss']:.6f}",
+                    "tokens": int(m["tokens"]),
+                    "lr": f"{m['lr']:.6g}",
+                    "grad_norm": f"{m['grad_norm']:.6g}",
+                    "seconds": f"{dt:.4f}",
+                }
+            )
             losses.append(m["loss"])
             bar.step(m["loss"], seen / dt)
             done = step + 1
             if done % tcfg.save_every == 0 or done == end:
-                _save(mngr, done, {"trainable": trainable, "opt_state": opt_state},
-                      {"settings": settings, "step": done, "rows_seen": done * tcfg.rows_per_step}, force=True)  # fmt: skip
+                _save(
+                    mngr,
+                    done,
+                    {"trainable": trainable, "opt_state": opt_state},
+                    {"settings": settings, "step": done, "rows_seen": done * tcfg.rows_per_step},
+                    force=True,
+                )
                 if main:
                     _write_csv(csv_path, log)
         mngr.wait_until_finished()
@@ -361,6 +418,13 @@ def finetune(base, data: str | os.PathLike, out: str | os.PathLike, *, lora: Lor
         write_plot(out / "loss.png", log)
         if end == total and lcfg is not None:
             save_adapters(out, trainable, cfg, lcfg, base=base_name)
+    if lcfg is None:  # the step donated the model's own arrays: give the model the trained ones
+        for name, arr in trainable.items():
+            *parents, leaf = name.split(".")
+            node = model
+            for part in parents:
+                node = node[int(part)] if part.isdigit() else getattr(node, part)
+            getattr(node, leaf).set_value(arr)
     return Result(out, end, losses, trainable, model)
 
 
@@ -376,8 +440,9 @@ class _StepProgress:
         if not quiet and self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="finetune", unit="step", file=sys.stderr,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=total, initial=start, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True
+            )
 
     def step(self, loss: float, tok_s: float) -> None:
         self.n += 1
@@ -386,8 +451,11 @@ class _StepProgress:
             self.bar.update(1)
         elif not self.quiet and (time.monotonic() - self.last >= self.interval or self.n == self.total):
             self.last = time.monotonic()
-            print(f"finetune: step {self.n}/{self.total}, loss {loss:.4f}, {tok_s:,.0f} tokens/s", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"finetune: step {self.n}/{self.total}, loss {loss:.4f}, {tok_s:,.0f} tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -47,21 +47,35 @@ from ..sharding import constrain, current_mesh, param_spec
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# target -> (group, leaf of the base weight in our layout); every dense one is reshape(W_hf.T) of its HF weight
-TARGETS = {"q": ("attn", "q_weight"), "k": ("attn", "k_weight"), "v": ("attn", "v_weight"),
-           "o": ("attn", "o_weight"), "router": ("mlp", "gate_weight"), "mlp1": ("mlp", "mlp1"),
-           "mlp2": ("mlp", "mlp2")}  # fmt: skip
+# target -> (group, leaf of the base weight in our layout); each dense one is reshape(W_hf.T) of its HF weight
+TARGETS = {
+    "q": ("attn", "q_weight"),
+    "k": ("attn", "k_weight"),
+    "v": ("attn", "v_weight"),
+    "o": ("attn", "o_weight"),
+    "router": ("mlp", "gate_weight"),
+    "mlp1": ("mlp", "mlp1"),
+    "mlp2": ("mlp", "mlp2"),
+}
 EXPERT_TARGETS = ("mlp1", "mlp2")
 # OpenAI's cookbook: all linear layers (q, k, v, o; the router is not an nn.Linear) plus the experts, which
 # "all-linear" alone silently leaves untrained.
 DEFAULT_TARGETS = ("q", "k", "v", "o", "mlp1", "mlp2")
-ALIASES = {"attn": ("q", "k", "v", "o"), "experts": EXPERT_TARGETS, "all": tuple(TARGETS),
-           "default": DEFAULT_TARGETS}  # fmt: skip
+ALIASES = {
+    "attn": ("q", "k", "v", "o"),
+    "experts": EXPERT_TARGETS,
+    "all": tuple(TARGETS),
+    "default": DEFAULT_TARGETS,
+}
 
 # Logical axes of the expert adapters (per layer), so expert parallelism splits them with their experts:
 # over `expert`, and along the expert width F where the experts' width is split.
-EXPERT_LORA_AXES = {"mlp1_lora_a": ("expert", None, "embed"), "mlp1_lora_b": ("expert", "expert_ffw", None),
-                    "mlp2_lora_a": ("expert", None, "expert_ffw"), "mlp2_lora_b": ("expert", "embed", None)}  # fmt: skip
+EXPERT_LORA_AXES = {
+    "mlp1_lora_a": ("expert", None, "embed"),
+    "mlp1_lora_b": ("expert", "expert_ffw", None),
+    "mlp2_lora_a": ("expert", None, "expert_ffw"),
+    "mlp2_lora_b": ("expert", "embed", None),
+}
 assert tuple(EXPERT_LORA_AXES) == LORA_LEAVES
 # `sharding.expert_parallel` looks every expert array's axes up by leaf name in the weight declarations;
 # the adapters are not weights of the released model, so they are registered here.
@@ -91,7 +105,7 @@ class LoraConfig:
 
 
 def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """"q,v,experts" or a sequence of names (aliases: attn, experts, all, default) -> targets in a fixed order."""
+    """ "q,v,experts" or a sequence of names (aliases attn, experts, all, default) -> targets, fixed order."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: set[str] = set()
     for n in (n.strip() for n in names):
@@ -110,8 +124,15 @@ def target_dims(cfg: Config, target: str) -> tuple[int, int]:
     """(in, out) of a target's weight, Hugging Face orientation (per expert for the experts)."""
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     nq, nk = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"q": (D, nq), "k": (D, nk), "v": (D, nk), "o": (nq, D), "router": (D, E), "mlp1": (D, 2 * F),
-            "mlp2": (F, D)}[target]  # fmt: skip
+    return {
+        "q": (D, nq),
+        "k": (D, nk),
+        "v": (D, nk),
+        "o": (nq, D),
+        "router": (D, E),
+        "mlp1": (D, 2 * F),
+        "mlp2": (F, D),
+    }[target]
 
 
 def adapter_layout(cfg: Config, lcfg: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -128,7 +149,9 @@ def adapter_layout(cfg: Config, lcfg: LoraConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def init_adapters(cfg: Config, lcfg: LoraConfig, seed: int = 0, *, b_std: float = 0.0) -> dict[str, jax.Array]:
+def init_adapters(
+    cfg: Config, lcfg: LoraConfig, seed: int = 0, *, b_std: float = 0.0
+) -> dict[str, jax.Array]:
     """PEFT's initialisation: A uniform in +-1/sqrt(in) (kaiming-uniform with a=sqrt(5)), B zero, so the
     adapted model starts as the base. `b_std` > 0 draws B from a normal instead (tests: nonzero gradients)."""
     out = {}
@@ -221,8 +244,16 @@ def target_of(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ forward
-def hidden_states(params: dict, adapters: dict, tokens, positions, cfg: Config, lcfg: LoraConfig | None, *,
-                  remat: bool = True) -> jax.Array:  # fmt: skip
+def hidden_states(
+    params: dict,
+    adapters: dict,
+    tokens,
+    positions,
+    cfg: Config,
+    lcfg: LoraConfig | None,
+    *,
+    remat: bool = True,
+) -> jax.Array:
     """`model.forward` without a cache, adapters merged per layer: tokens, positions (B,T) -> final-normed
     hidden (B,T,D). Positions increase by one along each row, negative for padding at the ends.
 
@@ -239,8 +270,9 @@ def hidden_states(params: dict, adapters: dict, tokens, positions, cfg: Config, 
         def fn(x, lp, ad):
             if lcfg is not None:
                 lp = merge_layer(lp, ad, lcfg)
-            x, _ = attention_layer(x, lp["attn"], cos, sin, positions, window=cfg.sliding_window if sliding else 0,
-                                   cfg=cfg)  # fmt: skip
+            x, _ = attention_layer(
+                x, lp["attn"], cos, sin, positions, window=cfg.sliding_window if sliding else 0, cfg=cfg
+            )
             return constrain(moe_layer(x, lp["mlp"], cfg), ACT)
 
         return jax.checkpoint(fn) if remat else fn
@@ -260,7 +292,9 @@ def hidden_states(params: dict, adapters: dict, tokens, positions, cfg: Config, 
     return rms_norm(x, params["norm.scale"], cfg.rms_norm_eps)
 
 
-LOSS_CHUNK_LOGITS = 1 << 26  # float32 logits per cross-entropy chunk (256 MiB), and as many for their gradient
+LOSS_CHUNK_LOGITS = (
+    1 << 26
+)  # float32 logits per cross-entropy chunk (256 MiB), and as many for their gradient
 
 
 def cross_entropy_sums(h, unembedding, targets, weights_, dtype) -> tuple[jax.Array, jax.Array]:
@@ -290,8 +324,9 @@ def cross_entropy_sums(h, unembedding, targets, weights_, dtype) -> tuple[jax.Ar
     return total, jnp.sum(w)
 
 
-def loss_sums(params: dict, adapters: dict, batch: dict, cfg: Config, lcfg: LoraConfig | None, *,
-              remat: bool = True) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def loss_sums(
+    params: dict, adapters: dict, batch: dict, cfg: Config, lcfg: LoraConfig | None, *, remat: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """(summed token loss, number of trained tokens) of a batch: tokens, positions (B,T); loss_pos (B,K) the
     positions whose next token carries loss, targets (B,K) those tokens, weights (B,K) 0 for padding
     entries (`data.Rows.batch`). Only those K positions go through the unembedding."""

@@ -3,8 +3,9 @@
 A folder holds `adapter_config.json` and `adapter_model.safetensors` with PEFT's names and shapes, so
 `PeftModel.from_pretrained(GptOssForCausalLM..., DIR)` loads it (tests check logits and gradients against
 transformers + PEFT):
-- q, k, v, o: `target_modules` ["q_proj", ...]; `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
-  (r, in) and `lora_B.weight` (out, r), PEFT's `nn.Linear` LoRA.
+- q, k, v, o: `target_modules` ["q_proj", ...]:
+  `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (r, in) and `lora_B.weight` (out, r),
+  PEFT's `nn.Linear` LoRA.
 - router and experts: `target_parameters` ["mlp.router.weight", "mlp.experts.gate_up_proj",
   "mlp.experts.down_proj"], as in OpenAI's gpt-oss fine-tuning cookbook: PEFT's `ParamWrapper`, which wraps
   the parameter (the experts' (E, in, out) stacks: one rank-r pair per expert). For E experts, `lora_A.weight`
@@ -48,15 +49,28 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers"
 MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-PARAMETERS = {"router": "mlp.router.weight", "mlp1": "mlp.experts.gate_up_proj", "mlp2": "mlp.experts.down_proj"}
+PARAMETERS = {
+    "router": "mlp.router.weight",
+    "mlp1": "mlp.experts.gate_up_proj",
+    "mlp2": "mlp.experts.down_proj",
+}
 # PEFT options that change the math of an adapter; we read only plain LoRA
-UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False,
-               "layers_to_transform": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-               "layer_replication": None, "trainable_token_indices": None}  # fmt: skip
+UNSUPPORTED = {
+    "use_dora": False,
+    "use_rslora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "trainable_token_indices": None,
+}
 
 
 def _module_of(t: str, targets) -> str:
-    """The PEFT module path of target t inside a layer (the experts' wrappers nest: see the module docstring)."""
+    """The PEFT module path of target t inside a layer (the experts' wrappers nest: see the docstring)."""
     if t in MODULES:
         return f"self_attn.{MODULES[t]}"
     if t == "router":
@@ -99,14 +113,25 @@ def _from_peft(arr: np.ndarray, expert: bool, which: str, E: int) -> np.ndarray:
 def peft_config(lcfg: LoraConfig, base: str | None = None) -> dict:
     mods = [MODULES[t] for t in lcfg.targets if t in MODULES]
     params = [PARAMETERS[t] for t in lcfg.targets if t in PARAMETERS]
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": lcfg.rank,
-            "lora_alpha": lcfg.alpha, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
-            "inference_mode": True, "target_modules": mods or None, "target_parameters": params or None,
-            **UNSUPPORTED}  # fmt: skip
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lcfg.rank,
+        "lora_alpha": lcfg.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": mods or None,
+        "target_parameters": params or None,
+        **UNSUPPORTED,
+    }
 
 
-def save_adapters(path: str | os.PathLike, adapters: dict, cfg: Config, lcfg: LoraConfig, *,
-                  base: str | None = None) -> Path:  # fmt: skip
+def save_adapters(
+    path: str | os.PathLike, adapters: dict, cfg: Config, lcfg: LoraConfig, *, base: str | None = None
+) -> Path:
     """Writes DIR/adapter_model.safetensors (float32), then DIR/adapter_config.json, in PEFT's format. Each
     file is written under a temporary name and renamed, and the config (which makes the folder an adapter)
     comes last: an interrupted save never leaves a folder that looks complete."""
@@ -128,7 +153,9 @@ def _targets_of(conf: dict, where: Path) -> tuple[str, ...]:
     mods = conf.get("target_modules") or []
     if isinstance(mods, str):
         if mods != "all-linear":
-            raise LoraError(f"{where}: target_modules {mods!r} (a pattern) is not supported; list the modules")
+            raise LoraError(
+                f"{where}: target_modules {mods!r} (a pattern) is not supported; list the modules"
+            )
         mods = list(MODULES.values())
     out = []
     for m in mods:
@@ -139,7 +166,9 @@ def _targets_of(conf: dict, where: Path) -> tuple[str, ...]:
     for prm in conf.get("target_parameters") or []:
         t = next((k for k, v in PARAMETERS.items() if prm == v or prm.endswith(v.split(".", 1)[1])), None)
         if t is None:
-            raise LoraError(f"{where}: target parameter {prm!r} is not one of {', '.join(PARAMETERS.values())}")
+            raise LoraError(
+                f"{where}: target parameter {prm!r} is not one of {', '.join(PARAMETERS.values())}"
+            )
         out.append(t)
     if not out:
         raise LoraError(f"{where}: no target_modules or target_parameters")
@@ -155,8 +184,9 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise LoraError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter folder)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise LoraError(f"{where}: cannot read ({e})") from None
-    if not isinstance(conf, dict) or conf.get("peft_type") != "LORA":
-        raise LoraError(f"{where}: peft_type must be 'LORA', got {conf.get('peft_type') if isinstance(conf, dict) else conf!r}")
+    got = conf.get("peft_type") if isinstance(conf, dict) else conf
+    if got != "LORA":
+        raise LoraError(f"{where}: peft_type must be 'LORA', got {got!r}")
     for key in UNSUPPORTED:
         if conf.get(key):  # every plain value is falsy (False, None, {})
             raise LoraError(f"{where}: {key}={conf[key]!r} is not supported (plain LoRA only)")
@@ -186,15 +216,18 @@ def load_adapters(path: str | os.PathLike, cfg: Config) -> tuple[dict[str, np.nd
         # a name as saved by PEFT (no adapter name) or as held in memory ("...lora_A.default.weight")
         name = key.replace(".default.weight", ".weight")
         if name not in names:
-            raise LoraError(f"{f.path}: unexpected tensor {key} (not an adapter of this model's config and "
-                            f"{CONFIG_FILE})")  # fmt: skip
+            raise LoraError(
+                f"{f.path}: unexpected tensor {key} (not an adapter of this model's config and {CONFIG_FILE})"
+            )
         ours, r, which = names[name]
         expert = target_of(ours) in EXPERT_TARGETS
         shape = layout[ours][1:]
         want = _to_peft(np.zeros(shape, np.float32), expert, which).shape
         if f.shape(key) != want:
-            raise LoraError(f"{f.path}: tensor {key} has shape {f.shape(key)}, expected {want} for r={lcfg.rank} "
-                            f"and this model")  # fmt: skip
+            raise LoraError(
+                f"{f.path}: tensor {key} has shape {f.shape(key)}, expected {want} for r={lcfg.rank} "
+                f"and this model"
+            )
         out[ours][r] = _from_peft(np.asarray(f.get(key), np.float32), expert, which, cfg.num_experts)
         found.add(ours)
     missing = sorted({n for n, _, _ in names.values()} - found)

@@ -30,8 +30,15 @@ from .lora import LOSS_CHUNK_LOGITS, LoraConfig, adapter_layout, trainable_specs
 F32_BYTES = 4
 
 
-def plan_training(cfg: Config, mesh_shape: Mapping[str, int] | str, seq_len: int, batch: int,
-                  lora: LoraConfig | None, *, remat: bool = True) -> dict:  # fmt: skip
+def plan_training(
+    cfg: Config,
+    mesh_shape: Mapping[str, int] | str,
+    seq_len: int,
+    batch: int,
+    lora: LoraConfig | None,
+    *,
+    remat: bool = True,
+) -> dict:
     """Bytes per device of a training step of `batch` rows of `seq_len` tokens (see the module docstring);
     `lora` None plans full fine-tuning (experts dequantized)."""
     shape = parse_mesh(mesh_shape) if isinstance(mesh_shape, str) else check_mesh_shape(mesh_shape)
@@ -54,13 +61,23 @@ def plan_training(cfg: Config, mesh_shape: Mapping[str, int] | str, seq_len: int
     n_train = sum(math.prod(s) for s, _ in layout.values())
     acts = _activations(cfg, shape, seq_len, batch, remat)
     out = {
-        "mesh": shape, "devices": math.prod(shape.values()), "seq_len": seq_len, "batch": batch,
-        "dtype": cfg.dtype, "mode": "full" if lora is None else "lora", "remat": remat,
-        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
-        "trainable_params": n_train, "weights": base["weights_total"],
+        "mesh": shape,
+        "devices": math.prod(shape.values()),
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": cfg.dtype,
+        "mode": "full" if lora is None else "lora",
+        "remat": remat,
+        "lora": None
+        if lora is None
+        else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
+        "trainable_params": n_train,
+        "weights": base["weights_total"],
         "trainable": 0 if lora is None else trainable,  # full fine-tuning trains the weights counted above
-        "gradients": grads, "optimizer": 2 * trainable, **acts,
-    }  # fmt: skip
+        "gradients": grads,
+        "optimizer": 2 * trainable,
+        **acts,
+    }
     out["total"] = sum(out[k] for k in ("weights", "trainable", "gradients", "optimizer", "activations"))
     return out
 
@@ -85,8 +102,12 @@ def _activations(cfg: Config, shape: dict, T: int, batch: int, remat: bool) -> d
     layer = qkv + max(probs.values()) + experts + 2 * b * T * D * dt
     if not remat:
         layer *= cfg.num_hidden_layers
-    return {"activations": (saved if remat else 0) + layer + loss, "activations_saved": saved if remat else 0,
-            "activations_layer": layer, "activations_loss": loss}  # fmt: skip
+    return {
+        "activations": (saved if remat else 0) + layer + loss,
+        "activations_saved": saved if remat else 0,
+        "activations_layer": layer,
+        "activations_loss": loss,
+    }
 
 
 def _gib(b: int) -> str:
@@ -103,22 +124,28 @@ def format_training_plan(p: dict, *, name: str = "", device_memory_gib: float | 
         what, tlabel = "full fine-tuning (experts dequantized)", "(the weights are trained)"
     params = p["trainable_params"]
     count = f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.3f}M"
-    lines = [f"training {name + ' ' if name else ''}on mesh {mesh} ({p['devices']} device{'s' * (p['devices'] > 1)})",
-             f"  {what}; {count} trainable parameters; {p['seq_len']} tokens x batch {p['batch']}, {p['dtype']}, "
-             f"{'remat per layer' if p['remat'] else 'no remat'}",
-             "per device:",
-             f"  {'weights':<34}{_gib(p['weights'])}",
-             f"  {tlabel:<34}{_gib(p['trainable'])}",
-             f"  {'gradients (accumulator + step)':<34}{_gib(p['gradients'])}",
-             f"  {'optimizer (AdamW moments)':<34}{_gib(p['optimizer'])}",
-             f"  {'activations':<34}{_gib(p['activations'])}",
-             f"    {'layer inputs kept (remat)':<32}{_gib(p['activations_saved'])}",
-             f"    {'one layer recomputed':<32}{_gib(p['activations_layer'])}",
-             f"    {'cross-entropy chunk':<32}{_gib(p['activations_loss'])}",
-             f"  {'total':<34}{_gib(p['total'])}"]  # fmt: skip
+    devices = f"{p['devices']} device{'s' * (p['devices'] > 1)}"
+    lines = [
+        f"training {name + ' ' if name else ''}on mesh {mesh} ({devices})",
+        f"  {what}; {count} trainable parameters; {p['seq_len']} tokens x batch {p['batch']}, {p['dtype']}, "
+        f"{'remat per layer' if p['remat'] else 'no remat'}",
+        "per device:",
+        f"  {'weights':<34}{_gib(p['weights'])}",
+        f"  {tlabel:<34}{_gib(p['trainable'])}",
+        f"  {'gradients (accumulator + step)':<34}{_gib(p['gradients'])}",
+        f"  {'optimizer (AdamW moments)':<34}{_gib(p['optimizer'])}",
+        f"  {'activations':<34}{_gib(p['activations'])}",
+        f"    {'layer inputs kept (remat)':<32}{_gib(p['activations_saved'])}",
+        f"    {'one layer recomputed':<32}{_gib(p['activations_layer'])}",
+        f"    {'cross-entropy chunk':<32}{_gib(p['activations_loss'])}",
+        f"  {'total':<34}{_gib(p['total'])}",
+    ]
     if device_memory_gib is not None:
         left = device_memory_gib * GiB - p["total"]
-        verdict = (f"fits, {left / GiB:.2f} GiB left for XLA's workspace" if left > 0
-                   else f"does NOT fit: {-left / GiB:.2f} GiB over")  # fmt: skip
+        verdict = (
+            f"fits, {left / GiB:.2f} GiB left for XLA's workspace"
+            if left > 0
+            else f"does NOT fit: {-left / GiB:.2f} GiB over"
+        )
         lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
     return "\n".join(lines)

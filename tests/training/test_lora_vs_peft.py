@@ -1,4 +1,5 @@
-"""LoRA and full fine-tuning against the oracle: transformers' GptOssForCausalLM + PEFT, torch autograd, float32.
+"""LoRA and full fine-tuning against the oracle: transformers' GptOssForCausalLM + PEFT, torch autograd,
+float32.
 
 The tiny checkpoint of tests/conftest.py (4 layers, window 8, 5 experts top-3) in both released layouts,
 read by our loader; transformers reads the Hugging Face layout itself (experts dequantized by its own code)
@@ -25,7 +26,14 @@ from hf_reference import our_model, rel_err
 import gptoss_jax
 from gptoss_jax import weights
 from gptoss_jax.checkpoint import keys
-from gptoss_jax.training.lora import EXPERT_TARGETS, LoraConfig, init_adapters, loss_sums, model_params, target_of
+from gptoss_jax.training.lora import (
+    EXPERT_TARGETS,
+    LoraConfig,
+    init_adapters,
+    loss_sums,
+    model_params,
+    target_of,
+)
 from gptoss_jax.training.peft import (
     CONFIG_FILE,
     LoraError,
@@ -48,7 +56,13 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
     w = (rng.random((B, T)) < 0.7).astype(np.float32)
     w[:, -1] = 0
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    return {"tokens": tokens, "positions": pos, "loss_pos": pos, "targets": np.roll(tokens, -1, 1), "weights": w}
+    return {
+        "tokens": tokens,
+        "positions": pos,
+        "loss_pos": pos,
+        "targets": np.roll(tokens, -1, 1),
+        "weights": w,
+    }
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -57,7 +71,9 @@ def _ours(params, trainable, batch, cfg, lcfg):
     models (same shapes) share one compiled function."""
 
     def f(tr):
-        s, n = loss_sums(params, tr, batch, cfg, lcfg) if lcfg else loss_sums(params | tr, {}, batch, cfg, None)
+        s, n = (
+            loss_sums(params, tr, batch, cfg, lcfg) if lcfg else loss_sums(params | tr, {}, batch, cfg, None)
+        )
         return s / n
 
     return jax.value_and_grad(f)(trainable)
@@ -72,8 +88,12 @@ def torch_base(path):
     logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GptOssForCausalLM.from_pretrained(str(path), quantization_config=Mxfp4Config(dequantize=True),
-                                                 dtype=torch.float32, attn_implementation="eager")  # fmt: skip
+        return GptOssForCausalLM.from_pretrained(
+            str(path),
+            quantization_config=Mxfp4Config(dequantize=True),
+            dtype=torch.float32,
+            attn_implementation="eager",
+        )
 
 
 def torch_loss(model, batch):
@@ -100,8 +120,11 @@ def peft_reference(hf_ckpt, adapters, tiny_cfg, tmp_path_factory):
     model = PeftModel.from_pretrained(torch_base(hf_ckpt), str(folder), is_trainable=True)
     loss = torch_loss(model, make_batch())
     loss.backward()
-    grads = {n.replace(".default.weight", ".weight"): p.grad.numpy() for n, p in model.named_parameters()
-             if "lora_" in n}  # fmt: skip
+    grads = {
+        n.replace(".default.weight", ".weight"): p.grad.numpy()
+        for n, p in model.named_parameters()
+        if "lora_" in n
+    }
     return float(loss.detach()), grads, folder
 
 
@@ -109,7 +132,11 @@ def test_adapter_folder_is_what_peft_expects(peft_reference, tiny_cfg):
     _, grads, folder = peft_reference
     assert set(grads) == set(peft_names(tiny_cfg, LCFG))  # PEFT created exactly the tensors we wrote
     conf = json.loads((folder / CONFIG_FILE).read_text())
-    assert conf["target_parameters"] == ["mlp.router.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert conf["target_parameters"] == [
+        "mlp.router.weight",
+        "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj",
+    ]
     assert sorted(conf["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 

@@ -26,7 +26,9 @@ def test_adapter_bytes_per_device_are_what_the_arrays_hold():
         ad = init_adapters(CFG8, lora)
         sh = adapter_shardings(CFG8, {n: a.shape for n, a in ad.items()}, mesh)
         placed = [jax.device_put(a, sh[n]) for n, a in ad.items()]
-        dev0 = sum(s.data.nbytes for a in placed for s in a.addressable_shards if s.device == mesh.devices.flat[0])
+        dev0 = sum(
+            s.data.nbytes for a in placed for s in a.addressable_shards if s.device == mesh.devices.flat[0]
+        )
         p = plan_training(CFG8, spec, 64, 2, lora)
         assert p["trainable"] == dev0, spec
         assert p["optimizer"] == 2 * dev0 and p["gradients"] == 2 * dev0
@@ -38,22 +40,32 @@ def test_the_plan_grows_where_it_should():
     assert p["trainable_params"] == sum(int(np.prod(s)) for s in adapter_layout(cfg, lora).values())
     assert plan_training(cfg, "data=1", 4096, 1, lora)["activations"] > p["activations"]
     assert plan_training(cfg, "data=1", 2048, 1, lora, remat=False)["activations"] > 4 * p["activations"]
-    assert plan_training(cfg, "data=2", 2048, 2, lora)["activations"] == p["activations"]  # rows split over data
+    assert (
+        plan_training(cfg, "data=2", 2048, 2, lora)["activations"] == p["activations"]
+    )  # rows split over data
     full = plan_training(cfg, "expert=8", 2048, 1, None)
-    assert full["trainable"] == 0 and full["optimizer"] > 10 * plan_training(cfg, "expert=8", 2048, 1, lora)["optimizer"]
+    assert (
+        full["trainable"] == 0
+        and full["optimizer"] > 10 * plan_training(cfg, "expert=8", 2048, 1, lora)["optimizer"]
+    )
 
 
 def test_20b_lora_at_2k_fits_a_24_gb_gpu_and_a_v5e_8():
     cfg = Config.gpt_oss_20b()
     assert plan_training(cfg, "data=1", 2048, 1, LoraConfig())["total"] < 24 * GiB * 0.8  # headroom for XLA
-    assert plan_training(cfg, "expert=8", 2048, 1, LoraConfig())["total"] < 16 * GiB * 0.6  # v5e: 16 GiB per chip
+    assert (
+        plan_training(cfg, "expert=8", 2048, 1, LoraConfig())["total"] < 16 * GiB * 0.6
+    )  # v5e: 16 GiB per chip
     assert plan_training(Config.gpt_oss_120b(), "data=1", 2048, 1, LoraConfig())["total"] > 24 * GiB
 
 
 def test_info_train_cli(capsys):
     rc = cli.main(["info", "gpt-oss-20b", "--train", "--seq-len", "2048", "--json"])
     p = json.loads(capsys.readouterr().out)
-    assert rc == 0 and p["total"] == plan_training(Config.gpt_oss_20b(), "data=1", 2048, 1, LoraConfig())["total"]
+    assert (
+        rc == 0
+        and p["total"] == plan_training(Config.gpt_oss_20b(), "data=1", 2048, 1, LoraConfig())["total"]
+    )
     rc = cli.main(["info", "gpt-oss-20b", "--train", "--device-memory", "24"])
     out = capsys.readouterr().out
     assert rc == 0 and "LoRA r=16" in out and "device memory 24 GiB: fits" in out

@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 import gptoss_jax
 from gptoss_jax.sharding import mesh_of
-from gptoss_jax.training.lora import LoraConfig, adapter_shardings, init_adapters, model_params
 from gptoss_jax.training.loop import TrainConfig, _mesh_ctx, init_state, make_optimizer, make_step
+from gptoss_jax.training.lora import LoraConfig, adapter_shardings, init_adapters, model_params
 from gptoss_jax.training.peft import apply_adapters, save_adapters
 
 CFG8 = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)
@@ -56,7 +56,9 @@ def placed(model):
         return jax.device_put((ad, batch), jax.devices()[0])
     sh = adapter_shardings(cfg, {n: a.shape for n, a in ad.items()}, mesh)
     rows = NamedSharding(mesh, P(None, "data", None))
-    return {n: jax.device_put(a, sh[n]) for n, a in ad.items()}, {k: jax.device_put(v, rows) for k, v in batch.items()}
+    return {n: jax.device_put(a, sh[n]) for n, a in ad.items()}, {
+        k: jax.device_put(v, rows) for k, v in batch.items()
+    }
 
 
 def run(model):

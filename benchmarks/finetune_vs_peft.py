@@ -130,6 +130,11 @@ def peft_stepper(ckpt: Path, seq: int, batch: int, threads: int):
 def worker(args) -> int:
     """One implementation in its own process: set up, then one step per "step" line on stdin, answering
     with its time; "end" answers with the process's peak resident memory."""
+    if args.one == "peft":  # "over start" counts from here: the libraries imported, nothing loaded
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    else:
+        import gptoss_jax.training.loop  # noqa: F401
     start = _rss_mib()
     total = args.steps + args.warmup
     if args.one == "peft":

@@ -251,6 +251,8 @@ def test_full_fine_tuning_runs_and_updates_the_model(chat_base, chat_data, tmp_p
     res = finetune(chat_base, chat_data, tmp_path / "full", train=train, dtype="float32", quiet=True)
     assert res.model.cfg.expert_format == "dequantized" and "blocks.0.mlp.mlp1_weight" in res.trainable
     assert res.losses[1] < res.losses[0]
-    assert (tmp_path / "full" / "checkpoints" / "2").is_dir() and not (tmp_path / "full" / "adapter_config.json").exists()
+    assert (tmp_path / "full" / "checkpoints" / "2").is_dir() and not (
+        tmp_path / "full" / "adapter_config.json"
+    ).exists()
     w = res.model.blocks[0].attn.q_weight[...]
     assert np.array_equal(np.asarray(w), np.asarray(res.trainable["blocks.0.attn.q_weight"]))

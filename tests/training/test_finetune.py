@@ -246,7 +246,7 @@ def test_cli_bad_data_line(chat_base, tmp_path, capsys):
 
 
 def test_full_fine_tuning_runs_and_updates_the_model(chat_base, chat_data, tmp_path):
-    """`full=True`: every weight trained (experts dequantized on load), the model holds the trained weights."""
+    """`full=True`: every weight trained (experts dequantized on load), the model gets the new weights."""
     train = TrainConfig(learning_rate=1e-3, steps=2, batch_size=2, seq_len=256, pack=False, full=True)
     res = finetune(chat_base, chat_data, tmp_path / "full", train=train, dtype="float32", quiet=True)
     assert res.model.cfg.expert_format == "dequantized" and "blocks.0.mlp.mlp1_weight" in res.trainable

@@ -256,3 +256,17 @@ def test_full_fine_tuning_runs_and_updates_the_model(chat_base, chat_data, tmp_p
     ).exists()
     w = res.model.blocks[0].attn.q_weight[...]
     assert np.array_equal(np.asarray(w), np.asarray(res.trainable["blocks.0.attn.q_weight"]))
+
+
+def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
+    from openai_harmony import Role
+
+    body = to_harmony(conversation("Lima", 15))[0]
+    prompt = get_harmony_encoding().render_conversation_for_completion(
+        build_conversation(body[:2]), Role.ASSISTANT
+    )
+    argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", " ".join(map(str, prompt)),
+            "--max-new-tokens", "40", "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (msg,) = parse_completion_messages([int(t) for t in capsys.readouterr().out.split()], strict=True)
+    assert msg.recipient == "functions.get_weather" and json.loads(msg.content[0].text) == {"city": "Lima"}

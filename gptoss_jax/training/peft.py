@@ -230,9 +230,9 @@ def load_adapters(path: str | os.PathLike, cfg: Config) -> tuple[dict[str, np.nd
             )
         out[ours][r] = _from_peft(np.asarray(f.get(key), np.float32), expert, which, cfg.num_experts)
         found.add(ours)
-    missing = sorted({n for n, _, _ in names.values()} - found)
+    missing = [t for t in lcfg.targets if t not in {target_of(n) for n in found}]
     if missing:
-        raise LoraError(f"{f.path}: no tensors for {missing[0]} although {CONFIG_FILE} targets it")
+        raise LoraError(f"{f.path}: no tensors for target {missing[0]!r} although {CONFIG_FILE} names it")
     f.close()
     return out, lcfg
 

@@ -265,8 +265,9 @@ def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
     prompt = get_harmony_encoding().render_conversation_for_completion(
         build_conversation(body[:2]), Role.ASSISTANT
     )
-    argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", " ".join(map(str, prompt)),
-            "--max-new-tokens", "40", "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip
+    ids = " ".join(map(str, prompt))
+    argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", ids, "--max-new-tokens", "40",
+            "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     (msg,) = parse_completion_messages([int(t) for t in capsys.readouterr().out.split()], strict=True)
     assert msg.recipient == "functions.get_weather" and json.loads(msg.content[0].text) == {"city": "Lima"}

@@ -246,3 +246,24 @@ def test_bad_adapter_folders_are_one_line_errors(tmp_path, tiny_cfg, adapters):
     with pytest.raises(LoraError) as e:  # a model with another number of experts
         load_adapters(folder, tiny_cfg.replace(num_experts=4, experts_per_token=2))
     assert_one_line(e, "mlp.router.lora_B.weight", "expected")
+
+
+def test_adapters_of_some_layers_load_with_zeros_elsewhere(tmp_path, tiny_cfg, adapters):
+    """As the cookbook's "7.mlp.experts.gate_up_proj" targets: tensors for some layers only."""
+    from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
+
+    folder = save_adapters(tmp_path / "ad", adapters, tiny_cfg, LCFG)
+    f = SafetensorsFile(folder / "adapter_model.safetensors")
+    kept = {k: np.array(f.get(k)) for k in f.keys() if ".layers.1." in k}
+    f.close()
+    save_file(kept, folder / "adapter_model.safetensors")
+    back, _ = load_adapters(folder, tiny_cfg)
+    for name, a in back.items():  # layer 1 = unit position 1, repeat 0; the other layers are zero
+        want = np.zeros_like(a)
+        if name.startswith("blocks.1."):
+            want[0] = np.asarray(adapters[name])[0]
+        assert np.array_equal(a, want), name
+    save_file({k: v for k, v in kept.items() if ".router." not in k}, folder / "adapter_model.safetensors")
+    with pytest.raises(LoraError) as e:
+        load_adapters(folder, tiny_cfg)
+    assert_one_line(e, "no tensors for target 'router'")

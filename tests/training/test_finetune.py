@@ -266,8 +266,8 @@ def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
         build_conversation(body[:2]), Role.ASSISTANT
     )
     ids = " ".join(map(str, prompt))
-    argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", ids, "--max-new-tokens", "40",
-            "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip
+    argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", ids,
+            "--max-new-tokens", "40", "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     (msg,) = parse_completion_messages([int(t) for t in capsys.readouterr().out.split()], strict=True)
     assert msg.recipient == "functions.get_weather" and json.loads(msg.content[0].text) == {"city": "Lima"}

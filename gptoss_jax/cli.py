@@ -4,7 +4,8 @@
     gptoss-jax generate PATH --prompt T  raw completion (--prompt-file F, --prompt - for stdin, --tokens IDS)
     gptoss-jax chat PATH                 harmony chat: multi-turn, reasoning effort, analysis/final channels
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
-    gptoss-jax info MODEL                per-device memory plan for a mesh (nothing loaded)
+    gptoss-jax info MODEL [--train]      per-device memory plan for a mesh (nothing loaded)
+    gptoss-jax finetune BASE DATA --out DIR   LoRA fine-tuning on chat JSONL; adapters in PEFT's format
 
 PATH is a checkpoint folder as typed (relative, ~, trailing slash) or a Hugging Face model id
 (openai/gpt-oss-20b, fetched through the hub cache). Commands that load a model take --mesh
@@ -84,6 +85,11 @@ def _cache_arg(g) -> None:
                    )
 
 
+def _adapters_arg(p) -> None:
+    p.add_argument("--adapters", metavar="DIR", help="apply LoRA adapters from a PEFT folder (e.g. written by "
+                   "`finetune`); the experts stay packed")  # fmt: skip
+
+
 CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
 CACHE_MAX_BYTES = 4 * 2**30  # least recently used programs are evicted past this
 
@@ -134,6 +140,8 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.command import add_finetune_arguments, add_train_plan_arguments
+
     p = _Parser(prog=PROG, description="gpt-oss in JAX / Flax NNX with MXFP4 experts kept packed.")
     from . import __version__
 
@@ -152,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="raw completion of a text prompt or of token ids")
     _model_args(g)
+    _adapters_arg(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt (o200k_harmony tokenizer; needs the real 201088 "
                      "vocabulary); '-' reads it from stdin")  # fmt: skip
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="harmony chat (multi-turn; analysis and final channels shown apart)")
     _model_args(c)
+    _adapters_arg(c)
     c.add_argument("--message", "-m", action="append", help="a user message (repeat for several turns); "
                    "default: read messages from stdin, one per line (an empty line or EOF ends), with line "
                    "editing and history on a terminal; /reset starts a new conversation, /exit leaves")  # fmt: skip
@@ -175,10 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s and memory of a checkpoint")
     _model_args(b)
+    _adapters_arg(b)
     b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     b.add_argument("--new", type=int, default=64, help="decoded tokens timed (default 64)")
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions, median reported (default 3)")
+
+    f = sub.add_parser("finetune", help="LoRA fine-tuning on chat JSONL (experts stay packed); PEFT adapters")
+    _model_args(f)
+    add_finetune_arguments(f)
 
     i = sub.add_parser("info", help="per-device memory plan of a model on a mesh (nothing is loaded)")
     try:
@@ -187,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         i.set_defaults(info_error=str(e))
     else:
         add_info_arguments(i)
+        add_train_plan_arguments(i)
 
     from .server.cli import add_serve_arguments
 
@@ -234,6 +250,10 @@ def _load(args):
     fmt = {} if args.expert_format == "auto" else {"expert_format": args.expert_format}
     model = load(args.path, dtype=args.dtype, mesh=mesh, quiet=args.quiet, attention_impl=args.attention_impl,
                  moe_impl=args.moe_impl, **fmt)  # fmt: skip
+    if getattr(args, "adapters", None):
+        from .training.peft import apply_adapters
+
+        apply_adapters(model, args.adapters)
     cfg = model.cfg
     _say(args, f"loaded {args.path}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
                f"({cfg.expert_format}), vocab {cfg.vocab_size}, {args.dtype}, {time.perf_counter() - t0:.1f} s")  # fmt: skip
@@ -611,9 +631,21 @@ def _device_peak():
     return (stats or {}).get("peak_bytes_in_use")
 
 
+def cmd_finetune(args) -> int:
+    from .sharding import maybe_initialize_distributed
+    from .training.command import run_finetune
+
+    maybe_initialize_distributed()  # several hosts: join the job before touching a device
+    return run_finetune(args, dtype=resolve_dtype(args.dtype), mesh=_mesh(args.mesh))
+
+
 def cmd_info(args) -> int:
     if getattr(args, "info_error", None):
         return _fail(f"info is unavailable: {args.info_error}", 1)
+    if args.train:
+        from .training.command import run_train_plan
+
+        return run_train_plan(args)
     from .planning import run_info
 
     return run_info(args)
@@ -626,7 +658,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info,
-            "serve": cmd_serve}  # fmt: skip
+            "finetune": cmd_finetune, "serve": cmd_serve}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,7 @@ def choose_experts(logits: jax.Array, k: int, select: jax.Array | None = None) -
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
                  "mlp1_bias", "mlp2_bias")  # fmt: skip
+EXPERT_LEAVES += kernels.mxfp4_matmul.LORA_LEAVES  # training: optional per-expert LoRA adapters
 
 
 def moe_experts(x, idx, w, p: dict, cfg: Config):

@@ -77,6 +77,10 @@ SKIP = {
     "python benchmarks/cpu_vs_transformers.py": "a benchmark: minutes on 2 cores, writes a 0.5 GB checkpoint",
     "python benchmarks/cpu_profile.py": "a benchmark: minutes on 2 cores",
     "python benchmarks/convert_bench.py": "a benchmark: writes and converts a 1.5 GB checkpoint",
+    # training (docs/training.md): tests/training/test_finetune.py runs finetune and --adapters on a tiny model
+    "gptoss-jax finetune": "a training run: minutes on CPU, and it needs a chat JSONL file",
+    "gptoss-jax chat --max-new-tokens 4 openai/gpt-oss-20b --adapters": "needs the adapters a finetune run writes",
+    "python benchmarks/finetune_vs_peft.py": "a benchmark: minutes on 2 cores",
     "python benchmarks/": "a benchmark script: minutes on 2 cores, figures recorded in docs/benchmarks.md",
     "gptoss-jax serve": "a server runs until stopped: tests/server start it and drive it over HTTP",
     "curl ": "needs a running server: tests/server send the same requests with the openai client",

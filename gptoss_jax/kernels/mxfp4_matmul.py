@@ -7,6 +7,8 @@ Features
   h = W1 x + b1 -> clamped SwiGLU (gate <= limit only, linear in [-limit, limit], the "+1") -> o = W2 a + b2
   -> out = sum_k w_k o_k, rounding to x.dtype where the torch reference rounds (after each matmul, each bias
   add, the SwiGLU output and the combine). The kernels run the SwiGLU on float32 accumulators and round once.
+  Both are differentiable (the grouped path by a custom VJP that dequantizes one expert at a time in the
+  backward too) and take optional per-expert LoRA adapters (`LORA_LEAVES`): fine-tuning on the packed base.
 - `moe_experts_pallas`: the same math as a megablox-style grouped matmul ("gmm"): the (token, expert)
   pairs are sorted by expert and each expert's rows are padded to whole tiles of `tm`; a scalar-prefetched
   table gives each tile its expert, so only tiles that hold tokens do work (at most cdiv(T*X, tm) +
@@ -59,7 +61,7 @@ from gptoss_jax.kernels._common import (
 )
 from gptoss_jax.mxfp4 import BLOCK as GROUP
 from gptoss_jax.mxfp4 import GROUP_BYTES, dequantize, e8m0_to_f32, fp4_to_f32
-from gptoss_jax.ops import F32, einsum, group_by_expert, precision, swiglu
+from gptoss_jax.ops import F32, group_by_expert, precision, swiglu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,16 @@ class BlockSizes:
 
 
 # ======================================================================================= reference (XLA path)
+# Optional low-rank adapters of the experts (LoRA), one (A, B) pair per expert and matrix, B already
+# multiplied by the LoRA scale: mlp1_lora_a (E,r,D), mlp1_lora_b (E,2F,r), mlp2_lora_a (E,r,F),
+# mlp2_lora_b (E,D,r).
+# Expert e's mlp1 becomes W1 x + B1 (A1 x) for its own tokens only (likewise mlp2): the low-rank product runs
+# in float32 at full precision (the adapters are float32 and r is small) and is added before the product is
+# rounded, which is what PEFT's merged W + B A gives in float32.
+LORA_LEAVES = ("mlp1_lora_a", "mlp1_lora_b", "mlp2_lora_a", "mlp2_lora_b")
+HIGHEST = lax.Precision.HIGHEST
+
+
 def _round_add(h: jax.Array, b: jax.Array, dtype) -> jax.Array:
     """A separate bias add in `dtype`: computed in f32 and rounded once (as torch's bf16 add does)."""
     return (h.astype(jnp.float32) + b.astype(jnp.float32)).astype(dtype)
@@ -114,17 +126,41 @@ def num_experts_of(p: dict) -> int:
     return p["mlp1_bias"].shape[0]
 
 
-def _expert_mlp(xs, w1, b1, w2, b2, alpha, limit):
+def has_lora(p: dict) -> bool:
+    return LORA_LEAVES[0] in p
+
+
+def _lora_of(p: dict, e):
+    """Expert e's adapters (A1, B1, A2, B2), or None; `e` may be an index array like in `expert_weight`."""
+    return tuple(p[n][e] for n in LORA_LEAVES) if has_lora(p) else None
+
+
+def _mm(spec: str, a, b, dtype):
+    """A product accumulated in float32 and not rounded yet (`ops.einsum` rounds; the adapters add first)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision(dtype))
+
+
+def _low_rank(spec_a: str, spec_b: str, a, b, x):
+    return jnp.einsum(spec_b, b, jnp.einsum(spec_a, a, x.astype(F32), precision=HIGHEST), precision=HIGHEST)
+
+
+def _expert_mlp(xs, w1, b1, w2, b2, alpha, limit, lora=None):
     """One expert on a tile of its rows: xs (T,D), weights (2F,D)/(D,F) -> (T,D). Each matmul, bias and the
     SwiGLU rounded to xs.dtype. The weights are the LEFT operand of both products ((2F,D) @ xs^T -> (2F,T),
     then (D,F) @ (F,T)), with one small transpose at the end: XLA:CPU's GEMM runs ~1.1x faster this way for a
-    64-row tile than with the rows on the left (benchmarks/cpu_profile.py).
+    64-row tile than with the rows on the left (benchmarks/cpu_profile.py). `lora`: the expert's adapters.
     """
     dtype = xs.dtype
-    h = _round_add(einsum("FD,TD->FT", w1, xs, dtype), b1[:, None], dtype)
+    h = _mm("FD,TD->FT", w1, xs, dtype)
+    if lora is not None:
+        h = h + _low_rank("RD,TD->RT", "FR,RT->FT", lora[0], lora[1], xs)
+    h = _round_add(h.astype(dtype), b1[:, None], dtype)
     h = h.reshape(h.shape[0] // 2, 2, h.shape[1])  # interleaved rows: gate 2i, linear 2i+1
     a = swiglu(h[:, 0], h[:, 1], alpha, limit)
-    return _round_add(einsum("DF,FT->DT", w2, a, dtype), b2[:, None], dtype).T
+    o = _mm("DF,FT->DT", w2, a, dtype)
+    if lora is not None:
+        o = o + _low_rank("RF,FT->RT", "DR,RT->DT", lora[2], lora[3], a)
+    return _round_add(o.astype(dtype), b2[:, None], dtype).T
 
 
 def moe_experts_gather(x, idx, w, p, *, alpha: float, limit: float):
@@ -135,7 +171,8 @@ def moe_experts_gather(x, idx, w, p, *, alpha: float, limit: float):
     runs these as plain GEMVs; a batched einsum over (T, X) ran ~10x slower on CPU (a batched dot of small
     operands), and so does anything that transposes a dequantized weight before the product.
     Rounding as in `_expert_mlp`: each product rounded to x.dtype, the weighted sum over experts in float32.
-    Selections outside [0, E) (remote experts) contribute nothing.
+    Selections outside [0, E) (remote experts) contribute nothing. Plain jnp over a fixed-length map, so
+    reverse-mode autodiff goes through it as it is.
     """
     dtype = x.dtype
     X = idx.shape[1]
@@ -147,12 +184,19 @@ def moe_experts_gather(x, idx, w, p, *, alpha: float, limit: float):
         xt, it, wt = args  # (D,), (X,), (X,)
         w1 = expert_weight(p, "mlp1", it, dtype)  # (X,2F,D)
         w2 = expert_weight(p, "mlp2", it, dtype)  # (X,D,F)
-        h = einsum("MD,D->M", w1.reshape(-1, w1.shape[-1]), xt, dtype).reshape(X, -1)
-        h = _round_add(h, p["mlp1_bias"][it], dtype).reshape(X, -1, 2)
+        lora = _lora_of(p, it)
+        h = _mm("MD,D->M", w1.reshape(-1, w1.shape[-1]), xt, dtype).reshape(X, -1)
+        if lora is not None:
+            h = h + _low_rank("XRD,D->XR", "XFR,XR->XF", lora[0], lora[1], xt)
+        h = _round_add(h.astype(dtype), p["mlp1_bias"][it], dtype).reshape(X, -1, 2)
         a = swiglu(h[..., 0], h[..., 1], alpha, limit)  # (X,F)
+        extra = None if lora is None else _low_rank("XRF,XF->XR", "XDR,XR->XD", lora[2], lora[3], a)
         out = jnp.zeros(xt.shape, F32)
         for j in range(X):
-            o = _round_add(einsum("DF,F->D", w2[j], a[j], dtype), p["mlp2_bias"][it[j]], dtype)
+            o = _mm("DF,F->D", w2[j], a[j], dtype)
+            if extra is not None:
+                o = o + extra[j]
+            o = _round_add(o.astype(dtype), p["mlp2_bias"][it[j]], dtype)
             out = out + o.astype(F32) * wt[j].astype(F32)
         return out.astype(dtype)
 
@@ -168,12 +212,10 @@ def _tile_rows(m: int, e: int) -> int:
     return int(min(256, max(8, 1 << (avg - 1).bit_length())))
 
 
-def moe_experts_grouped(x, idx, w, p, *, alpha: float, limit: float):
-    """Many tokens (prefill): sort the (token, expert) pairs by expert and run each expert's rows in tiles.
-
-    Each expert with tokens is dequantized once and multiplies only its own rows, so the work grows with
-    tokens x top-k, not with the number of experts (a dense all-experts product would be E/X times more).
-    Selections with idx outside [0, E) contribute nothing (used by expert parallelism for remote experts).
+def _over_tiles(p: dict, sizes, starts, tm: int, dtype, body, carry):
+    """carry = body(e, weights, s, keep, carry) for each tile of `tm` sorted rows of each expert with tokens:
+    weights = (w1, b1, w2, b2, lora) of expert e, dequantized once per expert; s the tile's first row; keep
+    (tm,) the rows of the tile that are e's (the rest belong to the next expert or are slack).
 
     Packed experts: the loop carries the NEXT expert's packed bytes, sliced at the end of each iteration, and
     dequantizes the carried copy. Dequantizing `blocks[e]` directly makes XLA fuse the dynamic slice into the
@@ -182,49 +224,151 @@ def moe_experts_grouped(x, idx, w, p, *, alpha: float, limit: float):
     (100 MB per layer for the CPU benchmark model) whose fresh pages cost more than the arithmetic. This way
     one expert's dense weights exist at a time and stay in cache for its tiles.
     """
-    dtype = x.dtype
-    T, X = idx.shape
-    D = x.shape[-1]
     E = num_experts_of(p)
-    M = T * X
-    order, sizes, starts = group_by_expert(idx, E)
-    tm = _tile_rows(M, E)
-    xs = jnp.concatenate([x[order // X], jnp.zeros((tm, D), dtype)], axis=0)  # (M+tm, D), slack for tiles
-    out = jnp.zeros((M + tm, D), dtype)
     packed_names = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales") if "mlp1_blocks" in p else ()
 
     def packed_of(e):
         return tuple(p[n][e] for n in packed_names)
 
-    def expert(e, carry):
-        out, packed = carry
+    def expert(e, state):
+        carry, packed = state
 
-        def compute(out):
+        def compute(carry):
             if packed_names:
                 w1 = dequantize(packed[0], packed[1], dtype)
                 w2 = dequantize(packed[2], packed[3], dtype)
             else:
                 w1, w2 = expert_weight(p, "mlp1", e, dtype), expert_weight(p, "mlp2", e, dtype)
-            b1, b2 = p["mlp1_bias"][e], p["mlp2_bias"][e]
+            weights = (w1, p["mlp1_bias"][e], w2, p["mlp2_bias"][e], _lora_of(p, e))
             end = starts[e] + sizes[e]
 
-            def tile(j, out):
+            def tile(j, carry):
                 s = starts[e] + j * tm
-                o = _expert_mlp(jax.lax.dynamic_slice_in_dim(xs, s, tm), w1, b1, w2, b2, alpha, limit)
-                keep = (s + jnp.arange(tm) < end)[:, None]  # rows past this expert belong to the next
-                cur = jax.lax.dynamic_slice_in_dim(out, s, tm)
-                return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, o, cur), s, 0)
+                return body(e, weights, s, s + jnp.arange(tm) < end, carry)
 
-            return jax.lax.fori_loop(0, (sizes[e] + tm - 1) // tm, tile, out)
+            return jax.lax.fori_loop(0, (sizes[e] + tm - 1) // tm, tile, carry)
 
-        out = jax.lax.cond(sizes[e] > 0, compute, lambda o: o, out)
-        return out, packed_of(jnp.minimum(e + 1, E - 1))
+        carry = jax.lax.cond(sizes[e] > 0, compute, lambda c: c, carry)
+        return carry, packed_of(jnp.minimum(e + 1, E - 1))
 
-    out = jax.lax.fori_loop(0, E, expert, (out, packed_of(0)))[0][:M]
+    return jax.lax.fori_loop(0, E, expert, (carry, packed_of(0)))[0]
+
+
+def _sorted_rows(x, idx, w, E: int):
+    """The (token, expert) pairs sorted by expert: (order, sizes, starts, tm, rows of x (M+tm, D) with a tile
+    of slack, routing weight of each sorted row (M+tm,) float32, 0 for selections outside [0, E))."""
+    T, X = idx.shape
+    M = T * X
+    order, sizes, starts = group_by_expert(idx, E)
+    tm = _tile_rows(M, E)
+    xs = jnp.concatenate([x[order // X], jnp.zeros((tm, x.shape[-1]), x.dtype)], axis=0)
     flat = idx.reshape(M)
     wts = jnp.where((flat >= 0) & (flat < E), w.reshape(M), 0).astype(F32)[order]
-    combined = jnp.zeros((T, D), F32).at[order // X].add(out.astype(F32) * wts[:, None])
+    return order, sizes, starts, tm, xs, jnp.concatenate([wts, jnp.zeros((tm,), F32)])
+
+
+def _grouped_forward(x, idx, w, p, alpha, limit):
+    dtype = x.dtype
+    T, X = idx.shape
+    order, sizes, starts, tm, xs, wts = _sorted_rows(x, idx, w, num_experts_of(p))
+
+    def body(e, weights, s, keep, out):
+        o = _expert_mlp(jax.lax.dynamic_slice_in_dim(xs, s, tm), *weights[:4], alpha, limit, weights[4])
+        cur = jax.lax.dynamic_slice_in_dim(out, s, tm)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], o, cur), s, 0)
+
+    out = _over_tiles(p, sizes, starts, tm, dtype, body, jnp.zeros(xs.shape, dtype))[: T * X]
+    combined = jnp.zeros((T, x.shape[-1]), F32).at[order // X].add(out.astype(F32) * wts[: T * X, None])
     return combined.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped(x, idx, w, p, alpha, limit):
+    return _grouped_forward(x, idx, w, p, alpha, limit)
+
+
+def _grouped_fwd(x, idx, w, p, alpha, limit):
+    # symbolic_zeros: each input says whether it is differentiated, so the backward computes only those
+    # cotangents (no weight gradients while training adapters only). The residuals are the inputs: the
+    # backward recomputes each tile, so nothing of size tokens x experts x width is kept.
+    need = {n: None for n, a in p.items() if a.perturbed}
+    if x.perturbed:
+        need["x"] = None
+    if w.perturbed:
+        need["w"] = None
+    x, idx, w = x.value, idx.value, w.value
+    p = {n: a.value for n, a in p.items()}
+    return _grouped_forward(x, idx, w, p, alpha, limit), (x, idx, w, p, need)
+
+
+def _grouped_bwd(alpha, limit, res, dy):
+    """Per expert, per tile (the forward's loop, dequantizing one expert at a time): recompute the tile with
+    `jax.vjp` of `_expert_mlp`, pull back the tile's share of dy, and accumulate the cotangents of the rows
+    (-> x), of the routing weights (<o_k, dy>) and of the expert's own parameters (biases, dense weights,
+    adapters) that are being differentiated."""
+    x, idx, w, p, need = res
+    none = (None, None, None, {n: None for n in p})
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero) or not need:
+        return none
+    dtype = x.dtype
+    T, X = idx.shape
+    M, E = T * X, num_experts_of(p)
+    order, sizes, starts, tm, xs, wts = _sorted_rows(x, idx, w, E)
+    dys = jnp.concatenate([dy.astype(F32)[order // X], jnp.zeros((tm, x.shape[-1]), F32)])
+    trained = [n for n in p if n in need and jnp.issubdtype(p[n].dtype, jnp.floating)]
+
+    def body(e, weights, s, keep, carry):
+        dxs, dws, grads = carry
+        w1, b1, w2, b2, lora = weights
+        given = {"x": jax.lax.dynamic_slice_in_dim(xs, s, tm), "mlp1_bias": b1, "mlp2_bias": b2,
+                 "mlp1_weight": w1, "mlp2_weight": w2} | dict(zip(LORA_LEAVES, lora or ()))  # fmt: skip
+        diff = {n: given[n] for n in [*trained, "x"] if n in need}
+
+        def tile(diff):
+            a = given | diff
+            lo = tuple(a[n] for n in LORA_LEAVES) if lora is not None else None
+            return _expert_mlp(a["x"], a["mlp1_weight"], a["mlp1_bias"], a["mlp2_weight"], a["mlp2_bias"],
+                               alpha, limit, lo)  # fmt: skip
+
+        o, pull = jax.vjp(tile, diff)
+        dyt = jax.lax.dynamic_slice_in_dim(dys, s, tm)
+        wt = jax.lax.dynamic_slice_in_dim(wts, s, tm)
+        (g,) = pull(jnp.where(keep[:, None], dyt * wt[:, None], 0).astype(o.dtype))
+        dw = jnp.sum(o.astype(F32) * dyt, axis=1)
+        dws = jax.lax.dynamic_update_slice_in_dim(
+            dws, jnp.where(keep, dw, jax.lax.dynamic_slice_in_dim(dws, s, tm)), s, 0)
+        if "x" in g:
+            cur = jax.lax.dynamic_slice_in_dim(dxs, s, tm)
+            dxs = jax.lax.dynamic_update_slice_in_dim(dxs, jnp.where(keep[:, None], g["x"].astype(F32), cur),
+                                                      s, 0)
+        grads = {n: a.at[e].add(g[n].astype(F32)) for n, a in grads.items()}
+        return dxs, dws, grads
+
+    grads0 = {n: jnp.zeros(p[n].shape, F32) for n in trained}
+    dxs, dws, grads = _over_tiles(p, sizes, starts, tm, dtype, body, (jnp.zeros(xs.shape, F32),
+                                                                      jnp.zeros(wts.shape, F32), grads0))
+    dx = jnp.zeros(x.shape, F32).at[order // X].add(dxs[:M]).astype(x.dtype) if "x" in need else None
+    dw = jnp.zeros((M,), F32).at[order].set(dws[:M]).reshape(T, X).astype(w.dtype) if "w" in need else None
+    return dx, None, dw, {n: grads[n].astype(p[n].dtype) if n in grads else None for n in p}
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd, symbolic_zeros=True)
+
+
+def moe_experts_grouped(x, idx, w, p, *, alpha: float, limit: float):
+    """Many tokens (prefill, training): sort the (token, expert) pairs by expert and run each expert's rows in
+    tiles.
+
+    Each expert with tokens is dequantized once and multiplies only its own rows, so the work grows with
+    tokens x top-k, not with the number of experts (a dense all-experts product would be E/X times more).
+    Selections with idx outside [0, E) contribute nothing (used by expert parallelism for remote experts).
+
+    Differentiable: the loop's trip counts depend on the routing, which reverse-mode autodiff cannot go
+    through, so a custom VJP runs the same loop backwards (`_grouped_bwd`), one expert's weights dequantized
+    at a time. Packed experts stay packed in the backward too, and get no cotangent (they are frozen);
+    dequantized experts get their weight gradients (full fine-tuning).
+    """
+    return _grouped(x, idx, w, p, alpha, limit)
 
 
 def moe_experts_reference(x, expert_idx, expert_w, params, *, alpha: float, limit: float) -> jax.Array:
@@ -236,7 +380,6 @@ def moe_experts_reference(x, expert_idx, expert_w, params, *, alpha: float, limi
     """
     fn = moe_experts_gather if expert_idx.size < num_experts_of(params) else moe_experts_grouped
     return fn(x, expert_idx, expert_w, params, alpha=alpha, limit=limit)
-
 
 # ================================================================================================ routing
 @dataclasses.dataclass(frozen=True)
@@ -603,8 +746,9 @@ def moe_experts_pallas(x, expert_idx, expert_w, params, *, alpha: float, limit: 
 
 def moe_experts(x, expert_idx, expert_w, params, *, alpha: float, limit: float, impl: str = "xla",
                 interpret: bool | None = None) -> jax.Array:
-    """MoE experts for (T, D) activations; impl "xla" (reference), "pallas" (kernels) or "auto"."""
-    if resolve_impl(impl) == "xla":
+    """MoE experts for (T, D) activations; impl "xla" (reference), "pallas" (kernels) or "auto". Experts
+    with adapters (`LORA_LEAVES`) take the XLA path: the kernels have no low-rank term."""
+    if resolve_impl(impl) == "xla" or has_lora(params):
         return moe_experts_reference(x, expert_idx, expert_w, params, alpha=alpha, limit=limit)
     try:
         return moe_experts_pallas(x, expert_idx, expert_w, params, alpha=alpha, limit=limit,

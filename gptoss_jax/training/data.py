@@ -1,0 +1,361 @@
+"""Chat data for fine-tuning: OpenAI's fine-tuning JSONL rendered with openai-harmony, packed into rows.
+
+One JSON object per line, as for OpenAI's chat fine-tuning:
+  {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                {"role": "assistant", "thinking": "...", "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 18}"},
+                {"role": "assistant", "content": "18 C and sunny.", "weight": 1}],
+   "tools": [{"type": "function", "function": {"name": "get_weather", "description": "...",
+              "parameters": {...JSON schema...}}}]}
+- system / developer messages (first) become the harmony developer message's instructions, `tools` its
+  function tools; the system message is harmony's default (as `tokenizer.render_chat_prompt` renders it).
+- assistant: `thinking` (or `reasoning`, `reasoning_content`) -> the analysis channel; `tool_calls` -> one
+  commentary message per call to `functions.NAME` (JSON arguments); `content` -> the final channel (or a
+  commentary preamble beside tool calls); `weight` 0 keeps a message as context only.
+- tool: answered by `functions.NAME`, the name from `name` or from the call its `tool_call_id` names.
+
+Rendering: every assistant turn is trained in exactly the context the model sees at inference, the
+prompt that `render_conversation_for_completion` gives (harmony drops the analysis of earlier turns once
+they ended in a final answer), followed by what the model must produce: its messages up to a tool call
+(ends with <|call|>) or a final answer (ends with <|return|>). A turn whose prompt continues the previous
+sequence (a tool result after a call) extends that sequence, so a tool-calling exchange is one sequence;
+otherwise a new one starts. Only the assistant's tokens carry loss by default (`assistant_only`).
+
+Packing: sequences are placed whole into rows of `seq_len` tokens (best fit, longest first), positions
+running on along the row. Attention does not mask between the sequences of a row (the attention layer has
+no segment ids), so a sequence may attend to the unrelated ones packed before it; `pack=False` gives one
+sequence per row.
+
+Every problem with a line is one `DataError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..tokenizer import END, RETURN, build_conversation, get_harmony_encoding
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+THINKING = ("thinking", "reasoning", "reasoning_content")
+
+
+class DataError(ValueError):
+    """A bad training file or line (one line naming the file, the line and the field)."""
+
+
+@dataclasses.dataclass
+class Sequence:
+    tokens: list[int]
+    weights: list[int]  # 1 where the token carries loss
+    line: int
+
+
+def _text(v, where: str) -> str:
+    """A message content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v
+    ):
+        return "".join(p["text"] for p in v)
+    raise ValueError(f"{where} must be a string or a list of text parts, got {type(v).__name__}")
+
+
+def _tools(obj, where="tools"):
+    from openai_harmony import ToolDescription
+
+    if not isinstance(obj, list):
+        raise ValueError(f"{where} must be a list")
+    out = []
+    for i, t in enumerate(obj):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ValueError(f'{where}[{i}] must be {{"type": "function", "function": {{...}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{where}[{i}].function.name must be a non-empty string")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"{where}[{i}].function.parameters must be a JSON schema object")
+        out.append(ToolDescription.new(fn["name"], str(fn.get("description") or ""), params))
+    return out
+
+
+def _arguments(v, where: str) -> str:
+    if isinstance(v, dict):
+        return json.dumps(v, ensure_ascii=False)
+    if not isinstance(v, str):
+        raise ValueError(f"{where} must be a JSON string")
+    try:
+        json.loads(v)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return v
+
+
+def to_harmony(example: dict) -> tuple[list, list[int]]:
+    """One example -> (harmony messages after the system message, per message: 1 trained assistant message,
+    0 context). ValueError naming the field for anything malformed."""
+    from openai_harmony import Author, DeveloperContent, Message, Role
+
+    if not isinstance(example, dict):
+        raise ValueError("the line must be a JSON object with a 'messages' list")
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    tools = _tools(example["tools"]) if example.get("tools") is not None else []
+    instructions, body, trained, calls = [], [], [], {}
+    for k, m in enumerate(messages):
+        at = f"messages[{k}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise ValueError(f"{at}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role in ("system", "developer"):
+            if body:
+                raise ValueError(f"{at}: a {role} message must come before the conversation")
+            instructions.append(_text(m.get("content"), f"{at}.content"))
+        elif role == "user":
+            body.append(Message.from_role_and_content(Role.USER, _text(m.get("content"), f"{at}.content")))
+            trained.append(0)
+        elif role == "tool":
+            name = m.get("name") or calls.get(m.get("tool_call_id"))
+            if not isinstance(name, str):
+                raise ValueError(f"{at}: give the tool's 'name' or a 'tool_call_id' of an earlier tool call")
+            author = Author.new(Role.TOOL, f"functions.{name}")
+            msg = Message.from_author_and_content(author, _text(m.get("content"), f"{at}.content"))
+            body.append(msg.with_channel("commentary").with_recipient("assistant"))
+            trained.append(0)
+        else:
+            weight = m.get("weight", 1)
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise ValueError(f"{at}.weight must be 0 or 1, got {weight!r}")
+            out = []
+            thinking = [f for f in THINKING if m.get(f) is not None]
+            if thinking:
+                text = _text(m[thinking[0]], f"{at}.{thinking[0]}")
+                out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("analysis"))
+            content = m.get("content")
+            content = None if content is None else _text(content, f"{at}.content")
+            tool_calls = m.get("tool_calls") or []
+            if not isinstance(tool_calls, list):
+                raise ValueError(f"{at}.tool_calls must be a list")
+            if content is None and not tool_calls:
+                raise ValueError(f"{at}: an assistant message needs 'content' or 'tool_calls'")
+            if content is not None:
+                channel = "commentary" if tool_calls else "final"
+                out.append(Message.from_role_and_content(Role.ASSISTANT, content).with_channel(channel))
+            for c, call in enumerate(tool_calls):
+                cat = f"{at}.tool_calls[{c}]"
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise ValueError(f"{cat}.function.name must be a non-empty string")
+                args = _arguments(fn.get("arguments", "{}"), f"{cat}.function.arguments")
+                msg = Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
+                out.append(
+                    msg.with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json")
+                )
+                if call.get("id") is not None:
+                    calls[call["id"]] = fn["name"]
+            body += out
+            trained += [weight] * len(out)
+    if not any(trained):
+        raise ValueError("no assistant message to train on")
+    if instructions or tools:
+        dev = DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions("\n\n".join(instructions))
+        if tools:
+            dev = dev.with_function_tools(tools)
+        body.insert(0, Message.from_role_and_content(Role.DEVELOPER, dev))
+        trained.insert(0, 0)
+    return body, trained
+
+
+def _ends_turn(msg) -> bool:
+    # the model stops after a tool call (<|call|>) or a final answer (<|return|>)
+    return msg.recipient is not None or msg.channel == "final"
+
+
+def render(
+    example: dict, *, reasoning_effort: str = "medium", assistant_only: bool = True, line: int = 0
+) -> list[Sequence]:
+    """One example -> token sequences with loss weights (see the module docstring)."""
+    from openai_harmony import Role
+
+    enc = get_harmony_encoding()
+    body, trained = to_harmony(example)
+    is_asst = [m.author.role == Role.ASSISTANT for m in body]
+    seqs: list[Sequence] = []
+    cur: Sequence | None = None
+    i = 0
+    while i < len(body):
+        if not is_asst[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(body) and is_asst[j] and not _ends_turn(body[j - 1]):
+            j += 1
+        conv = build_conversation(body[:i], reasoning_effort=reasoning_effort)
+        prompt = list(enc.render_conversation_for_completion(conv, Role.ASSISTANT))
+        toks, wts = [], []
+        for k in range(i, j):
+            t = list(enc.render(body[k]))
+            if k == i:  # the prompt already ends with this message's "<|start|>assistant"
+                assert t[:2] == prompt[-2:], "harmony rendered the assistant header differently"
+                t = t[2:]
+            if k == j - 1 and body[k].channel == "final" and body[k].recipient is None and t[-1] == END:
+                t[-1] = RETURN  # the end of a final answer, as render_conversation_for_training ends it
+            toks += t
+            wts += [trained[k]] * len(t)
+        if any(wts):
+            if cur is not None and prompt[: len(cur.tokens)] == cur.tokens:
+                cur.weights += [0] * (len(prompt) - len(cur.tokens)) + wts
+                cur.tokens = prompt + toks
+            else:
+                cur = Sequence(prompt + toks, [0] * len(prompt) + wts, line)
+                seqs.append(cur)
+        i = j
+    if not assistant_only:
+        for s in seqs:
+            s.weights = [1] * len(s.tokens)
+    return seqs
+
+
+def read_jsonl(
+    path: str | os.PathLike, *, seq_len: int, reasoning_effort: str = "medium", assistant_only: bool = True
+) -> list[Sequence]:
+    """Every line of a chat JSONL file -> sequences; DataError "FILE line N: what is wrong" on the first bad
+    line (blank lines are skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    seqs: list[Sequence] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        try:
+            got = render(obj, reasoning_effort=reasoning_effort, assistant_only=assistant_only, line=n)
+        except ValueError as e:
+            raise DataError(f"{path} line {n}: {e}") from None
+        for s in got:
+            if len(s.tokens) > seq_len:
+                raise DataError(
+                    f"{path} line {n}: the conversation renders to {len(s.tokens)} tokens, more than "
+                    f"the sequence length {seq_len}"
+                )
+        seqs += got
+    if not seqs:
+        raise DataError(f"{path}: no examples")
+    return seqs
+
+
+# ------------------------------------------------------------------------------------------------ rows
+@dataclasses.dataclass
+class Rows:
+    """Packed rows: tokens (N, L) int32, weights (N, L) uint8 (1 = the token carries loss), lengths (N,), and
+    `slots`: the most positions of any row whose next token carries loss (the loss is computed at those
+    positions only, padded to `slots`: with assistant-only loss most of a row is prompt)."""
+
+    tokens: np.ndarray
+    weights: np.ndarray
+    lengths: np.ndarray
+    slots: int = 0
+
+    def __post_init__(self):
+        if not self.slots:
+            most = int(self.weights[:, 1:].sum(1).max(initial=0))
+            self.slots = int(min(self.tokens.shape[1], max(16, -(-most // 16) * 16)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, idx) -> dict[str, np.ndarray]:
+        """Rows `idx` (any shape) -> model inputs: tokens, positions (-1 = padding); and the loss terms:
+        `loss_pos` (…, slots) the positions whose next token carries loss (0-padded), `targets` those next
+        tokens, `weights` 1 for real entries."""
+        tok = self.tokens[idx]
+        L = tok.shape[-1]
+        ar = np.arange(L, dtype=np.int32)
+        nxt = np.concatenate([self.weights[idx][..., 1:], np.zeros_like(tok[..., :1], np.uint8)], -1) > 0
+        # stable sort puts each row's loss positions first, in order
+        pos = np.argsort(~nxt, axis=-1, kind="stable")[..., : self.slots].astype(np.int32)
+        w = np.take_along_axis(nxt, pos, -1)
+        pos = np.where(w, pos, 0)
+        nxt_tok = np.concatenate([tok[..., 1:], np.zeros_like(tok[..., :1])], -1)
+        return {
+            "tokens": tok,
+            "positions": np.where(ar < self.lengths[idx][..., None], ar, -1).astype(np.int32),
+            "loss_pos": pos,
+            "targets": np.take_along_axis(nxt_tok, pos, -1),
+            "weights": w.astype(np.float32),
+        }
+
+
+def pack(seqs: list[Sequence], seq_len: int, *, pack: bool = True, pad_id: int = 0) -> Rows:
+    """Sequences -> rows of `seq_len` tokens. pack: best fit, longest first (deterministic), each row's
+    sequences in file order; else one sequence per row."""
+    if pack:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+        free: list[tuple[int, int]] = []  # (room left, row), sorted
+        rows: list[list[int]] = []
+        for i in order:
+            n = len(seqs[i].tokens)
+            k = bisect.bisect_left(free, (n, -1))
+            if k == len(free):
+                rows.append([i])
+                room, r = seq_len - n, len(rows) - 1
+            else:
+                room, r = free.pop(k)
+                rows[r].append(i)
+                room -= n
+            bisect.insort(free, (room, r))
+        groups = [sorted(r) for r in rows]
+    else:
+        groups = [[i] for i in range(len(seqs))]
+    tokens = np.full((len(groups), seq_len), pad_id, np.int32)
+    weights = np.zeros((len(groups), seq_len), np.uint8)
+    lengths = np.zeros(len(groups), np.int32)
+    for r, g in enumerate(groups):
+        t = [x for i in g for x in seqs[i].tokens]
+        w = [x for i in g for x in seqs[i].weights]
+        tokens[r, : len(t)], weights[r, : len(w)], lengths[r] = t, w, len(t)
+    return Rows(tokens, weights, lengths)
+
+
+class Loader:
+    """The rows of every step, a pure function of (seed, step): an epoch is a permutation of the rows drawn
+    from (seed, epoch), and step s takes rows s*n .. s*n + n - 1 of the concatenated epochs. So a resumed
+    run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, rows: Rows, rows_per_step: int, seed: int = 0, shuffle: bool = True):
+        self.rows, self.n, self.seed, self.shuffle = rows, rows_per_step, seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            N = len(self.rows)
+            self._perms = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(N)
+                if self.shuffle
+                else np.arange(N)
+            }
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        N = len(self.rows)
+        g = np.arange(step * self.n, (step + 1) * self.n)
+        return np.array([self._perm(int(e))[int(p)] for e, p in zip(g // N, g % N, strict=True)])

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
         t_restore = best(restore)
         arrays = restore()
-        t_crc = best(lambda: [integrity.crc32c(a) for a in arrays])
+        t_crc = best(lambda arrays=arrays: [integrity.crc32c(a) for a in arrays])
         del arrays
         t_verify = best(lambda: integrity.verify_checkpoint(dst).raise_if_bad())
         for name, t in (("restore", t_restore), ("crc32c", t_crc), ("verify", t_verify)):

@@ -6,12 +6,14 @@
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
     gptoss-jax info MODEL [--train]      per-device memory plan for a mesh (nothing loaded)
     gptoss-jax finetune BASE DATA --out DIR   LoRA fine-tuning on chat JSONL; adapters in PEFT's format
+    gptoss-jax serve PATH                OpenAI-compatible HTTP server (docs/serving.md)
+    gptoss-jax verify DIR                check every array of a converted checkpoint against its checksum
 
 PATH is a checkpoint folder as typed (relative, ~, trailing slash) or a Hugging Face model id
 (openai/gpt-oss-20b, fetched through the hub cache). Commands that load a model take --mesh
 data=1,expert=4,model=2, --dtype, --attention-impl, --moe-impl, --expert-format. Every argument is checked
 before any weight is read.
-Exit codes: 0 ok; 2 bad input (one line on stderr naming the argument, file or tensor); 130 interrupted
+Exit codes: 0 ok; 1 `verify` found a damaged array; 2 bad input (one line on stderr naming the argument, file or tensor); 130 interrupted
 (one line, at any point, also during compilation).
 """
 
@@ -203,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_info_arguments(i)
         add_train_plan_arguments(i)
+
+    v = sub.add_parser("verify", help="re-read a converted (Orbax) checkpoint and check every array against "
+                       "the crc32c recorded when it was converted; exit 1 naming the damaged array and file")  # fmt: skip
+    v.add_argument("path", help="a checkpoint folder written by gptoss-convert")
+    v.add_argument("--quiet", action="store_true", help="no progress bar (the one-line result is still printed)")
 
     from .server.cli import add_serve_arguments
 
@@ -657,8 +664,19 @@ def cmd_serve(args) -> int:
     return run_serve(args)
 
 
+def cmd_verify(args) -> int:
+    from .checkpoint import integrity
+
+    report = integrity.verify_checkpoint(os.path.expanduser(args.path), quiet=args.quiet)
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        return _fail(f"verification failed: {report.problems[0]}{more}; convert it again", 1)
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info,
-            "finetune": cmd_finetune, "serve": cmd_serve}  # fmt: skip
+            "finetune": cmd_finetune, "serve": cmd_serve, "verify": cmd_verify}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,16 +168,28 @@ def test_generate_damaged_converted_checkpoint(conv, damage):
     assert_one_line(r, str(conv / "state"), "damaged or incomplete", f"gptoss-convert --verify {conv}")
 
 
-def test_verify_names_flipped_array_and_file(conv):
+VERIFY = {"gptoss-convert": ("gptoss-convert", "--verify"), "gptoss-jax": ("gptoss-jax", "verify")}
+
+
+@pytest.mark.parametrize("tool", VERIFY)
+def test_verify_names_flipped_array_and_file(conv, tool):
     name, victim = flip_array_bytes(conv)
-    r = run("gptoss-convert", "--verify", conv, "--quiet")
+    r = run(*VERIFY[tool], conv, "--quiet")
     assert_one_line(
         r, "verification failed", f"array {name} ", str(victim.relative_to(conv)), "crc32c", code=1
     )
 
 
-def test_verify_intact(converted):
-    r = run("gptoss-convert", "--verify", converted, "--quiet")
+@pytest.mark.parametrize("tool", VERIFY)
+def test_verify_unreadable_checkpoint(conv, tmp_path, tool):
+    (conv / "state" / "manifest.ocdbt").unlink()
+    assert_one_line(run(*VERIFY[tool], conv, "--quiet"), str(conv / "state"), "damaged or incomplete")
+    assert_one_line(run(*VERIFY[tool], tmp_path / "missing", "--quiet"), "missing")
+
+
+@pytest.mark.parametrize("tool", VERIFY)
+def test_verify_intact(converted, tool):
+    r = run(*VERIFY[tool], converted, "--quiet")
     assert r.returncode == 0 and "all match" in r.stderr, r.stderr
     assert_clean(r.stderr)
 

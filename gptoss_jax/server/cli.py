@@ -73,6 +73,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
+    m.add_argument("--adapters", metavar="DIR", help="apply LoRA adapters from a PEFT folder (e.g. written by "
+                   "`gptoss-jax finetune`); the experts stay packed")  # fmt: skip
     m.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -94,6 +96,10 @@ def _check(args) -> None:
         raise ValueError("--api-key: empty key")
     if not Path(args.path).exists():
         raise FileNotFoundError(2, "No such file or directory", args.path)
+    if args.adapters is not None:  # its config is read before minutes of loading the base
+        from ..training.peft import read_adapter_config
+
+        read_adapter_config(Path(args.adapters).expanduser())
 
 
 def make_engine(args, model):
@@ -141,6 +147,10 @@ def run_serve(args) -> int:
     )
     model = load(args.path, dtype=dtype, mesh=mesh, quiet=True, attention_impl=args.attention_impl,
                  moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
+    if args.adapters is not None:
+        from ..training.peft import apply_adapters
+
+        apply_adapters(model, Path(args.adapters).expanduser())
     engine = make_engine(args, model)
     if jax.process_index() != 0:
         engine.follow()  # until process 0 closes its engine

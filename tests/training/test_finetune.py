@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_one_line
+from servertools import KEY, MODEL, start_server, stop_server
 
 import gptoss_jax
 from gptoss_jax import cli
@@ -271,3 +272,23 @@ def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
     assert cli.main(argv) == 0
     (msg,) = parse_completion_messages([int(t) for t in capsys.readouterr().out.split()], strict=True)
     assert msg.recipient == "functions.get_weather" and json.loads(msg.content[0].text) == {"city": "Lima"}
+
+
+def test_serve_with_adapters_returns_the_learned_tool_calls(learned, chat_base, tmp_path):
+    """`gptoss-jax serve --adapters`: the openai client gets the learned calls as `tool_calls`."""
+    from openai import OpenAI
+
+    proc, url = start_server(chat_base, tmp_path / "serve.log", "--adapters", str(learned.out))
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        for city in ("Paris", "Oslo"):
+            messages = conversation(city, CITIES[city])["messages"][:2]
+            r = client.chat.completions.create(
+                model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=40
+            )
+            choice = r.choices[0]
+            assert choice.finish_reason == "tool_calls", (choice, (tmp_path / "serve.log").read_text()[-2000:])
+            (call,) = choice.message.tool_calls
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": city}
+    finally:
+        assert stop_server(proc) == 0

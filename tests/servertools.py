@@ -1,4 +1,4 @@
-"""Starting `gptoss-jax serve` in a subprocess for the server tests, and its test hook."""
+"""Starting `gptoss-jax serve` in a subprocess for the tests (tests/server, tests/training), and its test hook."""
 
 from __future__ import annotations
 

@@ -183,10 +183,12 @@ def create_app(
     test_hooks: bool = False,
     max_body: int = MAX_BODY,
     store_capacity: int = 1024,
+    start_date: str | None = "today",
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
-    admitted at once (running and queued); past it a request gets a 429."""
-    server = Server(backend, model_name, test_hooks, max_pending)
+    admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
+    date of harmony's system message ("today", YYYY-MM-DD, or None for none)."""
+    server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date)
     store = ResponseStore(store_capacity)
     counts: Counter = Counter()
     started = int(time.time())

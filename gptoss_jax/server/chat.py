@@ -31,7 +31,7 @@ class ChatJob:
         server.check_model(req.model)
         self.req, self.server = req, server
         turn = chat_turn(req)
-        self.prompt = turn.prompt_tokens()
+        self.prompt = turn.prompt_tokens(server.start_date)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = server.budget(
             len(self.prompt), req.max_completion_tokens or req.max_tokens, field, "messages"

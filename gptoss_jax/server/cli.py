@@ -10,6 +10,7 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight fin
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import signal
@@ -61,6 +62,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the engine's call shapes when first used, "
         "not before serving (faster start; early requests of each size wait for a compile)",
     )
+    g.add_argument("--date", default="today", metavar="today|none|YYYY-MM-DD",
+                   help="conversation start date in harmony's system message: today's (default, as the HF chat "
+                   "template and vLLM render it), none, or a fixed date; serve fine-tuned adapters with the "
+                   "prompts they were trained on (`gptoss-jax finetune` renders none)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -92,6 +97,11 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.date not in ("today", "none"):
+        try:
+            dt.date.fromisoformat(args.date)
+        except ValueError:
+            raise ValueError(f"--date must be today, none or YYYY-MM-DD, got {args.date!r}") from None
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: empty key")
     if not Path(args.path).exists():
@@ -125,7 +135,8 @@ def build_app(args, engine, model):
     name = args.served_model_name or Path(args.path).resolve().name
     return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
                       max_pending=args.max_seqs + args.max_queue,
-                      test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")  # fmt: skip
+                      test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
+                      start_date=None if args.date == "none" else args.date)  # fmt: skip
 
 
 def run_serve(args) -> int:

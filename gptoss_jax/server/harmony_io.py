@@ -60,13 +60,12 @@ class Turn:
     effort: str = "medium"
     call_names: dict[str, str] = dataclasses.field(default_factory=dict)  # tool call id -> function name
 
-    def conversation(self) -> list[Message]:
+    def conversation(self, start_date: str | None = "today") -> list[Message]:
         content = SystemContent.new().with_reasoning_effort(EFFORTS[self.effort])
-        head = [
-            Message.from_role_and_content(
-                Role.SYSTEM, content.with_conversation_start_date(dt.date.today().isoformat())
-            )
-        ]
+        if start_date is not None:
+            date = dt.date.today().isoformat() if start_date == "today" else start_date
+            content = content.with_conversation_start_date(date)
+        head = [Message.from_role_and_content(Role.SYSTEM, content)]
         if self.instructions or self.tools:
             dev = DeveloperContent.new()
             if self.instructions:
@@ -81,8 +80,8 @@ class Turn:
             head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
         return head + drop_finished_reasoning(self.messages)
 
-    def prompt_tokens(self) -> list[int]:
-        conv = Conversation.from_messages(self.conversation())
+    def prompt_tokens(self, start_date: str | None = "today") -> list[int]:
+        conv = Conversation.from_messages(self.conversation(start_date))
         enc = get_harmony_encoding()
         return list(
             enc.render_conversation_for_completion(

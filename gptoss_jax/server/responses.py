@@ -61,7 +61,7 @@ class ResponseJob:
         self.req, self.server, self.store = req, server, store
         previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
         self.turn = turn = responses_turn(req, previous)
-        self.prompt = turn.prompt_tokens()
+        self.prompt = turn.prompt_tokens(server.start_date)
         max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
         fmt = req.text.format if req.text else None
         schema = None

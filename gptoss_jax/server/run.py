@@ -34,6 +34,7 @@ class Server:
     model_name: str
     test_hooks: bool = False
     max_pending: int = 256  # sequences admitted at once (generating or queued in the engine)
+    start_date: str | None = "today"  # harmony's conversation start date: "today", a date, or None (no date)
     pending: int = 0
     scripts: collections.deque = dataclasses.field(default_factory=collections.deque)
 

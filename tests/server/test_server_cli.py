@@ -17,6 +17,7 @@ from servertools import (
     (["{ckpt}", "--max-seqs", "0"], "--max-seqs must be at least 1, got 0"),
     (["{ckpt}", "--max-queue", "-1"], "--max-queue must be at least 0, got -1"),
     (["{ckpt}", "--api-key", " "], "--api-key: empty key"),
+    (["{ckpt}", "--date", "yesterday"], "--date must be today, none or YYYY-MM-DD, got 'yesterday'"),
     (["{ckpt}", "--adapters", "{ckpt}"], "no adapter_config.json (not a PEFT adapter folder)"),
 ])  # fmt: skip
 def test_bad_options_exit_2_with_one_line(args, needle, serve_ckpt):

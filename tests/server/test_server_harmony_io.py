@@ -38,12 +38,10 @@ CALL = {
 }
 
 
-def expected(messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=None) -> list[int]:
-    sys_ = (
-        SystemContent.new()
-        .with_reasoning_effort(effort)
-        .with_conversation_start_date(dt.date.today().isoformat())
-    )
+def expected(messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=None, date="today") -> list[int]:
+    sys_ = SystemContent.new().with_reasoning_effort(effort)
+    if date is not None:
+        sys_ = sys_.with_conversation_start_date(dt.date.today().isoformat() if date == "today" else date)
     head = [Message.from_role_and_content(Role.SYSTEM, sys_)]
     if instructions or tools:
         dev = DeveloperContent.new()
@@ -85,6 +83,13 @@ def chat(**body):
 
 
 TOOL = ToolDescription.new("get_weather", "Weather in a city", WEATHER["function"]["parameters"])
+
+
+@pytest.mark.parametrize("date", [None, "2025-08-05"])
+def test_conversation_start_date_as_configured(date):
+    """`serve --date none` / a fixed date (a fine-tuned model's prompts as trained); the default is today."""
+    turn = chat_turn(parse(ChatRequest, {"messages": [{"role": "user", "content": "Hi"}]}))
+    assert turn.prompt_tokens(date) == expected([user("Hi")], date=date)
 
 
 def test_system_and_developer_become_the_developer_instructions_with_tools():

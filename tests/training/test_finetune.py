@@ -275,10 +275,11 @@ def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
 
 
 def test_serve_with_adapters_returns_the_learned_tool_calls(learned, chat_base, tmp_path):
-    """`gptoss-jax serve --adapters`: the openai client gets the learned calls as `tool_calls`."""
+    """`gptoss-jax serve --adapters`: the openai client gets the learned calls as `tool_calls`. The prompts
+    as trained: no conversation date (`--date none`)."""
     from openai import OpenAI
 
-    proc, url = start_server(chat_base, tmp_path / "serve.log", "--adapters", str(learned.out))
+    proc, url = start_server(chat_base, tmp_path / "serve.log", "--adapters", str(learned.out), "--date", "none")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         for city in ("Paris", "Oslo"):

@@ -441,8 +441,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-_LABELS = {"analysis": ("[analysis] ", "\033[2m"), "final": ("[final] ", "\033[1m"),
-           "commentary": ("[commentary] ", "\033[36m")}  # fmt: skip
+# the server's part types (server/parsing.py) -> label and terminal style
+_LABELS = {"reasoning": ("[analysis] ", "\033[2m"), "content": ("[final] ", "\033[1m"),
+           "preamble": ("[commentary] ", "\033[36m"), "tool_call": ("[call {name}] ", "\033[35m")}  # fmt: skip
 CHAT_HELP = "type a message and press Enter; /reset starts a new conversation; /exit or Ctrl-D leaves"
 
 
@@ -472,8 +473,11 @@ def _chat_lines(args, interactive: bool):
 
 
 def cmd_chat(args) -> int:
+    """The turn is parsed by the server's parser (`server.parsing.OutputParser`: one harmony parser per
+    turn, non-strict, what does not parse shown as final text), so `chat` and `serve` read output alike."""
     from . import tokenizer
     from .generate import generate
+    from .server.parsing import OutputParser
 
     _check_args(args)
     cfg = _config(args)
@@ -504,46 +508,38 @@ def cmd_chat(args) -> int:
         prompt = session.prompt_tokens(text)
         if args.show_prompt:
             print(f"[prompt {turn}] {' '.join(map(str, prompt))}", flush=True)
-        stream = tokenizer.ChatStream()
+        parser = OutputParser()
         out: list[int] = []
-        channel = [None]
-        broken = [False]
+        shown = [None]  # the part being printed
+
+        def show(events):
+            for kind, part, piece in events:
+                if args.hide_analysis and part.type == "reasoning":
+                    continue
+                if kind == "start" or part is not shown[0]:
+                    label, style = _LABELS[part.type]
+                    if shown[0] is not None:
+                        print("\033[0m" if color else "", flush=True)  # end the previous part's line and style
+                    label = label.format(name=part.name)
+                    print(f"{style}{label}" if color else label, end="", flush=True)
+                    shown[0] = part
+                print(piece, end="", flush=True)
 
         def on_token(step):
             status.done()
-            tok = step[0]
-            out.append(tok)
-            if broken[0]:
-                return
-            try:
-                delta = stream.process(tok)
-            except Exception:  # not valid harmony (random weights): show the raw text at the end
-                broken[0] = True
-                return
-            if delta is None or (args.hide_analysis and delta[0] == "analysis"):
-                return
-            ch, piece = delta
-            if ch != channel[0]:
-                label, style = _LABELS.get(ch, (f"[{ch}] ", ""))
-                if channel[0] is not None:
-                    print("\033[0m" if color else "", flush=True)  # end the previous channel's line (and style)
-                print(f"{style}{label}" if color else label, end="", flush=True)
-                channel[0] = ch
-            print(piece, end="", flush=True)
+            out.append(step[0])
+            show(parser.feed(step[0]))
 
         with _compile_status(args) as status:
             generate(model, prompt, stop_tokens=stop, callback=on_token, **_sample_kw(args))
-        if color and channel[0] is not None:
+        show(parser.finish())
+        if color and shown[0] is not None:
             print("\033[0m", end="")
-        if channel[0] is not None:
+        if shown[0] is not None:
             print(flush=True)
         try:
             session.add_assistant_tokens(out)
-            parsed = True
-        except Exception:
-            parsed = False
-        if broken[0] or not parsed:
-            print(f"[unparsed] {tokenizer.decode(out)!r}", flush=True)
+        except Exception:  # noqa: BLE001 - harmony's own parser rejects it: keep the history valid
             _say(args, "(the reply is not valid harmony, as expected from random weights; it is left out of the "
                        "history)")  # fmt: skip
         if out and out[-1] not in stop:

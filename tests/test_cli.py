@@ -153,16 +153,19 @@ def test_chat_real_model_prompt_is_harmony_rendering(capsys, demo_run):
     assert prompt == tk.render_chat_prompt([("user", "What is 2+2?")], reasoning_effort="low",
                                            conversation_start_date="2025-08-05")  # fmt: skip
     assert "Reasoning: low" in tk.decode(prompt)
-    # random weights do not speak harmony: the raw reply is shown, marked as such
-    assert "[unparsed]" in out or "[analysis]" in out or "[final]" in out
+    # random weights do not speak harmony: what does not parse is shown as final text, never a harmony marker
+    assert "<|" not in out
+
+
+GREETING = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>")  # fmt: skip
 
 
 @pytest.fixture
-def scripted_model(monkeypatch):
-    """Replaces generation with a fixed harmony reply (analysis, then final), fed token by token, and loading
-    with nothing (the checkpoint's config is still read, to check the arguments)."""
-    reply = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|>"
-             "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>")  # fmt: skip
+def scripted_model(monkeypatch, request):
+    """Replaces generation with a fixed harmony reply (analysis, then final; or the test's parameter), fed
+    token by token, and loading with nothing (the checkpoint's config is still read, to check the arguments)."""
+    reply = getattr(request, "param", GREETING)
     tokens = tk.encode(reply, allowed_special="all")
     seen = []
 
@@ -193,6 +196,17 @@ def test_chat_channels_and_multi_turn_history(capsys, scripted_model, demo_run):
     assert "The user greets" not in tk.decode(p2)
     assert [p for p, _ in scripted_model] == [p1, p2]
     assert sorted(scripted_model[0][1]) == sorted([tk.RETURN, tk.CALL])
+
+
+TOOL_CALL = ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.get_weather"
+             '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>')  # fmt: skip
+
+
+@pytest.mark.parametrize("scripted_model", [TOOL_CALL], indirect=True)
+def test_chat_shows_a_tool_call_as_the_server_parses_it(capsys, scripted_model, demo_run):
+    rc, out, err = run_cli(capsys, "chat", demo_run[2], "-m", "Weather in Paris?")
+    assert rc == 0, err
+    assert out.splitlines() == ["[commentary] Checking.", '[call get_weather] {"city": "Paris"}']
 
 
 def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model, demo_run):

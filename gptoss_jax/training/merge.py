@@ -57,7 +57,8 @@ class MergeReport:
         if not self.errors:
             return f"merged checkpoint in {self.out}; no expert adapters, experts copied as they were"
         e = list(self.errors.values())
-        return (f"merged checkpoint in {self.out}; {len(e)} expert tensors re-quantized to MXFP4, relative RMS "
+        return (f"merged checkpoint in {self.out}; {len(e)} expert tensors re-quantized to MXFP4, "
+                f"relative RMS "
                 f"error max {max(e):.3e}, mean {float(np.mean(e)):.3e}")  # fmt: skip
 
     def to_json(self) -> dict:
@@ -73,7 +74,7 @@ def relative_rms_error(q: np.ndarray, w: np.ndarray) -> float:
 
 
 def _inverse(rule: keys.Rule, arr: np.ndarray, cache: dict) -> np.ndarray:
-    """Our layout -> the released tensor, by inverting the rule's transform (a reshape/transpose) on indices."""
+    """Our layout -> the released tensor: the rule's transform (a reshape/transpose) inverted on indices."""
     if rule.transform is keys._ident:
         return arr
     key = (rule.target.split(".", 2)[-1], rule.shapes[0])
@@ -86,7 +87,7 @@ def _inverse(rule: keys.Rule, arr: np.ndarray, cache: dict) -> np.ndarray:
 
 
 class _ShardWriter:
-    """Collects tensors into safetensors files of about `cap` bytes; `finish` names them and writes the index."""
+    """Tensors into safetensors files of about `cap` bytes; `finish` names them and writes the index."""
 
     def __init__(self, folder: Path, cap: int):
         self.folder, self.cap = folder, cap
@@ -123,7 +124,9 @@ def _expert_weight(params: dict, name: str, r: int) -> np.ndarray:
     """Layer slot r of our `...mlp.mlp1` (name without suffix) as float32 (E, out, in), from either format."""
     if f"{name}_weight" in params:
         return np.asarray(params[f"{name}_weight"][r], np.float32)
-    return mxfp4.dequantize_np(np.asarray(params[f"{name}_blocks"][r]), np.asarray(params[f"{name}_scales"][r]))
+    return mxfp4.dequantize_np(
+        np.asarray(params[f"{name}_blocks"][r]), np.asarray(params[f"{name}_scales"][r])
+    )
 
 
 def _check_inputs(base, adapters, out: Path, experts: str, dtype: str) -> None:
@@ -210,4 +213,3 @@ def _write(folder: Path, cfg, params: dict, lcfg, experts: str, dtype, shard_byt
         writer.add(f"{src}_blocks", blocks)
         writer.add(f"{src}_scales", scales)
     writer.finish()
-

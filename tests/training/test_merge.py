@@ -50,7 +50,9 @@ def merged(hf_ckpt, adapter_dir, tmp_path_factory):
     out = {}
     for experts in ("dequantized", "mxfp4"):
         folder = tmp_path_factory.mktemp("merged") / experts
-        rep = merge(hf_ckpt, adapter_dir, folder, experts=experts, dtype="float32", quiet=True, shard_bytes=2**20)
+        rep = merge(
+            hf_ckpt, adapter_dir, folder, experts=experts, dtype="float32", quiet=True, shard_bytes=2**20
+        )
         out[experts] = folder, rep
     return out
 
@@ -61,12 +63,16 @@ def transformers_model(folder):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GptOssForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+        return GptOssForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, attn_implementation="eager"
+        )
 
 
 def test_dequantized_merge_gives_the_adapted_logits(merged, reference):
     folder, rep = merged["dequantized"]
-    assert (folder / "model.safetensors.index.json").is_file() and (folder / "generation_config.json").is_file()
+    assert (folder / "model.safetensors.index.json").is_file() and (
+        folder / "generation_config.json"
+    ).is_file()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     ours = gptoss_jax.load(folder, dtype="float32", quiet=True, expert_format="dequantized")
     assert rel_err(np.asarray(ours(TOKENS)), reference) < 1e-5
@@ -99,18 +105,26 @@ def test_reported_error_is_the_requantization_error(merged, hf_ckpt, adapter_dir
     E, s = tiny_cfg.num_experts, LCFG.alpha / LCFG.rank
     errs = []
     for name in names:
-        w = mxfp4.dequantize_np(old[f"{name}_blocks"].get(f"{name}_blocks"), old[f"{name}_scales"].get(f"{name}_scales"))
+        w = mxfp4.dequantize_np(
+            old[f"{name}_blocks"].get(f"{name}_blocks"), old[f"{name}_scales"].get(f"{name}_scales")
+        )
         i, proj = name.split(".")[2], name.rsplit(".", 1)[1]
-        mod = f"base_model.model.model.layers.{i}.mlp.experts" + (".base_layer" if proj == "gate_up_proj" else "")
+        mod = f"base_model.model.model.layers.{i}.mlp.experts" + (
+            ".base_layer" if proj == "gate_up_proj" else ""
+        )
         A = np.asarray(ad.get(f"{mod}.lora_A.weight"), np.float32)  # (E*r, in), expert e in rows e*r..
         B = np.asarray(ad.get(f"{mod}.lora_B.weight"), np.float32)  # (out, r*E), expert e in columns j*E + e
         r = A.shape[0] // E
         want = np.stack([w[e] + s * B[:, e::E] @ A[e * r : (e + 1) * r] for e in range(E)])
-        got = mxfp4.dequantize_np(new[f"{name}_blocks"].get(f"{name}_blocks"), new[f"{name}_scales"].get(f"{name}_scales"))
+        got = mxfp4.dequantize_np(
+            new[f"{name}_blocks"].get(f"{name}_blocks"), new[f"{name}_scales"].get(f"{name}_scales")
+        )
         errs.append(rel_err(got, want))
         assert abs(rep.errors[name] - errs[-1]) <= 1e-4 * errs[-1], name
     assert 0 < max(errs) < 0.15  # MXFP4 of a smooth merged weight: ~10% relative RMS at most
-    assert disk["max"] == pytest.approx(max(errs), rel=1e-4) and disk["mean"] == pytest.approx(np.mean(errs), rel=1e-4)
+    assert disk["max"] == pytest.approx(max(errs), rel=1e-4) and disk["mean"] == pytest.approx(
+        np.mean(errs), rel=1e-4
+    )
 
 
 def test_quantizer_round_trip_is_exact_on_mxfp4_values():

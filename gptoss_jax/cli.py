@@ -6,6 +6,7 @@
     gptoss-jax bench PATH                prefill and decode tokens/s, memory
     gptoss-jax info MODEL [--train]      per-device memory plan for a mesh (nothing loaded)
     gptoss-jax finetune BASE DATA --out DIR   LoRA fine-tuning on chat JSONL; adapters in PEFT's format
+    gptoss-jax merge BASE --adapters DIR --out OUT   adapters folded into a new checkpoint (HF layout)
     gptoss-jax serve PATH                OpenAI-compatible HTTP server (docs/serving.md)
     gptoss-jax verify DIR                check every array of a converted checkpoint against its checksum
 
@@ -142,7 +143,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.command import add_finetune_arguments, add_train_plan_arguments
+    from .training.command import add_finetune_arguments, add_merge_arguments, add_train_plan_arguments
 
     p = _Parser(prog=PROG, description="gpt-oss in JAX / Flax NNX with MXFP4 experts kept packed.")
     from . import __version__
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="LoRA fine-tuning on chat JSONL (experts stay packed); PEFT adapters")
     _model_args(f)
     add_finetune_arguments(f)
+
+    m = sub.add_parser("merge", help="fold LoRA adapters into a new checkpoint (experts re-quantized to MXFP4 "
+                       "with the error reported, or dequantized)")  # fmt: skip
+    add_merge_arguments(m)
 
     i = sub.add_parser("info", help="per-device memory plan of a model on a mesh (nothing is loaded)")
     try:
@@ -642,6 +647,12 @@ def cmd_finetune(args) -> int:
     return run_finetune(args, dtype=resolve_dtype(args.dtype), mesh=_mesh(args.mesh))
 
 
+def cmd_merge(args) -> int:
+    from .training.command import run_merge
+
+    return run_merge(args)
+
+
 def cmd_info(args) -> int:
     if getattr(args, "info_error", None):
         return _fail(f"info is unavailable: {args.info_error}", 1)
@@ -672,7 +683,7 @@ def cmd_verify(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "info": cmd_info,
-            "finetune": cmd_finetune, "serve": cmd_serve, "verify": cmd_verify}  # fmt: skip
+            "finetune": cmd_finetune, "merge": cmd_merge, "serve": cmd_serve, "verify": cmd_verify}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

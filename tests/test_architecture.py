@@ -40,7 +40,7 @@ LAYERS = [
     ["serving.engine"],
     ["serving", "training.lora", "training.data", "inspect"],
     ["training.peft", "training.plan"],
-    ["training.loop"],
+    ["training.loop", "training.merge"],
     ["training", "training.command"],
     ["server.protocol"],
     ["server.parsing", "server.constraints"],

@@ -41,7 +41,7 @@ def _ident(a):
     return a
 
 
-def _layer_rules(cfg: Config, i: int, layout: str, expert_format: str) -> list[Rule]:
+def _layer_rules(cfg: Config, i: int, layout: str, expert_format: str, stored: str) -> list[Rule]:
     D, E, F = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
     K, G, H, N = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim, cfg.num_attention_heads
     a, m = f"layers.{i}.attn", f"layers.{i}.mlp"
@@ -94,7 +94,9 @@ def _layer_rules(cfg: Config, i: int, layout: str, expert_format: str) -> list[R
         else:
             blocks, scales, bias = f"{src}_weight.blocks", f"{src}_weight.scales", f"{src}_bias"
         bshape, sshape = (E, rows, cols // 32, 16), (E, rows, cols // 32)
-        if expert_format == "mxfp4":
+        if stored == "dequantized":  # transformers' dense experts: (E, in, out)
+            add(f"{m}.{ours}_weight", src, (E, cols, rows), lambda w: w.transpose(0, 2, 1))
+        elif expert_format == "mxfp4":
             add(f"{m}.{ours}_blocks", blocks, bshape, kind="uint8", dtypes=("U8",))
             add(f"{m}.{ours}_scales", scales, sshape, check_scales, kind="uint8", dtypes=("U8",))
         else:
@@ -140,11 +142,16 @@ def check_finite(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def rules(cfg: Config, layout: str, expert_format: str | None = None) -> list[Rule]:
-    """The full table for a checkpoint `layout` ("hf" or "original")."""
+def rules(cfg: Config, layout: str, expert_format: str | None = None, stored: str = "mxfp4") -> list[Rule]:
+    """The full table for a checkpoint `layout` ("hf" or "original") whose experts are `stored` as packed
+    "mxfp4" (every release) or "dequantized" (Hugging Face's dense `gate_up_proj` (E, D, 2F) and `down_proj`
+    (E, F, D), as `gptoss-jax merge --experts dequantized` writes them; they load only dequantized)."""
     if layout not in ("hf", "original"):
         raise ValueError(f"layout must be 'hf' or 'original', got {layout!r}")
     expert_format = expert_format or cfg.expert_format
+    if stored == "dequantized" and (layout != "hf" or expert_format != "dequantized"):
+        raise ValueError("dequantized experts (no MXFP4 blocks) load only from the Hugging Face layout and "
+                         "with expert_format='dequantized'")  # fmt: skip
     V, D = cfg.vocab_size, cfg.hidden_size
     if layout == "hf":
         top = [("embedding", "model.embed_tokens.weight", (V, D), "float"),
@@ -156,7 +163,7 @@ def rules(cfg: Config, layout: str, expert_format: str | None = None) -> list[Ru
                ("norm.scale", "norm.scale", (D,), "f32")]  # fmt: skip
     R = [Rule(t, (s,), (shape,), (FLOAT_DTYPES,), _ident, kind) for t, s, shape, kind in top]
     for i in range(cfg.num_hidden_layers):
-        R += _layer_rules(cfg, i, layout, expert_format)
+        R += _layer_rules(cfg, i, layout, expert_format, stored)
     return R
 
 

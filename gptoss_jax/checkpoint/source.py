@@ -39,8 +39,18 @@ class Source:
     def total_bytes(self) -> int:
         return sum(f.nbytes(n) for n, f in self.files.items())
 
+    @property
+    def expert_storage(self) -> str:
+        """"mxfp4" (packed, every release) or "dequantized" (dense HF `gate_up_proj`, e.g. a merged model)."""
+        dense = self.layout == "hf" and "model.layers.0.mlp.experts.gate_up_proj" in self.files
+        return "dequantized" if dense else "mxfp4"
+
     def rules(self, expert_format: str | None = None) -> list[keys.Rule]:
-        r = keys.rules(self.config, self.layout, expert_format)
+        stored = self.expert_storage
+        if stored == "dequantized" and (expert_format or self.config.expert_format) != "dequantized":
+            raise CheckpointError(f"{self.root}: holds dequantized experts (dense gate_up_proj, no MXFP4 blocks); "
+                                  f"load it with expert_format='dequantized' (--expert-format dequantized)")  # fmt: skip
+        r = keys.rules(self.config, self.layout, expert_format, stored)
         keys.check_sources(r, self.available(), where=str(self.root), config=str(self.root / "config.json"))
         return r
 
@@ -169,4 +179,7 @@ def open_source(path: str | Path) -> Source:
     gen = tdir / "generation_config.json"
     if gen.exists():
         extra["generation_config"] = folder.json(gen)
-    return Source(root=tdir, layout=layout, config=cfg, files=files, layout_note=note, extra_json=extra)
+    src = Source(root=tdir, layout=layout, config=cfg, files=files, layout_note=note, extra_json=extra)
+    if src.expert_storage == "dequantized":
+        src.config = cfg.replace(expert_format="dequantized")
+    return src

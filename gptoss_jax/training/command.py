@@ -1,4 +1,5 @@
-"""`gptoss-jax finetune BASE DATA.jsonl --out DIR`: the arguments and the call into `training.finetune`.
+"""`gptoss-jax finetune BASE DATA.jsonl --out DIR` and `gptoss-jax merge BASE --adapters DIR --out OUT`: the
+arguments and the calls into `training.finetune` and `training.merge.merge`.
 
 Light to import (argparse only at module level): the CLI builds every command's parser on each start.
 """
@@ -117,6 +118,26 @@ def run_finetune(args, *, dtype: str, mesh) -> int:
     if not args.quiet:
         what = "adapters" if lora is not None else "checkpoint"
         print(f"{what} in {res.out} after {res.steps} steps; loss {res.losses[-1]:.4f}", file=sys.stderr)
+    return 0
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the base checkpoint the adapters were trained on (any layout `load` reads, or a "
+                   "Hugging Face model id)")  # fmt: skip
+    p.add_argument("--adapters", metavar="DIR", required=True, help="LoRA adapters in PEFT's format (finetune's --out)")
+    p.add_argument("--out", required=True, help="new folder: a Hugging Face layout checkpoint (safetensors)")
+    p.add_argument("--experts", choices=("mxfp4", "dequantized"), default="mxfp4",
+                   help="mxfp4 (default): re-quantized, the error reported and written to merge_report.json; "
+                   "dequantized: dense experts (load them with --expert-format dequantized)")  # fmt: skip
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="of the written float tensors (default bfloat16, as released)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar; only errors")
+
+
+def run_merge(args) -> int:
+    from .merge import merge
+
+    merge(args.base, args.adapters, args.out, experts=args.experts, dtype=args.dtype, quiet=args.quiet)
     return 0
 
 

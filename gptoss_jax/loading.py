@@ -126,7 +126,7 @@ def load(path: str | os.PathLike, *, dtype: str = "bfloat16", mesh=None, quiet: 
         raise ValueError(f"{path}: verify=True checks the checksums of a converted checkpoint; released "
                          f"safetensors carry none (convert it with gptoss-convert, which records them)")  # fmt: skip
     src = open_source(path)
-    cfg = src.config.replace(expert_format=expert_format or "mxfp4", **overrides)
+    cfg = src.config.replace(expert_format=expert_format or src.config.expert_format, **overrides)
     asm = _Assembler(cfg, mesh)
     with progress_bar(src.total_bytes(), f"loading {path.name}", quiet=quiet) as bar:
         for rule in src.rules(cfg.expert_format):

@@ -80,6 +80,7 @@ SKIP = {
     # training (docs/training.md): tests/training/test_finetune.py runs finetune and --adapters on a tiny model
     "gptoss-jax finetune": "a training run: minutes on CPU, and it needs a chat JSONL file",
     "gptoss-jax chat --max-new-tokens 4 openai/gpt-oss-20b --adapters": "needs the adapters a finetune run writes",
+    "gptoss-jax merge": "needs the adapters a finetune run writes: tests/training/test_merge.py runs it",
     "python benchmarks/finetune_vs_peft.py": "a benchmark: minutes on 2 cores",
     "python benchmarks/": "a benchmark script: minutes on 2 cores, figures recorded in docs/benchmarks.md",
     "gptoss-jax serve": "a server runs until stopped: tests/server start it and drive it over HTTP",

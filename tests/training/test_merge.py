@@ -80,9 +80,11 @@ def test_dequantized_merge_gives_the_adapted_logits(merged, reference):
     assert json.loads((folder / REPORT).read_text())["experts"] == "dequantized" and not rep.errors
 
 
-def test_dequantized_experts_need_expert_format_dequantized(merged):
+def test_dense_experts_load_as_stored_and_cannot_be_packed(merged):
+    model = gptoss_jax.load(merged["dequantized"][0], dtype="float32", quiet=True)
+    assert model.cfg.expert_format == "dequantized"
     with pytest.raises(ValueError, match="expert_format='dequantized'"):
-        gptoss_jax.load(merged["dequantized"][0], dtype="float32", quiet=True)
+        gptoss_jax.load(merged["dequantized"][0], dtype="float32", quiet=True, expert_format="mxfp4")
 
 
 def test_requantized_merge_loads_in_ours_and_transformers(merged, reference):

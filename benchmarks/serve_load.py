@@ -4,33 +4,48 @@ The checkpoint is benchmarks/cpu_vs_transformers.py's `bench_config()` (4 layers
 hidden 512, ...) with the real o200k_harmony vocabulary (201088 tokens, the real pad and eos ids), since
 the server renders harmony prompts with real token ids; written in the released HF MXFP4 layout.
 
-`--clients` concurrent clients (the official `openai` AsyncOpenAI client, chat.completions, stream=True,
-include_usage) each send `--requests` requests one after the other: a short user prompt (varied), at most
-`--max-tokens` output tokens. Per request: time to first token (TTFT: send -> first delta carrying content
-or reasoning), time per output token after the first (TPOT: (last chunk - first token) / (completion_tokens
-- 1)), total time. A request is lost when it raises or ends without the final usage chunk; 5xx are counted
-apart. The server is `gptoss-jax serve CKPT --dtype float32 --max-seqs N` with its warm-up (every call
-shape compiled before /health answers), so no compile lands inside the measurement.
+Each server is started once and gets the same load phases one after the other (`--phases`, default
+`completions,chat`): in each, `--clients` concurrent clients (the official `openai` AsyncOpenAI client,
+stream=True, include_usage) send `--requests` requests each, one after the other: a short varied prompt, at
+most `--max-tokens` output tokens, `--temperature` (0: greedy). A request is lost when it raises or ends
+without usage; 5xx are counted apart. Throughput is output tokens (usage) over the phase's wall time.
 
-Then, unless --no-hf, the same requests against `transformers serve` (pinned: HF_VERSION below; another
+completions   POST /v1/completions with the prompt as raw text (no chat template): both servers stream the
+              decoded text token by token (checked: one text chunk per generated token on both), so this phase
+              gives TTFT (send -> first chunk with text) and TPOT ((finish chunk - first text) /
+              (completion_tokens - 1)), p50/p99. Neither API can force exactly max_tokens tokens (no
+              min_tokens / ignore_eos; ours refuses logit_bias), so a request may stop at an end token:
+              tokens are counted from usage, which both count the same way (every generated token, the end
+              token included; transformers sends usage in its finish chunk whatever stream_options says), and
+              the table shows tokens per request.
+chat          POST /v1/chat/completions with the prompt as the user message: counts, throughput and total
+              latency p50/p99. Random weights write no harmony header (`<|channel|>final<|message|>`), so
+              `gptoss-jax serve` cannot tell which channel the text belongs to and holds it until the sequence
+              ends (one chunk per request): its TTFT is not measurable here and shows as "-" (a note under the
+              table counts such requests). `transformers serve` (no response parser for this template) streams
+              the decoded text token by token, special tokens skipped.
+
+Ours: `gptoss-jax serve CKPT --dtype float32 --max-seqs N` with its warm-up (every call shape compiled
+before /health answers), so no compile lands inside the measurement; `--no-warmup` passes --no-warmup to it:
+it then compiles during the load and its latency figures include compilation (for debugging only).
+
+Then, unless --no-hf, the same phases against `transformers serve` (pinned: HF_VERSION below; another
 installed version is skipped with the reason printed). It serves a view of the same folder (symlinks) plus
-an o200k_harmony tokenizer built from tiktoken's ranks and a chat template that renders exactly the
-prompt our server renders (derived from `render_chat_prompt`, checked token for token). On CPU it
-dequantizes the MXFP4 experts to dense float32 and uses its default (not continuous-batching) generation.
-The two servers run one after the other, never together.
+an o200k_harmony tokenizer built from tiktoken's ranks (raw text encoded as ours does, no BOS) and a chat
+template that renders exactly the prompt our server renders (derived from `render_chat_prompt`); both are
+checked token for token. On CPU it dequantizes the MXFP4 experts to dense float32 and uses its default (not
+continuous-batching) generation: one request at a time. The two servers run one after the other, never
+together.
 
-Random weights write no harmony header (`<|channel|>final<|message|>`), so `gptoss-jax serve` cannot tell
-which channel the text belongs to and holds it until the sequence ends: every request then streams its text
-in one chunk, its TTFT is the whole generation and it has no TPOT (the script says so under the table).
-`transformers serve` (no response parser for this template) streams the decoded text token by token, special
-tokens skipped. The two TTFT columns are comparable only on a checkpoint that writes harmony headers.
-
-Duration (2 busy cores, load average ~3.5): checkpoint write 5 s, our server's warm-up ~8 min, transformers
-serve's start ~10 s; 4 clients x 1 request x 8 tokens took 3 s (gptoss-jax) and 2 s (transformers), 8.5 min
-in all. The full 64 x 4 x 32 load (8192 output tokens per side) should take roughly 25-35 min in all.
+Duration (2 busy cores, load average ~3): checkpoint write 5 s, our server's warm-up 1.5-8 min (89 s in the
+last run), transformers serve's start ~10 s. 4 clients x 1 request x 8 tokens: each phase 3 s (gptoss-jax:
+TPOT ~290 ms at 4 sequences) and 2 s (transformers: ~50 ms a token, one request at a time), 2 min in all.
+The full 64 x 4 x 32 load (8192 output tokens per side and phase) is estimated, not measured, at ~4-6 min a
+phase for gptoss-jax and ~8-9 min a phase for transformers: roughly 30-45 min in all.
 
 Usage:  python benchmarks/serve_load.py [--ckpt DIR] [--clients 64] [--requests 4] [--max-tokens 32]
-                                        [--temperature 0] [--max-seqs 16] [--no-hf]
+                                        [--temperature 0] [--max-seqs 16] [--phases completions,chat]
+                                        [--no-hf] [--no-warmup]
 """
 
 from __future__ import annotations
@@ -120,27 +135,41 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def one_request(client, model: str, text: str, args) -> dict:
+async def one_request(client, phase: str, model: str, text: str, args) -> dict:
+    """One streaming request. TTFT: send -> first chunk with text (or reasoning). TPOT: (finish chunk - first
+    text) / (completion_tokens - 1), usage's count: both servers count every generated token there, the end
+    token included, whether or not it shows as text, and send the finish chunk right after the last one."""
     import openai
 
     rec = {"ok": False, "status": None, "error": None, "ttft": None, "tpot": None, "tokens": 0, "pieces": 0}
     t0 = time.perf_counter()
-    first = last = None
+    first = end = None
     usage, pieces = None, 0
+    common = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
+              "stream_options": {"include_usage": True}}  # fmt: skip
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": text}], max_tokens=args.max_tokens,
-            temperature=args.temperature, stream=True, stream_options={"include_usage": True},
-        )  # fmt: skip
+        if phase == "completions":
+            stream = await client.completions.create(prompt=text, **common)
+        else:
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": text}], **common
+            )
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage is not None:
                 usage = chunk.usage
             for choice in chunk.choices:
-                d = choice.delta
-                extra = d.model_extra or {}
-                if d.content or extra.get("reasoning") or extra.get("reasoning_content"):
-                    first, last, pieces = first or now, now, pieces + 1
+                if phase == "completions":
+                    has_text = bool(choice.text)
+                else:
+                    extra = choice.delta.model_extra or {}
+                    has_text = bool(
+                        choice.delta.content or extra.get("reasoning") or extra.get("reasoning_content")
+                    )
+                if has_text:
+                    first, pieces = first or now, pieces + 1
+                if choice.finish_reason and end is None:
+                    end = now
         rec["status"] = 200
     except openai.APIStatusError as e:
         rec["status"], rec["error"] = e.status_code, f"{e.status_code}: {str(e)[:200]}"
@@ -150,15 +179,17 @@ async def one_request(client, model: str, text: str, args) -> dict:
     if rec["error"] is None and usage is None:
         rec["error"] = "stream ended without the usage chunk"
     if rec["error"] is None:
-        rec["ok"], rec["tokens"] = True, usage.completion_tokens
-        if first is not None:
+        n = usage.completion_tokens
+        rec["ok"], rec["tokens"] = True, n
+        # a chat reply held to the end (one piece for many tokens) has no measurable TTFT: see the docstring
+        if first is not None and (pieces > 1 or n == 1):
             rec["ttft"] = first - t0
-            if usage.completion_tokens > 1 and pieces > 1:
-                rec["tpot"] = (last - first) / (usage.completion_tokens - 1)
+            if n > 1 and end is not None:
+                rec["tpot"] = (end - first) / (n - 1)
     return rec
 
 
-async def load(url: str, model: str, work: list[list[str]], args) -> tuple[list[dict], float]:
+async def load(url: str, phase: str, model: str, work: list[list[str]], args) -> tuple[list[dict], float]:
     import openai
 
     # one connection per client: the pool must not queue requests in front of the server
@@ -166,7 +197,7 @@ async def load(url: str, model: str, work: list[list[str]], args) -> tuple[list[
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-bench", http_client=http, max_retries=0)
 
     async def user(texts):
-        return [await one_request(client, model, t, args) for t in texts]
+        return [await one_request(client, phase, model, t, args) for t in texts]
 
     t0 = time.perf_counter()
     rows = await asyncio.gather(*(user(texts) for texts in work))
@@ -187,10 +218,13 @@ def summary(name: str, recs: list[dict], wall: float) -> dict:
     ok = [r for r in recs if r["ok"]]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
+    total = [r["total"] for r in ok]
     return {"name": name, "ok": len(ok), "total": len(recs), "5xx": sum((r["status"] or 0) >= 500 for r in recs),
-            "lost": len(recs) - len(ok), "no_text": len(ok) - len(ttft),
+            "lost": len(recs) - len(ok), "no_text": sum(r["pieces"] == 0 for r in ok),
             "one_piece": sum(r["pieces"] == 1 and r["tokens"] > 1 for r in ok),
-            "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "tpot50": pct(tpot, 50), "tpot99": pct(tpot, 99),
+            "tok_req": sum(r["tokens"] for r in ok) / max(1, len(ok)),
+            "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "tpot50": pct(tpot, 50),
+            "tpot99": pct(tpot, 99), "total50": pct(total, 50), "total99": pct(total, 99),
             "tok_s": sum(r["tokens"] for r in ok) / wall, "wall": wall,
             "errors": sorted({r["error"] for r in recs if r["error"]})[:5]}  # fmt: skip
 
@@ -205,7 +239,7 @@ def write_hf_view(ckpt: Path, view: Path, cfg) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from gptoss_jax.tokenizer import get_encoding, render_chat_prompt
+    from gptoss_jax.tokenizer import encode, get_encoding, render_chat_prompt
 
     enc = get_encoding()
 
@@ -235,10 +269,61 @@ def write_hf_view(ckpt: Path, view: Path, cfg) -> None:
         raise RuntimeError(
             f"the HF tokenizer renders {len(got)} tokens, ours {len(want)}: not the same prompt"
         )
+    if fast(probe)["input_ids"] != encode(probe):  # the completions prompt: plain text, no BOS added
+        raise RuntimeError("the HF tokenizer encodes the raw prompt differently from ours")
     view.mkdir(parents=True)
     for f in ckpt.iterdir():
         (view / f.name).symlink_to(f.resolve())
     fast.save_pretrained(view)
+
+
+PHASES = ("completions", "chat")
+
+
+def run_side(name: str, cmd: list[str], log: Path, url: str, model: str, work, args, env) -> dict:
+    """Starts one server, runs every phase against it one after the other, stops it."""
+    print(f"starting {name} ...", flush=True)
+    t0 = time.perf_counter()
+    proc = start(cmd, log, url, args.start_timeout, env)
+    print(f"  ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    out = {}
+    try:
+        for phase in args.phases:
+            print(f"  {phase}: {args.clients} clients x {args.requests} request(s) ...", flush=True)
+            recs, wall = asyncio.run(load(url, phase, model, work, args))
+            out[phase] = summary(name, recs, wall)
+            print(f"    {out[phase]['ok']}/{out[phase]['total']} ok in {wall:.0f} s", flush=True)
+    finally:
+        stop(proc)
+    return out
+
+
+def print_table(phase: str, sides: list[dict]) -> None:
+    if phase == "completions":
+        cols = ["ok/total", "5xx", "lost", "tok/req", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                "out tok/s", "wall"]  # fmt: skip
+        keys = ["tok_req", "ttft50", "ttft99", "tpot50", "tpot99"]
+    else:
+        cols = ["ok/total", "5xx", "lost", "TTFT p50", "TTFT p99", "total p50", "total p99", "out tok/s",
+                "wall"]  # fmt: skip
+        keys = ["ttft50", "ttft99", "total50", "total99"]
+    print(f"{phase}:")
+    print(f"| {'server':<50} | " + " | ".join(cols) + " |")
+    print(f"|{'-' * 52}|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
+    for s in sides:
+        mid = [f"{s[k]:.1f}" if k == "tok_req" else ms(s[k]) for k in keys]
+        vals = [f"{s['ok']}/{s['total']}", str(s["5xx"]), str(s["lost"]), *mid, f"{s['tok_s']:.1f}",
+                f"{s['wall']:.0f} s"]  # fmt: skip
+        print(f"| {s['name']:<50} | " + " | ".join(v.rjust(len(c)) for v, c in zip(vals, cols)) + " |")
+    for s in sides:
+        if s["no_text"]:
+            print(f"  {s['name']}: {s['no_text']} completed request(s) streamed no text (no TTFT/TPOT)")
+        if s["one_piece"]:
+            print(f"  {s['name']}: {s['one_piece']} request(s) streamed all their text in one chunk at "
+                  "the end (no TTFT)")  # fmt: skip
+        for e in s["errors"]:
+            print(f"  {s['name']} error: {e}")
+    print()
 
 
 def main(argv=None) -> int:
@@ -249,7 +334,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0])
     ap.add_argument("--max-seqs", type=int, default=16, help="gptoss-jax serve --max-seqs")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help="comma-separated load phases, run in this order against each server: "
+                    "completions (TTFT, TPOT), chat (counts, total latency)")  # fmt: skip
     ap.add_argument("--no-hf", action="store_true", help="skip transformers serve")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="pass --no-warmup to gptoss-jax serve: it compiles during the load, so its latency "
+                    "figures then include compilation; for debugging only")  # fmt: skip
     ap.add_argument(
         "--start-timeout", type=float, default=900, help="seconds a server may take to answer /health"
     )
@@ -257,6 +348,10 @@ def main(argv=None) -> int:
     for name in ("clients", "requests", "max_tokens", "max_seqs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    bad = [p for p in args.phases if p not in PHASES]
+    if bad or not args.phases or len(set(args.phases)) != len(args.phases):
+        ap.error(f"--phases: distinct names among {','.join(PHASES)} (got {','.join(args.phases)!r})")
 
     cfg = load_config()
     from gptoss_jax.checkpoint.synthetic import checkpoint_bytes, write_checkpoint
@@ -272,22 +367,15 @@ def main(argv=None) -> int:
     work = prompts(args.clients, args.requests)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))  # fmt: skip
-    results = []
+    sides = []
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = [sys.executable, "-m", "gptoss_jax", "serve", str(args.ckpt), "--port", str(port), "--host",
-             "127.0.0.1", "--dtype", "float32", "--max-seqs", str(args.max_seqs), "--served-model-name", MODEL]  # fmt: skip
-    print("starting gptoss-jax serve (with its warm-up) ...", flush=True)
-    t0 = time.perf_counter()
-    proc = start(serve, Path(tmp.name) / "gptoss.log", url, args.start_timeout, env)
-    print(f"  ready after {time.perf_counter() - t0:.0f} s; {args.clients} clients x {args.requests} requests ...",
-          flush=True)  # fmt: skip
-    try:
-        recs, wall = asyncio.run(load(url, MODEL, work, args))
-    finally:
-        stop(proc)
-    results.append(summary("gptoss-jax serve", recs, wall))
+             "127.0.0.1", "--dtype", "float32", "--max-seqs", str(args.max_seqs), "--served-model-name",
+             MODEL, *(["--no-warmup"] if args.no_warmup else [])]  # fmt: skip
+    name = "gptoss-jax serve" + (" (--no-warmup: compiles inside)" if args.no_warmup else "")
+    sides.append(run_side(name, serve, Path(tmp.name) / "gptoss.log", url, MODEL, work, args, env))
 
     hf_note = None
     if not args.no_hf:
@@ -305,15 +393,8 @@ def main(argv=None) -> int:
             cli = Path(sys.executable).with_name("transformers")
             hf = [str(cli), "serve", str(view), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
                   "--dtype", "float32"]  # fmt: skip
-            print("starting transformers serve ...", flush=True)
-            t0 = time.perf_counter()
-            proc = start(hf, Path(tmp.name) / "hf.log", url, args.start_timeout, env)
-            print(f"  ready after {time.perf_counter() - t0:.0f} s; the same load ...", flush=True)
-            try:
-                recs, wall = asyncio.run(load(url, str(view), work, args))
-            finally:
-                stop(proc)
-            results.append(summary(f"transformers {HF_VERSION} serve (eager, dequantized f32)", recs, wall))
+            name = f"transformers {HF_VERSION} serve (eager, dequantized f32)"
+            sides.append(run_side(name, hf, Path(tmp.name) / "hf.log", url, str(view), work, args, env))
         except Exception as e:  # noqa: BLE001 - the comparison is optional: say why it did not run
             hf_note = (
                 f"transformers serve not measured: {type(e).__name__}: {str(e).strip().splitlines()[-1]}"
@@ -336,34 +417,24 @@ def main(argv=None) -> int:
           f"(compared: {HF_VERSION}), python {platform.python_version()}")  # fmt: skip
     print(f"command   {cmd}")
     print("model     4 layers, 32 experts top-4, hidden 512, width 512, 8 q / 2 kv heads x 64, vocab 201088, "
-          "MXFP4 experts, float32")  # fmt: skip
-    print(f"load      {args.clients} streaming clients x {args.requests} requests, max_tokens {args.max_tokens}, "
-          f"temperature {args.temperature:g}; gptoss-jax --max-seqs {args.max_seqs}")  # fmt: skip
+          "MXFP4 experts, float32, random weights")  # fmt: skip
+    print(f"load      per phase: {args.clients} streaming clients x {args.requests} request(s), max_tokens "
+          f"{args.max_tokens}, temperature {args.temperature:g}; gptoss-jax --max-seqs "
+          f"{args.max_seqs}")  # fmt: skip
     print(
         f"load avg  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min; other work slows both sides)"
     )
     print()
-    cols = ["ok/total", "5xx", "lost", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "out tok/s", "wall"]
-    print(f"| {'server':<52} | " + " | ".join(cols) + " |")
-    print(f"|{'-' * 54}|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
-    for s in results:
-        vals = [f"{s['ok']}/{s['total']}", str(s["5xx"]), str(s["lost"]), ms(s["ttft50"]), ms(s["ttft99"]),
-                ms(s["tpot50"]), ms(s["tpot99"]), f"{s['tok_s']:.1f}", f"{s['wall']:.0f} s"]  # fmt: skip
-        print(f"| {s['name']:<52} | " + " | ".join(v.rjust(len(c)) for v, c in zip(vals, cols)) + " |")
-    for s in results:
-        if s["no_text"]:
-            print(f"{s['name']}: {s['no_text']} completed request(s) streamed no text (no TTFT/TPOT)")
-        if s["one_piece"]:
-            print(
-                f"{s['name']}: {s['one_piece']} request(s) streamed all their text in one chunk (no TPOT; "
-                "TTFT is the whole generation)"
-            )
-        for e in s["errors"]:
-            print(f"{s['name']} error: {e}")
+    for phase in args.phases:
+        print_table(phase, [side[phase] for side in sides if phase in side])
+    if "completions" in args.phases:
+        print("completions: tok/req = usage.completion_tokens (an end token may stop a request before "
+              "max_tokens); TPOT = (finish chunk - first text) / (tokens - 1)")  # fmt: skip
     if hf_note:
         print(hf_note)
     tmp.cleanup()
-    return 0 if all(s["ok"] == s["total"] and not s["5xx"] for s in results) else 1
+    done = [s for side in sides for s in side.values()]
+    return 0 if all(s["ok"] == s["total"] and not s["5xx"] for s in done) else 1
 
 
 if __name__ == "__main__":

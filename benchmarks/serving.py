@@ -1,4 +1,5 @@
 """The serving engine on the mid-size CPU checkpoint (benchmarks/cpu_vs_transformers.py `bench_config()`).
+(The HTTP server under concurrent streaming clients: benchmarks/serve_load.py.)
 
 Measured (float32, packed MXFP4 experts, greedy):
   throughput - aggregate decode tokens/s of 16 sequences decoding together in the engine (steps that

@@ -334,14 +334,15 @@ def _sample_kw(args) -> dict:
 
 
 def parse_token_ids(text: str) -> list[int]:
+    """--tokens: integers written in ASCII ("1 2 3" or "1,2,3"); the model's vocabulary is checked later
+    (`_check_fit`), naming the checkpoint. int() alone would take '1_000' and other scripts' digits."""
     parts = text.replace(",", " ").split()
     if not parts:
         raise UsageError("--tokens: no token ids given")
-    try:
-        return [int(t) for t in parts]
-    except ValueError:
-        bad = next(t for t in parts if not t.lstrip("-").isdigit())
-        raise UsageError(f"--tokens: {bad!r} is not an integer token id") from None
+    for t in parts:
+        if not (t.isascii() and t.lstrip("-").isdigit() and t.count("-") <= int(t.startswith("-"))):
+            raise UsageError(f"--tokens: {t[:40]!r} is not an integer token id")
+    return [int(t) for t in parts]
 
 
 def read_prompt(args) -> tuple[str, str]:

@@ -85,6 +85,9 @@ def test_token_ids_checked_against_the_config(capsys, hf_ckpt, tmp_path):
     )  # a converted checkpoint: its metadata gives the vocabulary
     rc, _, err = run_cli(capsys, "generate", orbax, "--tokens", "5 -1")
     assert_rejected(rc, err, "token id -1 is outside the vocabulary [0, 1000)")
+    for bad in ("²", "--5", "1_0", "٣", "5-"):  # str.isdigit or int() alone accept some of these
+        rc, _, err = run_cli(capsys, "generate", hf_ckpt, f"--tokens=1 {bad}")
+        assert_rejected(rc, err, f"--tokens: {bad!r} is not an integer token id")
 
 
 def test_subprocess_exit_code_and_one_line(hf_ckpt):

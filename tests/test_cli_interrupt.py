@@ -24,14 +24,23 @@ from gptoss_jax.config import Config
 from gptoss_jax.progress import exit_on_interrupt
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Python's own Ctrl-C handler during each test, also where the tests run with SIGINT ignored (a background
+    job of a non-interactive shell, nohup): a caught signal is reset to the default at exec, so the commands
+    started here get Python's Ctrl-C handling, and the guard tested in-process does not stand aside."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def interrupt(cmd, ready, delay: float, cwd=None, timeout: float = 240) -> tuple[int, str, str, float]:
     """Runs `cmd` and sends SIGINT `delay` s after `ready(stdout, stderr)` first holds.
 
     Returns (exit code, stdout, stderr, seconds from the signal to the exit)."""
-    # Python's default Ctrl-C handling in the child even when the tests run where SIGINT is ignored (a
-    # background job of a non-interactive shell, nohup), which the child would inherit
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=cli_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env()
+    )
     got = {"out": [], "err": []}
     readers = [
         threading.Thread(target=lambda s, k: got[k].extend(iter(lambda: s.read(1), "")), args=a, daemon=True)
@@ -117,15 +126,7 @@ def test_ctrl_c_during_conversion(tmp_path):
         assert "rerun the same command to resume" in err and not dst.exists()
 
 
-@pytest.fixture
-def default_sigint():
-    """Python's own Ctrl-C handler for the test (the guard stands aside where SIGINT is ignored or handled)."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-
-
-def test_exit_on_interrupt_restores_signal_state(default_sigint):
+def test_exit_on_interrupt_restores_signal_state():
     """The guard is scoped: in-process callers (tests, notebooks) get their wakeup fd back."""
     before = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(before)

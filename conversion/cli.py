@@ -65,8 +65,7 @@ def _verify_only(path: str, quiet: bool) -> int:
 
     report = integrity.verify_checkpoint(path, quiet=quiet)
     if not report.ok:
-        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        return _fail(f"verification failed: {report.problems[0]}{more}; convert it again", 1)
+        return _fail(f"verification failed: {report.problem_line()}", 1)
     print(report.summary(), file=sys.stderr)
     return 0
 

@@ -54,11 +54,17 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def problem_line(self) -> str:
+        """The first problem and how many more, in one line ("" when there is none)."""
+        if not self.problems:
+            return ""
+        more = f" (and {len(self.problems) - 1} more damaged arrays)" if len(self.problems) > 1 else ""
+        return self.problems[0] + more + "; convert it again"
+
     def raise_if_bad(self) -> None:
         """CheckpointError with the first problem (one line) when there is any."""
         if self.problems:
-            more = f" (and {len(self.problems) - 1} more damaged arrays)" if len(self.problems) > 1 else ""
-            raise CheckpointError(self.problems[0] + more + "; convert it again")
+            raise CheckpointError(self.problem_line())
 
     def summary(self) -> str:
         s = (f"{self.path}: {self.checked} arrays checked, {self.nbytes / 1e9:.2f} GB read in "

@@ -6,10 +6,13 @@ The console scripts next to the test interpreter are used when they exist (an in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +61,33 @@ def assert_error_line(res: subprocess.CompletedProcess, *needles, code: int = 2)
 
 def token_ids(stdout: str) -> list[int]:
     return [int(t) for t in stdout.split()]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for a server or a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def workers(argvs: list[list[str]], logs: list[Path], *, env: dict, cwd, timeout: float):
+    """Starts one process per argv, each writing to its log, for the block (which can compute a reference
+    meanwhile); on leaving it, waits for all of them (`timeout` s in all, then kills) and asserts that each
+    exited 0, showing the failed one's log."""
+    with contextlib.ExitStack() as stack:
+        procs = [subprocess.Popen(argv, env=env, stdout=stack.enter_context(open(log, "w")),
+                                  stderr=subprocess.STDOUT, cwd=cwd)
+                 for argv, log in zip(argvs, logs, strict=True)]  # fmt: skip
+        try:
+            yield procs
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                p.wait(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {i} failed:\n{logs[i].read_text()[-4000:]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from clitools import free_port
 
 KEY = "sk-test-key"
 MODEL = "gpt-oss-tiny"
 SERVE = [sys.executable, "-m", "gptoss_jax", "serve"]  # the real entry point
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(ckpt: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -10,13 +10,10 @@ The worker is this file run as a script: `python tests/test_multihost.py WORKER_
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +45,6 @@ def _worker(process_id: int, num_processes: int, port: int, ckpt: str, out: str)
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from conftest import make_tiny_cfg
@@ -69,38 +60,19 @@ def ckpt(tmp_path_factory):
 
 
 def test_two_processes_one_global_mesh(tmp_path, ckpt):
+    from clitools import free_port, workers  # here: this file also runs as the workers' script
+
     import gptoss_jax
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    with contextlib.ExitStack() as stack:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, str(i), "2", str(port), str(ckpt), str(tmp_path)],
-                env=env,
-                stdout=stack.enter_context(open(logs[i], "w")),
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).parent.parent,
-            )
-            for i in range(2)
-        ]
+    argvs = [[sys.executable, __file__, str(i), "2", str(port), str(ckpt), str(tmp_path)] for i in range(2)]
+    with workers(argvs, logs, env=env, cwd=Path(__file__).parent.parent, timeout=300):
         # the single-device reference, computed here while the workers start
         ref = gptoss_jax.load(ckpt, dtype="float32", quiet=True)
         want = np.asarray(ref(PROMPTS))
         want_tokens = np.asarray(gptoss_jax.generate(ref, PROMPTS, max_new_tokens=NEW), np.int32)
-
-        deadline = time.monotonic() + 300
-        try:
-            for p in procs:
-                p.wait(timeout=max(1, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} failed:\n{logs[i].read_text()[-4000:]}"
     for i in range(2):
         got = np.load(tmp_path / f"logits{i}.npy")
         assert got.shape == want.shape
@@ -116,7 +88,9 @@ def test_cli_on_two_processes_prints_once(tmp_path, ckpt):
     import gptoss_jax
 
     prompt = PROMPTS[0].tolist()
-    port = _free_port()
+    from clitools import free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "gptoss_jax", "generate", str(ckpt), "--tokens", " ".join(map(str, prompt)),
            "--max-new-tokens", str(NEW), "--no-stream", "--dtype", "float32", "--mesh", "expert=4,model=2"]
     procs = []

@@ -7,13 +7,9 @@ The worker of the two-process test is this file run as a script.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -95,38 +91,17 @@ def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_run_process_0s_plan(tmp_path, hf_ckpt, tiny_cfg):
+    from clitools import free_port, workers  # here: this file also runs as the workers' script
     from hf_reference import our_model
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    with contextlib.ExitStack() as stack:
-        procs = [
-            subprocess.Popen([sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)],
-                             env=env, stdout=stack.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
-                             cwd=Path(__file__).parents[2])
-            for i in range(2)
-        ]  # fmt: skip
+    argvs = [[sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)] for i in range(2)]
+    with workers(argvs, logs, env=env, cwd=Path(__file__).parents[2], timeout=400):
         prompts, _ = workload(tiny_cfg.vocab_size)
         want = gptoss_jax.generate(our_model(hf_ckpt), prompts, max_new_tokens=NEW)
-        deadline = time.monotonic() + 400
-        try:
-            for p in procs:
-                p.wait(timeout=max(1, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} failed:\n{logs[i].read_text()[-4000:]}"
     assert json.loads((tmp_path / "tokens.json").read_text()) == want
 
 

@@ -29,9 +29,11 @@ def execute(path: Path, tmp: Path):
     for cell in nb.cells:  # outputs saved in the file must not count
         if cell.cell_type == "code":
             cell.outputs = []
-    # the kernel inherits this process's environment: CPU, the vocabulary cache and the plots in temp folders
+    # the kernel inherits this process's environment: CPU, the vocabulary cache, the plots and the scratch
+    # folders (TMPDIR) in temp folders
+    (tmp / "scratch").mkdir()
     env = {"JAX_PLATFORMS": "cpu", "GPTOSS_JAX_CACHE": str(tmp / "cache"),
-           "GPTOSS_FIGURES": str(tmp / "figures")}  # fmt: skip
+           "GPTOSS_FIGURES": str(tmp / "figures"), "TMPDIR": str(tmp / "scratch")}  # fmt: skip
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -43,6 +45,9 @@ def execute(path: Path, tmp: Path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    # the kernel has exited: a notebook's demo checkpoints (tens of MB each) must not pile up in /tmp
+    left = sorted(p.name for p in (tmp / "scratch").iterdir() if p.name.startswith("gptoss_"))
+    assert not left, f"{path.name} left {left} in its temporary folder"
     return nb
 
 

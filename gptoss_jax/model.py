@@ -178,11 +178,11 @@ EXPERT_LEAVES += kernels.mxfp4_matmul.LORA_LEAVES  # training: optional per-expe
 def moe_experts(x, idx, w, p: dict, cfg: Config):
     """The selected experts of (T,D) tokens -> (T,D): one implementation (`kernels.moe_experts`: the XLA
     path or the Pallas kernels), run per device with only its own experts under a mesh."""
-    p = {n: a for n, a in p.items() if n in EXPERT_LEAVES}
+    p = {n: a for n, a in p.items() if n in EXPERT_LEAVES or n == "layer"}
     impl = cfg.moe_impl if "mlp1_blocks" in p else "xla"  # the kernels read packed weights only
     local = functools.partial(kernels.moe_experts, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl=impl)
     if current_mesh() is not None:
-        return expert_parallel(local, x, idx, w, p, cfg)
+        return expert_parallel(local, x, idx, w, kernels.mxfp4_matmul.own_layer(p), cfg)
     return local(x, idx, w, p)
 
 
@@ -244,6 +244,8 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
     def body(carry, xs):
         x, kv, bufs = carry
         r, layers, hx = xs
+        layers = [g | {"mlp": g["mlp"] | s | {"layer": r}} if s else g
+                  for g, s in zip(layers, stacked, strict=True)]  # fmt: skip
         kv = list(kv) if kv is not None else None
         for j, sliding in enumerate(unit):
             tap = None if hooks is None else _Tap(hooks, j, hx[j])
@@ -265,6 +267,10 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
         return (x, None if kv is None else tuple(kv), bufs), None
 
     params = [_layer_params(g) for g in model.blocks]
+    # expert weights are not scanned over: each layer reads its selected experts straight from the stack
+    # (`kernels.mxfp4_matmul.expert_leaf`), which spares a copy of all the layer's experts every call
+    stacked = [{n: g["mlp"].pop(n) for n in kernels.mxfp4_matmul.STACKED_LEAVES if n in g["mlp"]}
+               for g in params]  # fmt: skip
     xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), params, None if hooks is None else hooks.xs)
     bufs = None if hooks is None else hooks.buffers()
     (x, kv, bufs), _ = jax.lax.scan(body, (x, kv, bufs), xs)

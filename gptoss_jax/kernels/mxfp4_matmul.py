@@ -118,8 +118,32 @@ def expert_weight(p: dict, name: str, e, dtype) -> jax.Array:
     `e` may be an int array of any shape (a gather of experts): the result has e.shape + (out, in).
     """
     if f"{name}_weight" in p:
-        return p[f"{name}_weight"][e].astype(dtype)
-    return dequantize(p[f"{name}_blocks"][e], p[f"{name}_scales"][e], dtype)
+        return expert_leaf(p, f"{name}_weight", e).astype(dtype)
+    return dequantize(expert_leaf(p, f"{name}_blocks", e), expert_leaf(p, f"{name}_scales", e), dtype)
+
+
+PACKED_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales")
+STACKED_LEAVES = PACKED_LEAVES + ("mlp1_weight", "mlp2_weight")  # the big ones: see `expert_leaf`
+
+
+def _at(p: dict, name: str, e):
+    return (p["layer"], e) if "layer" in p and name in STACKED_LEAVES else e
+
+
+def expert_leaf(p: dict, name: str, e):
+    """Expert(s) `e` of the expert leaf `name`. Inside the layer scan the weight leaves (`STACKED_LEAVES`)
+    may be the whole stack (R, E, ...) with the repeat in `p["layer"]` (`model.forward`): then this reads
+    only the selected experts of that layer, where slicing the layer out first would copy all of its experts
+    every call (12 MiB per layer packed, 4x that dense, for the CPU benchmark model)."""
+    return p[name][_at(p, name, e)]
+
+
+def own_layer(p: dict) -> dict:
+    """`p` with its stacked leaves sliced to its own layer (for the paths that take one layer's arrays: the
+    Pallas kernels, expert parallelism)."""
+    if "layer" not in p:
+        return p
+    return {n: a[p["layer"]] if n in STACKED_LEAVES else a for n, a in p.items() if n != "layer"}
 
 
 def _gathered_weights(p: dict, it, dtype):
@@ -129,7 +153,7 @@ def _gathered_weights(p: dict, it, dtype):
     if "mlp1_weight" in p:
         return expert_weight(p, "mlp1", it, dtype), expert_weight(p, "mlp2", it, dtype)
     b1, s1, b2, s2 = jax.lax.optimization_barrier(
-        tuple(p[n][it] for n in ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales"))
+        tuple(expert_leaf(p, n, it) for n in PACKED_LEAVES)
     )
     return dequantize(b1, s1, dtype), dequantize(b2, s2, dtype)
 
@@ -236,10 +260,10 @@ def _over_tiles(p: dict, sizes, starts, tm: int, dtype, body, carry):
     one expert's dense weights exist at a time and stay in cache for its tiles.
     """
     E = num_experts_of(p)
-    packed_names = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales") if "mlp1_blocks" in p else ()
+    packed_names = PACKED_LEAVES if "mlp1_blocks" in p else ()
 
     def packed_of(e):
-        return tuple(p[n][e] for n in packed_names)
+        return tuple(expert_leaf(p, n, e) for n in packed_names)
 
     def expert(e, state):
         carry, packed = state
@@ -352,7 +376,7 @@ def _grouped_bwd(alpha, limit, res, dy):
             cur = jax.lax.dynamic_slice_in_dim(dxs, s, tm)
             dxs = jax.lax.dynamic_update_slice_in_dim(dxs, jnp.where(keep[:, None], g["x"].astype(F32), cur),
                                                       s, 0)
-        grads = {n: a.at[e].add(g[n].astype(F32)) for n, a in grads.items()}
+        grads = {n: a.at[_at(p, n, e)].add(g[n].astype(F32)) for n, a in grads.items()}
         return dxs, dws, grads
 
     grads0 = {n: jnp.zeros(p[n].shape, F32) for n in trained}
@@ -761,6 +785,7 @@ def moe_experts(x, expert_idx, expert_w, params, *, alpha: float, limit: float, 
     with adapters (`LORA_LEAVES`) take the XLA path: the kernels have no low-rank term."""
     if resolve_impl(impl) == "xla" or has_lora(params):
         return moe_experts_reference(x, expert_idx, expert_w, params, alpha=alpha, limit=limit)
+    params = own_layer(params)
     try:
         return moe_experts_pallas(x, expert_idx, expert_w, params, alpha=alpha, limit=limit,
                                   interpret=interpret)

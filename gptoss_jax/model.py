@@ -10,8 +10,9 @@ unembedding. bf16 by default, float32 for the exact mode; wherever the reference
 
 Layers are scanned, not unrolled: the layer pattern repeats (gpt-oss: sliding, full), the weights of each
 position of that unit are stacked (`weights.py`), and `lax.scan` runs the unit `cfg.layer_repeats` times, so
-compiling a 36-layer model costs what a 2-layer one does. The KV cache (`cache.py`) is stacked alike and
-advances per row.
+compiling a 36-layer model costs what a 2-layer one does. The expert weights are read straight from their
+stacks at (repeat, expert) instead (`kernels.mxfp4_matmul.expert_leaf`), so no call copies a layer's
+experts. The KV cache (`cache.py`) is stacked alike and advances per row.
 
 Axis letters used in every einsum and shape comment:
   B batch, T query tokens, S key slots, D hidden, N query heads, K kv heads, G query heads per kv head

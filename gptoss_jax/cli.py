@@ -97,6 +97,9 @@ CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
 CACHE_MAX_BYTES = 4 * 2**30  # least recently used programs are evicted past this
 
 
+CACHE_MIN_COMPILE_SECS = 0.25  # compiles shorter than this are not worth a file
+
+
 def _default_cache_dir() -> str:
     return os.path.join("~", ".cache", "gptoss_jax", "xla")  # beside the tokenizer's encodings/
 
@@ -121,6 +124,11 @@ def setup_compile_cache(choice: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default is unbounded: keep the newest 4 GiB
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
+        # JAX's default keeps only compiles of 1 s or more; a small model's decode step compiles in about
+        # that long, so whether a second run compiled again was a coin toss. Every compile of the model
+        # takes well over this; JAX's own small per-op programs take well under it.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
     return path
 
 

@@ -95,8 +95,6 @@ def _adapters_arg(p) -> None:
 
 CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
 CACHE_MAX_BYTES = 4 * 2**30  # least recently used programs are evicted past this
-
-
 CACHE_MIN_COMPILE_SECS = 0.25  # compiles shorter than this are not worth a file
 
 

@@ -21,10 +21,12 @@ from hf_reference import rel_err
 
 from gptoss_jax.kernels.mxfp4_matmul import (
     LORA_LEAVES,
+    STACKED_LEAVES,
     moe_experts,
     moe_experts_gather,
     moe_experts_grouped,
     moe_experts_reference,
+    own_layer,
 )
 from gptoss_jax.mxfp4 import dequantize
 
@@ -80,6 +82,29 @@ def test_grouped_custom_vjp_matches_autodiff_of_the_gather_path(dtype, dense):
     assert set(gp) == set(rp) and ("mlp1_weight" in gp) == dense
     for n in gp:
         assert rel_err(gp[n].astype(jnp.float32), rp[n].astype(jnp.float32)) < tol, n
+
+
+@pytest.mark.parametrize("fn", [moe_experts_gather, moe_experts_grouped], ids=["gather", "grouped"])
+@pytest.mark.parametrize("dense", [False, True], ids=["packed", "dequantized"])
+def test_a_layer_read_from_its_stack_equals_its_own_arrays(fn, dense):
+    """Inside the layer scan the weight leaves are whole stacks with the layer in p["layer"] (`expert_leaf`):
+    the output and every gradient equal those of the layer's own arrays, and a stacked dense weight's
+    gradient is the layer's gradient at its index, zero at the other layers."""
+    x, idx, w, p = inputs(jnp.float32, dense)
+    L, r = 3, 1
+    stacked = p | {n: jnp.stack([jnp.roll(p[n], s + 1, axis=0) if s != r else p[n] for s in range(L)])
+                   for n in STACKED_LEAVES if n in p} | {"layer": jnp.int32(r)}  # fmt: skip
+    assert all(np.array_equal(a, p[n]) for n, a in own_layer(stacked).items())
+    assert np.array_equal(fn(x, idx, w, stacked, **KW), fn(x, idx, w, p, **KW))
+    gx, gw, gp = grads(fn, x, idx, w, stacked)
+    rx, rw, rp = grads(fn, x, idx, w, p)
+    assert np.array_equal(gx, rx) and np.array_equal(gw, rw)
+    assert set(gp) == set(rp)
+    for n in gp:
+        got = gp[n][r] if n in STACKED_LEAVES else gp[n]
+        assert np.array_equal(got, rp[n]), n
+        if n in STACKED_LEAVES:
+            assert not np.any(np.delete(np.asarray(gp[n]), r, axis=0)), n
 
 
 def test_adapters_only_do_not_differentiate_the_weights():

@@ -123,23 +123,25 @@ class Step:
         slots = self.ring_slots if ring else self.full_slots
         return buf.at[r, self.rows, slots].set(new.astype(buf.dtype), mode="drop")
 
-    def attend(self, kv, r, k, v, q_pos, *, ring: bool):
-        """One layer's chunk k/v (B, T, K, H) with this position's stacked buffers `kv` at repeat r ->
-        (keys, values, key positions, aligned, new kv) for `kernels.attention`.
+    def attend(self, kv, r, q, k, v, q_pos, *, ring: bool, attention):
+        """One layer's attention over the chunk and the cache: q (B, T, K, G, H), k/v (B, T, K, H), this unit
+        position's stacked buffers `kv` at repeat r -> (attention output (B, T, K, G, H), new kv).
 
-        A full layer writes the chunk first and attends over its whole buffer. A sliding layer attends over
-        its ring as it was before the chunk plus the chunk itself (so a chunk longer than the window still
-        sees every key it should; `aligned` says the chunk's keys come last, in order), then writes the
-        chunk's tail into the ring.
+        `attention(q, keys, values, q_pos, k_pos, aligned)` is the layer's attention (`model.attention_layer`
+        binds its sinks and window). A full layer writes the chunk first and attends over its whole buffer.
+        A sliding layer attends over its ring as it was before the chunk plus the chunk itself (so a chunk
+        longer than the window still sees every key it should; `aligned` says the chunk's keys come last,
+        in order), then writes the chunk's tail into the ring.
         """
         kb, vb = kv
         if ring:
             keys = jnp.concatenate([kb[r], k.astype(kb.dtype)], axis=1)
             vals = jnp.concatenate([vb[r], v.astype(vb.dtype)], axis=1)
             k_pos = jnp.concatenate([self.ring_pos_before, q_pos], axis=1)
-            return keys, vals, k_pos, k.shape[1], (self.write(kb, r, k, ring=True), self.write(vb, r, v, ring=True))
+            out = attention(q, keys, vals, q_pos, k_pos, k.shape[1])
+            return out, (self.write(kb, r, k, ring=True), self.write(vb, r, v, ring=True))
         kb, vb = self.write(kb, r, k, ring=False), self.write(vb, r, v, ring=False)
-        return kb[r], vb[r], self.full_pos, 0, (kb, vb)
+        return attention(q, kb[r], vb[r], q_pos, self.full_pos, 0), (kb, vb)
 
 
 def cache_layout(cfg: Config, batch: int, length: int, dtype=None) -> dict[str, tuple]:

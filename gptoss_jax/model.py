@@ -105,9 +105,11 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
 
     p: this layer's weights by leaf name ("norm" for the scale). Without a cache (kv None) the keys are
     these tokens. With one, kv is this unit position's stacked (k, v) buffers, r the repeat, and `step` the
-    cache's `Step` for this forward pass, which writes the chunk and says what to attend over
-    (`cache.Step.attend`; the serving engine's paged cache implements the same two methods). `tap`: this
-    layer's probe and intervention (`forward`'s `probe` / `intervene`), None on the plain path.
+    cache's `Step` for this forward pass, which writes the chunk and runs the attention over what the chunk
+    sees (`cache.Step.attend`, given this layer's attention with its sinks and window bound): so a cache may
+    lay its tokens out as it likes (the serving engine's paged cache runs one flat row of several
+    sequences' tokens and splits it per sequence). `tap`: this layer's probe and intervention (`forward`'s
+    `probe` / `intervene`), None on the plain path.
     """
     dt = x.dtype
     T = x.shape[1]
@@ -116,16 +118,19 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     k = einsum("BTD,DKH->BTKH", t, p["k_weight"], dt) + p["k_bias"]
     v = einsum("BTD,DKH->BTKH", t, p["v_weight"], dt) + p["v_bias"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv is None:
-        keys, vals, k_pos, aligned = k, v, q_pos, T
-    else:
-        keys, vals, k_pos, aligned, kv = step.attend(kv, r, k, v, q_pos, ring=bool(window))
     sinks = p["sinks"] if tap is None or tap.sinks is None else tap.sinks.reshape(p["sinks"].shape)
-    o = attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
+
+    def attend(q, keys, vals, q_pos, k_pos, aligned):
+        return attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
+
+    if kv is None:
+        o = attend(q, k, v, q_pos, q_pos, T)
+    else:
+        o, kv = step.attend(kv, r, q, k, v, q_pos, ring=bool(window), attention=attend)
     if tap is not None:
-        if tap.wants("attention"):
+        if tap.wants("attention"):  # only without a cache (`_Hooks` refuses it with one): the keys are k
             def probs():  # (B,K,G,Q,S+1) -> (B,N,Q,S+1): query head n = k*G + g
-                a = attention_probs(q[:, tap.take], keys, sinks, q_pos[:, tap.take], k_pos, window=window,
+                a = attention_probs(q[:, tap.take], k, sinks, q_pos[:, tap.take], q_pos, window=window,
                                     sm_scale=cfg.sm_scale)  # fmt: skip
                 return a.reshape((a.shape[0], -1) + a.shape[3:])
 

@@ -53,14 +53,16 @@ from .scheduler import Scheduler, Seq
 
 @partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _run(graphdef, sliding, n_top, state, kv, a):
-    """One call: feeds each row its tokens, samples a token from each row's last one -> (kv, tokens,
-    their log-probs, top ids, top log-probs)."""
+    """One step: one forward pass over each lane's flat row of tokens (decode rows, then a prefill chunk:
+    `paged.flat_layout`), then a token sampled from each row's last one -> (kv, tokens, their log-probs,
+    top ids, top log-probs), one per row."""
     model = nnx.merge(graphdef, state)
     k, v = kv
-    cache = PagedKVCache(k, v, a["rows"], a["pages"], a["start"], a["ring_lo"], sliding)
-    h, cache = forward(model, a["tokens"], cache.chunk_positions(a["n_new"], a["tokens"].shape[1]), cache)
-    last = jnp.take_along_axis(h, jnp.maximum(a["n_new"] - 1, 0)[:, None, None], axis=1)[:, 0]
-    lg = logits(model, last)
+    cache = PagedKVCache(k, v, a["rows"], a["pages"], a["start"], a["n_new"], a["ring_lo"], sliding)
+    L, N = a["tokens"].shape
+    h, cache = forward(model, a["tokens"], cache.positions(L, N), cache)
+    last = jnp.minimum(cache.last_token(L, N), N - 1)  # a decode-only call has no chunk: its row is padding
+    lg = logits(model, jnp.take_along_axis(h, last[..., None], axis=1).reshape(-1, h.shape[-1]))
     sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], jnp.ones_like(a["top_p"]))
     keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(a["keys"], a["index"])
     tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], lg.shape[-1]))
@@ -229,13 +231,15 @@ class Engine:
             if self.scheduler.idle():
                 return False
             t0 = time.perf_counter()
-            calls = self.scheduler.plan()
+            call = self.scheduler.plan()
+            plan = [] if call is None else [call.arrays]
             if jax.process_count() > 1:
-                self._send([c.arrays for c in calls])
+                self._send(plan)
             t1 = time.perf_counter()
-            outs = self._execute([c.arrays for c in calls])
+            outs = self._execute(plan)
             t2 = time.perf_counter()
-            self.scheduler.commit(calls, outs)
+            if call is not None:
+                self.scheduler.commit(call, outs[0])
             t3 = time.perf_counter()
             self.last_step = (t1 - t0, t2 - t1, t3 - t2)
             self._rate.append((t3, self.scheduler.counters.generated_tokens))
@@ -372,7 +376,7 @@ class Engine:
             for a in calls:
                 a = dict(a)
                 if "mask" not in a:
-                    B = a["tokens"].shape[0]
+                    B = a["rows"].shape[0]
                     if B not in self._ones:
                         self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
                     a["mask"] = self._ones[B]

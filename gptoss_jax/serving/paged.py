@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ..config import Config
@@ -47,10 +48,11 @@ POOL_AXES = CACHE_KV_AXES  # (layers, batch, cache_seq, kv_heads, head_dim): pag
 class PagedKVCache:
     k: tuple[jax.Array, ...]  # per unit position: full (R, P, page, K, H) pool, sliding (R, S, ring, K, H)
     v: tuple[jax.Array, ...]
-    rows: jax.Array  # (B,) int32 slot of each row of this call (shard-local; the slot count = padding)
-    pages: jax.Array  # (B, NP) int32 each row's pages in order (shard-local; the page count = no page)
-    start: jax.Array  # (B,) int32 tokens the row holds before this call
-    ring_lo: jax.Array  # (B,) int32 oldest position the row's ring may hold (> 0 after a rollback)
+    rows: jax.Array  # (L * B,) int32 slot of each row of this call (shard-local; the slot count = padding)
+    pages: jax.Array  # (L * B, NP) int32 each row's pages in order (shard-local; the page count = no page)
+    start: jax.Array  # (L * B,) int32 tokens the row holds before this call
+    n_new: jax.Array  # (L * B,) int32 tokens this call feeds the row (0: a padding row)
+    ring_lo: jax.Array  # (L * B,) int32 oldest position the row's ring may hold (> 0 after a rollback)
     sliding: tuple[bool, ...] = dataclasses.field(metadata={"static": True}, default=())
 
     @classmethod
@@ -64,11 +66,11 @@ class PagedKVCache:
         n = len(cfg.layer_unit)
         none = jnp.zeros((0,), jnp.int32)
         return cls(tuple(a[f"k.{j}"] for j in range(n)), tuple(a[f"v.{j}"] for j in range(n)), none,
-                   none.reshape(0, 0), none, none, tuple(cfg.layer_unit))  # fmt: skip
+                   none.reshape(0, 0), none, none, none, tuple(cfg.layer_unit))  # fmt: skip
 
-    def for_call(self, rows, pages, start, ring_lo) -> PagedKVCache:
+    def for_call(self, rows, pages, start, n_new, ring_lo) -> PagedKVCache:
         """This cache working on `rows` (see the fields for the meaning of each array)."""
-        return dataclasses.replace(self, rows=rows, pages=pages, start=start, ring_lo=ring_lo)
+        return dataclasses.replace(self, rows=rows, pages=pages, start=start, n_new=n_new, ring_lo=ring_lo)
 
     @property
     def kv(self):
@@ -77,10 +79,18 @@ class PagedKVCache:
     def with_kv(self, kv) -> PagedKVCache:
         return dataclasses.replace(self, k=tuple(a for a, _ in kv), v=tuple(b for _, b in kv))
 
-    def chunk_positions(self, n_new: jax.Array, T: int) -> jax.Array:
-        """Positions (B, T) of a call giving row b its next n_new[b] tokens; -1 pads the rest."""
-        t = jnp.arange(T, dtype=jnp.int32)[None]
-        return jnp.where(t < n_new[:, None], self.start[:, None] + t, -1)
+    def positions(self, L: int, N: int) -> jax.Array:
+        """Positions (L, N) of a call's flat rows (`flat_layout`); -1 for padding."""
+        tok_row, j = flat_layout(self.rows.shape[0] // L, N)
+        start, n = self.start.reshape(L, -1)[:, tok_row], self.n_new.reshape(L, -1)[:, tok_row]
+        return jnp.where(j < n, start + j, -1)
+
+    def last_token(self, L: int, N: int) -> jax.Array:
+        """(L, B) index in the flat row of each row's last token (a padding row: its first slot)."""
+        B = self.rows.shape[0] // L
+        n = self.n_new.reshape(L, B)
+        return jnp.concatenate([jnp.broadcast_to(jnp.arange(B - 1, dtype=jnp.int32), (L, B - 1)),
+                                B - 1 + jnp.maximum(n[:, B - 1 :] - 1, 0)], axis=1)  # fmt: skip
 
     def begin(self, q_pos: jax.Array) -> tuple[PagedKVCache, PagedStep]:
         """Where this call's tokens go and what each row attends over, computed once for all layers."""
@@ -88,21 +98,35 @@ class PagedKVCache:
         ring = [k for k, s in zip(self.k, self.sliding, strict=True) if s]
         page = full[0].shape[2] if full else 1
         W = ring[0].shape[2] if ring else 1
+        L, N = q_pos.shape
         NP = self.pages.shape[1]
+        B = self.rows.shape[0] // L
+        tok_row, _ = flat_layout(B, N)
+        of_token = lambda a: a.reshape((L, B) + a.shape[1:])[:, tok_row]  # noqa: E731 - per row -> per token
         valid = q_pos >= 0
-        length = jnp.maximum(self.start, jnp.max(q_pos, axis=1) + 1)  # tokens held after the call
-        page_of = jnp.take_along_axis(self.pages, jnp.clip(q_pos // page, 0, NP - 1), axis=1)
+        length = self.start + self.n_new  # tokens held after the call
+        tok_pages = of_token(self.pages)  # (L, N, NP)
+        page_of = jnp.take_along_axis(tok_pages, jnp.clip(q_pos // page, 0, NP - 1)[..., None], axis=2)[..., 0]
         i = jnp.arange(NP * page, dtype=jnp.int32)[None]
         step = PagedStep(
             rows=self.rows,
+            tok_slot=of_token(self.rows),
             tok_page=jnp.where(valid, page_of, _DROP),
             tok_offset=jnp.where(valid, q_pos % page, 0),
             pages=self.pages,
             full_pos=jnp.where(i < length[:, None], i, -1),
-            ring_slots=jnp.where(valid & (q_pos >= length[:, None] - W), q_pos % W, _DROP),
+            ring_slots=jnp.where(valid & (q_pos >= of_token(length) - W), q_pos % W, _DROP),
             ring_pos_before=_ring_positions(self.start, self.ring_lo, W),
         )
         return self, step
+
+
+def flat_layout(B: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """The layout of a call's flat row of N tokens (one per lane) over its B rows: rows 0 .. B-2 are decode
+    rows, one token each (tokens 0 .. B-2), and row B-1 is a prefill chunk (tokens B-1 .. N-1, empty when
+    N = B-1). -> (row of each token, index of each token within its row), static."""
+    tok_row = np.minimum(np.arange(N), B - 1)
+    return tok_row, np.maximum(np.arange(N) - (B - 1), 0)
 
 
 # An index no buffer reaches: writes to it are dropped (padding tokens, and ring writes a later token of the
@@ -121,57 +145,89 @@ def _ring_positions(start, ring_lo, W: int):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedStep:
-    """Where one call's tokens go, shared by every layer (computed once in `PagedKVCache.begin`)."""
+    """Where one call's tokens go, shared by every layer (computed once in `PagedKVCache.begin`). A call is
+    one flat row of N tokens per lane (L lanes) over B rows per lane (`flat_layout`)."""
 
-    rows: jax.Array  # (B,) slot of each row
-    tok_page: jax.Array  # (B, T) page of each token (_DROP = padding)
-    tok_offset: jax.Array  # (B, T) offset in its page
-    pages: jax.Array  # (B, NP) each row's pages
-    full_pos: jax.Array  # (B, NP * page) position of each gathered full-layer key, -1 = not (yet) valid
-    ring_slots: jax.Array  # (B, T) ring slot of each token (_DROP: padding, or overwritten within the call)
-    ring_pos_before: jax.Array  # (B, W) ring positions before the call: what the call attends over
+    rows: jax.Array  # (L * B,) slot of each row
+    tok_slot: jax.Array  # (L, N) slot of each token's row
+    tok_page: jax.Array  # (L, N) page of each token (_DROP = padding)
+    tok_offset: jax.Array  # (L, N) offset in its page
+    pages: jax.Array  # (L * B, NP) each row's pages
+    full_pos: jax.Array  # (L * B, NP * page) position of each gathered full-layer key, -1 = not (yet) valid
+    ring_slots: jax.Array  # (L, N) ring slot of each token (_DROP: padding, or overwritten within the call)
+    ring_pos_before: jax.Array  # (L * B, W) ring positions before the call: what the call attends over
 
-    def attend(self, kv, r, k, v, q_pos, *, ring: bool):
-        """One layer's k/v (B, T, K, H) with this unit position's buffers `kv` at repeat r -> (keys, values,
-        key positions, aligned, new kv), as `cache.Step.attend`.
+    def attend(self, kv, r, q, k, v, q_pos, *, ring: bool, attention):
+        """One layer's attention for the flat row: q (L, N, K, G, H), k/v (L, N, K, H), this unit position's
+        buffers `kv` at repeat r -> (output (L, N, K, G, H), new kv), as `cache.Step.attend`.
 
-        A full layer writes the call's tokens into their pages, then gathers each row's pages (B, NP * page
-        keys). A sliding layer attends over its ring as it was before the call plus the call's own tokens
-        (`aligned`: those come last, in order), then writes their tail into the ring.
+        Every token's k/v is written straight from the flat row (a full layer's into its page, before
+        attending; a sliding layer's into its ring, after). Attention is per row, in two dense layouts cut
+        from the flat row without a gather: the decode rows as (L * (B-1), 1) queries and the chunks as
+        (L, N-B+1). A full-layer row attends over its pages (gathered, NP * page keys, masked by position);
+        a sliding-layer row over its ring as it was before the call plus its own tokens (`aligned`).
         """
         kb, vb = kv
-        T = k.shape[1]
+        L, N = q_pos.shape
+        B = self.rows.shape[0] // L
+        D, T = B - 1, N - B + 1  # decode rows; the chunk's tokens
+
+        def by_row(a):  # (L * B, ...) per row -> decode rows (L * D, ...), chunk rows (L, ...)
+            a = a.reshape((L, B) + a.shape[1:])
+            return a[:, :D].reshape((L * D,) + a.shape[2:]), a[:, D]
+
+        def decode(a):  # (L, N, ...) flat -> (L * D, 1, ...): one token per decode row
+            return a[:, :D].reshape((L * D, 1) + a.shape[2:])
+
+        rows_d, rows_c = by_row(self.rows)
         if ring:
 
-            def local(kb, vb, r, k, v, rows, slots):
-                old_k = kb.at[r, rows].get(mode="fill", fill_value=0)
-                old_v = vb.at[r, rows].get(mode="fill", fill_value=0)
-                keys = jnp.concatenate([old_k, k.astype(kb.dtype)], axis=1)
-                vals = jnp.concatenate([old_v, v.astype(vb.dtype)], axis=1)
-                kb = kb.at[r, rows[:, None], slots].set(k.astype(kb.dtype), mode="drop")
-                vb = vb.at[r, rows[:, None], slots].set(v.astype(vb.dtype), mode="drop")
-                return keys, vals, kb, vb
+            def local(kb, vb, r, k, v, tok_slot, slots, rows_d, rows_c):
+                read = lambda buf, rows: buf.at[r, rows].get(mode="fill", fill_value=0)  # noqa: E731
+                out = (read(kb, rows_d), read(vb, rows_d)) + ((read(kb, rows_c), read(vb, rows_c)) if T else ())
+                kb = kb.at[r, tok_slot, slots].set(k.astype(kb.dtype), mode="drop")
+                vb = vb.at[r, tok_slot, slots].set(v.astype(vb.dtype), mode="drop")
+                return *out, kb, vb
 
-            keys, vals, kb, vb = _per_shard(local, kb, vb, r, k, v, self.rows, self.ring_slots)
-            return keys, vals, jnp.concatenate([self.ring_pos_before, q_pos], axis=1), T, (kb, vb)
+            *old, kb, vb = _per_shard(local, 2 + 2 * bool(T), kb, vb, r, k, v, self.tok_slot, self.ring_slots,
+                                      rows_d, rows_c)  # fmt: skip
+            before_d, before_c = by_row(self.ring_pos_before)
+            cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=1)  # noqa: E731
+            o = attention(decode(q), cat(old[0], decode(k)), cat(old[1], decode(v)), decode(q_pos),
+                          cat(before_d, decode(q_pos)), 1)  # fmt: skip
+            o = o.reshape((L, D) + o.shape[2:])
+            if T:
+                qc = q_pos[:, D:]
+                oc = attention(q[:, D:], cat(old[2], k[:, D:]), cat(old[3], v[:, D:]), qc, cat(before_c, qc), T)
+                o = jnp.concatenate([o, oc], axis=1)
+            return o, (kb, vb)
 
-        def local(kb, vb, r, k, v, tok_page, tok_offset, pages):
+        pages_d, pages_c = by_row(self.pages)
+
+        def local(kb, vb, r, k, v, tok_page, tok_offset, pages_d, pages_c):
             kb = kb.at[r, tok_page, tok_offset].set(k.astype(kb.dtype), mode="drop")
             vb = vb.at[r, tok_page, tok_offset].set(v.astype(vb.dtype), mode="drop")
-            B, NP = pages.shape
-            flat = (B, NP * kb.shape[2]) + kb.shape[3:]
-            # padding pages are clipped to a real one: their keys sit past the row's length (masked)
-            keys = kb.at[r, pages].get(mode="clip").reshape(flat)
-            vals = vb.at[r, pages].get(mode="clip").reshape(flat)
-            return keys, vals, kb, vb
 
-        keys, vals, kb, vb = _per_shard(local, kb, vb, r, k, v, self.tok_page, self.tok_offset, self.pages)
-        return keys, vals, self.full_pos, 0, (kb, vb)
+            def gather(buf, pages):  # padding pages are clipped to a real one: their keys are masked
+                return buf.at[r, pages].get(mode="clip").reshape((pages.shape[0], -1) + buf.shape[3:])
+
+            out = (gather(kb, pages_d), gather(vb, pages_d))
+            return *out, *((gather(kb, pages_c), gather(vb, pages_c)) if T else ()), kb, vb
+
+        *keys, kb, vb = _per_shard(local, 2 + 2 * bool(T), kb, vb, r, k, v, self.tok_page, self.tok_offset,
+                                   pages_d, pages_c)  # fmt: skip
+        pos_d, pos_c = by_row(self.full_pos)
+        o = attention(decode(q), keys[0], keys[1], decode(q_pos), pos_d, 0)
+        o = o.reshape((L, D) + o.shape[2:])
+        if T:
+            o = jnp.concatenate([o, attention(q[:, D:], keys[2], keys[3], q_pos[:, D:], pos_c, 0)], axis=1)
+        return o, (kb, vb)
 
 
-def _per_shard(fn, kb, vb, r, k, v, *rows):
-    """fn(kb, vb, r, k, v, *row arrays) per (data, kv-head) shard under a mesh: every index is shard-local
-    (the scheduler keeps each sequence's slot and pages in its own data shard); identity without one."""
+def _per_shard(fn, n_out: int, kb, vb, r, k, v, *rows):
+    """fn(kb, vb, r, k, v, *row arrays) -> (n_out arrays of (rows, keys, K, H), kb, vb), per (data, kv-head)
+    shard under a mesh: every index is shard-local (the scheduler keeps each sequence's slot and pages in
+    its own data shard); identity without one."""
     mesh = current_mesh()
     if mesh is None:
         return fn(kb, vb, r, k, v, *rows)
@@ -179,7 +235,7 @@ def _per_shard(fn, kb, vb, r, k, v, *rows):
     data, heads = pool[1], pool[3]
     tok = P(data, None, heads, None)
     row_specs = tuple(P(data, *([None] * (a.ndim - 1))) for a in rows)
-    out = (tok, tok, pool, pool)
+    out = (tok,) * n_out + (pool, pool)
     return jax.shard_map(fn, mesh=mesh, in_specs=(pool, pool, P(), tok, tok, *row_specs), out_specs=out,
                          check_vma=False)(kb, vb, r, k, v, *rows)  # fmt: skip
 

@@ -101,12 +101,11 @@ class Resident:
 
 @dataclasses.dataclass
 class Call:
-    """One forward call: `arrays` go to the device (every process); `rows` (process 0 only) say which
-    sequence each row is: (row, seq, tokens fed, samples)."""
+    """A step's forward call: `arrays` go to the device (every process); `rows` (process 0 only) say which
+    sequence each row is: (row, seq, tokens fed, samples, a decode row)."""
 
     arrays: dict[str, np.ndarray]
-    rows: list[tuple[int, Seq, int, bool]]
-    decode: bool
+    rows: list[tuple[int, Seq, int, bool, bool]]
 
 
 @dataclasses.dataclass
@@ -170,7 +169,9 @@ class Scheduler:
             self._release(seq)
 
     # ------------------------------------------------------------------------------------------ plan
-    def plan(self) -> list[Call]:
+    def plan(self) -> Call | None:
+        """This step's call: every decoding sequence's next token and at most one prefill chunk per lane,
+        in one flat row per lane (None when nothing can run)."""
         self.counters.steps += 1
         self._admit()
         by_age = sorted(self.running.values(), key=lambda s: s.arrival)
@@ -178,32 +179,21 @@ class Scheduler:
         for s in by_age:
             if s.remaining == 1 and s.slot >= 0 and self._grow(s, s.length + 1, preempt_self=True):
                 decode.append(s)
-        chunks: list[list[tuple[Seq, int]]] = []
         # the budget keeps prefill from stalling decoding sequences; with none decoding, nothing can stall
-        budget, chosen = (self.budget if decode else max(self.budget, self.chunk * self.lanes)), set()
-        while budget > 0:
-            per_lane: list[tuple[Seq, int]] = []
-            for lane in range(self.lanes):
-                for s in by_age:
-                    if s.lane != lane or s.slot < 0 or s.remaining <= 1 or id(s) in chosen or budget <= 0:
-                        continue
-                    chosen.add(id(s))
+        budget = self.budget if decode else max(self.budget, self.chunk)
+        chunks = []
+        for lane in range(self.lanes):
+            for s in by_age:
+                if s.lane == lane and s.slot >= 0 and s.remaining > 1:
                     want = min(s.remaining, self.chunk, budget)
                     n = min(want, self._grow(s, s.length + want) - s.length)
                     if n > 0:
-                        per_lane.append((s, n))
-                        budget -= n
+                        chunks.append((s, n))
                         break
-            if not per_lane:
-                break
-            chunks.append(per_lane)
-        calls = []
-        decode = [(s, 1) for s in decode if s.slot >= 0]  # a prefill chunk may have preempted a newer one
-        for rows, is_decode in [(decode, True)] + [(c, False) for c in chunks]:
-            rows = [(s, n) for s, n in rows if s.slot >= 0 and self._mask(s, n)]
-            if rows:
-                calls.append(self._call(rows, decode=is_decode))
-        return calls
+        # a chunk may have preempted a newer sequence; a failing allowed-tokens hook ends its own request
+        decode = [(s, 1) for s in decode if s.slot >= 0 and self._mask(s, 1)]
+        chunks = [(s, n) for s, n in chunks if s.slot >= 0 and self._mask(s, n)]
+        return self._call(decode, chunks) if decode or chunks else None
 
     def _mask(self, s: Seq, n: int) -> bool:
         """Asks the request's allowed-tokens hook for the token this row samples (kept in `s.allowed`); a
@@ -315,9 +305,11 @@ class Scheduler:
         self.free_pages[r.lane].extend(r.pages)
 
     # ------------------------------------------------------------------------------------ the arrays
-    def empty_call(self, B: int, T: int, NP: int) -> dict[str, np.ndarray]:
-        """The arrays of a call of B rows x T tokens x NP pages, every row padding (writes nothing)."""
-        return {"tokens": np.zeros((B, T), np.int32), "n_new": np.zeros(B, np.int32),
+    def empty_call(self, D: int, T: int, NP: int) -> dict[str, np.ndarray]:
+        """The arrays of a call of D decode rows and a T-token chunk per lane, NP pages per row, every row
+        padding (writes nothing). Rows are lane-major, D + 1 per lane (the chunk's row last: `flat_layout`)."""
+        B = self.lanes * (D + 1)
+        return {"tokens": np.zeros((self.lanes, D + T), np.int32), "n_new": np.zeros(B, np.int32),
                 "rows": np.full(B, self.slots_per_lane, np.int32),
                 "pages": np.full((B, NP), self.pages_per_lane, np.int32),
                 "start": np.zeros(B, np.int32), "ring_lo": np.zeros(B, np.int32),
@@ -327,58 +319,57 @@ class Scheduler:
                 "logprobs": np.zeros((), bool)}  # fmt: skip
 
     def shapes(self) -> list[tuple[int, int, int]]:
-        """Every (rows, tokens, pages) a call can have: what the warm-up compiles."""
-        dec = [(self.lanes * b, 1, NP) for b in self.seq_buckets for NP in self.page_buckets]
-        return dec + [(self.lanes, T, NP) for T in self.token_buckets for NP in self.page_buckets]
+        """Every (decode rows, chunk tokens, pages) a call can have, per lane: what the warm-up compiles."""
+        return [(D, T, NP) for D in self.seq_buckets for T in (0, *self.token_buckets) for NP in self.page_buckets]
 
-    def _call(self, rows: list[tuple[Seq, int]], *, decode: bool) -> Call:
-        per_lane = [[(s, n) for s, n in rows if s.lane == lane] for lane in range(self.lanes)]
-        b = bucket(max(len(p) for p in per_lane), self.seq_buckets) if decode else 1
-        T = 1 if decode else bucket(max(n for _, n in rows), self.token_buckets)
-        NP = bucket(max(math.ceil((s.length + n) / self.page_size) for s, n in rows), self.page_buckets)
-        B = self.lanes * b
-        a = self.empty_call(B, T, NP)
-        masks = {}
-        out = []
-        for lane, lane_rows in enumerate(per_lane):
-            for i, (s, n) in enumerate(lane_rows):
-                row = lane * b + i
-                a["tokens"][row, :n] = s.tokens[s.length : s.length + n]
-                a["n_new"][row], a["start"][row], a["ring_lo"][row] = n, s.length, s.ring_lo
-                a["rows"][row] = s.slot - lane * self.slots_per_lane
-                a["pages"][row, : len(s.pages)] = np.asarray(s.pages, np.int32) - lane * self.pages_per_lane
-                samples = s.length + n == len(s.tokens)
-                if samples:
-                    o = s.handle.options
-                    a["temperature"][row], a["top_k"][row], a["top_p"][row], a["min_p"][row] = (
-                        o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
-                    a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
-                    a["logprobs"] |= o.logprobs
-                    if s.allowed is not None:
-                        masks[row] = s.allowed
-                out.append((row, s, n, samples))
+    def _call(self, decode: list[tuple[Seq, int]], chunks: list[tuple[Seq, int]]) -> Call:
+        per_lane = [[s for s, _ in decode if s.lane == lane] for lane in range(self.lanes)]
+        D = bucket(max(1, *map(len, per_lane)), self.seq_buckets)
+        T = bucket(max(n for _, n in chunks), self.token_buckets) if chunks else 0
+        NP = bucket(max(math.ceil((s.length + n) / self.page_size) for s, n in decode + chunks), self.page_buckets)
+        a = self.empty_call(D, T, NP)
+        masks, out = {}, []
+        rows = [(lane * (D + 1) + i, s, 1, True) for lane, seqs in enumerate(per_lane) for i, s in enumerate(seqs)]
+        rows += [(s.lane * (D + 1) + D, s, n, False) for s, n in chunks]
+        for row, s, n, is_decode in rows:
+            lane = s.lane
+            col = row - lane * (D + 1)  # the row's first token in its lane's flat row
+            a["tokens"][lane, col : col + n] = s.tokens[s.length : s.length + n]
+            a["n_new"][row], a["start"][row], a["ring_lo"][row] = n, s.length, s.ring_lo
+            a["rows"][row] = s.slot - lane * self.slots_per_lane
+            a["pages"][row, : len(s.pages)] = np.asarray(s.pages, np.int32) - lane * self.pages_per_lane
+            samples = s.length + n == len(s.tokens)
+            if samples:
+                o = s.handle.options
+                a["temperature"][row], a["top_k"][row], a["top_p"][row], a["min_p"][row] = (
+                    o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
+                a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
+                a["logprobs"] |= o.logprobs
+                if s.allowed is not None:
+                    masks[row] = s.allowed
+            out.append((row, s, n, samples, is_decode))
         if masks:
-            allowed = np.ones((B, self.vocab_size), bool)
+            allowed = np.ones((len(a["rows"]), self.vocab_size), bool)
             for row, m in masks.items():
                 allowed[row] = m
             a["mask"] = pack_mask(allowed)
-        return Call(a, out, decode)
+        return Call(a, out)
 
     # ----------------------------------------------------------------------------------------- commit
-    def commit(self, calls: list[Call], outs: list[tuple[np.ndarray, ...]]) -> None:
-        """Takes each call's (tokens, logprobs, top ids, top logprobs) and advances its sequences."""
+    def commit(self, call: Call, out: tuple[np.ndarray, ...]) -> None:
+        """Takes the call's (tokens, logprobs, top ids, top logprobs) per row and advances its sequences."""
         now = time.perf_counter()
-        for call, (toks, lps, top_ids, top_lps) in zip(calls, outs, strict=True):
-            for row, s, n, samples in call.rows:
-                if self.running.get(s.slot) is not s:
-                    continue
-                if call.decode and s.generated:
-                    self.counters.decode_tokens += 1
-                else:
-                    self.counters.prefill_tokens += n
-                s.length += n
-                if samples:
-                    self._emit(s, int(toks[row]), float(lps[row]), top_ids[row], top_lps[row], now)
+        toks, lps, top_ids, top_lps = out
+        for row, s, n, samples, is_decode in call.rows:
+            if self.running.get(s.slot) is not s:
+                continue
+            if is_decode and s.generated:
+                self.counters.decode_tokens += 1
+            else:
+                self.counters.prefill_tokens += n
+            s.length += n
+            if samples:
+                self._emit(s, int(toks[row]), float(lps[row]), top_ids[row], top_lps[row], now)
 
     def _emit(self, s: Seq, tok: int, lp: float, top_ids, top_lps, now: float) -> None:
         o, h = s.handle.options, s.handle

@@ -7,10 +7,12 @@
         for ev in h: ...                 # or `async for ev in h`: TokenEvent(token, text, logprob, ...)
         h.result()                       # Result(tokens, text, finish_reason, ...)
 
-Each step (`Engine.step`) is one plan from the scheduler (`serving.scheduler`): a decode call with one token
-for every sequence that is generating, then prefill calls for waiting prompts under a per-step token
-budget. Every call is one jitted forward over the paged cache (`serving.paged`) followed by per-row
-sampling on device; shapes are bucketed (rows, tokens, pages), so after `warmup()` nothing compiles.
+Each step (`Engine.step`) is one plan from the scheduler (`serving.scheduler`) and ONE jitted forward call:
+per lane, a flat row of tokens holding one token for every sequence that is generating, then a prefill
+chunk of a waiting prompt under a per-step token budget (`paged.flat_layout`), so the weights are read
+once per step; the cache's step splits the row per sequence for attention (`serving.paged`), and per-row
+sampling runs on device. Shapes are bucketed (decode rows, chunk tokens, pages), so after `warmup()`
+nothing compiles.
 
 Exactness: a row's keys are its own tokens only (positions mask everything else), its sampling settings
 and key are its own, and token i of a request is drawn with fold_in(its key, i): so every request gets the
@@ -114,16 +116,17 @@ class Engine:
     max_seqs: slots (sequences in flight, running or resident). max_context: tokens a sequence may reach
     (default min(model context, 8192)). page_size: tokens per page. num_pages: the pool; default enough
     for every slot at max_context, or what `kv_memory` bytes hold after the rings (then sequences wait or
-    are preempted when it runs out). chunk: most tokens of one prefill call (default the config's
-    prefill_chunk); budget: prefill tokens per step (default chunk): smaller keeps decoding smooth while
-    long prompts arrive, larger fills the cache faster. ring_slack: extra ring slots per slot, the
+    are preempted when it runs out). chunk: most tokens of one prefill chunk (default the config's
+    prefill_chunk); budget: prefill tokens per step and data shard while sequences decode (default chunk):
+    smaller keeps decoding smooth while long prompts arrive, larger fills the cache faster. ring_slack: extra ring slots per slot, the
     rollback conversation reuse may do. reuse: keep finished sequences resident; resident_pages caps the
     pages they hold (default all: residents give their pages and slots back whenever live work needs
     them). max_top_logprobs: the most alternatives a request may ask for (compiled in). detokenize:
-    stream text and allow stop strings (o200k_harmony). seq_buckets (rows per data shard), page_buckets
-    (pages gathered per row) and token_buckets (tokens of a prefill call): the compiled sizes, default
-    powers of two up to the limit; every call is padded to the next one, and `warmup` compiles each
-    (len(seq_buckets) + len(token_buckets)) x len(page_buckets) shapes).
+    stream text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard),
+    page_buckets (pages gathered per row) and token_buckets (tokens of a prefill chunk): the compiled
+    sizes, default powers of two up to the limit; every call is padded to the next one, and `warmup`
+    compiles each reachable combination (`Scheduler.shapes`: at most len(seq_buckets) x
+    (1 + len(token_buckets)) x len(page_buckets)).
     """
 
     def __init__(self, model, *, max_seqs: int = 16, max_context: int | None = None, page_size: int = 16,

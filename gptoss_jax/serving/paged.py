@@ -2,7 +2,12 @@
 slot on sliding ones.
 
 `PagedKVCache` implements the protocol `model.forward` uses (`begin`, `kv`, `with_kv`, and its step's
-`attend`), so the model's layer scan runs over it unchanged.
+`attend`, which runs the layer's attention), so the model's layer scan runs over it unchanged.
+
+A call is one flat row of tokens per lane (`flat_layout`): the next token of every decoding sequence, one
+row each, then one prefill chunk. The model's token-wise work (projections, router, experts) runs once over
+the row, so a step reads the weights once; only attention is per row, on two dense layouts cut from the
+flat row without a gather: (decode rows, 1) and (chunks, chunk tokens).
 
 Layout (stacked over the R repeats of the layer unit, like the parameters):
 - full-attention unit positions: a pool of pages (R, P, page_size, K, H) per k and v, shared by all
@@ -15,11 +20,11 @@ Layout (stacked over the R repeats of the layer unit, like the parameters):
 
 The page table and every length live on the host (the scheduler owns them): each forward call carries the
 rows it works on (`rows`: slot ids), each row's pages in order (`pages`, padded to a bucketed count), the
-tokens each row held before the call (`start`) and the oldest position its ring may still hold (`ring_lo`).
-A call computes only its own rows' tokens and writes straight into the shared pool. Which position a ring
-slot holds follows from `start` and `ring_lo` (the newest position below `start` in that residue class),
-and a full-layer key is valid iff its position is below the row's length: attention masks by position,
-never by slot order, so stale pages and ring slots are never seen.
+tokens each row held before the call (`start`), how many it feeds (`n_new`) and the oldest position its
+ring may still hold (`ring_lo`). A call computes only its own rows' tokens and writes straight into the
+shared pool. Which position a ring slot holds follows from `start` and `ring_lo` (the newest position below
+`start` in that residue class), and a full-layer key is valid iff its position is below the row's length:
+attention masks by position, never by slot order, so stale pages and ring slots are never seen.
 
 On a mesh the pool's pages and the rings' slots are split over `data` (each data shard is a lane of the
 scheduler, with its own slots and pages) and kv heads over `model`; the writes and gathers run per shard
@@ -105,8 +110,8 @@ class PagedKVCache:
         of_token = lambda a: a.reshape((L, B) + a.shape[1:])[:, tok_row]  # noqa: E731 - per row -> per token
         valid = q_pos >= 0
         length = self.start + self.n_new  # tokens held after the call
-        tok_pages = of_token(self.pages)  # (L, N, NP)
-        page_of = jnp.take_along_axis(tok_pages, jnp.clip(q_pos // page, 0, NP - 1)[..., None], axis=2)[..., 0]
+        lane = jnp.arange(L)[:, None]
+        page_of = self.pages.reshape(L, B, NP)[lane, tok_row[None], jnp.clip(q_pos // page, 0, NP - 1)]
         i = jnp.arange(NP * page, dtype=jnp.int32)[None]
         step = PagedStep(
             rows=self.rows,
@@ -170,58 +175,48 @@ class PagedStep:
         kb, vb = kv
         L, N = q_pos.shape
         B = self.rows.shape[0] // L
-        D, T = B - 1, N - B + 1  # decode rows; the chunk's tokens
+        D, n_groups = B - 1, 1 + (N > B - 1)  # decode rows; the chunk's row is a group of its own if any
 
-        def by_row(a):  # (L * B, ...) per row -> decode rows (L * D, ...), chunk rows (L, ...)
+        def per_row(a):  # (L * B, ...) -> [decode rows (L * D, ...), chunk rows (L, ...)]
             a = a.reshape((L, B) + a.shape[1:])
-            return a[:, :D].reshape((L * D,) + a.shape[2:]), a[:, D]
+            return [a[:, :D].reshape((L * D,) + a.shape[2:]), a[:, D]][:n_groups]
 
-        def decode(a):  # (L, N, ...) flat -> (L * D, 1, ...): one token per decode row
-            return a[:, :D].reshape((L * D, 1) + a.shape[2:])
+        def per_token(a):  # (L, N, ...) -> [decode rows' tokens (L * D, 1, ...), chunks (L, N - D, ...)]
+            return [a[:, :D].reshape((L * D, 1) + a.shape[2:]), a[:, D:]][:n_groups]
 
-        rows_d, rows_c = by_row(self.rows)
+        groups = list(zip(per_token(q), per_token(k), per_token(v), per_token(q_pos), strict=True))
         if ring:
 
-            def local(kb, vb, r, k, v, tok_slot, slots, rows_d, rows_c):
-                read = lambda buf, rows: buf.at[r, rows].get(mode="fill", fill_value=0)  # noqa: E731
-                out = (read(kb, rows_d), read(vb, rows_d)) + ((read(kb, rows_c), read(vb, rows_c)) if T else ())
+            def local(kb, vb, r, k, v, tok_slot, slots, *rows):
+                old = [buf.at[r, rw].get(mode="fill", fill_value=0) for rw in rows for buf in (kb, vb)]
                 kb = kb.at[r, tok_slot, slots].set(k.astype(kb.dtype), mode="drop")
                 vb = vb.at[r, tok_slot, slots].set(v.astype(vb.dtype), mode="drop")
-                return *out, kb, vb
+                return *old, kb, vb
 
-            *old, kb, vb = _per_shard(local, 2 + 2 * bool(T), kb, vb, r, k, v, self.tok_slot, self.ring_slots,
-                                      rows_d, rows_c)  # fmt: skip
-            before_d, before_c = by_row(self.ring_pos_before)
+            *old, kb, vb = _per_shard(local, 2 * n_groups, kb, vb, r, k, v, self.tok_slot, self.ring_slots,
+                                      *per_row(self.rows))  # fmt: skip
             cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=1)  # noqa: E731
-            o = attention(decode(q), cat(old[0], decode(k)), cat(old[1], decode(v)), decode(q_pos),
-                          cat(before_d, decode(q_pos)), 1)  # fmt: skip
-            o = o.reshape((L, D) + o.shape[2:])
-            if T:
-                qc = q_pos[:, D:]
-                oc = attention(q[:, D:], cat(old[2], k[:, D:]), cat(old[3], v[:, D:]), qc, cat(before_c, qc), T)
-                o = jnp.concatenate([o, oc], axis=1)
-            return o, (kb, vb)
+            out = []
+            for i, before in enumerate(per_row(self.ring_pos_before)):
+                qg, kg, vg, pg = groups[i]
+                out.append(attention(qg, cat(old[2 * i], kg), cat(old[2 * i + 1], vg), pg, cat(before, pg),
+                                     pg.shape[1]))  # fmt: skip
+        else:
 
-        pages_d, pages_c = by_row(self.pages)
+            def local(kb, vb, r, k, v, tok_page, tok_offset, *pages):
+                kb = kb.at[r, tok_page, tok_offset].set(k.astype(kb.dtype), mode="drop")
+                vb = vb.at[r, tok_page, tok_offset].set(v.astype(vb.dtype), mode="drop")
+                # padding pages are clipped to a real one: their keys sit past the row's length (masked)
+                keys = [buf.at[r, pg].get(mode="clip").reshape((pg.shape[0], -1) + buf.shape[3:])
+                        for pg in pages for buf in (kb, vb)]  # fmt: skip
+                return *keys, kb, vb
 
-        def local(kb, vb, r, k, v, tok_page, tok_offset, pages_d, pages_c):
-            kb = kb.at[r, tok_page, tok_offset].set(k.astype(kb.dtype), mode="drop")
-            vb = vb.at[r, tok_page, tok_offset].set(v.astype(vb.dtype), mode="drop")
-
-            def gather(buf, pages):  # padding pages are clipped to a real one: their keys are masked
-                return buf.at[r, pages].get(mode="clip").reshape((pages.shape[0], -1) + buf.shape[3:])
-
-            out = (gather(kb, pages_d), gather(vb, pages_d))
-            return *out, *((gather(kb, pages_c), gather(vb, pages_c)) if T else ()), kb, vb
-
-        *keys, kb, vb = _per_shard(local, 2 + 2 * bool(T), kb, vb, r, k, v, self.tok_page, self.tok_offset,
-                                   pages_d, pages_c)  # fmt: skip
-        pos_d, pos_c = by_row(self.full_pos)
-        o = attention(decode(q), keys[0], keys[1], decode(q_pos), pos_d, 0)
-        o = o.reshape((L, D) + o.shape[2:])
-        if T:
-            o = jnp.concatenate([o, attention(q[:, D:], keys[2], keys[3], q_pos[:, D:], pos_c, 0)], axis=1)
-        return o, (kb, vb)
+            *keys, kb, vb = _per_shard(local, 2 * n_groups, kb, vb, r, k, v, self.tok_page, self.tok_offset,
+                                       *per_row(self.pages))  # fmt: skip
+            out = [attention(groups[i][0], keys[2 * i], keys[2 * i + 1], groups[i][3], k_pos, 0)
+                   for i, k_pos in enumerate(per_row(self.full_pos))]  # fmt: skip
+        out[0] = out[0].reshape((L, D) + out[0].shape[2:])
+        return jnp.concatenate(out, axis=1), (kb, vb)
 
 
 def _per_shard(fn, n_out: int, kb, vb, r, k, v, *rows):

@@ -1,7 +1,8 @@
 """Host-side scheduling: slots, pages, admission, preemption, conversation reuse, and each step's plan.
 
-No device work here: `Scheduler.plan()` decides a step and returns its calls as numpy arrays (the same plan
-every process runs), `Scheduler.commit()` takes the sampled tokens back and streams them to the handles.
+No device work here: `Scheduler.plan()` decides a step and returns its one call as numpy arrays (the same
+plan every process runs), `Scheduler.commit()` takes the sampled tokens back and streams them to the
+handles.
 
 A sequence holds a slot (its ring, in its lane) and pages (its full-layer KV, in the same lane); `length`
 tokens of it are in the cache, `tokens` are all it knows (prompt, then generated). What it still has to feed
@@ -13,9 +14,10 @@ Each step, first come first served by arrival:
 1. admission: waiting sequences take a free slot, or the slot of a resident sequence they extend (reuse),
    or evict the least recently used resident sequence;
 2. decode: every sequence with one token to feed gets the page that token needs;
-3. prefill: chunks of at most `chunk` tokens, `budget` tokens in all (at least a chunk per lane when no
-   sequence decodes: then nothing waits on the step), one chunk per sequence; a call holds one chunk per
-   lane.
+3. prefill: per lane, one chunk of the oldest sequence with a prompt to feed, at most `chunk` tokens and,
+   while sequences decode, at most `budget` (with none decoding nothing waits on the step: a full chunk).
+The step is one call: per lane a flat row of the decode tokens, one row each, then the chunk
+(`paged.flat_layout`).
 Pages come from the sequence's lane: a free one, else a resident sequence's (least recently used first),
 else the newest running sequence of the lane newer than the one asking is preempted (its slot and pages
 freed; it waits again and is recomputed from its tokens: nothing is lost). A decode row that still finds
@@ -307,7 +309,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------------ the arrays
     def empty_call(self, D: int, T: int, NP: int) -> dict[str, np.ndarray]:
         """The arrays of a call of D decode rows and a T-token chunk per lane, NP pages per row, every row
-        padding (writes nothing). Rows are lane-major, D + 1 per lane (the chunk's row last: `flat_layout`)."""
+        padding (writes nothing). Rows are lane-major, D + 1 per lane, the chunk's last (`flat_layout`)."""
         B = self.lanes * (D + 1)
         return {"tokens": np.zeros((self.lanes, D + T), np.int32), "n_new": np.zeros(B, np.int32),
                 "rows": np.full(B, self.slots_per_lane, np.int32),
@@ -319,17 +321,21 @@ class Scheduler:
                 "logprobs": np.zeros((), bool)}  # fmt: skip
 
     def shapes(self) -> list[tuple[int, int, int]]:
-        """Every (decode rows, chunk tokens, pages) a call can have, per lane: what the warm-up compiles."""
-        return [(D, T, NP) for D in self.seq_buckets for T in (0, *self.token_buckets) for NP in self.page_buckets]
+        """Every (decode rows, chunk tokens, pages) a call can have, per lane: what the warm-up compiles. A
+        chunk longer than the budget runs only when nothing decodes (the fewest decode rows)."""
+        beside = bucket(min(self.budget, self.chunk), self.token_buckets)
+        return [(D, T, NP) for D in self.seq_buckets for T in (0, *self.token_buckets)
+                if T <= beside or D == self.seq_buckets[0] for NP in self.page_buckets]  # fmt: skip
 
     def _call(self, decode: list[tuple[Seq, int]], chunks: list[tuple[Seq, int]]) -> Call:
         per_lane = [[s for s, _ in decode if s.lane == lane] for lane in range(self.lanes)]
         D = bucket(max(1, *map(len, per_lane)), self.seq_buckets)
         T = bucket(max(n for _, n in chunks), self.token_buckets) if chunks else 0
-        NP = bucket(max(math.ceil((s.length + n) / self.page_size) for s, n in decode + chunks), self.page_buckets)
+        pages = max(math.ceil((s.length + n) / self.page_size) for s, n in decode + chunks)
+        NP = bucket(pages, self.page_buckets)
         a = self.empty_call(D, T, NP)
         masks, out = {}, []
-        rows = [(lane * (D + 1) + i, s, 1, True) for lane, seqs in enumerate(per_lane) for i, s in enumerate(seqs)]
+        rows = [(lane * (D + 1) + i, s, 1, True) for lane, ss in enumerate(per_lane) for i, s in enumerate(ss)]
         rows += [(s.lane * (D + 1) + D, s, n, False) for s, n in chunks]
         for row, s, n, is_decode in rows:
             lane = s.lane

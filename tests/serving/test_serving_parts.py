@@ -1,6 +1,6 @@
 """The engine's parts without a model: bucket sizes, pool sizing (and the planner that reports it, against
-the buffers an engine really allocates), ring positions after rollbacks, streamed text with stop strings,
-token masks, and the plan a multi-process engine sends."""
+the buffers an engine really allocates), each step's flat plan, ring positions after rollbacks, streamed
+text with stop strings, token masks, and the plan a multi-process engine sends."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from gptoss_jax.config import Config
 from gptoss_jax.model import Transformer
 from gptoss_jax.serving import Engine, pool_plan
 from gptoss_jax.serving.engine import _decode_plan, _encode_plan
-from gptoss_jax.serving.paged import _ring_positions
-from gptoss_jax.serving.requests import TextStream, allowed_mask
-from gptoss_jax.serving.scheduler import bucket, buckets
+from gptoss_jax.serving.paged import PagedKVCache, _ring_positions
+from gptoss_jax.serving.requests import RequestHandle, RequestOptions, TextStream, allowed_mask
+from gptoss_jax.serving.scheduler import Scheduler, Seq, bucket, buckets
 
 
 def test_buckets():
@@ -62,6 +62,59 @@ def test_planner_reports_the_pool_an_engine_allocates():
     text = planning.format_plan(p, device_memory_gib=1)
     fit = (2**30 - p["weights_total"] - p["engine"]["rings_per_device"]) // p["engine"]["page_per_device"]
     assert "page pool (60 pages)" in text and f"serving engine: {fit} pages" in text
+
+
+def test_each_step_is_one_flat_call():
+    """Two lanes, prompts of 1..40 tokens arriving over time, a pool small enough to preempt: every step's
+    plan is one call whose flat row per lane holds each decoding sequence's next token (one row each), then
+    at most one prefill chunk (the last row), within the budget while sequences decode; its shape is one
+    the warm-up compiles, and the positions and last tokens the cache derives from it are the plan's."""
+    sch = Scheduler(lanes=2, slots=6, pages=20, page_size=4, max_context=48, chunk=16, budget=6, ring_len=0,
+                    window=8, vocab_size=100, eos=(), reuse=False, resident_pages=0, max_top=0,
+                    seq_buckets=(1, 2), token_buckets=(8, 16))  # fmt: skip
+    assert (2, 16, 12) not in sch.shapes() and (1, 16, 12) in sch.shapes()  # 16 > budget: nothing decodes
+    rng = np.random.default_rng(1)
+    seqs = []
+    for i in range(12):
+        prompt = rng.integers(0, 100, int(rng.integers(1, 41))).tolist()
+        h = RequestHandle(i, prompt, RequestOptions(max_tokens=int(rng.integers(1, 6))), 0, None)
+        seqs.append(Seq(h, i, list(prompt), len(prompt), np.zeros(2, np.uint32), None))
+    mixed = 0
+    for step in range(400):
+        for s in seqs[2 * step : 2 * step + 2]:
+            sch.add(s)
+        if sch.idle() and step > 6:
+            break
+        call = sch.plan()
+        if call is None:
+            continue
+        a, L = call.arrays, sch.lanes
+        D = a["rows"].shape[0] // L - 1
+        N = a["tokens"].shape[1]
+        assert (D, N - D, a["pages"].shape[1]) in sch.shapes()
+        want_pos = np.full((L, N), -1)
+        decoding = any(dec for *_, dec in call.rows)
+        for row, s, n, samples, dec in call.rows:
+            lane, col = divmod(row, D + 1)
+            assert lane == s.lane and dec == (col < D)
+            assert n == 1 if dec else 1 <= n <= (6 if decoding else 16)  # the budget while decoding
+            np.testing.assert_array_equal(a["tokens"][lane, col : col + n], s.tokens[s.length : s.length + n])
+            assert a["n_new"][row] == n and a["start"][row] == s.length
+            assert samples == (s.length + n == len(s.tokens))
+            assert a["rows"][row] == s.slot - lane * 3  # shard-local slot and pages
+            np.testing.assert_array_equal(a["pages"][row, : len(s.pages)], np.asarray(s.pages) - lane * 10)
+            want_pos[lane, col : col + n] = np.arange(s.length, s.length + n)
+        assert len({id(s) for _, s, *_ in call.rows}) == len(call.rows)
+        mixed += decoding and any(not dec for *_, dec in call.rows)
+        cache = PagedKVCache((), (), *(jnp.asarray(a[k]) for k in ("rows", "pages", "start", "n_new", "ring_lo")))  # fmt: skip
+        np.testing.assert_array_equal(cache.positions(L, N), want_pos)
+        last = np.asarray(cache.last_token(L, N))
+        for row, s, n, *_ in call.rows:
+            assert last[divmod(row, D + 1)] == row % (D + 1) + n - 1
+        B = len(a["rows"])
+        sch.commit(call, (rng.integers(0, 100, B), np.zeros(B), np.zeros((B, 0), int), np.zeros((B, 0))))
+    assert sch.idle() and all(s.handle.done for s in seqs)
+    assert mixed > 5 and sch.counters.preemptions > 0
 
 
 def test_ring_positions_follow_writes_and_rollbacks():

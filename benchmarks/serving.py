@@ -18,6 +18,9 @@ Measured (float32, packed MXFP4 experts, greedy):
                against a cold start (reuse=False), and the tokens prefilled.
 The engine is warmed up first (every bucket compiled: the time is printed); nothing compiles after.
 
+Each repetition's throughput is printed too: on a shared host a whole stretch of seconds can run at half
+speed (batch-1 decoding suffers most), and the spread shows it.
+
 Usage:  python benchmarks/serving.py [--ckpt DIR] [--reps 3] [--new 64] [--budget 128] [--no-hf]
 """
 
@@ -264,6 +267,9 @@ def main(argv=None) -> int:
     if hf:
         print(f"  transformers generate_batch, 16     {tps['hf']:7.1f} tok/s   engine / transformers = "
               f"{tps['engine'] / tps['hf']:.2f}x; greedy tokens equal: {same}/16 sequences")
+    sides = [k for k in ("engine", "static16", "one", "hf") if times[k]]
+    spread = "; ".join(f"{k} " + " ".join(f"{v:.1f}" for v in times[k]) for k in sides)
+    print(f"  each repetition (tok/s): {spread}")
     full_step = 16 / tps["engine"]
     dev = statistics.median(device_step)
     print(f"  engine step {1e3 * full_step:.1f} ms = jitted call and transfers {1e3 * dev:.1f} ms + host "

@@ -257,11 +257,12 @@ def _over_tiles(p: dict, sizes, starts, tm: int, dtype, body, carry):
     Packed experts: each expert's packed bytes are sliced in a `lax.cond` of their own, then dequantized.
     Dequantizing `blocks[e]` directly makes XLA fuse the dynamic slice into the decode, which XLA:CPU runs
     ~8x slower than the same decode of a plain buffer (3 ms against 0.36 ms for one 1024x512 weight); the
-    conditional's boundary keeps the slice a plain copy. (Carrying the next expert's bytes through the loop
-    instead costs two more copies per expert, for the loop's double buffering: the MoE of a 16-row decode
-    step on the CPU benchmark model took 10.7 ms that way, 9.0 ms this way.) Dequantizing all experts before the loop instead writes a dense copy
-    of the layer (100 MB per layer for the CPU benchmark model) whose fresh pages cost more than the
-    arithmetic. This way one expert's dense weights exist at a time and stay in cache for its tiles.
+    conditional's boundary keeps the slice a plain copy. Carrying the next expert's bytes through the loop
+    does that too, but XLA double-buffers the carry with two more copies per expert (the MoE of a 16-row
+    decode step on the CPU benchmark model: 10.7 ms that way, 9.0 ms this way). Dequantizing all experts
+    before the loop writes a dense copy of the layer (100 MB per layer for the CPU benchmark model) whose
+    fresh pages cost more than the arithmetic. This way one expert's dense weights exist at a time and stay
+    in cache for its tiles.
     """
     E = num_experts_of(p)
     packed_names = PACKED_LEAVES if "mlp1_blocks" in p else ()

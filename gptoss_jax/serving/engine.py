@@ -114,19 +114,18 @@ class Engine:
     """Continuous batching for one model (see the module docstring).
 
     max_seqs: slots (sequences in flight, running or resident). max_context: tokens a sequence may reach
-    (default min(model context, 8192)). page_size: tokens per page. num_pages: the pool; default enough
-    for every slot at max_context, or what `kv_memory` bytes hold after the rings (then sequences wait or
-    are preempted when it runs out). chunk: most tokens of one prefill chunk (default the config's
-    prefill_chunk); budget: prefill tokens per step and data shard while sequences decode (default chunk):
-    smaller keeps decoding smooth while long prompts arrive, larger fills the cache faster. ring_slack: extra ring slots per slot, the
-    rollback conversation reuse may do. reuse: keep finished sequences resident; resident_pages caps the
-    pages they hold (default all: residents give their pages and slots back whenever live work needs
-    them). max_top_logprobs: the most alternatives a request may ask for (compiled in). detokenize:
-    stream text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard),
-    page_buckets (pages gathered per row) and token_buckets (tokens of a prefill chunk): the compiled
-    sizes, default powers of two up to the limit; every call is padded to the next one, and `warmup`
-    compiles each reachable combination (`Scheduler.shapes`: at most len(seq_buckets) x
-    (1 + len(token_buckets)) x len(page_buckets)).
+    (default min(model context, 8192)). page_size: tokens per page. num_pages: the pool; default enough for
+    every slot at max_context, or what `kv_memory` bytes hold after the rings (then sequences wait or are
+    preempted when it runs out). chunk: most tokens of one prefill chunk (default the config's prefill_chunk);
+    budget: prefill tokens per step and data shard while sequences decode (default chunk): smaller keeps
+    decoding smooth while long prompts arrive, larger fills the cache faster. ring_slack: extra ring slots per
+    slot, the rollback conversation reuse may do. reuse: keep finished sequences resident; resident_pages caps
+    the pages they hold (default all: residents give their pages and slots back whenever live work needs
+    them). max_top_logprobs: the most alternatives a request may ask for (compiled in). detokenize: stream
+    text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard), page_buckets (pages
+    gathered per row) and token_buckets (tokens of a prefill chunk): the compiled sizes, default powers of two
+    up to the limit; every call is padded to the next one, and `warmup` compiles each reachable combination
+    (`Scheduler.shapes`: at most len(seq_buckets) x (1 + len(token_buckets)) x len(page_buckets)).
     """
 
     def __init__(self, model, *, max_seqs: int = 16, max_context: int | None = None, page_size: int = 16,

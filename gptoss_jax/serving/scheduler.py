@@ -335,7 +335,8 @@ class Scheduler:
         NP = bucket(pages, self.page_buckets)
         a = self.empty_call(D, T, NP)
         masks, out = {}, []
-        rows = [(lane * (D + 1) + i, s, 1, True) for lane, ss in enumerate(per_lane) for i, s in enumerate(ss)]
+        rows = [(lane * (D + 1) + i, s, 1, True)
+                for lane, ss in enumerate(per_lane) for i, s in enumerate(ss)]  # fmt: skip
         rows += [(s.lane * (D + 1) + D, s, n, False) for s, n in chunks]
         for row, s, n, is_decode in rows:
             lane = s.lane

@@ -106,7 +106,8 @@ def test_each_step_is_one_flat_call():
             want_pos[lane, col : col + n] = np.arange(s.length, s.length + n)
         assert len({id(s) for _, s, *_ in call.rows}) == len(call.rows)
         mixed += decoding and any(not dec for *_, dec in call.rows)
-        cache = PagedKVCache((), (), *(jnp.asarray(a[k]) for k in ("rows", "pages", "start", "n_new", "ring_lo")))  # fmt: skip
+        fields = ("rows", "pages", "start", "n_new", "ring_lo")
+        cache = PagedKVCache((), (), *(jnp.asarray(a[k]) for k in fields))
         np.testing.assert_array_equal(cache.positions(L, N), want_pos)
         last = np.asarray(cache.last_token(L, N))
         for row, s, n, *_ in call.rows:

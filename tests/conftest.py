@@ -60,6 +60,21 @@ def _isolated_vocab_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test module, drop JAX's compiled programs. XLA:CPU maps memory for every compiled program
+    it keeps, and the whole suite in one process came within reach of the kernel's limit on mappings
+    (vm.max_map_count, 65530 by default): the serving tests alone leave ~9,300, and past the limit XLA
+    crashes inside its next compile (a segfault, not an error)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def assert_one_line(excinfo, *needles) -> None:
     """The error message is one line and names each of `needles`."""
     msg = str(excinfo.value)

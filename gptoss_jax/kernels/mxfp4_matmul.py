@@ -274,7 +274,7 @@ def _over_tiles(p: dict, sizes, starts, tm: int, dtype, body, carry):
         busy = sizes[e] > 0
         if packed_names:  # an idle expert slices its neighbour's bytes, which nothing reads (a loop-invariant
             # branch, e.g. expert 0, lets XLA merge the two branches and fuse the slice into the decode again)
-            packed = jax.lax.cond(busy, packed_of, lambda e: packed_of(e + 1), e)
+            packed = jax.lax.cond(busy, packed_of, lambda e: packed_of((e + 1) % E), e)
 
         def compute(carry):
             if packed_names:

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
 
     import gptoss_jax
     from gptoss_jax.checkpoint.synthetic import write_checkpoint
-    from gptoss_jax.serving import Engine
-    from gptoss_jax.serving.paged import token_bytes
+    from gptoss_jax.engine import Engine
+    from gptoss_jax.engine.paged import token_bytes
 
     cfg = bench_config()
     tmp = None

@@ -209,20 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(m)
 
     i = sub.add_parser("info", help="per-device memory plan of a model on a mesh (nothing is loaded)")
-    try:
-        from .planning import add_info_arguments
-    except ImportError as e:  # keep the other commands usable if planning cannot be imported
-        i.set_defaults(info_error=str(e))
-    else:
-        add_info_arguments(i)
-        add_train_plan_arguments(i)
+    from .memory import add_info_arguments
+
+    add_info_arguments(i)
+    add_train_plan_arguments(i)
 
     v = sub.add_parser("verify", help="re-read a converted (Orbax) checkpoint and check every array against "
                        "the crc32c recorded when it was converted; exit 1 naming the damaged array and file")  # fmt: skip
     v.add_argument("path", help="a checkpoint folder written by gptoss-convert")
     v.add_argument("--quiet", action="store_true", help="no progress bar (the one-line result is still printed)")
 
-    from .server.cli import add_serve_arguments
+    from .api.cli import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server: chat completions, responses, "
                                        "completions, with harmony tool calls and structured outputs"))  # fmt: skip
@@ -453,7 +450,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# the server's part types (server/parsing.py) -> label and terminal style
+# the server's part types (api/parsing.py) -> label and terminal style
 _LABELS = {"reasoning": ("[analysis] ", "\033[2m"), "content": ("[final] ", "\033[1m"),
            "preamble": ("[commentary] ", "\033[36m"), "tool_call": ("[call {name}] ", "\033[35m")}  # fmt: skip
 CHAT_HELP = "type a message and press Enter; /reset starts a new conversation; /exit or Ctrl-D leaves"
@@ -485,11 +482,11 @@ def _chat_lines(args, interactive: bool):
 
 
 def cmd_chat(args) -> int:
-    """The turn is parsed by the server's parser (`server.parsing.OutputParser`: one harmony parser per
+    """The turn is parsed by the server's parser (`api.parsing.OutputParser`: one harmony parser per
     turn, non-strict, what does not parse shown as final text), so `chat` and `serve` read output alike."""
     from . import tokenizer
     from .generate import generate
-    from .server.parsing import OutputParser
+    from .api.parsing import OutputParser
 
     _check_args(args)
     cfg = _config(args)
@@ -661,19 +658,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_info(args) -> int:
-    if getattr(args, "info_error", None):
-        return _fail(f"info is unavailable: {args.info_error}", 1)
     if args.train:
         from .training.command import run_train_plan
 
         return run_train_plan(args)
-    from .planning import run_info
+    from .memory import run_info
 
     return run_info(args)
 
 
 def cmd_serve(args) -> int:
-    from .server.cli import run_serve
+    from .api.cli import run_serve
 
     return run_serve(args)
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import make_tiny_cfg
 
 import gptoss_jax
-from gptoss_jax import planning, sharding
+from gptoss_jax import memory, sharding
 from gptoss_jax.config import Config
 from gptoss_jax.cache import KVCache, cache_bytes
 from gptoss_jax.weights import axes_of, param_specs, storage_specs
@@ -212,7 +212,7 @@ def test_mesh_equals_single_device(ckpt8, ref8, mesh_spec):
             assert shard.data.shape == local, name
             per_device[shard.device] += shard.data.nbytes
     # ... and the memory plan (`gptoss-jax info`) predicts those bytes on every device
-    plan = planning.plan(CFG8.replace(dtype="float32"), ms, context=24, batch=2)
+    plan = memory.plan(CFG8.replace(dtype="float32"), ms, context=24, batch=2)
     assert set(per_device.values()) == {plan["weights_total"]}
     with jax.set_mesh(mesh):
         cache = KVCache.create(CFG8.replace(dtype="float32"), 2, 24)
@@ -268,7 +268,7 @@ def test_plan_matches_parameter_counts():
     from gptoss_jax.weights import param_bytes, param_count
 
     cfg = Config.gpt_oss_20b()
-    one = planning.plan(cfg, {}, context=4096)
+    one = memory.plan(cfg, {}, context=4096)
     assert one["params"] == param_count(cfg)
     assert one["weights_total"] == one["weights_one_copy"] == param_bytes(cfg) == one["weights_all_devices"]
     assert one["weights"]["experts"] == _expert_bytes(cfg)
@@ -276,7 +276,7 @@ def test_plan_matches_parameter_counts():
     assert round(one["params"] / 1e9, 3) == 20.915
 
     big = Config.gpt_oss_120b()
-    p = planning.plan(big, {"expert": 8}, context=8192)
+    p = memory.plan(big, {"expert": 8}, context=8192)
     assert round(p["params"] / 1e9, 3) == 116.829
     experts = _expert_bytes(big)
     rest = p["weights_one_copy"] - experts
@@ -287,13 +287,13 @@ def test_plan_matches_parameter_counts():
 
     # tensor parallel: vocab and kv heads over model=8; the width (90 groups) cannot split by 8, so the
     # 128 experts spread over model instead
-    t = planning.plan(big, {"model": 8}, context=8192)
+    t = memory.plan(big, {"model": 8}, context=8192)
     V, D = big.vocab_size, big.hidden_size
     assert t["weights"]["embedding"] * 8 == 2 * V * D * 2
     assert t["weights"]["experts"] * 8 == experts
     assert t["replicated_fallback"] == []
     # 20b's 32 experts cannot spread over 64 devices: with expert=8, model=8 they stay whole over model
-    w = planning.plan(cfg, {"expert": 8, "model": 8}, context=4096)
+    w = memory.plan(cfg, {"expert": 8, "model": 8}, context=4096)
     assert w["weights"]["experts"] * 8 == _expert_bytes(cfg)
     assert "mlp1_blocks" in w["replicated_fallback"] and "mlp2_bias" not in w["replicated_fallback"]
 
@@ -301,33 +301,33 @@ def test_plan_matches_parameter_counts():
 def test_plan_kv_cache_split():
     cfg = Config.gpt_oss_20b()
     ctx, B = 32768, 4
-    p = planning.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=B)
+    p = memory.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=B)
     slots = sum(cfg.sliding_window if s else ctx for s in cfg.sliding_layers)
     K, H, W = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
     kv_one = B * slots * 2 * K * H * 2  # k and v in bf16
     pos_one = B * (ctx + W + 1) * 4  # int32 positions of the full slots and of the ring, once; lengths
     assert p["kv_cache_one_copy"] == kv_one + pos_one == cache_bytes(cfg, B, ctx)
     assert p["kv_cache"] == kv_one // 16 + pos_one // 2  # rows over data, kv heads over model
-    q = planning.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=3)  # 3 rows do not split by 2
+    q = memory.plan(cfg, {"data": 2, "model": 8}, context=ctx, batch=3)  # 3 rows do not split by 2
     assert q["kv_cache"] == (3 * slots * 2 * K * H * 2) // 8 + 3 * (ctx + W + 1) * 4
 
 
 def test_plan_allocates_nothing_and_checks_inputs():
     before = len(jax.live_arrays())
-    planning.plan(Config.gpt_oss_120b(), {"expert": 4, "model": 2}, context=131072, batch=8)
+    memory.plan(Config.gpt_oss_120b(), {"expert": 4, "model": 2}, context=131072, batch=8)
     assert len(jax.live_arrays()) == before
     with pytest.raises(ValueError, match="exceeds the model's context length 131072"):
-        planning.plan(Config.gpt_oss_20b(), {}, context=131073)
+        memory.plan(Config.gpt_oss_20b(), {}, context=131073)
     with pytest.raises(ValueError, match="batch must be a positive integer"):
-        planning.plan(Config.gpt_oss_20b(), {}, context=10, batch=0)
+        memory.plan(Config.gpt_oss_20b(), {}, context=10, batch=0)
     with pytest.raises(ValueError, match="unknown axis 'pipe'"):
-        planning.plan(Config.gpt_oss_20b(), {"pipe": 2}, context=10)
+        memory.plan(Config.gpt_oss_20b(), {"pipe": 2}, context=10)
 
 
 def _info(argv, capsys):
     parser = argparse.ArgumentParser()
-    planning.add_info_arguments(parser)
-    rc = planning.run_info(parser.parse_args(argv))
+    memory.add_info_arguments(parser)
+    rc = memory.run_info(parser.parse_args(argv))
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -352,7 +352,7 @@ def test_info_cli(capsys, ckpt8):
     assert p["weights"]["experts"] == L * E * (3 * F * D * 2 + 2 * (2 * F)) // 2 + L * E * D * 2
     # a checkpoint folder: its own config
     rc, out, _ = _info([str(ckpt8), "--context", "64"], capsys)
-    assert rc == 0 and f"{planning.plan(CFG8, {}, 64)['params'] / 1e6:.3f}M parameters" in out
+    assert rc == 0 and f"{memory.plan(CFG8, {}, 64)['params'] / 1e6:.3f}M parameters" in out
     for argv, msg in ((["gpt-oss-20b", "--mesh", "expert=three"], "--mesh|mesh spec"),
                       (["nope"], "not a preset"), ([], "no model"),
                       (["gpt-oss-20b", "--context", "200000"], "context length")):  # fmt: skip
@@ -366,7 +366,7 @@ def test_plan_sum_over_devices():
     over mesh axes of total size s exists n/s times on n devices (norms and the router, never split, n
     times; experts on expert=4, model=2 once)."""
     ms = {"data": 1, "expert": 4, "model": 2}
-    p = planning.plan(CFG8, ms, context=16)
+    p = memory.plan(CFG8, ms, context=16)
     total = 0
     for n, s in param_specs(CFG8).items():
         split = math.prod(ms[a] for a in _rule_spec(n, s.shape, ms, CFG8) if a)

@@ -161,9 +161,9 @@ def run_train_plan(args) -> int:
     import json
     from pathlib import Path
 
-    from ..planning import _config_for
+    from ..memory import _config_for
     from .lora import LoraConfig
-    from .plan import format_training_plan, plan_training
+    from .memory import format_training_plan, plan_training
 
     try:
         model = args.model or args.model_opt

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_one_line
-from servertools import KEY, MODEL, start_server, stop_server
+from apitools import KEY, MODEL, start_server, stop_server
 
 import gptoss_jax
 from gptoss_jax import cli

@@ -2,7 +2,7 @@
 
 `add_serve_arguments(parser)` declares the options on the `serve` subparser of `gptoss-jax`, `run_serve(args)`
 runs it (bad input: a ValueError with one line naming the option, which the CLI turns into exit code 2).
-`python -m gptoss_jax.server.cli PATH ...` runs the same command on its own.
+`python -m gptoss_jax.api.cli PATH ...` runs the same command on its own.
 
 SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then exits 0.
 """
@@ -115,11 +115,11 @@ def _check(args) -> None:
 def make_engine(args, model):
     """The serving engine with the command's options; it compiles its call shapes first unless
     --no-warmup (every process of a multi-host job compiles the same shapes)."""
-    from ..serving import Engine
+    from ..engine import Engine
 
     engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
     if not args.no_warmup:
-        log = logging.getLogger("gptoss_jax.server")
+        log = logging.getLogger("gptoss_jax.api")
         log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
         log.info("compiled in %.1f s", engine.warmup())
     return engine
@@ -150,7 +150,7 @@ def run_serve(args) -> int:
     _check(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    log = logging.getLogger("gptoss_jax.server")
+    log = logging.getLogger("gptoss_jax.api")
     maybe_initialize_distributed()  # before anything touches a device
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = (

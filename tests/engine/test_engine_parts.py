@@ -14,14 +14,14 @@ import pytest
 from conftest import assert_one_line
 from flax import nnx
 
-from gptoss_jax import planning, tokenizer
+from gptoss_jax import memory, tokenizer
 from gptoss_jax.config import Config
 from gptoss_jax.model import Transformer
-from gptoss_jax.serving import Engine, pool_plan
-from gptoss_jax.serving.engine import _decode_plan, _encode_plan
-from gptoss_jax.serving.paged import PagedKVCache, _ring_positions
-from gptoss_jax.serving.requests import RequestHandle, RequestOptions, TextStream, allowed_mask
-from gptoss_jax.serving.scheduler import Scheduler, Seq, bucket, buckets
+from gptoss_jax.engine import Engine, pool_plan
+from gptoss_jax.engine.engine import _decode_plan, _encode_plan
+from gptoss_jax.engine.paged import PagedKVCache, _ring_positions
+from gptoss_jax.engine.requests import RequestHandle, RequestOptions, TextStream, allowed_mask
+from gptoss_jax.engine.scheduler import Scheduler, Seq, bucket, buckets
 
 
 def test_buckets():
@@ -58,8 +58,8 @@ def test_planner_reports_the_pool_an_engine_allocates():
     held = sum(a.nbytes for kv in eng._kv for a in kv)
     assert e["num_pages"] == 6 * 10
     assert e["total_bytes"] == held == e["pool_per_device"] + e["rings_per_device"]
-    p = planning.plan(Config.tiny(), {}, 300, max_seqs=6, page_size=32)
-    text = planning.format_plan(p, device_memory_gib=1)
+    p = memory.plan(Config.tiny(), {}, 300, max_seqs=6, page_size=32)
+    text = memory.format_plan(p, device_memory_gib=1)
     fit = (2**30 - p["weights_total"] - p["engine"]["rings_per_device"]) // p["engine"]["page_per_device"]
     assert "page pool (60 pages)" in text and f"serving engine: {fit} pages" in text
 

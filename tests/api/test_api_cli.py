@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from servertools import (
+from apitools import (
     SERVE,
     serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
 )

@@ -29,7 +29,7 @@ from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
 from .hub import is_model_id, read_config
-from .serving.paged import paged_layout, pool_plan
+from .engine.paged import paged_layout, pool_plan
 from .sharding import (
     MESH_AXES,
     check_mesh_shape,
@@ -117,9 +117,9 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
 
 
 # [serving] The serving engine's KV memory: a page pool for full-attention layers, a ring per slot for sliding
-# ones (`serving.paged`), per device as the engine splits it (pages and slots over data, kv heads over model).
+# ones (`engine.paged`), per device as the engine splits it (pages and slots over data, kv heads over model).
 def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: int, page_size: int) -> dict:
-    """`serving.paged.pool_plan` for `max_seqs` slots at `context` tokens (the pool that never waits or
+    """`engine.paged.pool_plan` for `max_seqs` slots at `context` tokens (the pool that never waits or
     preempts), with per-device bytes: pool_per_device, rings_per_device, page_per_device (one page of
     every full layer on one device) and data_shards (the pool's pages split over them)."""
     data = shape.get("data", 1)

@@ -31,7 +31,7 @@ from .protocol import APIError
 from .responses import ResponseJob, ResponseStore
 from .run import Server
 
-log = logging.getLogger("gptoss_jax.server")
+log = logging.getLogger("gptoss_jax.api")
 
 MAX_BODY = 32 * 2**20  # bytes; a larger body gets a 413
 DRAIN_MAX = 256 * 2**20  # a too-large body is read (and dropped) up to this, so the client sees the 413

@@ -1,4 +1,4 @@
-"""OpenAI requests -> harmony prompts (server/harmony_io.py), checked against conversations built here with
+"""OpenAI requests -> harmony prompts (api/harmony_io.py), checked against conversations built here with
 openai-harmony's own classes, so that every rendering rule is stated independently of the code under test."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from gptoss_jax.server.harmony_io import chat_turn, parts_to_messages, responses_turn
-from gptoss_jax.server.parsing import OutputParser
-from gptoss_jax.server.protocol import APIError, ChatRequest, ResponsesRequest, parse
+from gptoss_jax.api.harmony_io import chat_turn, parts_to_messages, responses_turn
+from gptoss_jax.api.parsing import OutputParser
+from gptoss_jax.api.protocol import APIError, ChatRequest, ResponsesRequest, parse
 from gptoss_jax.tokenizer import decode, encode, get_harmony_encoding
 
 WEATHER = {

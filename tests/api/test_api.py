@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from servertools import (
+from apitools import (
     KEY,
     MODEL,
     script,

@@ -1,6 +1,6 @@
 """Training memory per device (`gptoss-jax info MODEL --train`): nothing allocated, any mesh planned anywhere.
 
-  weights      the base as `planning.plan` counts it (experts packed unless full fine-tuning)
+  weights      the base as `memory.plan` counts it (experts packed unless full fine-tuning)
   trainable    adapters (float32), or the weights themselves for full fine-tuning, split by the same rules
                as at run time (`lora.trainable_specs`)
   gradients    the float32 accumulator and one micro-batch's gradient (in the trainable set's dtype)
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import Config
-from ..planning import GiB, plan
+from ..memory import GiB, plan
 from ..sharding import MESH_AXES, check_mesh_shape, parse_mesh, shard_shape
 from .lora import LOSS_CHUNK_LOGITS, LoraConfig, adapter_layout, trainable_specs
 

@@ -7,10 +7,10 @@
         for ev in h: ...                 # or `async for ev in h`: TokenEvent(token, text, logprob, ...)
         h.result()                       # Result(tokens, text, finish_reason, ...)
 
-Each step (`Engine.step`) is one plan from the scheduler (`serving.scheduler`) and ONE jitted forward call:
+Each step (`Engine.step`) is one plan from the scheduler (`engine.scheduler`) and ONE jitted forward call:
 per lane, a flat row of tokens holding one token for every sequence that is generating, then a prefill
 chunk of a waiting prompt under a per-step token budget (`paged.flat_layout`), so the weights are read
-once per step; the cache's step splits the row per sequence for attention (`serving.paged`), and per-row
+once per step; the cache's step splits the row per sequence for attention (`engine.paged`), and per-row
 sampling runs on device. Shapes are bucketed (decode rows, chunk tokens, pages), so after `warmup()`
 nothing compiles.
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ..model import forward, logits
 from ..sampling import token_logprobs
-from ..serving import RequestOptions
+from ..engine import RequestOptions
 from ..sharding import with_model_mesh
 from .protocol import APIError
 
@@ -50,7 +50,7 @@ class Generated:
 
 
 class EngineBackend:
-    """The serving engine (`gptoss_jax.serving.Engine`: continuous batching over the paged cache) behind
+    """The serving engine (`gptoss_jax.engine.Engine`: continuous batching over the paged cache) behind
     the interface. Prompt log-probabilities (`score`) come from the model's forward over the whole prompt,
     which the engine does not return."""
 

@@ -44,7 +44,7 @@ def drive(engine, prompts, arrivals):
 def test_on_a_mesh_of_eight_devices(hf_ckpt, tiny_cfg):
     from hf_reference import our_model
 
-    from gptoss_jax.serving import Engine
+    from gptoss_jax.engine import Engine
 
     prompts, arrivals = workload(tiny_cfg.vocab_size)
     want = gptoss_jax.generate(our_model(hf_ckpt), prompts, max_new_tokens=NEW)
@@ -74,7 +74,7 @@ def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id, initialization_timeout=120)  # fmt: skip
-    from gptoss_jax.serving import Engine
+    from gptoss_jax.engine import Engine
 
     model = gptoss_jax.load(ckpt, dtype="float32", mesh=MESH, quiet=True)
     eng = Engine(model, **ENGINE)

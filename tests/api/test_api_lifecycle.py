@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from servertools import (
+from apitools import (
     KEY,
     MODEL,
     metric,

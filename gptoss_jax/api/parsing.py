@@ -43,7 +43,7 @@ from ..tokenizer import (
     get_harmony_encoding,
 )
 
-log = logging.getLogger("gptoss_jax.server")
+log = logging.getLogger("gptoss_jax.api")
 
 FIRST_SPECIAL = 199998  # ids from here on are special tokens (o200k_harmony)
 END_TOKENS = (END, CALL, RETURN)

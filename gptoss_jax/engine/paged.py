@@ -16,7 +16,7 @@ Layout (stacked over the R repeats of the layer unit, like the parameters):
   the real lengths;
 - sliding unit positions: a ring (R, S, W + slack, K, H) per slot (slot = position % ring size). The ring is
   `slack` tokens longer than the window so that a resident sequence can be rolled back by up to `slack`
-  tokens and still hold every key its next token sees (conversation reuse, see `serving.scheduler`).
+  tokens and still hold every key its next token sees (conversation reuse, see `engine.scheduler`).
 
 The page table and every length live on the host (the scheduler owns them): each forward call carries the
 rows it works on (`rows`: slot ids), each row's pages in order (`pages`, padded to a bucketed count), the

@@ -1,4 +1,4 @@
-"""Constrained decoding (server/constraints.py): llguidance masks over harmony tokens.
+"""Constrained decoding (api/constraints.py): llguidance masks over harmony tokens.
 
 A "random model" here picks uniformly among the tokens the mask allows, which explores the grammar far
 more adversarially than a trained model would: every output it writes must still parse (with our harmony
@@ -13,9 +13,9 @@ import jsonschema
 import numpy as np
 import pytest
 
-from gptoss_jax.server.constraints import ForcedTokens, TokenMask, check_schema, constraint_spec, grammar
-from gptoss_jax.server.parsing import OutputParser
-from gptoss_jax.server.protocol import APIError, FunctionDef
+from gptoss_jax.api.constraints import ForcedTokens, TokenMask, check_schema, constraint_spec, grammar
+from gptoss_jax.api.parsing import OutputParser
+from gptoss_jax.api.protocol import APIError, FunctionDef
 from gptoss_jax.tokenizer import CALL, END, N_VOCAB, RETURN, encode
 
 SCHEMA = {

@@ -8,7 +8,7 @@ max_tokens (greedy decoding is prefix-stable). Every reference goes through one 
 (`reference`: the prompts padded to 32 rows, 24 new tokens).
 
 Compiles dominate the time here, so every engine uses few buckets (`ENGINE`): decode with 2 or 4 rows,
-prefill 32 tokens, all pages; the bucket arithmetic itself is tested in test_serving_parts.py.
+prefill 32 tokens, all pages; the bucket arithmetic itself is tested in test_engine_parts.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hf_reference import our_model
 
 import gptoss_jax
 from gptoss_jax import tokenizer
-from gptoss_jax.serving import Engine
+from gptoss_jax.engine import Engine
 
 ENGINE = dict(max_seqs=4, max_context=336, page_size=16, chunk=32, seq_buckets=(2, 4), page_buckets=(),
               token_buckets=(32,))  # fmt: skip

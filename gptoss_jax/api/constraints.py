@@ -39,7 +39,7 @@ import numpy as np
 from ..tokenizer import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_VOCAB, RETURN, START, get_encoding
 from .protocol import APIError
 
-log = logging.getLogger("gptoss_jax.server")
+log = logging.getLogger("gptoss_jax.api")
 
 WHITESPACE = "[ ]?"  # one optional space where JSON allows whitespace: compact, and bounded
 RESERVE_MIN, RESERVE_MAX = 64, 256  # tokens kept for what the grammar requires after the reasoning

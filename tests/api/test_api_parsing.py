@@ -1,4 +1,4 @@
-"""Generated tokens -> parts and events (server/parsing.py), on harmony text encoded with the real tokenizer.
+"""Generated tokens -> parts and events (api/parsing.py), on harmony text encoded with the real tokenizer.
 
 Every output the model may write (and many it should not) is checked against two invariants besides the
 expected parts: each part's text is exactly the concatenation of its deltas (what makes a streamed answer
@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from gptoss_jax.server.parsing import OutputParser, StopStrings, part_type
+from gptoss_jax.api.parsing import OutputParser, StopStrings, part_type
 from gptoss_jax.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, encode
 
 MARKER = re.compile(r"<\|[a-z_0-9]+\|>")
@@ -153,7 +153,7 @@ def test_outputs(name):
 
 
 def test_malformed_output_warns_once(caplog):
-    with caplog.at_level(logging.WARNING, logger="gptoss_jax.server"):
+    with caplog.at_level(logging.WARNING, logger="gptoss_jax.api"):
         run(
             "<|channel|>final<|message|>x<|end|>junk<|start|>assistant<|channel|><|channel|>final<|message|>y"
         )
@@ -162,7 +162,7 @@ def test_malformed_output_warns_once(caplog):
 
 
 def test_valid_output_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="gptoss_jax.server"):
+    with caplog.at_level(logging.WARNING, logger="gptoss_jax.api"):
         run(CASES["reasoning then tool call"][0])
     assert not caplog.records
 

@@ -157,3 +157,14 @@ def _progress_bars(quiet: bool):
     finally:
         if switch:
             enable_progress_bars()
+
+
+def config_for(model: str) -> Config:
+    """A preset name (gpt-oss-20b, gpt-oss-120b, tiny), a checkpoint folder (either released layout or Orbax)
+    or a Hugging Face model id (its config.json alone) -> its Config; ValueError naming `model` otherwise."""
+    if not Path(model).expanduser().exists() and not is_model_id(model):
+        if model in ("gpt-oss-20b", "gpt-oss-120b", "tiny"):
+            return Config.preset(model)
+        raise ValueError(f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny), an existing checkpoint "
+                         f"folder nor a Hugging Face model id")  # fmt: skip
+    return read_config(model)

@@ -28,7 +28,7 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
-from .hub import is_model_id, read_config
+from .hub import config_for
 from .engine.paged import paged_layout, pool_plan
 from .sharding import (
     MESH_AXES,
@@ -69,8 +69,8 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
       weights {group: bytes} for embedding (+unembedding), attention, router, experts, norms;
       weights_total, kv_cache, total (= weights_total + kv_cache);
       weights_all_devices (sum over the devices: replicated parts counted once per device),
-      weights_one_copy (what `model.param_bytes(cfg)` gives), params (as `model.param_count(cfg)`),
-      kv_cache_one_copy (`generate.cache_bytes`), replicated_fallback (parameters left whole although their
+      weights_one_copy (what `weights.param_bytes(cfg)` gives), params (as `weights.param_count(cfg)`),
+      kv_cache_one_copy (`cache.cache_bytes`), replicated_fallback (parameters left whole although their
       rule names a mesh axis larger than 1, because a size does not divide), and the inputs.
     With `max_seqs`: engine, the serving engine's KV memory (`engine_plan`).
     """
@@ -232,15 +232,6 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def _config_for(model: str) -> Config:
-    if not Path(model).expanduser().exists() and not is_model_id(model):
-        if model in ("gpt-oss-20b", "gpt-oss-120b", "tiny"):
-            return Config.preset(model)
-        raise ValueError(f"{model}: not a preset (gpt-oss-20b, gpt-oss-120b, tiny), an existing checkpoint "
-                         f"folder nor a Hugging Face model id")  # fmt: skip
-    return read_config(model)  # either released layout, Orbax, or a model id (its config.json alone)
-
-
 def run_info(args: argparse.Namespace) -> int:
     """`gptoss-jax info`: prints the plan; 0 on success, 2 on bad arguments (message on stderr)."""
     try:
@@ -251,7 +242,7 @@ def run_info(args: argparse.Namespace) -> int:
             raise ValueError(
                 "no model: give a preset (gpt-oss-20b, gpt-oss-120b, tiny) or a checkpoint folder"
             )
-        cfg = _config_for(model)
+        cfg = config_for(model)
         kw = {}
         if args.expert_format:
             kw["expert_format"] = args.expert_format

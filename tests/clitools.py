@@ -59,6 +59,15 @@ def assert_error_line(res: subprocess.CompletedProcess, *needles, code: int = 2)
     return lines[0]
 
 
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """`gptoss-jax ARGV` in this process (`cli.main`): (exit code, stdout, stderr)."""
+    from gptoss_jax import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def token_ids(stdout: str) -> list[int]:
     return [int(t) for t in stdout.split()]
 

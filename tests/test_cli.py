@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from clitools import run_main
 from hf_reference import our_model
 
 import gptoss_jax
@@ -27,12 +28,6 @@ from gptoss_jax.kernels import resolve_impl
 PROMPT_IDS = [5, 17, 230, 999, 0, 42, 7]
 
 
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_usage_error(rc: int, err: str, *needles: str, prefix: str = "gptoss-jax: error: ") -> None:
@@ -83,7 +78,7 @@ def test_demo_writes_real_layout_loads_and_generates(demo_run):
 
 
 def test_demo_refuses_existing_folder(capsys, tmp_path):
-    rc, _, err = run_cli(capsys, "demo", "--out", tmp_path)
+    rc, _, err = run_main(capsys, "demo", "--out", tmp_path)
     assert_usage_error(rc, err, str(tmp_path), "already exists")
 
 
@@ -91,12 +86,12 @@ def test_demo_refuses_existing_folder(capsys, tmp_path):
 def test_generate_token_ids_streamed_and_not(capsys, hf_ckpt):
     ref = gptoss_jax.generate(our_model(hf_ckpt), PROMPT_IDS, max_new_tokens=6)[0]
     toks = ",".join(map(str, PROMPT_IDS))
-    rc, out, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", toks, "--max-new-tokens", 6, "--dtype",
+    rc, out, err = run_main(capsys, "generate", hf_ckpt, "--tokens", toks, "--max-new-tokens", 6, "--dtype",
                            "float32", "--no-stream")  # fmt: skip
     assert rc == 0, err
     assert [int(t) for t in out.split()] == ref
     assert "loaded" in err and "5 experts" in err
-    rc, out, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", toks, "--max-new-tokens", 6, "--dtype",
+    rc, out, err = run_main(capsys, "generate", hf_ckpt, "--tokens", toks, "--max-new-tokens", 6, "--dtype",
                            "float32", "--quiet")  # fmt: skip
     assert rc == 0 and err == ""
     assert [int(t) for t in out.split()] == ref
@@ -107,14 +102,14 @@ def test_generate_text_prompt(capsys, demo_run):
     model = gptoss_jax.load(path, dtype="float32", quiet=True)
     # same shapes as the demo's run (prompt bucket 16, 6 new tokens): the compiled steps are reused
     new = gptoss_jax.generate(model, tk.encode("Hello there"), max_new_tokens=6, callback=lambda t: None)[0]
-    rc, out, err = run_cli(capsys, "generate", path, "--prompt", "Hello there", "--max-new-tokens", 6, "--quiet")
+    rc, out, err = run_main(capsys, "generate", path, "--prompt", "Hello there", "--max-new-tokens", 6, "--quiet")
     assert rc == 0, err
     assert out == tk.decode(new) + "\n"
 
 
 def test_generate_on_a_mesh_matches_one_device(capsys, hf_ckpt):
     ref = gptoss_jax.generate(our_model(hf_ckpt), PROMPT_IDS, max_new_tokens=6)[0]
-    rc, out, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", " ".join(map(str, PROMPT_IDS)),
+    rc, out, err = run_main(capsys, "generate", hf_ckpt, "--tokens", " ".join(map(str, PROMPT_IDS)),
                            "--max-new-tokens", 6, "--dtype", "float32", "--mesh", "data=2,expert=2,model=2",
                            "--no-stream", "--quiet")  # fmt: skip
     assert rc == 0, err
@@ -123,7 +118,7 @@ def test_generate_on_a_mesh_matches_one_device(capsys, hf_ckpt):
 
 # -------------------------------------------------------------------------------------------- bench
 def test_bench_reports_speed_and_memory(capsys, hf_ckpt):
-    rc, out, err = run_cli(capsys, "bench", hf_ckpt, "--prompt-len", 8, "--new", 5, "--reps", 1, "--dtype",
+    rc, out, err = run_main(capsys, "bench", hf_ckpt, "--prompt-len", 8, "--new", 5, "--reps", 1, "--dtype",
                            "float32", "--quiet")  # fmt: skip
     assert rc == 0, err
     auto = resolve_impl("auto")  # the header says what "auto" resolved to on this platform
@@ -146,7 +141,7 @@ def _prompts(out: str) -> list[list[int]]:
 
 def test_chat_real_model_prompt_is_harmony_rendering(capsys, demo_run):
     path = demo_run[2]
-    rc, out, err = run_cli(capsys, "chat", path, "-m", "What is 2+2?", "--reasoning-effort", "low",
+    rc, out, err = run_main(capsys, "chat", path, "-m", "What is 2+2?", "--reasoning-effort", "low",
                            "--max-new-tokens", 4, "--show-prompt", "--date", "2025-08-05")  # fmt: skip
     assert rc == 0, err
     (prompt,) = _prompts(out)
@@ -182,7 +177,7 @@ def scripted_model(monkeypatch, request):
 
 
 def test_chat_channels_and_multi_turn_history(capsys, scripted_model, demo_run):
-    rc, out, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "-m", "Bye", "--show-prompt",
+    rc, out, err = run_main(capsys, "chat", demo_run[2], "-m", "Hi", "-m", "Bye", "--show-prompt",
                            "--developer", "Be terse.")  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
@@ -204,14 +199,14 @@ TOOL_CALL = ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant
 
 @pytest.mark.parametrize("scripted_model", [TOOL_CALL], indirect=True)
 def test_chat_shows_a_tool_call_as_the_server_parses_it(capsys, scripted_model, demo_run):
-    rc, out, err = run_cli(capsys, "chat", demo_run[2], "-m", "Weather in Paris?")
+    rc, out, err = run_main(capsys, "chat", demo_run[2], "-m", "Weather in Paris?")
     assert rc == 0, err
     assert out.splitlines() == ["[commentary] Checking.", '[call get_weather] {"city": "Paris"}']
 
 
 def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model, demo_run):
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n\nnot read\n"))
-    rc, out, err = run_cli(capsys, "chat", demo_run[2], "--hide-analysis", "--show-prompt")
+    rc, out, err = run_main(capsys, "chat", demo_run[2], "--hide-analysis", "--show-prompt")
     assert rc == 0, err
     assert "[analysis]" not in out
     assert out.count("[final] Hello! How can I help?") == 2
@@ -219,48 +214,48 @@ def test_chat_reads_stdin_and_hides_analysis(capsys, monkeypatch, scripted_model
 
 
 def test_chat_truncated_reply(capsys, scripted_model, demo_run):
-    rc, _, err = run_cli(capsys, "chat", demo_run[2], "-m", "Hi", "--max-new-tokens", 3)
+    rc, _, err = run_main(capsys, "chat", demo_run[2], "-m", "Hi", "--max-new-tokens", 3)
     assert rc == 0, err
     assert "max-new-tokens 3" in err
 
 
 # --------------------------------------------------------------------------------------------- info
 def test_info_is_wired_to_the_memory_plan(capsys):
-    rc, out, err = run_cli(capsys, "info", "gpt-oss-20b", "--mesh", "expert=8")
+    rc, out, err = run_main(capsys, "info", "gpt-oss-20b", "--mesh", "expert=8")
     assert rc == 0, err
     assert out.strip()
-    rc, _, err = run_cli(capsys, "info", "gpt-oss-20b", "--mesh", "expert=banana")
+    rc, _, err = run_main(capsys, "info", "gpt-oss-20b", "--mesh", "expert=banana")
     assert_usage_error(rc, err, "expert", prefix="gptoss-jax info: error: ")
 
 
 # ---------------------------------------------------------------------------------------- bad input
 def test_bad_token_ids(capsys, hf_ckpt):
     # errors found after loading: --quiet leaves only the error on stderr (no "loaded ..." status line)
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "5 1000 3", "--dtype", "float32", "--quiet")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "5 1000 3", "--dtype", "float32", "--quiet")
     assert_usage_error(rc, err, "1000", "vocabulary")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "5 -1", "--dtype", "float32", "--quiet")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "5 -1", "--dtype", "float32", "--quiet")
     assert_usage_error(rc, err, "-1", "vocabulary")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "5 x7")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "5 x7")
     assert_usage_error(rc, err, "x7")
 
 
 def test_text_prompt_needs_the_real_vocabulary(capsys, hf_ckpt):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--prompt", "Hello world, this is text", "--dtype", "float32",
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--prompt", "Hello world, this is text", "--dtype", "float32",
                          "--quiet")  # fmt: skip
     assert_usage_error(rc, err, "outside the vocabulary [0, 1000)")
 
 
 def test_context_longer_than_cache(capsys, hf_ckpt):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1 2 3 4", "--max-new-tokens", 10,
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1 2 3 4", "--max-new-tokens", 10,
                          "--max-context", 8, "--dtype", "float32", "--quiet")  # fmt: skip
     assert_usage_error(rc, err, "14", "cache length 8")
 
 
 def test_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    rc, _, err = run_cli(capsys, "generate", tmp_path, "--tokens", "1 2")
+    rc, _, err = run_main(capsys, "generate", tmp_path, "--tokens", "1 2")
     assert_usage_error(rc, err, str(tmp_path))
-    rc, _, err = run_cli(capsys, "bench", tmp_path / "missing")
+    rc, _, err = run_main(capsys, "bench", tmp_path / "missing")
     assert_usage_error(rc, err, "missing")
 
 
@@ -270,34 +265,34 @@ def test_bad_config(capsys, hf_ckpt, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["num_key_value_heads"] = 4  # 6 query heads are not a multiple of 4
     (bad / "config.json").write_text(json.dumps(cfg))
-    rc, _, err = run_cli(capsys, "chat", bad, "-m", "hi")
+    rc, _, err = run_main(capsys, "chat", bad, "-m", "hi")
     assert_usage_error(rc, err, "num_key_value_heads")
     (bad / "config.json").write_text("{not json")
-    rc, _, err = run_cli(capsys, "generate", bad, "--tokens", "1")
+    rc, _, err = run_main(capsys, "generate", bad, "--tokens", "1")
     assert_usage_error(rc, err, "config.json")
 
 
 def test_bad_mesh(capsys, hf_ckpt):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1", "--mesh", "expert=two")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1", "--mesh", "expert=two")
     assert_usage_error(rc, err, "expert")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1", "--mesh", "gpu=8")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1", "--mesh", "gpu=8")
     assert_usage_error(rc, err, "gpu")
-    rc, _, err = run_cli(capsys, "bench", hf_ckpt, "--mesh", "expert=3")  # 8 devices in tests
+    rc, _, err = run_main(capsys, "bench", hf_ckpt, "--mesh", "expert=3")  # 8 devices in tests
     assert_usage_error(rc, err, "needs 3 devices")
 
 
 def test_bad_arguments(capsys, hf_ckpt):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1", "--max-new-tokens", 0)
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1", "--max-new-tokens", 0)
     assert_usage_error(rc, err, "--max-new-tokens")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1", "--dtype", "float16")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1", "--dtype", "float16")
     assert_usage_error(rc, err, "--dtype")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt)
+    rc, _, err = run_main(capsys, "generate", hf_ckpt)
     assert_usage_error(rc, err, "--prompt", "--tokens")
-    rc, _, err = run_cli(capsys, "chat", hf_ckpt, "--reasoning-effort", "extreme")
+    rc, _, err = run_main(capsys, "chat", hf_ckpt, "--reasoning-effort", "extreme")
     assert_usage_error(rc, err, "extreme")
-    rc, _, err = run_cli(capsys, "bench", hf_ckpt, "--new", 0)
+    rc, _, err = run_main(capsys, "bench", hf_ckpt, "--new", 0)
     assert_usage_error(rc, err, "--new")
-    rc, _, err = run_cli(capsys, "frobnicate")
+    rc, _, err = run_main(capsys, "frobnicate")
     assert_usage_error(rc, err, "frobnicate")
 
 

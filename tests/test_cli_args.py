@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clitools import assert_error_line, run
+from clitools import assert_error_line, run, run_main
 
 from conversion.convert import Options, convert
-from gptoss_jax import cli
 from gptoss_jax.kernels import VALIDATED_PLATFORMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +41,6 @@ BAD = [
 ]
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def assert_rejected(rc: int, err: str, needle: str) -> None:
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, err  # no "loaded ..." line: nothing was read but the config
@@ -56,37 +49,37 @@ def assert_rejected(rc: int, err: str, needle: str) -> None:
 
 @pytest.mark.parametrize("extra, needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_generate_rejects_before_loading(capsys, hf_ckpt, extra, needle):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "1 2 3", *extra)
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "1 2 3", *extra)
     assert_rejected(rc, err, needle)
 
 
 def test_chat_and_bench_reject_before_loading(capsys, hf_ckpt):
-    rc, _, err = run_cli(capsys, "chat", hf_ckpt, "-m", "hi", "--seed", 2**64)
+    rc, _, err = run_main(capsys, "chat", hf_ckpt, "-m", "hi", "--seed", 2**64)
     assert_rejected(rc, err, f"--seed must be in [0, 2**63), got {2**64}")
-    rc, _, err = run_cli(capsys, "chat", hf_ckpt, "-m", "hi")
+    rc, _, err = run_main(capsys, "chat", hf_ckpt, "-m", "hi")
     assert_rejected(rc, err, "chat needs the o200k_harmony vocabulary (201088 tokens), this model has 1000")
-    rc, _, err = run_cli(capsys, "bench", hf_ckpt, "--prompt-len", 200000)
+    rc, _, err = run_main(capsys, "bench", hf_ckpt, "--prompt-len", 200000)
     assert_rejected(rc, err, "--prompt-len 200000 + --new 64 + 1 exceed the model's context length 131072")
 
 
 def test_demo_seed_range(capsys):
-    rc, _, err = run_cli(capsys, "demo", "--seed", 2**63)
+    rc, _, err = run_main(capsys, "demo", "--seed", 2**63)
     assert_rejected(rc, err, f"--seed must be in [0, 2**63), got {2**63}")
 
 
 def test_token_ids_checked_against_the_config(capsys, hf_ckpt, tmp_path):
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--tokens", "5 1000 3")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--tokens", "5 1000 3")
     assert_rejected(rc, err, f"--tokens: token id 1000 is outside the vocabulary [0, 1000) of {hf_ckpt}")
-    rc, _, err = run_cli(capsys, "generate", hf_ckpt, "--prompt", "Hello world")
+    rc, _, err = run_main(capsys, "generate", hf_ckpt, "--prompt", "Hello world")
     assert_rejected(rc, err, "outside the vocabulary [0, 1000)")
     orbax = tmp_path / "orbax"
     convert(
         hf_ckpt, orbax, Options(), quiet=True
     )  # a converted checkpoint: its metadata gives the vocabulary
-    rc, _, err = run_cli(capsys, "generate", orbax, "--tokens", "5 -1")
+    rc, _, err = run_main(capsys, "generate", orbax, "--tokens", "5 -1")
     assert_rejected(rc, err, "token id -1 is outside the vocabulary [0, 1000)")
     for bad in ("²", "--5", "1_0", "٣", "5-"):  # str.isdigit or int() alone accept some of these
-        rc, _, err = run_cli(capsys, "generate", hf_ckpt, f"--tokens=1 {bad}")
+        rc, _, err = run_main(capsys, "generate", hf_ckpt, f"--tokens=1 {bad}")
         assert_rejected(rc, err, f"--tokens: {bad!r} is not an integer token id")
 
 

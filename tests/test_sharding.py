@@ -20,8 +20,8 @@ from conftest import make_tiny_cfg
 
 import gptoss_jax
 from gptoss_jax import memory, sharding
-from gptoss_jax.config import Config
 from gptoss_jax.cache import KVCache, cache_bytes
+from gptoss_jax.config import Config
 from gptoss_jax.weights import axes_of, param_specs, storage_specs
 
 CFG8 = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)

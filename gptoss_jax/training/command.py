@@ -161,7 +161,7 @@ def run_train_plan(args) -> int:
     import json
     from pathlib import Path
 
-    from ..memory import _config_for
+    from ..hub import config_for
     from .lora import LoraConfig
     from .memory import format_training_plan, plan_training
 
@@ -171,7 +171,7 @@ def run_train_plan(args) -> int:
             raise ValueError(
                 "no model: give a preset (gpt-oss-20b, gpt-oss-120b, tiny) or a checkpoint folder"
             )
-        cfg = _config_for(model).replace(dtype=args.dtype or "bfloat16")
+        cfg = config_for(model).replace(dtype=args.dtype or "bfloat16")
         if args.expert_format and not args.full:
             cfg = cfg.replace(expert_format=args.expert_format)
         lora = None if args.full else LoraConfig(rank=args.rank, targets=args.targets)

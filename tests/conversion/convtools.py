@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from clitools import REPO, cli_env, run  # noqa: F401 - cli_env: for the tests that start their own process
 
 from gptoss_jax.checkpoint.orbax import flatten
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def cli_env(**extra) -> dict:
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    """`python -m conversion.cli ARGS` in a subprocess (the real exit code and stderr)."""
-    return subprocess.run([sys.executable, "-m", "conversion.cli", *map(str, args)], capture_output=True,
-        check=False,
-                          text=True, env=env or cli_env(), cwd=REPO, timeout=300, **kw)  # fmt: skip
+def run_convert(*args, env=None) -> subprocess.CompletedProcess:
+    """`gptoss-convert ARGS` in a subprocess (the real exit code and stderr), run from the checkout."""
+    return run("gptoss-convert", *args, env=env, cwd=REPO)
 
 
 def read_all(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from convtools import file_holding, rewrite, run_cli, update_index
+from convtools import file_holding, rewrite, run_convert, update_index
 
 from conversion import cli
 
@@ -156,7 +156,7 @@ def test_e8m0_message_and_exit_code_in_a_subprocess(tmp_path, hf_ckpt):
     """The real process: exit status 2, a single stderr line, nothing left behind."""
     src = shutil.copytree(hf_ckpt, tmp_path / "src")
     fname, name = _e8m0_255(src)
-    r = run_cli(src, tmp_path / "out", "--quiet", "--group-mib", "0.02")
+    r = run_convert(src, tmp_path / "out", "--quiet", "--group-mib", "0.02")
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and fname in r.stderr and name in r.stderr and "255" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

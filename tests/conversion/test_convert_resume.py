@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from convtools import REPO, assert_same_checkpoint, cli_env, run_cli
+from convtools import REPO, assert_same_checkpoint, cli_env, run_convert
 
 import gptoss_jax
 from conversion.convert import Options, convert
@@ -55,7 +55,7 @@ def test_kill_then_resume_gives_identical_checkpoint(tmp_path, hf_ckpt):
     assert "rerun the same command to resume" in r.stderr.splitlines()[-1]
     assert not dst.exists() and work.is_dir()
 
-    r = run_cli(hf_ckpt, dst, "--group-mib", "0.02")
+    r = run_convert(hf_ckpt, dst, "--group-mib", "0.02")
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("resuming:"))
     done, total = (int(x) for x in line.split()[1::2][:2])  # "resuming: N of M tensors already written"

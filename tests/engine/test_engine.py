@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import assert_one_line
+from enginetools import compiles, drive
 from hf_reference import our_model
 
 import gptoss_jax
@@ -66,22 +67,6 @@ def workload(model, tiny_cfg):
     arrivals = np.sort(rng.integers(0, 80, N_REQUESTS)).tolist()
     ref = reference(model, prompts)
     return prompts, max_tokens, arrivals, [r[:m] for r, m in zip(ref, max_tokens, strict=True)]
-
-
-def drive(engine, requests, arrivals):
-    """Submits request i (prompt, options) at step arrivals[i], steps until all finish -> (results, trace of
-    (running, waiting) after each step)."""
-    handles = [None] * len(requests)
-    trace, step = [], 0
-    while not all(h is not None and h.done for h in handles):
-        for i, (prompt, opts) in enumerate(requests):
-            if arrivals[i] == step:
-                handles[i] = engine.submit(prompt, **opts)
-        engine.step()
-        m = engine.metrics()
-        trace.append((m.running, m.waiting))
-        step += 1
-    return [h.result() for h in handles], trace
 
 
 def test_requests_at_random_steps_equal_generate_alone(engine, workload):
@@ -176,18 +161,9 @@ def test_no_recompiles_after_warmup(engine, tiny_cfg):
             opts |= dict(stop=["e"])
         requests.append((rng.integers(0, v, int(rng.integers(1, 301))).tolist(), opts))
     arrivals = np.sort(rng.integers(0, 600, len(requests))).tolist()
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles() as seen:
         results, _ = drive(engine, requests, arrivals)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
+    assert seen == []
     assert all(r.finish_reason in ("stop", "length") for r in results)
     assert sum(len(r.tokens) for r in results) > 400
 

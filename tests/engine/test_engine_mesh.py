@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from enginetools import compiles, drive
 
 import gptoss_jax
 
@@ -30,15 +31,9 @@ def workload(vocab: int):
     return prompts, rng.integers(0, 6, len(prompts)).tolist()
 
 
-def drive(engine, prompts, arrivals):
-    handles, step = [None] * len(prompts), 0
-    while not all(h is not None and h.done for h in handles):
-        for i, p in enumerate(prompts):
-            if arrivals[i] == step:
-                handles[i] = engine.submit(p, max_tokens=NEW)
-        engine.step()
-        step += 1
-    return [h.result().tokens for h in handles]
+def tokens_of(engine, prompts, arrivals) -> list[list[int]]:
+    results, _ = drive(engine, [(p, dict(max_tokens=NEW)) for p in prompts], arrivals)
+    return [r.tokens for r in results]
 
 
 def test_on_a_mesh_of_eight_devices(hf_ckpt, tiny_cfg):
@@ -54,18 +49,9 @@ def test_on_a_mesh_of_eight_devices(hf_ckpt, tiny_cfg):
     spec = eng._kv[0][1].sharding.spec  # the full layer's pool: pages over data, kv heads over model
     assert spec[1] == "data" and spec[3] == "model"
     eng.warmup()
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        got = drive(eng, prompts, arrivals)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert got == want and compiles == []
+    with compiles() as seen:
+        got = tokens_of(eng, prompts, arrivals)
+    assert got == want and seen == []
     lanes = {s // 2 for s in eng.scheduler.resident}
     assert lanes == {0, 1}  # both data shards held sequences
 
@@ -81,7 +67,7 @@ def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
     eng.warmup()
     if process_id == 0:
         prompts, arrivals = workload(model.cfg.vocab_size)
-        tokens = drive(eng, prompts, arrivals)
+        tokens = tokens_of(eng, prompts, arrivals)
         eng.close()  # releases the follower
         Path(out, "tokens.json").write_text(json.dumps(tokens))
     else:

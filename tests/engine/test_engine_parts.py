@@ -16,12 +16,12 @@ from flax import nnx
 
 from gptoss_jax import memory, tokenizer
 from gptoss_jax.config import Config
-from gptoss_jax.model import Transformer
 from gptoss_jax.engine import Engine, pool_plan
 from gptoss_jax.engine.engine import _decode_plan, _encode_plan
 from gptoss_jax.engine.paged import PagedKVCache, _ring_positions
 from gptoss_jax.engine.requests import RequestHandle, RequestOptions, TextStream, allowed_mask
 from gptoss_jax.engine.scheduler import Scheduler, Seq, bucket, buckets
+from gptoss_jax.model import Transformer
 
 
 def test_buckets():

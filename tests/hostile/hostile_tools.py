@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from clitools import REPO, assert_error_line, cli_env, command
+from conftest import assert_one_line
+
 # A file outside every checkpoint: no byte of it may ever be printed (nor its first 8 bytes read as a
 # safetensors header length, which is how the old reader leaked it).
 SECRET = b"TOPSECRET-outside-the-checkpoint-".ljust(104_729, b"#")  # a size that cannot appear by chance
@@ -25,26 +25,11 @@ EVIL = "evil\x1b[2J\x1b]0;pwned\x07\u202e"  # clears the screen, sets the title,
 LIMIT_S = 10.0  # no case may take longer
 
 
-def cli_env(**extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GPTOSS_JAX_COMPILE_CACHE="off",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _entry(tool: str) -> list[str]:
-    """The installed console script (the real entry point), or its module where it is not installed."""
-    script = Path(sys.executable).parent / tool
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", {"gptoss-convert": "conversion.cli", "gptoss-jax": "gptoss_jax"}[tool]]
-
-
 def run(tool: str, *args, timeout: float = LIMIT_S, **env) -> subprocess.CompletedProcess:
     """`tool ARGS` in a subprocess that must finish within `timeout` seconds (a hang fails the test)."""
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([*_entry(tool), *map(str, args)], capture_output=True, text=True, cwd=REPO,
+        r = subprocess.run([*command(tool), *map(str, args)], capture_output=True, text=True, cwd=REPO,
                            env=cli_env(**env), timeout=timeout, errors="backslashreplace", check=False)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise AssertionError(
@@ -61,26 +46,18 @@ def assert_clean(text: str) -> None:
         assert leak not in text, f"leaks the outside file ({leak!r}): {text!r}"
 
 
-def assert_one_line(r: subprocess.CompletedProcess, *needles, code: int = 2) -> str:
+def assert_cli_error(r: subprocess.CompletedProcess, *needles, code: int = 2) -> str:
     """Exit `code`, one stderr line that is an error naming every needle, clean output."""
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, r.stderr[-3000:]
-    assert ": error: " in lines[0], lines[0]
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
+    line = assert_error_line(r, ": error: ", *needles, code=code)
     assert_clean(r.stderr + r.stdout)
-    return lines[0]
+    return line
 
 
 def assert_api_error(excinfo, *needles) -> str:
     """A CheckpointError-style message: one line, clean, naming every needle."""
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert str(n) in msg, (n, msg)
-    assert_clean(msg)
-    return msg
+    assert_one_line(excinfo, *needles)
+    assert_clean(str(excinfo.value))
+    return str(excinfo.value)
 
 
 @contextlib.contextmanager

@@ -20,10 +20,10 @@ import pytest
 
 from .hostile_tools import (
     EVIL,
-    _entry,
     assert_clean,
-    assert_one_line,
+    assert_cli_error,
     cli_env,
+    command,
     edit_header,
     edit_json,
     flip_array_bytes,
@@ -57,7 +57,7 @@ def test_convert_index_pointing_outside(tmp_path, hf, secret):
     edit_json(hf / "model.safetensors.index.json",
               lambda d: d["weight_map"].update({"model.norm.weight": os.path.relpath(secret, hf)}))  # fmt: skip
     r = run("gptoss-convert", hf, tmp_path / "out", "--quiet")
-    assert_one_line(r, "model.safetensors.index.json", "model.norm.weight", "leaves the checkpoint folder")
+    assert_cli_error(r, "model.safetensors.index.json", "model.norm.weight", "leaves the checkpoint folder")
     nothing_left(tmp_path, "src")
 
 
@@ -68,21 +68,21 @@ def test_fifo_shard_does_not_hang(tmp_path, hf, tool):
         r = run(tool, src, tmp_path / "out", "--quiet")
     else:
         r = run("gptoss-jax", tool, src, *(GEN if tool == "generate" else ()))
-    assert_one_line(r, "model.safetensors", "named pipe")
+    assert_cli_error(r, "model.safetensors", "named pipe")
     nothing_left(tmp_path, "src")
 
 
 def test_convert_fifo_among_original_shards(tmp_path, orig):
     os.mkfifo(orig / "model--extra.safetensors")
     r = run("gptoss-convert", orig, tmp_path / "out", "--quiet")
-    assert_one_line(r, "model--extra.safetensors", "named pipe")
+    assert_cli_error(r, "model--extra.safetensors", "named pipe")
     nothing_left(tmp_path, "src")
 
 
 def test_info_ten_million_layers_is_refused_at_once(hf):
     edit_json(hf / "config.json", lambda d: (d.update(num_hidden_layers=10**7), d.pop("layer_types")))
     r = run("gptoss-jax", "info", hf)
-    assert_one_line(r, "config.json", "num_hidden_layers", "10000000")
+    assert_cli_error(r, "config.json", "num_hidden_layers", "10000000")
 
 
 @pytest.mark.parametrize("change,field", [({"rope_scaling": "yarn"}, "rope_scaling"),
@@ -90,14 +90,14 @@ def test_info_ten_million_layers_is_refused_at_once(hf):
                                           ({"swiglu_limit": "7"}, "swiglu_limit")])  # fmt: skip
 def test_info_bad_config_field(hf, change, field):
     edit_json(hf / "config.json", lambda d: d.update(change))
-    assert_one_line(run("gptoss-jax", "info", hf), "config.json", field)
+    assert_cli_error(run("gptoss-jax", "info", hf), "config.json", field)
 
 
 def test_convert_nan_in_config(tmp_path, hf):
     (hf / "config.json").write_text(
         (hf / "config.json").read_text().replace('"rope_theta": 150000.0', '"rope_theta": NaN')
     )
-    assert_one_line(
+    assert_cli_error(
         run("gptoss-convert", hf, tmp_path / "out", "--quiet"), "config.json", "rope_theta", "nan"
     )
     nothing_left(tmp_path, "src")
@@ -107,7 +107,7 @@ def test_convert_escapes_control_characters(tmp_path, orig):
     f = min(orig.glob("*.safetensors"))
     edit_header(f, lambda h: h.update({EVIL: {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}))
     r = run("gptoss-convert", orig, tmp_path / "out", "--quiet")
-    assert_one_line(r, f.name, "unexpected tensor evil\\x1b[2J\\x1b]0;pwned\\x07\\u202e")
+    assert_cli_error(r, f.name, "unexpected tensor evil\\x1b[2J\\x1b]0;pwned\\x07\\u202e")
     nothing_left(tmp_path, "src")
 
 
@@ -115,7 +115,7 @@ def test_convert_deeply_nested_header(tmp_path, hf):
     f = min(hf.glob("model-*.safetensors"))
     raw = b"[" * 100_000 + b"]" * 100_000
     f.write_bytes(len(raw).to_bytes(8, "little") + raw)
-    assert_one_line(run("gptoss-convert", hf, tmp_path / "out", "--quiet"), f.name, "nested too deeply")
+    assert_cli_error(run("gptoss-convert", hf, tmp_path / "out", "--quiet"), f.name, "nested too deeply")
     nothing_left(tmp_path, "src")
 
 
@@ -130,7 +130,7 @@ def _poison(src, name):
 def test_convert_nan_weight(tmp_path, hf):
     f = _poison(hf, "model.layers.2.self_attn.o_proj.weight")
     r = run("gptoss-convert", hf, tmp_path / "out", "--quiet", "--group-mib", "0.05")
-    assert_one_line(r, f.name, "model.layers.2.self_attn.o_proj.weight", "NaN or Inf", "(0, 0)")
+    assert_cli_error(r, f.name, "model.layers.2.self_attn.o_proj.weight", "NaN or Inf", "(0, 0)")
     nothing_left(tmp_path, "src")
 
 
@@ -148,12 +148,12 @@ def test_convert_nan_weight_allowed(tmp_path, hf):
 def test_converted_huge_layer_count(conv, tool):
     _edit_meta(conv, lambda m: m["config"].update(num_hidden_layers=10**7))
     r = run("gptoss-jax", tool, conv, *(GEN if tool == "generate" else ()))
-    assert_one_line(r, "_CHECKPOINT_METADATA", "num_hidden_layers")
+    assert_cli_error(r, "_CHECKPOINT_METADATA", "num_hidden_layers")
 
 
 def test_info_converted_without_config(conv):
     _edit_meta(conv, lambda m: m.pop("config"))
-    assert_one_line(
+    assert_cli_error(
         run("gptoss-jax", "info", conv), "_CHECKPOINT_METADATA", "'config'", "gptoss-convert --verify"
     )
 
@@ -165,7 +165,7 @@ def test_generate_damaged_converted_checkpoint(conv, damage):
     else:
         os.truncate(max((conv / "state").rglob("d/*"), key=lambda p: p.stat().st_size), 100)
     r = run("gptoss-jax", "generate", conv, *GEN)
-    assert_one_line(r, str(conv / "state"), "damaged or incomplete", f"gptoss-convert --verify {conv}")
+    assert_cli_error(r, str(conv / "state"), "damaged or incomplete", f"gptoss-convert --verify {conv}")
 
 
 VERIFY = {"gptoss-convert": ("gptoss-convert", "--verify"), "gptoss-jax": ("gptoss-jax", "verify")}
@@ -175,7 +175,7 @@ VERIFY = {"gptoss-convert": ("gptoss-convert", "--verify"), "gptoss-jax": ("gpto
 def test_verify_names_flipped_array_and_file(conv, tool):
     name, victim = flip_array_bytes(conv)
     r = run(*VERIFY[tool], conv, "--quiet")
-    assert_one_line(
+    assert_cli_error(
         r, "verification failed", f"array {name} ", str(victim.relative_to(conv)), "crc32c", code=1
     )
 
@@ -183,8 +183,8 @@ def test_verify_names_flipped_array_and_file(conv, tool):
 @pytest.mark.parametrize("tool", VERIFY)
 def test_verify_unreadable_checkpoint(conv, tmp_path, tool):
     (conv / "state" / "manifest.ocdbt").unlink()
-    assert_one_line(run(*VERIFY[tool], conv, "--quiet"), str(conv / "state"), "damaged or incomplete")
-    assert_one_line(run(*VERIFY[tool], tmp_path / "missing", "--quiet"), "missing")
+    assert_cli_error(run(*VERIFY[tool], conv, "--quiet"), str(conv / "state"), "damaged or incomplete")
+    assert_cli_error(run(*VERIFY[tool], tmp_path / "missing", "--quiet"), "missing")
 
 
 @pytest.mark.parametrize("tool", VERIFY)
@@ -199,14 +199,14 @@ def test_convert_to_dangling_symlink(tmp_path, hf):
     (tmp_path / "out").symlink_to(tmp_path / "missing")
     r = run("gptoss-convert", hf, tmp_path / "out", "--quiet")
     assert r.seconds < 5  # refused before any work, not after converting everything
-    assert_one_line(r, "out", "symbolic link to a missing target")
+    assert_cli_error(r, "out", "symbolic link to a missing target")
     nothing_left(tmp_path, "src", "out")
 
 
 def test_convert_under_a_file(tmp_path, hf):
     (tmp_path / "afile").write_text("x")
     r = run("gptoss-convert", hf, tmp_path / "afile" / "sub" / "out", "--quiet")
-    assert_one_line(r, "afile", "is not a folder")
+    assert_cli_error(r, "afile", "is not a folder")
     nothing_left(tmp_path, "src", "afile")
 
 
@@ -226,7 +226,7 @@ needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs a private mount
 def in_namespace(tmp_path, script: str, timeout: float = 40) -> dict:
     """Runs `script` (bash) in a private mount namespace, with a tmpfs it mounts at $M vanishing with it.
     Lines "key=value" it prints come back as a dict."""
-    env = cli_env(M=tmp_path / "mnt", T=tmp_path, CONVERT=shlex.join(_entry("gptoss-convert")))
+    env = cli_env(M=tmp_path / "mnt", T=tmp_path, CONVERT=shlex.join(command("gptoss-convert")))
     (tmp_path / "mnt").mkdir()
     r = subprocess.run(["unshare", "--mount", "--map-root-user", "bash", "-euc", script], capture_output=True,
                        text=True, env=env, timeout=timeout, check=False)  # fmt: skip

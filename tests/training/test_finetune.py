@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line
 from apitools import KEY, MODEL, start_server, stop_server
+from conftest import assert_one_line
 
 import gptoss_jax
 from gptoss_jax import cli

@@ -239,7 +239,8 @@ def write_hf_view(ckpt: Path, view: Path, cfg) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from gptoss_jax.tokenizer import encode, get_encoding, render_chat_prompt
+    from gptoss_jax.harmony import render_chat_prompt
+    from gptoss_jax.tokenizer import encode, get_encoding
 
     enc = get_encoding()
 

@@ -185,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--message", "-m", action="append", help="a user message (repeat for several turns); "
                    "default: read messages from stdin, one per line (an empty line or EOF ends), with line "
                    "editing and history on a terminal; /reset starts a new conversation, /exit leaves")  # fmt: skip
-    c.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    c.add_argument("--reasoning-effort", choices=("low", "medium", "high"),
+                   help="of the system message (default: the one --adapters were trained with, else medium)")  # fmt: skip
     c.add_argument("--developer", help="developer instructions (the system prompt of other chat formats)")
-    c.add_argument("--date", help="conversation start date for the system message, e.g. 2025-08-05")
+    c.add_argument("--date", metavar="none|today|YYYY-MM-DD", help="conversation start date for the system "
+                   "message, e.g. 2025-08-05 (default: the one --adapters were trained with, else none)")  # fmt: skip
     c.add_argument("--show-prompt", action="store_true", help="print each turn's rendered prompt token ids")
     c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")
     _sampling_args(c, temperature=1.0)
@@ -308,11 +310,13 @@ def _check_fit(args, cfg, prompt: list[int] | None = None, what: str = "") -> No
         return
     if not prompt:
         raise UsageError(f"{what}: the prompt is empty")
-    bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
-    if bad is not None:
+    from .tokenizer import check_token_ids
+
+    try:
+        check_token_ids(prompt, cfg.vocab_size)
+    except ValueError as e:
         hint = " (text needs the o200k_harmony vocabulary; use --tokens)" if what != "--tokens" else ""
-        raise UsageError(f"{what}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of "
-                         f"{args.path}{hint}")  # fmt: skip
+        raise UsageError(f"{what}: {e} of {args.path}{hint}") from None
     need = len(prompt) + args.max_new_tokens
     limits = [("the cache length", args.max_context, "--max-context"),
               ("the model's context length", cfg.context_length, args.path)]  # fmt: skip
@@ -334,18 +338,6 @@ def _sample_kw(args) -> dict:
     # passed only when set, so generate() keeps its own defaults (off)
     kw.update({k: v for k in ("min_p", "repetition_penalty") if (v := getattr(args, k)) is not None})
     return kw
-
-
-def parse_token_ids(text: str) -> list[int]:
-    """--tokens: integers written in ASCII ("1 2 3" or "1,2,3"); the model's vocabulary is checked later
-    (`_check_fit`), naming the checkpoint. int() alone would take '1_000' and other scripts' digits."""
-    parts = text.replace(",", " ").split()
-    if not parts:
-        raise UsageError("--tokens: no token ids given")
-    for t in parts:
-        if not (t.isascii() and t.lstrip("-").isdigit() and t.count("-") <= int(t.startswith("-"))):
-            raise UsageError(f"--tokens: {t[:40]!r} is not an integer token id")
-    return [int(t) for t in parts]
 
 
 def read_prompt(args) -> tuple[str, str]:
@@ -405,11 +397,17 @@ def cmd_generate(args) -> int:
     _check_args(args)
     raw = args.tokens is not None
     if raw:
-        ids, what = parse_token_ids(args.tokens), "--tokens"
+        try:  # the vocabulary is checked below (`_check_fit`), naming the checkpoint
+            ids, what = tokenizer.parse_token_ids(args.tokens, vocab_size=None), "--tokens"
+        except ValueError as e:
+            raise UsageError(f"--tokens: {e}") from None
     else:
         text, what = read_prompt(args)
         ids = tokenizer.encode(text)
     _check_fit(args, _config(args), ids, what)
+    if getattr(args, "adapters", None):
+        _prompt_settings(args, note=" (generate sends the prompt as given: render it with these settings to "
+                                    "match)")  # fmt: skip
     model = _load(args)
     kw = _sample_kw(args)
     t0 = time.perf_counter()
@@ -450,7 +448,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# the server's part types (api/parsing.py) -> label and terminal style
+# the parser's part types (harmony/parser.py) -> label and terminal style
 _LABELS = {"reasoning": ("[analysis] ", "\033[2m"), "content": ("[final] ", "\033[1m"),
            "preamble": ("[commentary] ", "\033[36m"), "tool_call": ("[call {name}] ", "\033[35m")}  # fmt: skip
 CHAT_HELP = "type a message and press Enter; /reset starts a new conversation; /exit or Ctrl-D leaves"
@@ -481,12 +479,27 @@ def _chat_lines(args, interactive: bool):
         yield line.rstrip("\n")
 
 
+def _prompt_settings(args, note: str = ""):
+    """The prompts' settings (`harmony.PromptSettings`): --date and --reasoning-effort where the command has
+    them and they are given, else those the --adapters were trained with, else none and medium. Says where
+    they came from, and warns of each flag that overrides the adapters' setting."""
+    from .harmony import resolve_prompt_settings
+
+    resolved = resolve_prompt_settings(getattr(args, "adapters", None), date=getattr(args, "date", None),
+                                       reasoning_effort=getattr(args, "reasoning_effort", None))  # fmt: skip
+    for line in resolved.notes:
+        _say(args, f"{PROG}: {line}{note}")
+    for line in resolved.warnings:
+        print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
+    return resolved.settings
+
+
 def cmd_chat(args) -> int:
-    """The turn is parsed by the server's parser (`api.parsing.OutputParser`: one harmony parser per
-    turn, non-strict, what does not parse shown as final text), so `chat` and `serve` read output alike."""
-    from . import tokenizer
+    """Each turn is parsed once, as it streams, by the server's parser (`harmony.OutputParser`: one harmony
+    parser per turn, non-strict, what does not parse shown as final text); its parts go into the history
+    (`harmony.ChatSession`), which renders the next prompt as `serve` renders the same conversation."""
+    from . import harmony, tokenizer
     from .generate import generate
-    from .api.parsing import OutputParser
 
     _check_args(args)
     cfg = _config(args)
@@ -494,12 +507,13 @@ def cmd_chat(args) -> int:
     if cfg.vocab_size != tokenizer.N_VOCAB:
         raise UsageError(f"{args.path}: chat needs the o200k_harmony vocabulary ({tokenizer.N_VOCAB} "
                          f"tokens), this model has {cfg.vocab_size}")  # fmt: skip
+    settings = _prompt_settings(args)
     model = _load(args)
 
     def new_session():
-        return tokenizer.ChatSession(reasoning_effort=args.reasoning_effort,
-                                     developer_instructions=args.developer,
-                                     conversation_start_date=args.date)  # fmt: skip
+        return harmony.ChatSession(reasoning_effort=settings.reasoning_effort,
+                                   developer_instructions=args.developer,
+                                   conversation_start_date=settings.date)  # fmt: skip
 
     session = new_session()
     stop = tokenizer.stop_tokens_for_assistant_actions()
@@ -517,7 +531,7 @@ def cmd_chat(args) -> int:
         prompt = session.prompt_tokens(text)
         if args.show_prompt:
             print(f"[prompt {turn}] {' '.join(map(str, prompt))}", flush=True)
-        parser = OutputParser()
+        parser = harmony.OutputParser()
         out: list[int] = []
         shown = [None]  # the part being printed
 
@@ -546,11 +560,11 @@ def cmd_chat(args) -> int:
             print("\033[0m", end="")
         if shown[0] is not None:
             print(flush=True)
-        try:
-            session.add_assistant_tokens(out)
-        except Exception:  # noqa: BLE001 - harmony's own parser rejects it: keep the history valid
+        if parser.warned:  # keep the history valid harmony
             _say(args, "(the reply is not valid harmony, as expected from random weights; it is left out of the "
                        "history)")  # fmt: skip
+        else:
+            session.add_parts(parser.parts)
         if out and out[-1] not in stop:
             _say(args, f"(stopped after --max-new-tokens {args.max_new_tokens})")
     return 0

@@ -1,4 +1,4 @@
-"""Offline o200k_harmony tokenizer and harmony chat helpers for gpt-oss.
+"""Offline o200k_harmony tokenizer for gpt-oss: the vocabulary, encode/decode, special ids and stop tokens.
 
 Features
 --------
@@ -15,10 +15,9 @@ Features
 * Special-token id constants (``START``, ``END``, ``MESSAGE``, ``CHANNEL``, ``RETURN``, ``CALL``,
   ``CONSTRAIN``, ``ENDOFTEXT``, ``STARTOFTEXT``, ``ENDOFPROMPT``), ``encode`` and ``decode``, and the
   stop-token helpers ``stop_tokens_for_assistant_actions()`` / ``stop_tokens()``.
-* Harmony chat helpers built only on openai-harmony. Harmony strings are never assembled by hand:
-  ``render_chat_prompt``, ``build_conversation``, ``parse_completion`` and
-  ``parse_completion_messages``, the streaming parser ``ChatStream`` that yields
-  ``(channel, text_delta)`` pairs, and the multi-turn ``ChatSession``.
+* ``parse_token_ids`` (token ids written as text) and ``check_token_ids`` (ids against a vocabulary).
+
+Conversations, prompts and parsing of the chat format live one layer up, in ``gptoss_jax.harmony``.
 
 The encodings are loaded lazily on first use and then cached (``functools.lru_cache``).
 """
@@ -26,7 +25,6 @@ The encodings are loaded lazily on first use and then cached (``functools.lru_ca
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import functools
 import gzip
 import hashlib
@@ -34,7 +32,7 @@ import importlib.resources
 import os
 import tempfile
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Union
 
@@ -62,15 +60,10 @@ __all__ = [
     "get_harmony_encoding",
     "encode",
     "decode",
+    "parse_token_ids",
+    "check_token_ids",
     "stop_tokens_for_assistant_actions",
     "stop_tokens",
-    "build_conversation",
-    "render_chat_prompt",
-    "parse_completion_messages",
-    "parse_completion",
-    "message_text",
-    "ChatStream",
-    "ChatSession",
 ]
 
 # SHA-256 of the *decompressed* o200k_base.tiktoken. This is the same hash tiktoken and harmony
@@ -315,26 +308,39 @@ def decode(ids: Iterable[int] | Any, *, errors: str = "replace") -> str:
     An id outside the vocabulary raises ValueError (tiktoken would raise KeyError or OverflowError).
     """
     ids = _as_int_list(ids)
-    bad = next((t for t in ids if not 0 <= t < N_VOCAB), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary (0..{N_VOCAB - 1})")
+    check_token_ids(ids)
     return get_encoding().decode(ids, errors=errors)
 
 
-def parse_token_ids(text: str) -> list[int]:
-    """Token ids written as text ("1 2 3" or "1,2,3") -> ints; ValueError naming the first bad one.
+def parse_token_ids(text: str, vocab_size: int | None = N_VOCAB) -> list[int]:
+    """Token ids written as text ("1 2 3" or "1,2,3") -> ints, each checked against the vocabulary
+    [0, vocab_size) (None: the caller checks them); ValueError naming the first bad one.
 
-    Only ASCII digits count: Python's int() also accepts other scripts' digits, while str.isdigit() also
-    says yes to '²', which int() then refuses; checking one and converting with the other raised
-    StopIteration from the CLI for `--tokens ²`.
+    An id is an integer written in ASCII, with an optional minus sign (so that -1 is reported as outside the
+    vocabulary, not as a typo). Python's int() alone would also take '1_000' and other scripts' digits, and
+    str.isdigit() says yes to '²', which int() then refuses.
     """
     parts = text.replace(",", " ").split()
     if not parts:
-        raise ValueError("--tokens: no token ids given")
+        raise ValueError("no token ids given")
+    ids = []
     for t in parts:
-        if not (t.isascii() and t.isdigit()) or len(t) > 9 or int(t) >= N_VOCAB:
-            raise ValueError(f"--tokens: {t[:40]!r} is not a token id (an integer from 0 to {N_VOCAB - 1})")
-    return [int(t) for t in parts]
+        digits = t.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"{t[:40]!r} is not an integer token id")
+        if len(digits) > 18:  # far outside any vocabulary (and past int()'s limit on digits)
+            raise ValueError(f"token id {t[:20]}... is outside the vocabulary")
+        ids.append(int(t))
+    if vocab_size is not None:
+        check_token_ids(ids, vocab_size)
+    return ids
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int = N_VOCAB) -> None:
+    """ValueError naming the first id outside the vocabulary [0, vocab_size)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def stop_tokens_for_assistant_actions() -> list[int]:
@@ -345,236 +351,3 @@ def stop_tokens_for_assistant_actions() -> list[int]:
 def stop_tokens() -> list[int]:
     """All harmony stop ids: ``<|return|>``, ``<|end|>`` and ``<|call|>``."""
     return sorted(get_harmony_encoding().stop_tokens())
-
-
-# --------------------------------------------------------------------------------------------
-# Harmony chat helpers
-# --------------------------------------------------------------------------------------------
-
-ChatItem = Union[tuple[str, str], Any]  # (role, text) or openai_harmony.Message
-
-
-def _reasoning_effort(value: Any):
-    from openai_harmony import ReasoningEffort
-
-    if isinstance(value, ReasoningEffort):
-        return value
-    try:
-        return ReasoningEffort(str(value).strip().capitalize())  # enum values are "Low"/"Medium"/"High"
-    except ValueError:
-        raise ValueError(f"reasoning_effort must be low, medium or high, got {value!r}") from None
-
-
-def _system_message(reasoning_effort: Any, conversation_start_date: Any):
-    from openai_harmony import Message, Role, SystemContent
-
-    content = SystemContent.new().with_reasoning_effort(_reasoning_effort(reasoning_effort))
-    if conversation_start_date is not None:
-        if isinstance(conversation_start_date, (_dt.date, _dt.datetime)):
-            conversation_start_date = conversation_start_date.strftime("%Y-%m-%d")
-        content = content.with_conversation_start_date(str(conversation_start_date))
-    return Message.from_role_and_content(Role.SYSTEM, content)
-
-
-def _developer_message(instructions: str):
-    from openai_harmony import DeveloperContent, Message, Role
-
-    return Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions))
-
-
-def _to_message(item: ChatItem):
-    from openai_harmony import Message, Role
-
-    if isinstance(item, Message):
-        return item
-    try:
-        role, text = item
-    except (TypeError, ValueError):
-        raise TypeError(f"chat items must be (role, text) tuples or openai_harmony.Message, got {item!r}") from None
-    role = Role(role.value if isinstance(role, Role) else str(role).lower())
-    if role == Role.USER:
-        return Message.from_role_and_content(Role.USER, text)
-    if role == Role.ASSISTANT:
-        # An earlier assistant reply given as plain text is the user-visible answer.
-        return Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final")
-    if role == Role.DEVELOPER:
-        return _developer_message(text)
-    raise ValueError(
-        f"({role.value!r}, text) tuples are not supported: use the keyword arguments for the system "
-        "message, or pass an openai_harmony.Message (tool messages need an author name)"
-    )
-
-
-def build_conversation(
-    messages: Sequence[ChatItem],
-    *,
-    reasoning_effort: Any = "medium",
-    developer_instructions: str | None = None,
-    conversation_start_date: Any = None,
-):
-    """Build an ``openai_harmony.Conversation``: system (+ developer) message, then ``messages``.
-
-    If ``messages`` already contain a system Message, it is used as is and no default system message
-    is added. A developer message from ``developer_instructions`` follows the system message.
-    """
-    from openai_harmony import Conversation, Role
-
-    body = [_to_message(m) for m in messages]
-    has_system = any(m.author.role == Role.SYSTEM for m in body)
-    head = [] if has_system else [_system_message(reasoning_effort, conversation_start_date)]
-    if developer_instructions is not None:
-        head.append(_developer_message(developer_instructions))
-    if has_system:
-        # Keep the system message first when a caller-provided one is present.
-        sys_idx = next(i for i, m in enumerate(body) if m.author.role == Role.SYSTEM)
-        body = body[: sys_idx + 1] + head + body[sys_idx + 1 :]
-        head = []
-    return Conversation.from_messages(head + body)
-
-
-def render_chat_prompt(
-    messages: Sequence[ChatItem],
-    *,
-    reasoning_effort: Any = "medium",
-    developer_instructions: str | None = None,
-    conversation_start_date: Any = None,
-) -> list[int]:
-    """Prompt token ids for the next assistant turn. The ids end with ``<|start|>assistant``.
-
-    ``messages`` are ``(role, text)`` tuples (user / assistant / developer) or harmony Messages.
-    harmony's default ``auto_drop_analysis`` drops earlier chain-of-thought, as the model expects.
-    """
-    from openai_harmony import Role
-
-    conv = build_conversation(
-        messages,
-        reasoning_effort=reasoning_effort,
-        developer_instructions=developer_instructions,
-        conversation_start_date=conversation_start_date,
-    )
-    return list(get_harmony_encoding().render_conversation_for_completion(conv, Role.ASSISTANT))
-
-
-def _strip_stop(tokens: list[int]) -> list[int]:
-    # harmony's docs say to parse completion tokens without the stop token that ended sampling.
-    if tokens and tokens[-1] in (RETURN, CALL, END):
-        return tokens[:-1]
-    return tokens
-
-
-def parse_completion_messages(tokens: Iterable[int] | Any, *, strict: bool = False) -> list:
-    """Parse sampled assistant tokens (generated after ``<|start|>assistant``) into harmony Messages."""
-    from openai_harmony import Role
-
-    toks = _strip_stop(_as_int_list(tokens))
-    return get_harmony_encoding().parse_messages_from_completion_tokens(toks, Role.ASSISTANT, strict=strict)
-
-
-def message_text(message: Any) -> str:
-    """Concatenate the text parts of a harmony Message."""
-    return "".join(getattr(c, "text", "") or "" for c in message.content)
-
-
-def parse_completion(tokens: Iterable[int] | Any, *, strict: bool = False) -> list[tuple[str | None, str]]:
-    """Parse sampled assistant tokens into ``[(channel, text), ...]``, e.g. analysis then final."""
-    return [(m.channel, message_text(m)) for m in parse_completion_messages(tokens, strict=strict)]
-
-
-class ChatStream:
-    """Incremental harmony parser for an assistant turn that is being sampled.
-
-    Feed the sampled ids one at a time. Each call returns ``(channel, text_delta)`` when the token
-    adds visible content, so a CLI can print the ``analysis`` and ``final`` channels differently.
-    Header and control tokens return None.
-    """
-
-    def __init__(self, encoding: Any = None, *, strict: bool = False):
-        from openai_harmony import Role, StreamableParser
-
-        self.encoding = encoding if encoding is not None else get_harmony_encoding()
-        self._parser = StreamableParser(self.encoding, Role.ASSISTANT, strict=strict)
-
-    def process(self, token: int) -> tuple[str | None, str] | None:
-        p = self._parser.process(int(token))
-        delta = p.last_content_delta
-        if not delta:
-            return None
-        return (p.current_channel, delta)
-
-    def feed(self, tokens: Iterable[int] | Any) -> Iterator[tuple[str | None, str]]:
-        for t in _as_int_list(tokens):
-            out = self.process(t)
-            if out is not None:
-                yield out
-
-    def finish(self) -> list:
-        """Signal end of stream (e.g. max tokens reached) and return all parsed Messages."""
-        self._parser.process_eos()
-        return self.messages
-
-    @property
-    def messages(self) -> list:
-        return self._parser.messages
-
-    @property
-    def current_channel(self) -> str | None:
-        return self._parser.current_channel
-
-    @property
-    def current_recipient(self) -> str | None:
-        return self._parser.current_recipient
-
-    @property
-    def parser(self):
-        """The underlying ``openai_harmony.StreamableParser``."""
-        return self._parser
-
-
-class ChatSession:
-    """Multi-turn chat history as harmony Messages.
-
-    ``prompt_tokens(user_text)`` appends the user message and renders the prompt.
-    ``add_assistant_tokens(tokens)`` appends the parsed reply. When the next turn is rendered, harmony
-    drops that reply's analysis and keeps its final message.
-    """
-
-    def __init__(
-        self,
-        *,
-        reasoning_effort: Any = "medium",
-        developer_instructions: str | None = None,
-        conversation_start_date: Any = None,
-    ):
-        self.messages: list = list(
-            build_conversation(
-                [],
-                reasoning_effort=reasoning_effort,
-                developer_instructions=developer_instructions,
-                conversation_start_date=conversation_start_date,
-            ).messages
-        )
-
-    def add_user(self, text: str) -> None:
-        self.messages.append(_to_message(("user", text)))
-
-    def add_messages(self, messages: Iterable[ChatItem]) -> None:
-        self.messages.extend(_to_message(m) for m in messages)
-
-    def conversation(self):
-        from openai_harmony import Conversation
-
-        return Conversation.from_messages(self.messages)
-
-    def prompt_tokens(self, user_text: str | None = None) -> list[int]:
-        """Optionally append a user message, then render the prompt for the assistant's turn."""
-        from openai_harmony import Role
-
-        if user_text is not None:
-            self.add_user(user_text)
-        return list(get_harmony_encoding().render_conversation_for_completion(self.conversation(), Role.ASSISTANT))
-
-    def add_assistant_tokens(self, tokens: Iterable[int] | Any) -> list:
-        """Parse a sampled assistant turn (stop token optional), append its Messages and return them."""
-        parsed = parse_completion_messages(tokens)
-        self.messages.extend(parsed)
-        return parsed

@@ -22,6 +22,7 @@ from hf_reference import our_model
 
 import gptoss_jax
 from gptoss_jax import cli
+from gptoss_jax import harmony as hm
 from gptoss_jax import tokenizer as tk
 from gptoss_jax.kernels import resolve_impl
 
@@ -145,7 +146,7 @@ def test_chat_real_model_prompt_is_harmony_rendering(capsys, demo_run):
                            "--max-new-tokens", 4, "--show-prompt", "--date", "2025-08-05")  # fmt: skip
     assert rc == 0, err
     (prompt,) = _prompts(out)
-    assert prompt == tk.render_chat_prompt([("user", "What is 2+2?")], reasoning_effort="low",
+    assert prompt == hm.render_chat_prompt([("user", "What is 2+2?")], reasoning_effort="low",
                                            conversation_start_date="2025-08-05")  # fmt: skip
     assert "Reasoning: low" in tk.decode(prompt)
     # random weights do not speak harmony: what does not parse is shown as final text, never a harmony marker
@@ -184,9 +185,9 @@ def test_chat_channels_and_multi_turn_history(capsys, scripted_model, demo_run):
     assert lines.count("[analysis] The user greets; answer briefly.") == 2
     assert lines.count("[final] Hello! How can I help?") == 2
     p1, p2 = _prompts(out)
-    assert p1 == tk.render_chat_prompt([("user", "Hi")], developer_instructions="Be terse.")
+    assert p1 == hm.render_chat_prompt([("user", "Hi")], developer_instructions="Be terse.")
     # turn 2 carries turn 1's final answer; harmony drops its analysis
-    assert p2 == tk.render_chat_prompt([("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Bye")],
+    assert p2 == hm.render_chat_prompt([("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Bye")],
                                        developer_instructions="Be terse.")  # fmt: skip
     assert "The user greets" not in tk.decode(p2)
     assert [p for p, _ in scripted_model] == [p1, p2]

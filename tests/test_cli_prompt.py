@@ -21,6 +21,7 @@ from hf_reference import our_model
 
 import gptoss_jax
 from gptoss_jax import cli
+from gptoss_jax import harmony as hm
 from gptoss_jax import tokenizer as tk
 from gptoss_jax.checkpoint.synthetic import write_checkpoint
 from gptoss_jax.config import Config
@@ -98,7 +99,7 @@ def _prompts(out: str) -> list[list[int]]:
 
 
 def _render(*user: str) -> list[int]:
-    return tk.render_chat_prompt([("user", u) for u in user], conversation_start_date="2025-08-05")
+    return hm.render_chat_prompt([("user", u) for u in user], conversation_start_date="2025-08-05")
 
 
 CHAT = ("chat", "--show-prompt", "--max-new-tokens", 2, "--date", "2025-08-05", "--dtype", "float32")

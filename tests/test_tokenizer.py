@@ -1,20 +1,14 @@
-"""Tests for gptoss_jax.tokenizer (offline o200k_harmony + harmony chat helpers)."""
+"""Tests for gptoss_jax.tokenizer (offline o200k_harmony: vocabulary, encode/decode, special ids, token ids as
+text). The chat format's tests are in tests/harmony/."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 
 import numpy as np
 import pytest
-from openai_harmony import (
-    Conversation,
-    DeveloperContent,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-)
 
 from gptoss_jax import tokenizer as tk
 
@@ -152,116 +146,19 @@ def test_materialize_vocab_atomic(tmp_path):
     assert hashlib.sha256(f.read_bytes()).hexdigest() == tk.O200K_BASE_SHA256
 
 
-# ---------------------------------------------------------------------------------- prompts
+# ---------------------------------------------------------------------------------- token ids as text
 
 
-def _harmony_conv(messages, effort=ReasoningEffort.MEDIUM, date=None, dev=None):
-    sys = SystemContent.new().with_reasoning_effort(effort)
-    if date is not None:
-        sys = sys.with_conversation_start_date(date)
-    head = [Message.from_role_and_content(Role.SYSTEM, sys)]
-    if dev is not None:
-        head.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(dev)))
-    return Conversation.from_messages(head + messages)
-
-
-def test_render_chat_prompt_matches_harmony():
-    henc = tk.get_harmony_encoding()
-    ids = tk.render_chat_prompt([("user", "What is 2+2?")])
-    expected = henc.render_conversation_for_completion(
-        _harmony_conv([Message.from_role_and_content(Role.USER, "What is 2+2?")]), Role.ASSISTANT
-    )
-    assert ids == expected
-
-    ids = tk.render_chat_prompt(
-        [("user", "Hi"), ("assistant", "Hello!"), Message.from_role_and_content(Role.USER, "Bye")],
-        reasoning_effort="high",
-        developer_instructions="Answer in French.",
-        conversation_start_date="2025-08-05",
-    )
-    expected = henc.render_conversation_for_completion(
-        _harmony_conv(
-            [
-                Message.from_role_and_content(Role.USER, "Hi"),
-                Message.from_role_and_content(Role.ASSISTANT, "Hello!").with_channel("final"),
-                Message.from_role_and_content(Role.USER, "Bye"),
-            ],
-            effort=ReasoningEffort.HIGH,
-            date="2025-08-05",
-            dev="Answer in French.",
-        ),
-        Role.ASSISTANT,
-    )
-    assert ids == expected
-
-    text = tk.get_encoding().decode(ids)
-    assert text.startswith("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.")
-    assert "Reasoning: high" in text and "Current date: 2025-08-05" in text
-    assert "<|start|>developer<|message|># Instructions\n\nAnswer in French." in text
-    assert "<|start|>user<|message|>Hi<|end|>" in text
-    assert "<|start|>assistant<|channel|>final<|message|>Hello!<|end|>" in text
-    assert text.endswith("<|start|>user<|message|>Bye<|end|><|start|>assistant")
-    assert ids[:1] == [tk.START] and ids[-1] != tk.END
-
-
-def test_render_chat_prompt_default_effort_and_errors():
-    text = tk.decode(tk.render_chat_prompt([("user", "x")]))
-    assert "Reasoning: medium" in text and "Current date" not in text
-    with pytest.raises(ValueError):
-        tk.render_chat_prompt([("user", "x")], reasoning_effort="extreme")
-    with pytest.raises(ValueError):
-        tk.render_chat_prompt([("system", "x")])
-
-
-def _assistant_output(analysis, final, stop=tk.RETURN):
-    """Hand-render an assistant turn with harmony and strip the leading <|start|>assistant."""
-    henc = tk.get_harmony_encoding()
-    toks = henc.render(Message.from_role_and_content(Role.ASSISTANT, analysis).with_channel("analysis"))
-    toks += henc.render(Message.from_role_and_content(Role.ASSISTANT, final).with_channel("final"))
-    assert toks[:2] == tk.encode("<|start|>assistant", allowed_special="all")
-    toks = toks[2:]  # the prompt already ends with <|start|>assistant
-    assert toks[-1] == tk.END
-    return toks[:-1] + [stop]  # sampling stops on <|return|>
-
-
-def test_parse_completion():
-    analysis = "The user asks 2+2. Simple: 4. 🤔"
-    final = "2 + 2 = **4** — 四."
-    toks = _assistant_output(analysis, final)
-    assert tk.parse_completion(toks) == [("analysis", analysis), ("final", final)]
-    assert tk.parse_completion(toks[:-1]) == [("analysis", analysis), ("final", final)]
-    msgs = tk.parse_completion_messages(np.asarray(toks))
-    assert [m.author.role for m in msgs] == [Role.ASSISTANT, Role.ASSISTANT]
-
-
-def test_chat_stream_deltas():
-    analysis = "Let me think… 日本語 and emoji 👨‍👩‍👧 split across tokens."
-    final = "Final answer: 42 ✅"
-    toks = _assistant_output(analysis, final)
-    stream = tk.ChatStream()
-    deltas = list(stream.feed(toks))
-    per_channel: dict = {}
-    for channel, delta in deltas:
-        assert delta
-        per_channel[channel] = per_channel.get(channel, "") + delta
-    assert per_channel == {"analysis": analysis, "final": final}
-    # channels arrive in order: all analysis deltas before any final delta
-    chans = [c for c, _ in deltas]
-    assert chans == sorted(chans)
-    msgs = stream.finish()
-    assert [(m.channel, tk.message_text(m)) for m in msgs] == [("analysis", analysis), ("final", final)]
-
-
-def test_chat_session_drops_previous_analysis():
-    s = tk.ChatSession(reasoning_effort="low")
-    p1 = s.prompt_tokens("First question?")
-    assert tk.decode(p1).endswith("<|start|>user<|message|>First question?<|end|><|start|>assistant")
-    s.add_assistant_tokens(_assistant_output("SECRET-THOUGHTS about q1", "Answer one."))
-    assert [m.channel for m in s.messages[-2:]] == ["analysis", "final"]
-    p2 = s.prompt_tokens("Second question?")
-    text = tk.decode(p2)
-    assert "SECRET-THOUGHTS" not in text
-    assert "<|start|>assistant<|channel|>final<|message|>Answer one.<|end|>" in text
-    assert "Reasoning: low" in text
-    assert text.endswith("<|start|>user<|message|>Second question?<|end|><|start|>assistant")
-    assert p2[: len(p1)] == p1  # the earlier turns' tokens are unchanged
+def test_parse_token_ids_one_rule():
+    """One parser for ids written as text (`generate --tokens`): ASCII integers, checked against the
+    vocabulary unless the caller checks them itself (the CLI, naming the checkpoint)."""
+    assert tk.parse_token_ids("1, 2 3") == [1, 2, 3]
+    assert tk.parse_token_ids("5 -1 201088", vocab_size=None) == [5, -1, 201088]
+    for bad, needle in [("²", "not an integer token id"), ("1_0", "not an integer token id"),
+                        ("--5", "not an integer token id"), ("٣", "not an integer token id"),
+                        ("", "no token ids"), ("7 1000", "token id 1000 is outside the vocabulary [0, 1000)"),
+                        ("9" * 5000, "outside the vocabulary")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            tk.parse_token_ids(bad, vocab_size=1000)
+    with pytest.raises(ValueError, match=re.escape("token id -1 is outside the vocabulary [0, 201088)")):
+        tk.check_token_ids([3, -1])

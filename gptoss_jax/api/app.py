@@ -184,11 +184,14 @@ def create_app(
     max_body: int = MAX_BODY,
     store_capacity: int = 1024,
     start_date: str | None = "today",
+    reasoning_effort: str = "medium",
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
-    date of harmony's system message ("today", YYYY-MM-DD, or None for none)."""
-    server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date)
+    date of harmony's system message ("today", YYYY-MM-DD, or None for none); reasoning_effort: that of
+    requests that set none."""
+    server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
+                    reasoning_effort=reasoning_effort)  # fmt: skip
     store = ResponseStore(store_capacity)
     counts: Counter = Counter()
     started = int(time.time())

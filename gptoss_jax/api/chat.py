@@ -14,10 +14,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+from ..harmony import Event, OutputParser, new_id
 from ..tokenizer import get_encoding
 from .constraints import check_schemas, constraint_spec
 from .harmony_io import chat_turn
-from .parsing import Event, OutputParser, new_id
 from .protocol import ChatRequest, check_unsupported, parse
 from .run import Choice, Server, merged, run_choice
 
@@ -30,7 +30,7 @@ class ChatJob:
         check_unsupported(req)
         server.check_model(req.model)
         self.req, self.server = req, server
-        turn = chat_turn(req)
+        turn = chat_turn(req, server.reasoning_effort)
         self.prompt = turn.prompt_tokens(server.start_date)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = server.budget(

@@ -10,7 +10,6 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight fin
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import signal
@@ -62,10 +61,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the engine's call shapes when first used, "
         "not before serving (faster start; early requests of each size wait for a compile)",
     )
-    g.add_argument("--date", default="today", metavar="today|none|YYYY-MM-DD",
-                   help="conversation start date in harmony's system message: today's (default, as the HF chat "
-                   "template and vLLM render it), none, or a fixed date; serve fine-tuned adapters with the "
-                   "prompts they were trained on (`gptoss-jax finetune` renders none)")  # fmt: skip
+    g.add_argument("--date", metavar="today|none|YYYY-MM-DD",
+                   help="conversation start date in harmony's system message: today's, none, or a fixed date "
+                   "(default: the one --adapters were trained with, else today's, as the HF chat template and "
+                   "vLLM render it)")  # fmt: skip
+    g.add_argument("--reasoning-effort", choices=("low", "medium", "high"),
+                   help="for requests that set none (default: the one --adapters were trained with, else "
+                   "medium)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -97,11 +99,6 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
-    if args.date not in ("today", "none"):
-        try:
-            dt.date.fromisoformat(args.date)
-        except ValueError:
-            raise ValueError(f"--date must be today, none or YYYY-MM-DD, got {args.date!r}") from None
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: empty key")
     if not Path(args.path).exists():
@@ -110,6 +107,16 @@ def _check(args) -> None:
         from ..training.peft import read_adapter_config
 
         read_adapter_config(Path(args.adapters).expanduser())
+    args.resolved_prompt = prompt_settings(args)
+
+
+def prompt_settings(args):
+    """The prompts' settings (`harmony.Resolved`): --date and --reasoning-effort where given, else those the
+    adapters were trained with, else today's date and medium."""
+    from ..harmony import resolve_prompt_settings
+
+    return resolve_prompt_settings(args.adapters, date=args.date, reasoning_effort=args.reasoning_effort,
+                                   default_date="today")  # fmt: skip
 
 
 def make_engine(args, model):
@@ -133,10 +140,11 @@ def build_app(args, engine, model):
 
     ll_tokenizer()  # built now (~2 s), not in the first constrained request
     name = args.served_model_name or Path(args.path).resolve().name
+    prompt = (getattr(args, "resolved_prompt", None) or prompt_settings(args)).settings
     return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
                       max_pending=args.max_seqs + args.max_queue,
                       test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
-                      start_date=None if args.date == "none" else args.date)  # fmt: skip
+                      start_date=prompt.date, reasoning_effort=prompt.reasoning_effort)  # fmt: skip
 
 
 def run_serve(args) -> int:
@@ -151,6 +159,10 @@ def run_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     log = logging.getLogger("gptoss_jax.api")
+    for line in args.resolved_prompt.notes:
+        log.info("%s", line)
+    for line in args.resolved_prompt.warnings:
+        log.warning("%s", line)
     maybe_initialize_distributed()  # before anything touches a device
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = (

@@ -13,9 +13,9 @@ import codecs
 import time
 from collections.abc import AsyncIterator
 
-from ..tokenizer import CALL, ENDOFTEXT, RETURN, encode, get_encoding
+from ..harmony import Part, StopStrings, new_id
+from ..tokenizer import CALL, ENDOFTEXT, RETURN, check_token_ids, encode, get_encoding
 from .chat import sse
-from .parsing import Part, StopStrings, new_id
 from .protocol import APIError, CompletionRequest, check_unsupported, parse
 from .run import Choice, Server, merged, run_choice
 
@@ -72,9 +72,10 @@ def _prompts(prompt, vocab: int) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if not p:
             raise APIError(f"prompt{f'[{i}]' if len(prompts) > 1 else ''}: empty prompt", param="prompt")
-        bad = next((t for t in p if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        try:
+            check_token_ids(p, vocab)
+        except ValueError as e:
+            raise APIError(f"prompt: {e}", param="prompt") from None
     if not prompts:
         raise APIError("prompt: empty prompt list", param="prompt")
     return prompts

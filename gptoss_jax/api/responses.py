@@ -20,10 +20,10 @@ import copy
 import time
 from collections.abc import AsyncIterator
 
+from ..harmony import Chat, Event, OutputParser, Part, new_id, parts_to_messages
 from .chat import sse
 from .constraints import check_schemas, constraint_spec
-from .harmony_io import Turn, parts_to_messages, responses_turn
-from .parsing import Event, OutputParser, Part, new_id
+from .harmony_io import responses_turn
 from .protocol import APIError, ResponsesRequest, check_unsupported, parse
 from .run import Choice, Server, run_choice
 
@@ -33,15 +33,15 @@ class ResponseStore:
 
     def __init__(self, capacity: int = 1024):
         self.capacity = capacity
-        self._items: collections.OrderedDict[str, tuple[Turn, dict]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, tuple[Chat, dict]] = collections.OrderedDict()
 
-    def put(self, rid: str, turn: Turn, obj: dict) -> None:
-        self._items[rid] = (turn, obj)
+    def put(self, rid: str, chat: Chat, obj: dict) -> None:
+        self._items[rid] = (chat, obj)
         self._items.move_to_end(rid)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, rid: str, param: str = "previous_response_id") -> tuple[Turn, dict]:
+    def get(self, rid: str, param: str = "previous_response_id") -> tuple[Chat, dict]:
         if rid not in self._items:
             raise APIError(
                 f"{param}: no stored response {rid!r} (responses are stored with store=true, in "
@@ -60,7 +60,7 @@ class ResponseJob:
         server.check_model(req.model)
         self.req, self.server, self.store = req, server, store
         previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
-        self.turn = turn = responses_turn(req, previous)
+        self.turn = turn = responses_turn(req, previous, server.reasoning_effort)
         self.prompt = turn.prompt_tokens(server.start_date)
         max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
         fmt = req.text.format if req.text else None
@@ -93,7 +93,7 @@ class ResponseJob:
     def obj(self, status: str, usage: dict | None = None) -> dict:
         req = self.req
         choice = req.tool_choice
-        effort = self.turn.effort
+        effort = self.turn.reasoning_effort
         fmt = (
             req.text.format.model_dump(by_alias=True, exclude_none=True)
             if req.text and req.text.format
@@ -207,13 +207,10 @@ class ResponseJob:
         status = "incomplete" if self.choice.finish_reason == "length" else "completed"
         obj = self.obj(status, self.usage())
         if self.req.store:
-            stored = Turn(
-                self.turn.messages + parts_to_messages(self.choice.parser.parts),
-                None,
-                {},
-                "auto",
-                self.turn.effort,
-                dict(self.turn.call_names),
+            stored = Chat(
+                messages=self.turn.messages + parts_to_messages(self.choice.parser.parts),
+                reasoning_effort=self.turn.reasoning_effort,
+                call_names=dict(self.turn.call_names),
             )
             for p in self.choice.parser.tool_calls:
                 stored.call_names[p.call_id] = p.name

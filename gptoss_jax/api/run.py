@@ -17,10 +17,10 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..harmony import Event, OutputParser
 from ..tokenizer import CALL, RETURN, encode
 from .backend import Generated, GenParams
 from .constraints import ForcedTokens, new_mask
-from .parsing import Event, OutputParser
 from .protocol import APIError
 
 HARMONY_STOP = (RETURN, CALL)  # an assistant turn ends with <|return|> (answer) or <|call|> (tool call)
@@ -35,6 +35,7 @@ class Server:
     test_hooks: bool = False
     max_pending: int = 256  # sequences admitted at once (generating or queued in the engine)
     start_date: str | None = "today"  # harmony's conversation start date: "today", a date, or None (no date)
+    reasoning_effort: str = "medium"  # for requests that set none
     pending: int = 0
     scripts: collections.deque = dataclasses.field(default_factory=collections.deque)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import tokenizer
+from ..harmony.stops import StopStrings
 from ..sampling import check
 
 # allowed_tokens(generated so far) -> None (any token), or the allowed ids, or a (V,) bool mask
@@ -243,13 +244,18 @@ class RequestHandle:
 
 # ---------------------------------------------------------------------------------------------- text
 class TextStream:
-    """Token bytes -> released text, with stop strings matched and held back (see the module docstring)."""
+    """Token bytes -> released text, with stop strings matched and held back (see the module docstring).
+
+    `text`: the request's text so far (up to a stop string), the part still held back included."""
 
     def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
+        self._stops = StopStrings(stops)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text = ""
-        self.sent = 0  # characters released so far
+        self._released = ""
+
+    @property
+    def text(self) -> str:
+        return self._released + self._stops.held
 
     def add(self, token: int) -> tuple[str, str | None]:
         """-> (text released now, the stop string that matched or None)."""
@@ -257,29 +263,12 @@ class TextStream:
             raw = tokenizer.get_encoding().decode_single_token_bytes(int(token))
         except KeyError:  # an id o200k_harmony does not define (a checkpoint with another vocabulary)
             raw = b""
-        self.text += self._utf8.decode(raw)
-        if self.stops:
-            hits = [(i, s) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
-            if hits:
-                i, s = min(hits)
-                self.text = self.text[:i]
-                return self._release(len(self.text)), s
-        return self._release(len(self.text) - self._held()), None
+        out = self._stops.push(self._utf8.decode(raw))
+        self._released += out
+        return out, self._stops.matched
 
     def finish(self) -> str:
         """The rest of the text (an incomplete final character becomes U+FFFD)."""
-        self.text += self._utf8.decode(b"", final=True)
-        return self._release(len(self.text))
-
-    def _held(self) -> int:
-        # the longest unreleased suffix that is the start of a stop string
-        tail = self.text[self.sent :]
-        for n in range(min(len(tail), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(tail[-n:]) for s in self.stops):
-                return n
-        return 0
-
-    def _release(self, upto: int) -> str:
-        out = self.text[self.sent : upto]
-        self.sent = max(self.sent, upto)
+        out = self._stops.push(self._utf8.decode(b"", final=True)) + self._stops.flush()
+        self._released += out
         return out

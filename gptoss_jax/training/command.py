@@ -70,19 +70,32 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--no-remat", action="store_true", help="keep activations instead of recomputing each layer"
     )
-    t.add_argument(
+    h = p.add_argument_group("prompts (recorded beside the adapters; serve, chat and generate use them)")
+    h.add_argument(
         "--reasoning-effort",
         choices=("low", "medium", "high"),
         default="medium",
         help="of the rendered system message (default medium)",
     )
+    h.add_argument(
+        "--date",
+        default="none",
+        metavar="none|today|YYYY-MM-DD",
+        help="conversation start date in the system message (default none: every run renders the same "
+        "tokens whatever the day; today: the day the run starts)",
+    )
 
 
 def run_finetune(args, *, dtype: str, mesh) -> int:
     """`mesh` is built from --mesh by the caller, after `sharding.maybe_initialize_distributed()`."""
+    from ..harmony import date_setting
     from .loop import TrainConfig, finetune
-    from .lora import LoraConfig
+    from ..lora import LoraConfig
 
+    try:
+        date_setting(args.date)
+    except ValueError as e:
+        raise ValueError(f"--date {e}") from None
     lora = None if args.full else LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
     train = TrainConfig(
         learning_rate=args.lr,
@@ -112,6 +125,7 @@ def run_finetune(args, *, dtype: str, mesh) -> int:
         mesh=mesh,
         dtype=dtype,
         reasoning_effort=args.reasoning_effort,
+        date=args.date,
         quiet=args.quiet,
         expert_format=fmt,
     )
@@ -162,7 +176,7 @@ def run_train_plan(args) -> int:
     from pathlib import Path
 
     from ..hub import config_for
-    from .lora import LoraConfig
+    from ..lora import LoraConfig
     from .memory import format_training_plan, plan_training
 
     try:

@@ -1,4 +1,4 @@
-"""Chat data for fine-tuning: OpenAI's fine-tuning JSONL rendered with openai-harmony, packed into rows.
+"""Chat data for fine-tuning: OpenAI's fine-tuning JSONL rendered as the server renders it, packed into rows.
 
 One JSON object per line, as for OpenAI's chat fine-tuning:
   {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
@@ -9,18 +9,24 @@ One JSON object per line, as for OpenAI's chat fine-tuning:
    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "...",
               "parameters": {...JSON schema...}}}]}
 - system / developer messages (first) become the harmony developer message's instructions, `tools` its
-  function tools; the system message is harmony's default (as `tokenizer.render_chat_prompt` renders it).
+  function tools; the system message carries the reasoning effort and the conversation start date (none by
+  default), the settings `finetune` records beside the adapters (`harmony.PromptSettings`).
 - assistant: `thinking` (or `reasoning`, `reasoning_content`) -> the analysis channel; `tool_calls` -> one
   commentary message per call to `functions.NAME` (JSON arguments); `content` -> the final channel (or a
   commentary preamble beside tool calls); `weight` 0 keeps a message as context only.
-- tool: answered by `functions.NAME`, the name from `name` or from the call its `tool_call_id` names.
+- tool: answered by `functions.NAME`, the function of the call its `tool_call_id` names (or its `name`).
 
-Rendering: every assistant turn is trained in exactly the context the model sees at inference, the
-prompt that `render_conversation_for_completion` gives (harmony drops the analysis of earlier turns once
-they ended in a final answer), followed by what the model must produce: its messages up to a tool call
-(ends with <|call|>) or a final answer (ends with <|return|>). A turn whose prompt continues the previous
-sequence (a tool result after a call) extends that sequence, so a tool-calling exchange is one sequence;
-otherwise a new one starts. Only the assistant's tokens carry loss by default (`assistant_only`).
+The line's shape is checked here (`check_line`); the mapping to harmony messages is `gptoss_jax.harmony`'s
+(`Chat.from_messages`), the one the server and the chat CLI use.
+
+Rendering: every assistant turn is trained on exactly the prompt `gptoss-jax serve` renders for the same
+history (the conversation before it, with the same system and developer messages and the same rule for
+dropping chain of thought: analysis before the last final answer is dropped, later analysis kept),
+followed by what the model must produce: its messages up to a tool call (ends with <|call|>) or a final
+answer (ends with <|return|>). Each such target must parse back, with the server's parser, to the messages
+it was rendered from (a tool name that breaks the header would not). A turn whose prompt continues the
+previous sequence (a tool result after a call) extends that sequence, so a tool-calling exchange is one
+sequence; otherwise a new one starts. Only the assistant's tokens carry loss by default (`assistant_only`).
 
 Packing: sequences are placed whole into rows of `seq_len` tokens (best fit, longest first), positions
 running on along the row. Attention does not mask between the sequences of a row (the attention layer has
@@ -40,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tokenizer import END, RETURN, build_conversation, get_harmony_encoding
+from ..harmony import Chat, parse_completion_messages, resolve_date
+from ..tokenizer import END, RETURN, get_harmony_encoding
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 THINKING = ("thinking", "reasoning", "reasoning_content")
@@ -68,12 +75,9 @@ def _text(v, where: str) -> str:
     raise ValueError(f"{where} must be a string or a list of text parts, got {type(v).__name__}")
 
 
-def _tools(obj, where="tools"):
-    from openai_harmony import ToolDescription
-
+def _check_tools(obj, where="tools") -> None:
     if not isinstance(obj, list):
         raise ValueError(f"{where} must be a list")
-    out = []
     for i, t in enumerate(obj):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
@@ -83,98 +87,78 @@ def _tools(obj, where="tools"):
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise ValueError(f"{where}[{i}].function.parameters must be a JSON schema object")
-        out.append(ToolDescription.new(fn["name"], str(fn.get("description") or ""), params))
-    return out
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ValueError(f"{where}[{i}].function.description must be a string")
 
 
-def _arguments(v, where: str) -> str:
+def _check_arguments(v, where: str) -> None:
     if isinstance(v, dict):
-        return json.dumps(v, ensure_ascii=False)
+        return
     if not isinstance(v, str):
         raise ValueError(f"{where} must be a JSON string")
     try:
         json.loads(v)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from None
-    return v
 
 
-def to_harmony(example: dict) -> tuple[list, list[int]]:
-    """One example -> (harmony messages after the system message, per message: 1 trained assistant message,
-    0 context). ValueError naming the field for anything malformed."""
-    from openai_harmony import Author, DeveloperContent, Message, Role
-
+def check_line(example) -> None:
+    """The shape of one line (the fields, their types, the roles and their order); ValueError naming the
+    field. What the server's request models check at its edge, for the fine-tuning format."""
     if not isinstance(example, dict):
         raise ValueError("the line must be a JSON object with a 'messages' list")
     messages = example.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
-    tools = _tools(example["tools"]) if example.get("tools") is not None else []
-    instructions, body, trained, calls = [], [], [], {}
+    if example.get("tools") is not None:
+        _check_tools(example["tools"])
+    started = trained = False
     for k, m in enumerate(messages):
         at = f"messages[{k}]"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES:
             raise ValueError(f"{at}.role must be one of {', '.join(ROLES)}, got {role!r}")
-        if role in ("system", "developer"):
-            if body:
-                raise ValueError(f"{at}: a {role} message must come before the conversation")
-            instructions.append(_text(m.get("content"), f"{at}.content"))
-        elif role == "user":
-            body.append(Message.from_role_and_content(Role.USER, _text(m.get("content"), f"{at}.content")))
-            trained.append(0)
-        elif role == "tool":
-            name = m.get("name") or calls.get(m.get("tool_call_id"))
-            if not isinstance(name, str):
-                raise ValueError(f"{at}: give the tool's 'name' or a 'tool_call_id' of an earlier tool call")
-            author = Author.new(Role.TOOL, f"functions.{name}")
-            msg = Message.from_author_and_content(author, _text(m.get("content"), f"{at}.content"))
-            body.append(msg.with_channel("commentary").with_recipient("assistant"))
-            trained.append(0)
-        else:
-            weight = m.get("weight", 1)
-            if weight not in (0, 1) or isinstance(weight, bool):
-                raise ValueError(f"{at}.weight must be 0 or 1, got {weight!r}")
-            out = []
-            thinking = [f for f in THINKING if m.get(f) is not None]
-            if thinking:
-                text = _text(m[thinking[0]], f"{at}.{thinking[0]}")
-                out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("analysis"))
-            content = m.get("content")
-            content = None if content is None else _text(content, f"{at}.content")
-            tool_calls = m.get("tool_calls") or []
-            if not isinstance(tool_calls, list):
-                raise ValueError(f"{at}.tool_calls must be a list")
-            if content is None and not tool_calls:
-                raise ValueError(f"{at}: an assistant message needs 'content' or 'tool_calls'")
-            if content is not None:
-                channel = "commentary" if tool_calls else "final"
-                out.append(Message.from_role_and_content(Role.ASSISTANT, content).with_channel(channel))
-            for c, call in enumerate(tool_calls):
-                cat = f"{at}.tool_calls[{c}]"
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                    raise ValueError(f"{cat}.function.name must be a non-empty string")
-                args = _arguments(fn.get("arguments", "{}"), f"{cat}.function.arguments")
-                msg = Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
-                out.append(
-                    msg.with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json")
-                )
-                if call.get("id") is not None:
-                    calls[call["id"]] = fn["name"]
-            body += out
-            trained += [weight] * len(out)
-    if not any(trained):
+        if role in ("system", "developer") and started:
+            raise ValueError(f"{at}: a {role} message must come before the conversation")
+        started |= role not in ("system", "developer")
+        if role != "assistant":
+            _text(m.get("content"), f"{at}.content")
+            if role == "tool" and m.get("name") is not None and not isinstance(m["name"], str):
+                raise ValueError(f"{at}.name must be a string")
+            continue
+        weight = m.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise ValueError(f"{at}.weight must be 0 or 1, got {weight!r}")
+        trained |= weight == 1
+        for f in THINKING:
+            if m.get(f) is not None:
+                _text(m[f], f"{at}.{f}")
+        content = None if m.get("content") is None else _text(m["content"], f"{at}.content")
+        tool_calls = m.get("tool_calls") or []
+        if not isinstance(tool_calls, list):
+            raise ValueError(f"{at}.tool_calls must be a list")
+        if not content and not tool_calls:
+            raise ValueError(f"{at}: an assistant message needs 'content' or 'tool_calls'")
+        for c, call in enumerate(tool_calls):
+            cat = f"{at}.tool_calls[{c}]"
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"{cat}.function.name must be a non-empty string")
+            _check_arguments(fn.get("arguments", "{}"), f"{cat}.function.arguments")
+    if not trained:
         raise ValueError("no assistant message to train on")
-    if instructions or tools:
-        dev = DeveloperContent.new()
-        if instructions:
-            dev = dev.with_instructions("\n\n".join(instructions))
-        if tools:
-            dev = dev.with_function_tools(tools)
-        body.insert(0, Message.from_role_and_content(Role.DEVELOPER, dev))
-        trained.insert(0, 0)
-    return body, trained
+
+
+def to_chat(example: dict, *, reasoning_effort: str = "medium") -> tuple[Chat, list[int]]:
+    """One line -> (the conversation as the harmony mapping gives it, per message of it: 1 for a trained
+    assistant message, 0 for context). ValueError naming the field for anything malformed."""
+    check_line(example)
+    messages = example["messages"]
+    chat = Chat.from_messages(messages, example.get("tools"), reasoning_effort=reasoning_effort)
+    trained = [
+        int(messages[k]["role"] == "assistant" and messages[k].get("weight", 1) == 1) for k in chat.sources
+    ]
+    return chat, trained
 
 
 def _ends_turn(msg) -> bool:
@@ -183,14 +167,20 @@ def _ends_turn(msg) -> bool:
 
 
 def render(
-    example: dict, *, reasoning_effort: str = "medium", assistant_only: bool = True, line: int = 0
+    example: dict,
+    *,
+    reasoning_effort: str = "medium",
+    date: str | None = None,
+    assistant_only: bool = True,
+    line: int = 0,
 ) -> list[Sequence]:
-    """One example -> token sequences with loss weights (see the module docstring)."""
-    from openai_harmony import Role
-
+    """One example -> token sequences with loss weights (see the module docstring). date: the conversation
+    start date setting (None: no date; "today" renders today's)."""
     enc = get_harmony_encoding()
-    body, trained = to_harmony(example)
-    is_asst = [m.author.role == Role.ASSISTANT for m in body]
+    chat, trained = to_chat(example, reasoning_effort=reasoning_effort)
+    day = resolve_date(date)
+    body = chat.messages
+    is_asst = [m.author.role.value == "assistant" for m in body]
     seqs: list[Sequence] = []
     cur: Sequence | None = None
     i = 0
@@ -201,8 +191,12 @@ def render(
         j = i + 1
         while j < len(body) and is_asst[j] and not _ends_turn(body[j - 1]):
             j += 1
-        conv = build_conversation(body[:i], reasoning_effort=reasoning_effort)
-        prompt = list(enc.render_conversation_for_completion(conv, Role.ASSISTANT))
+        # the history before this turn, as the server renders it for a request that ends there
+        history = Chat(
+            messages=body[:i], instructions=chat.instructions, tools=chat.tools,
+            reasoning_effort=chat.reasoning_effort,
+        )  # fmt: skip
+        prompt = history.prompt_tokens(day)
         toks, wts = [], []
         for k in range(i, j):
             t = list(enc.render(body[k]))
@@ -214,6 +208,11 @@ def render(
             toks += t
             wts += [trained[k]] * len(t)
         if any(wts):
+            if parse_completion_messages(toks) != body[i:j]:
+                raise ValueError(
+                    f"messages[{chat.sources[i]}]: its rendering does not parse back to it (a tool name "
+                    "or text that breaks harmony's message header?)"
+                )
             if cur is not None and prompt[: len(cur.tokens)] == cur.tokens:
                 cur.weights += [0] * (len(prompt) - len(cur.tokens)) + wts
                 cur.tokens = prompt + toks
@@ -228,11 +227,17 @@ def render(
 
 
 def read_jsonl(
-    path: str | os.PathLike, *, seq_len: int, reasoning_effort: str = "medium", assistant_only: bool = True
+    path: str | os.PathLike,
+    *,
+    seq_len: int,
+    reasoning_effort: str = "medium",
+    date: str | None = None,
+    assistant_only: bool = True,
 ) -> list[Sequence]:
     """Every line of a chat JSONL file -> sequences; DataError "FILE line N: what is wrong" on the first bad
-    line (blank lines are skipped)."""
+    line (blank lines are skipped). date: as for `render` ("today" is the day the file is read)."""
     path = Path(path)
+    date = resolve_date(date)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -248,7 +253,9 @@ def read_jsonl(
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         try:
-            got = render(obj, reasoning_effort=reasoning_effort, assistant_only=assistant_only, line=n)
+            got = render(
+                obj, reasoning_effort=reasoning_effort, date=date, assistant_only=assistant_only, line=n
+            )
         except ValueError as e:
             raise DataError(f"{path} line {n}: {e}") from None
         for s in got:

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import Config
+from ..harmony import PromptSettings, resolve_date, write_prompt_settings
 from ..loading import load
 from ..ops import F32
 from ..sharding import as_model_mesh, mesh_of
@@ -295,6 +296,7 @@ def finetune(
     mesh=None,
     dtype: str = "bfloat16",
     reasoning_effort: str = "medium",
+    date: str | None = None,
     quiet: bool = False,
     stop_after: int | None = None,
     expert_format: str | None = None,
@@ -304,7 +306,8 @@ def finetune(
     lora: the adapters (default LoraConfig()); ignored with `train.full`. mesh, dtype, expert_format: as for
     `gptoss_jax.load` (full fine-tuning loads the experts dequantized). stop_after: end after that many
     steps of this call (the run stays resumable), for tests and notebooks. Restarting with the same `out`
-    and settings resumes from its last checkpoint.
+    and settings resumes from its last checkpoint. reasoning_effort, date: the prompts' settings (see
+    `harmony.PromptSettings`), written beside the adapters for `serve`, `chat` and `generate` to use.
     """
     tcfg = train or TrainConfig()
     lcfg = None if tcfg.full else (lora or LoraConfig())
@@ -312,10 +315,12 @@ def finetune(
     data = Path(data)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a folder")
+    prompt, day = PromptSettings(reasoning_effort=reasoning_effort, date=date), resolve_date(date)
     rows = pack(
         read_jsonl(
-            data, seq_len=tcfg.seq_len, reasoning_effort=reasoning_effort, assistant_only=tcfg.assistant_only
-        ),
+            data, seq_len=tcfg.seq_len, reasoning_effort=reasoning_effort, date=day,
+            assistant_only=tcfg.assistant_only,
+        ),  # fmt: skip
         tcfg.seq_len,
         pack=tcfg.pack,
     )
@@ -351,7 +356,7 @@ def finetune(
         opt_state = init_state(optimizer, trainable, cfg)
     if mesh is None:  # committed like the step's outputs, so the second step does not compile again
         trainable, opt_state, frozen = jax.device_put((trainable, opt_state, frozen), _one_device())
-    settings = _settings(lcfg, tcfg, _sha256(data), cfg)
+    settings = _settings(lcfg, tcfg, _sha256(data), cfg) | {"prompt": [prompt.reasoning_effort, day]}
 
     mngr = _manager(out / "checkpoints", tcfg.save_every)
     start = 0
@@ -417,6 +422,7 @@ def finetune(
         _write_csv(csv_path, log)
         write_plot(out / "loss.png", log)
         if end == total and lcfg is not None:
+            write_prompt_settings(out, prompt)  # before the config, which marks the folder complete
             save_adapters(out, trainable, cfg, lcfg, base=base_name)
     if lcfg is None:  # the step donated the model's own arrays: give the model the trained ones
         for name, arr in trainable.items():

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gptoss_jax.api.constraints import ForcedTokens, TokenMask, check_schema, constraint_spec, grammar
-from gptoss_jax.api.parsing import OutputParser
 from gptoss_jax.api.protocol import APIError, FunctionDef
+from gptoss_jax.harmony import OutputParser
 from gptoss_jax.tokenizer import CALL, END, N_VOCAB, RETURN, encode
 
 SCHEMA = {

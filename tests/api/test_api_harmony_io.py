@@ -1,5 +1,6 @@
-"""OpenAI requests -> harmony prompts (api/harmony_io.py), checked against conversations built here with
-openai-harmony's own classes, so that every rendering rule is stated independently of the code under test."""
+"""OpenAI requests -> harmony prompts (api/harmony_io.py, over gptoss_jax.harmony's mapping), checked against
+conversations built here with openai-harmony's own classes, so that every rendering rule is stated
+independently of the code under test."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from gptoss_jax.api.harmony_io import chat_turn, parts_to_messages, responses_turn
-from gptoss_jax.api.parsing import OutputParser
+from gptoss_jax.api.harmony_io import chat_turn, responses_turn
+from gptoss_jax.harmony import OutputParser, parts_to_messages
 from gptoss_jax.api.protocol import APIError, ChatRequest, ResponsesRequest, parse
 from gptoss_jax.tokenizer import decode, encode, get_harmony_encoding
 

@@ -1,7 +1,8 @@
 """Training data: OpenAI chat JSONL -> harmony tokens with loss weights, packing, the step -> rows order.
 
-The prompts are checked against `tokenizer.render_chat_prompt` (what `gptoss-jax chat` sends the model) and
-the trained tokens against the exact harmony strings the model must produce, stop tokens included.
+The prompts are checked against `harmony.render_chat_prompt` (what `gptoss-jax serve` and `chat` send the
+model; tests/harmony/test_harmony_skew.py checks a whole corpus against the server) and the trained tokens
+against the exact harmony strings the model must produce, stop tokens included.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import assert_one_line
 
-from gptoss_jax.tokenizer import decode, render_chat_prompt
+from gptoss_jax.harmony import render_chat_prompt
+from gptoss_jax.tokenizer import decode
 from gptoss_jax.training.data import DataError, Loader, Rows, Sequence, pack, read_jsonl, render
 
 TOOLS = [

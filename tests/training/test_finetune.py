@@ -31,8 +31,7 @@ from gptoss_jax import cli
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
 from gptoss_jax.checkpoint.synthetic import write_checkpoint
 from gptoss_jax.config import Config
-from gptoss_jax.tokenizer import build_conversation, get_harmony_encoding, parse_completion_messages
-from gptoss_jax.training.data import to_harmony
+from gptoss_jax.harmony import parse_completion_messages, render_chat_prompt
 from gptoss_jax.training.loop import TrainConfig, TrainError, finetune
 from gptoss_jax.training.lora import LoraConfig
 from gptoss_jax.training.peft import apply_adapters
@@ -131,8 +130,6 @@ def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_it_learns_the_tool_calls_and_the_replies(learned, chat_base, chat_data):
-    from openai_harmony import Role
-
     out = learned.out
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     rows = list(csv.DictReader(open(out / "loss.csv")))
@@ -140,20 +137,14 @@ def test_it_learns_the_tool_calls_and_the_replies(learned, chat_base, chat_data)
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) / 100
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    enc = get_harmony_encoding()
     model = apply_adapters(gptoss_jax.load(chat_base, dtype="float32", quiet=True), out)  # the inference path
     examples = [conversation(c, t) for c, t in CITIES.items()]
-    bodies = [to_harmony(ex)[0] for ex in examples]
-    prompts = [
-        enc.render_conversation_for_completion(build_conversation(b[:2]), Role.ASSISTANT) for b in bodies
-    ]
+    prompts = [render_chat_prompt(ex["messages"][:2], tools=ex["tools"]) for ex in examples]
     for (city, _), got in zip(CITIES.items(), _greedy(model, prompts), strict=True):
         (msg,) = parse_completion_messages(got, strict=True)
         assert msg.recipient == "functions.get_weather" and msg.channel == "commentary", msg
         assert json.loads(msg.content[0].text) == {"city": city}
-    prompts = [
-        enc.render_conversation_for_completion(build_conversation(b[:4]), Role.ASSISTANT) for b in bodies
-    ]
+    prompts = [render_chat_prompt(ex["messages"][:4], tools=ex["tools"]) for ex in examples]
     for (city, temp), got in zip(CITIES.items(), _greedy(model, prompts), strict=True):
         (msg,) = parse_completion_messages(got, strict=True)
         assert (msg.channel, msg.content[0].text) == ("final", f"It is {temp} C in {city}.")
@@ -260,12 +251,7 @@ def test_full_fine_tuning_runs_and_updates_the_model(chat_base, chat_data, tmp_p
 
 
 def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
-    from openai_harmony import Role
-
-    body = to_harmony(conversation("Lima", 15))[0]
-    prompt = get_harmony_encoding().render_conversation_for_completion(
-        build_conversation(body[:2]), Role.ASSISTANT
-    )
+    prompt = render_chat_prompt(conversation("Lima", 15)["messages"][:2], tools=TOOLS)
     ids = " ".join(map(str, prompt))
     argv = ["generate", str(chat_base), "--adapters", str(learned.out), "--tokens", ids,
             "--max-new-tokens", "40", "--no-stream", "--dtype", "float32", "--quiet"]  # fmt: skip

@@ -1,10 +1,10 @@
-"""Generated token ids -> the parts of an assistant turn, as events (one harmony `StreamableParser` per
-request).
+"""Generated token ids -> the parts of an assistant turn, as events: the one streaming parser (one harmony
+`StreamableParser` per turn) of the server, the chat CLI and fine-tuning's checks.
 
 A turn is a list of `Part`s, one per harmony message the model wrote:
 
 - ``reasoning``: the analysis channel (and messages to a recipient other than ``functions.*``, i.e. built-in
-  tools this server does not run, and messages whose author is not the assistant: the model's guesses at a
+  tools the server does not run, and messages whose author is not the assistant: the model's guesses at a
   tool's answer never reach ``content``);
 - ``preamble``: the commentary channel without a recipient (user-visible text said before a tool call);
 - ``content``: the final channel, a message with no channel (a bare refusal), and any text that did not parse;
@@ -12,12 +12,15 @@ A turn is a list of `Part`s, one per harmony message the model wrote:
 
 `OutputParser.feed(token)` returns events ``(kind, part, delta)`` with kind "start", "delta" or "end". Each
 part's ``text`` is exactly the concatenation of its deltas, so a streamed answer and the object built from the
-same parts are byte-identical.
+same parts are byte-identical. `conversation.parts_to_messages` turns the parts into the harmony messages the
+next prompt renders.
 
 Malformed output never raises: harmony's parser runs non-strict, and where it still fails (text where a header
 belongs, a special token inside a message), the text that did not parse becomes ``content`` (special tokens
-are never rendered, so content never holds a harmony marker), a warning is logged, and parsing resumes at the
-next ``<|start|>`` or ``<|channel|>``.
+are never rendered, so content never holds a harmony marker), a warning is logged once (`warned` turns True),
+and parsing resumes at the next ``<|start|>`` or ``<|channel|>``.
+
+`parse_completion_messages` / `parse_completion` parse a whole turn at once with the same parser.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import dataclasses
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
-from openai_harmony import HarmonyError
+from openai_harmony import HarmonyError, Message
 
 from ..tokenizer import (
     CALL,
@@ -42,14 +46,17 @@ from ..tokenizer import (
     get_encoding,
     get_harmony_encoding,
 )
+from .conversation import parts_to_messages
+from .stops import StopStrings
 
-log = logging.getLogger("gptoss_jax.api")
+log = logging.getLogger("gptoss_jax.harmony")
 
 FIRST_SPECIAL = 199998  # ids from here on are special tokens (o200k_harmony)
 END_TOKENS = (END, CALL, RETURN)
 
 
 def new_id(prefix: str, sep: str = "_") -> str:
+    """A random id such as call_3f9a... (tool calls here; responses and completions in the server)."""
     return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
@@ -79,7 +86,7 @@ def part_type(role: Any, channel: str | None, recipient: str | None) -> str:
         return "reasoning"
     if channel == "final":  # leftover header text lands in the recipient: it does not make this a tool call
         return "content"
-    if recipient:  # a built-in tool (browser, python) this server does not run
+    if recipient:  # a built-in tool (browser, python) the server does not run
         return "reasoning"
     return "preamble" if channel == "commentary" else "content"
 
@@ -91,42 +98,12 @@ def strip_markers(text: str) -> str:
     return _MARKER.sub("", text)
 
 
-class StopStrings:
-    """Holds back the tail of a text stream that may start a stop string; reports the first full match."""
-
-    def __init__(self, stops: list[str] | None):
-        self.stops = [s for s in (stops or []) if s]
-        self.held = ""
-        self.hit = False
-
-    def push(self, text: str) -> str:
-        """The text that is safe to emit now (everything, once there are no stop strings)."""
-        if not self.stops or self.hit:
-            return "" if self.hit else text
-        buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit, self.held = True, ""
-            return buf[:cut]
-        keep = 0  # longest suffix of buf that is a proper prefix of a stop string
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
-
-
 class OutputParser:
-    """Feeds one request's generated tokens through harmony's `StreamableParser` and yields `Event`s.
+    """Feeds one turn's generated tokens through harmony's `StreamableParser` and yields `Event`s.
 
     stop: stop strings applied to ``content`` (the text before the first match is kept; `stopped` turns True).
     single_tool_call: `stopped` turns True once the first tool call is complete (parallel_tool_calls false).
+    `warned` turns True when the output was not valid harmony, `problem` says why (the first problem).
     """
 
     def __init__(self, *, stop: list[str] | None = None, single_tool_call: bool = False):
@@ -151,6 +128,7 @@ class OutputParser:
         self.single_tool_call = single_tool_call
         self.stopped = False  # a stop string matched, or the single tool call is complete
         self.warned = False
+        self.problem = ""
         self.n_tokens = 0
 
     # ------------------------------------------------------------------------------------------ events
@@ -186,6 +164,7 @@ class OutputParser:
 
     def _warn(self, why: str) -> None:
         if not self.warned:
+            self.problem = why
             log.warning(
                 "model output is not valid harmony (%s); the text that does not parse is returned as content",
                 why,
@@ -349,3 +328,32 @@ class OutputParser:
         if hit_length and not self.stopped:
             return "length"
         return "tool_calls" if self.tool_calls else "stop"
+
+
+# ---------------------------------------------------------------------------------------- whole turns
+def _as_int_list(tokens: Iterable[int] | Any) -> list[int]:
+    if hasattr(tokens, "tolist"):  # numpy and jax arrays: one read, not one per element
+        tokens = tokens.tolist()
+    return [int(t) for t in tokens]
+
+
+def parse_completion_messages(tokens: Iterable[int] | Any, *, strict: bool = False) -> list[Message]:
+    """A sampled assistant turn (the tokens after `<|start|>assistant`, its stop token optional) as harmony
+    messages. strict: ValueError when the tokens are not valid harmony (the parser had to recover)."""
+    parser = OutputParser()
+    for t in _as_int_list(tokens):
+        parser.feed(t)
+    parser.finish()
+    if strict and parser.warned:
+        raise ValueError("the tokens are not valid harmony: " + parser.problem)
+    return parts_to_messages(parser.parts)
+
+
+def parse_completion(tokens: Iterable[int] | Any, *, strict: bool = False) -> list[tuple[str | None, str]]:
+    """A sampled assistant turn as [(channel, text), ...], e.g. analysis then final."""
+    return [(m.channel, message_text(m)) for m in parse_completion_messages(tokens, strict=strict)]
+
+
+def message_text(message: Message) -> str:
+    """The text parts of a harmony message, joined."""
+    return "".join(getattr(c, "text", "") or "" for c in message.content)

@@ -1,4 +1,4 @@
-"""Generated tokens -> parts and events (api/parsing.py), on harmony text encoded with the real tokenizer.
+"""Generated tokens -> parts and events (harmony/parser.py), on harmony text encoded with the real tokenizer.
 
 Every output the model may write (and many it should not) is checked against two invariants besides the
 expected parts: each part's text is exactly the concatenation of its deltas (what makes a streamed answer
@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from gptoss_jax.api.parsing import OutputParser, StopStrings, part_type
+from gptoss_jax.harmony import OutputParser, StopStrings, part_type
 from gptoss_jax.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, encode
 
 MARKER = re.compile(r"<\|[a-z_0-9]+\|>")

@@ -103,10 +103,13 @@ class OutputParser:
 
     stop: stop strings applied to ``content`` (the text before the first match is kept; `stopped` turns True).
     single_tool_call: `stopped` turns True once the first tool call is complete (parallel_tool_calls false).
-    `warned` turns True when the output was not valid harmony, `problem` says why (the first problem).
+    `warned` turns True when the output was not valid harmony, `problem` says why (the first problem), and
+    the problem is logged once unless `log_problems` is False.
     """
 
-    def __init__(self, *, stop: list[str] | None = None, single_tool_call: bool = False):
+    def __init__(
+        self, *, stop: list[str] | None = None, single_tool_call: bool = False, log_problems: bool = True
+    ):
         from openai_harmony import Role, StreamableParser
 
         enc = get_harmony_encoding()
@@ -129,6 +132,7 @@ class OutputParser:
         self.stopped = False  # a stop string matched, or the single tool call is complete
         self.warned = False
         self.problem = ""
+        self.log_problems = log_problems
         self.n_tokens = 0
 
     # ------------------------------------------------------------------------------------------ events
@@ -165,10 +169,11 @@ class OutputParser:
     def _warn(self, why: str) -> None:
         if not self.warned:
             self.problem = why
-            log.warning(
-                "model output is not valid harmony (%s); the text that does not parse is returned as content",
-                why,
-            )
+            if self.log_problems:
+                log.warning(
+                    "model output is not valid harmony (%s); the text that does not parse is returned as content",
+                    why,
+                )
             self.warned = True
 
     def _text(self, tokens: list[int], final: bool = False) -> str:
@@ -339,8 +344,9 @@ def _as_int_list(tokens: Iterable[int] | Any) -> list[int]:
 
 def parse_completion_messages(tokens: Iterable[int] | Any, *, strict: bool = False) -> list[Message]:
     """A sampled assistant turn (the tokens after `<|start|>assistant`, its stop token optional) as harmony
-    messages. strict: ValueError when the tokens are not valid harmony (the parser had to recover)."""
-    parser = OutputParser()
+    messages. strict: ValueError when the tokens are not valid harmony (the parser had to recover); nothing
+    is logged either way."""
+    parser = OutputParser(log_problems=False)
     for t in _as_int_list(tokens):
         parser.feed(t)
     parser.finish()

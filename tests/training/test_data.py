@@ -7,6 +7,7 @@ against the exact harmony strings the model must produce, stop tokens included.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import numpy as np
@@ -82,6 +83,17 @@ def test_the_prompt_is_the_chat_prompt():
     assert decode(seq.tokens[n:]) == "<|channel|>final<|message|>hello<|return|>"
 
 
+def test_the_prompt_settings_reach_the_system_message(tmp_path):
+    ex = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (seq,) = render(ex, reasoning_effort="low", date="2025-08-05")
+    want = render_chat_prompt([("user", "hi")], reasoning_effort="low", conversation_start_date="2025-08-05")
+    assert seq.tokens[: seq.weights.index(1)] == want
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(ex) + "\n")
+    (seq,) = read_jsonl(f, seq_len=512, date="today")
+    assert f"Current date: {dt.date.today().isoformat()}" in decode(seq.tokens)
+
+
 def test_weight_zero_is_context_and_assistant_only_can_be_off():
     ex = {
         "messages": [
@@ -122,6 +134,11 @@ BAD = [
         line(U, A, tools=[{"type": "function", "function": {"description": "no name"}}]),
         "tools[0].function.name",
     ),
+    (  # a name that breaks harmony's header: the target would not parse back to the call it came from
+        line(U, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get weather"}}]}),
+        "messages[1]: its rendering does not parse back to it",
+    ),
+    (line(U, A, {"role": "system", "content": "late"}), "messages[2]: a system message must come before"),
 ]
 
 

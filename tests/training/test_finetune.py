@@ -136,6 +136,7 @@ def test_it_learns_the_tool_calls_and_the_replies(learned, chat_base, chat_data)
     assert [int(r["step"]) for r in rows] == list(range(1, 51))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) / 100
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_prompt_settings(out) == PromptSettings()  # finetune's defaults: medium, no date
 
     model = apply_adapters(gptoss_jax.load(chat_base, dtype="float32", quiet=True), out)  # the inference path
     examples = [conversation(c, t) for c, t in CITIES.items()]
@@ -210,6 +211,10 @@ def test_resuming_with_other_settings_is_refused(learned, chat_base, chat_data):
             quiet=True,
         )
     assert_one_line(e, "checkpoints", "learning_rate was 0.005, now 0.001")
+    with pytest.raises(TrainError) as e:  # the prompts' settings are the run's too
+        finetune(chat_base, chat_data, learned.out, lora=LORA, train=TRAIN, dtype="float32", quiet=True,
+                 date="2025-08-05")  # fmt: skip
+    assert_one_line(e, "checkpoints", 'prompt was ["medium", null], now ["medium", "2025-08-05"]')
 
 
 @pytest.mark.parametrize(
@@ -262,10 +267,10 @@ def test_generate_with_adapters_on_the_command_line(learned, chat_base, capsys):
 
 def test_serve_with_adapters_returns_the_learned_tool_calls(learned, chat_base, tmp_path):
     """`gptoss-jax serve --adapters`: the openai client gets the learned calls as `tool_calls`. The prompts
-    as trained: no conversation date (`--date none`)."""
+    as trained: serve reads the adapters' prompt settings (no conversation date) and says so."""
     from openai import OpenAI
 
-    proc, url = start_server(chat_base, tmp_path / "serve.log", "--adapters", str(learned.out), "--date", "none")
+    proc, url = start_server(chat_base, tmp_path / "serve.log", "--adapters", str(learned.out))
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         for city in ("Paris", "Oslo"):
@@ -279,3 +284,5 @@ def test_serve_with_adapters_returns_the_learned_tool_calls(learned, chat_base, 
             assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": city}
     finally:
         assert stop_server(proc) == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "prompt settings of the adapters (" in log and "no conversation date" in log and "overrides" not in log

@@ -66,7 +66,10 @@ def chat_prompt(capsys, ckpt, *extra) -> tuple[list[int], str]:
 def test_finetune_records_its_prompt_settings(adapters):
     assert hm.read_prompt_settings(adapters) == TRAINED
     record = json.loads((adapters / hm.SETTINGS_FILE).read_text())
-    assert record["conversation_start_date"] == "2025-08-05" and record["rendering_version"] == hm.RENDERING_VERSION
+    assert (
+        record["conversation_start_date"] == "2025-08-05"
+        and record["rendering_version"] == hm.RENDERING_VERSION
+    )
 
 
 def test_chat_renders_as_the_adapters_were_trained_and_says_so(capsys, scripted, serve_ckpt, adapters):
@@ -109,17 +112,22 @@ def test_a_bad_record_is_one_error_line(capsys, scripted, serve_ckpt, adapters, 
 
 
 def test_generate_says_which_settings_the_adapters_were_trained_with(capsys, serve_ckpt, adapters):
-    rc, out, err = run_main(capsys, "generate", serve_ckpt, "--adapters", adapters, "--tokens", "1 2 3",
+    rc, _, err = run_main(capsys, "generate", serve_ckpt, "--adapters", adapters, "--tokens", "1 2 3",
                             "--max-new-tokens", 1, "--no-stream", "--dtype", "float32")  # fmt: skip
     assert rc == 0, err
     (note,) = [x for x in err.splitlines() if NOTE in x]
-    assert "reasoning effort high, conversation date 2025-08-05" in note and "generate sends the prompt as given" in note
+    assert (
+        "reasoning effort high, conversation date 2025-08-05" in note
+        and "generate sends the prompt as given" in note
+    )
 
 
 def _ask(url: str) -> tuple[dict, dict]:
     """A Responses request and a chat-completions request, neither setting a reasoning effort."""
     auth = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(f"{url}/v1/responses", json={"input": "Hi", "max_output_tokens": 1}, headers=auth, timeout=300)
+    r = httpx.post(
+        f"{url}/v1/responses", json={"input": "Hi", "max_output_tokens": 1}, headers=auth, timeout=300
+    )
     assert r.status_code == 200, r.text
     c = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                    "max_tokens": 1}, headers=auth, timeout=300)  # fmt: skip
@@ -128,7 +136,9 @@ def _ask(url: str) -> tuple[dict, dict]:
 
 
 def test_serve_renders_as_the_adapters_were_trained_and_warns_of_overrides(serve_ckpt, adapters, tmp_path):
-    as_trained = hm.render_chat_prompt([("user", "Hi")], reasoning_effort="high", conversation_start_date="2025-08-05")
+    as_trained = hm.render_chat_prompt(
+        [("user", "Hi")], reasoning_effort="high", conversation_start_date="2025-08-05"
+    )
     proc, url = start_server(serve_ckpt, tmp_path / "a.log", "--adapters", str(adapters))
     try:
         resp, chat = _ask(url)
@@ -137,7 +147,11 @@ def test_serve_renders_as_the_adapters_were_trained_and_warns_of_overrides(serve
     log = (tmp_path / "a.log").read_text()
     assert resp["reasoning"]["effort"] == "high" and resp["usage"]["input_tokens"] == len(as_trained)
     assert chat["usage"]["prompt_tokens"] == len(as_trained)
-    assert NOTE in log and "reasoning effort high, conversation date 2025-08-05" in log and "overrides" not in log
+    assert (
+        NOTE in log
+        and "reasoning effort high, conversation date 2025-08-05" in log
+        and "overrides" not in log
+    )
 
     overridden = hm.render_chat_prompt([("user", "Hi")], reasoning_effort="low")
     proc, url = start_server(serve_ckpt, tmp_path / "b.log", "--adapters", str(adapters), "--date", "none",

@@ -103,7 +103,9 @@ def chat_turn(req: ChatRequest, reasoning_effort: str = "medium") -> Turn:
     offered = req.tools or []
     tools, choice = _tools(offered, [f"tools[{i}].function" for i in range(len(offered))], req.tool_choice)
     with _as_api_error():
-        chat = Chat.from_messages(req.messages, tools, reasoning_effort=req.reasoning_effort or reasoning_effort)
+        chat = Chat.from_messages(
+            req.messages, tools, reasoning_effort=req.reasoning_effort or reasoning_effort
+        )
     return _turn(chat, tools, choice)
 
 

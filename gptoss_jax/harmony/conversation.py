@@ -14,8 +14,9 @@ Rules:
 - system and developer messages become the developer message's instructions, in order, joined by blank lines;
   harmony's system message (`system_message`) carries the reasoning effort and the conversation start date,
   or no date;
-- tools are rendered in the developer message (`developer_message`): function tools in the `functions`
-  namespace. Other namespaces and built-in tools belong there too, beside it;
+- tools are rendered in one place: function tools in the developer message's `functions` namespace
+  (`developer_message`); other namespaces of developer tools belong there beside it, and harmony's built-in
+  tools (browser, python) in `system_message`;
 - an assistant message is rendered as its reasoning (analysis; `thinking`, `reasoning` or
   `reasoning_content`), its text (a commentary preamble when the message also calls tools, else the final
   answer) and its tool calls (`commentary to=functions.NAME <|constrain|>json`); a tool's answer is a message
@@ -71,7 +72,8 @@ class ConversationError(ValueError):
 
 # ------------------------------------------------------------------------------------------ settings
 def reasoning_effort(value: Any) -> str:
-    """"low", "medium" or "high" from any capitalisation or a harmony `ReasoningEffort`; ValueError else."""
+    """A reasoning effort as "low", "medium" or "high", from any capitalisation or a harmony
+    `ReasoningEffort`; ValueError otherwise."""
     if isinstance(value, ReasoningEffort):
         return value.value.lower()
     v = str(value).strip().lower()
@@ -108,7 +110,9 @@ def resolve_date(value: Any) -> str | None:
 def system_message(effort: Any = "medium", date: Any = None) -> Message:
     """harmony's system message: its default text, the reasoning effort and the conversation start date
     (`date`: see `date_setting`; None renders no date)."""
-    content = SystemContent.new().with_reasoning_effort(ReasoningEffort(reasoning_effort(effort).capitalize()))
+    content = SystemContent.new().with_reasoning_effort(
+        ReasoningEffort(reasoning_effort(effort).capitalize())
+    )
     day = resolve_date(date)
     if day is not None:
         content = content.with_conversation_start_date(day)
@@ -183,7 +187,9 @@ def tool_result_message(name: str, output: str) -> Message:
     )
 
 
-def assistant_turn(reasoning: str | None, text: str | None, calls: Sequence[tuple[str, str]]) -> list[Message]:
+def assistant_turn(
+    reasoning: str | None, text: str | None, calls: Sequence[tuple[str, str]]
+) -> list[Message]:
     """An assistant message of the history: its reasoning, its text (a preamble when it calls tools, else the
     final answer), its calls (name, arguments)."""
     out = [assistant_message(reasoning, "analysis")] if reasoning else []

@@ -20,8 +20,8 @@ from openai_harmony import (
 )
 
 from gptoss_jax.api.harmony_io import chat_turn, responses_turn
-from gptoss_jax.harmony import OutputParser, parts_to_messages
 from gptoss_jax.api.protocol import APIError, ChatRequest, ResponsesRequest, parse
+from gptoss_jax.harmony import OutputParser, parts_to_messages
 from gptoss_jax.tokenizer import decode, encode, get_harmony_encoding
 
 WEATHER = {

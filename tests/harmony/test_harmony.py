@@ -34,7 +34,9 @@ def _harmony_conv(messages, effort=ReasoningEffort.MEDIUM, date=None, dev=None):
         sys = sys.with_conversation_start_date(date)
     head = [Message.from_role_and_content(Role.SYSTEM, sys)]
     if dev is not None:
-        head.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(dev)))
+        head.append(
+            Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(dev))
+        )
     return Conversation.from_messages(head + messages)
 
 
@@ -68,7 +70,9 @@ def test_render_chat_prompt_matches_harmony():
     assert ids == expected
 
     text = tk.get_encoding().decode(ids)
-    assert text.startswith("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.")
+    assert text.startswith(
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI."
+    )
     assert "Reasoning: high" in text and "Current date: 2025-08-05" in text
     assert "<|start|>developer<|message|># Instructions\n\nAnswer in French." in text
     assert "<|start|>user<|message|>Hi<|end|>" in text
@@ -185,11 +189,20 @@ def test_the_rule_keeps_a_tool_loop_and_leaves_harmonys_rule_nothing_to_drop():
 
 
 def test_system_message_and_reasoning_effort():
-    assert [hm.reasoning_effort(v) for v in ("LOW", " medium", ReasoningEffort.HIGH)] == ["low", "medium", "high"]
+    assert [hm.reasoning_effort(v) for v in ("LOW", " medium", ReasoningEffort.HIGH)] == [
+        "low",
+        "medium",
+        "high",
+    ]
     with pytest.raises(ValueError, match="low, medium or high"):
         hm.reasoning_effort("max")
-    text = lambda m: tk.decode(tk.get_harmony_encoding().render(m))  # noqa: E731
-    assert "Current date" not in text(hm.system_message("high")) and "Reasoning: high" in text(hm.system_message("high"))
+
+    def text(m):
+        return tk.decode(tk.get_harmony_encoding().render(m))
+
+    assert "Current date" not in text(hm.system_message("high")) and "Reasoning: high" in text(
+        hm.system_message("high")
+    )
     assert "Current date: 2025-08-05" in text(hm.system_message(date=dt.date(2025, 8, 5)))
     assert f"Current date: {dt.date.today().isoformat()}" in text(hm.system_message(date="today"))
     assert "Current date" not in text(hm.system_message(date="none"))
@@ -200,10 +213,14 @@ def test_system_message_and_reasoning_effort():
 
 def test_conversation_errors_name_the_field():
     with pytest.raises(hm.ConversationError) as e:
-        hm.Chat.from_messages([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "z", "content": "y"}])
+        hm.Chat.from_messages(
+            [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "z", "content": "y"}]
+        )
     assert e.value.param == "messages[1].tool_call_id" and "'z' matches no tool call" in str(e.value)
     # without a call id, a tool message may name its function (fine-tuning data does)
-    chat = hm.Chat.from_messages([{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "y"}])
+    chat = hm.Chat.from_messages(
+        [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "y"}]
+    )
     assert chat.messages[1] == hm.tool_result_message("f", "y") and chat.sources == [0, 1]
     with pytest.raises(hm.ConversationError) as e:
         hm.Chat.from_messages([], [{"type": "function", "function": {"name": "f"}}] * 2)
@@ -232,8 +249,10 @@ def test_resolve_prompt_settings(tmp_path):
     hm.write_prompt_settings(tmp_path, hm.PromptSettings(reasoning_effort="low", date=None))
     r = hm.resolve_prompt_settings(tmp_path, default_date="today")
     assert r.settings == hm.PromptSettings(reasoning_effort="low", date=None) and not r.warnings
-    assert r.notes == [f"prompt settings of the adapters ({tmp_path / hm.SETTINGS_FILE}): reasoning effort low, "
-                       "no conversation date"]  # fmt: skip
+    where = tmp_path / hm.SETTINGS_FILE
+    assert r.notes == [
+        f"prompt settings of the adapters ({where}): reasoning effort low, no conversation date"
+    ]
     r = hm.resolve_prompt_settings(tmp_path, date="none", reasoning_effort="low")  # the same: no warning
     assert not r.warnings
     r = hm.resolve_prompt_settings(tmp_path, date="2025-08-05", reasoning_effort="high")

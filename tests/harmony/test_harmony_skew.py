@@ -347,7 +347,10 @@ def test_the_corpus_covers_what_it_must():
     assert any(m["role"] == "developer" for m in flat) and any(m["role"] == "tool" for m in flat)
     assert any(m.get("content") and m.get("tool_calls") for m in flat)  # preambles
     assert any(len(m.get("tool_calls", [])) > 1 for m in flat)  # parallel calls
-    finals = [sum(m["role"] == "assistant" and not m.get("tool_calls") for m in msgs) for msgs, *_ in CORPUS.values()]
+    finals = [
+        sum(m["role"] == "assistant" and not m.get("tool_calls") for m in msgs)
+        for msgs, *_ in CORPUS.values()
+    ]
     assert max(finals) >= 3  # several finals in one conversation
     cli_cases = [n for n, (msgs, tools, *_) in CORPUS.items() if not tools]
     assert {CORPUS[n][2] for n in cli_cases} == {"low", "medium", "high"}
@@ -363,10 +366,14 @@ def test_training_prompts_are_what_serve_and_chat_render(name, serve_ckpt, monke
     for k, ((prompt, _), via_chat, via_responses) in enumerate(zip(targets, chat, resp, strict=True)):
         assert via_chat == prompt, f"turn {k}: chat completions renders another prompt than training"
         assert via_responses in (None, prompt), f"turn {k}: Responses renders another prompt than training"
-    assert any(r is not None for r in resp) or any(m["role"] == "tool" and "tool_call_id" not in m for m in messages)
+    assert any(r is not None for r in resp) or any(
+        m["role"] == "tool" and "tool_call_id" not in m for m in messages
+    )
     if not tools and all(m.get("weight", 1) for m in messages):
         # the chat CLI: the model writes the training targets, which its parser puts into its history
-        got = chat_cli_prompts(serve_ckpt, messages, effort, date, [t for _, t in targets], monkeypatch, capsys)
+        got = chat_cli_prompts(
+            serve_ckpt, messages, effort, date, [t for _, t in targets], monkeypatch, capsys
+        )
         assert got == [p for p, _ in targets]
 
 
@@ -375,7 +382,9 @@ def test_the_old_training_rule_renders_other_prompts():
     above would fail on it."""
     differ = []
     for name, (messages, tools, effort, date) in CORPUS.items():
-        for (prompt, _), h in zip(training_targets(messages, tools, effort, date), histories(messages), strict=True):
+        for (prompt, _), h in zip(
+            training_targets(messages, tools, effort, date), histories(messages), strict=True
+        ):
             if old_training_prompt(h, tools, effort, date) != prompt:
                 differ.append(name)
     assert {"the issue's two-turn tool loop", "three finals", "three turns of reasoning (the chat CLI's case)",
@@ -402,11 +411,17 @@ def test_the_issues_tool_loop():
 
     def result(text):
         author = Author.new(Role.TOOL, "functions.get_weather")
-        return Message.from_author_and_content(author, text).with_channel("commentary").with_recipient("assistant")
+        return (
+            Message.from_author_and_content(author, text)
+            .with_channel("commentary")
+            .with_recipient("assistant")
+        )
 
     tool = ToolDescription.new("get_weather", "Current weather", WEATHER["function"]["parameters"])
     by_hand = [
-        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)),
+        Message.from_role_and_content(
+            Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)
+        ),
         Message.from_role_and_content(
             Role.DEVELOPER, DeveloperContent.new().with_instructions("Be brief.").with_function_tools([tool])
         ),
@@ -420,6 +435,8 @@ def test_the_issues_tool_loop():
         result('{"temp_c": 3}'),
     ]
     expected = get_harmony_encoding().render_conversation_for_completion(
-        Conversation.from_messages(by_hand), Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+        Conversation.from_messages(by_hand),
+        Role.ASSISTANT,
+        RenderConversationConfig(auto_drop_analysis=False),
     )
     assert prompt == list(expected)

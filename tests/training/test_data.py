@@ -135,7 +135,10 @@ BAD = [
         "tools[0].function.name",
     ),
     (  # a name that breaks harmony's header: the target would not parse back to the call it came from
-        line(U, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get weather"}}]}),
+        line(
+            U,
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get weather"}}]},
+        ),
         "messages[1]: its rendering does not parse back to it",
     ),
     (line(U, A, {"role": "system", "content": "late"}), "messages[2]: a system message must come before"),

@@ -31,7 +31,12 @@ from gptoss_jax import cli
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
 from gptoss_jax.checkpoint.synthetic import write_checkpoint
 from gptoss_jax.config import Config
-from gptoss_jax.harmony import PromptSettings, parse_completion_messages, read_prompt_settings, render_chat_prompt
+from gptoss_jax.harmony import (
+    PromptSettings,
+    parse_completion_messages,
+    read_prompt_settings,
+    render_chat_prompt,
+)
 from gptoss_jax.training.loop import TrainConfig, TrainError, finetune
 from gptoss_jax.training.lora import LoraConfig
 from gptoss_jax.training.peft import apply_adapters

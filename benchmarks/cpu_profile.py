@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     from benchmarks.cpu_vs_transformers import bench_config, cpu_model
     from gptoss_jax import model as M
-    from gptoss_jax.kernels.mxfp4_matmul import moe_experts_grouped
+    from gptoss_jax.moe import moe_experts_grouped
     from gptoss_jax.mxfp4 import dequantize
 
     cfg = bench_config().replace(dtype="float32")

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     from gptoss_jax import sharding
     from gptoss_jax.config import Config
-    from gptoss_jax.model import moe_experts
+    from gptoss_jax.moe import moe_experts
 
     e = len(jax.devices())
     E, X, D, F = args.experts, args.topk, args.hidden, args.ffw

@@ -64,8 +64,9 @@ def ours_stepper(ckpt: Path, expert_format: str, seq: int, batch: int, steps: in
     import numpy as np
 
     import gptoss_jax
+    from gptoss_jax.lora import LoraConfig, init_adapters
+    from gptoss_jax.model import model_params
     from gptoss_jax.training.loop import TrainConfig, init_state, make_optimizer, make_step
-    from gptoss_jax.training.lora import LoraConfig, init_adapters, model_params
 
     model = gptoss_jax.load(ckpt, dtype="float32", quiet=True, expert_format=expert_format)
     cfg = model.cfg

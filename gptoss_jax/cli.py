@@ -268,7 +268,7 @@ def _load(args):
     model = load(args.path, dtype=args.dtype, mesh=mesh, quiet=args.quiet, attention_impl=args.attention_impl,
                  moe_impl=args.moe_impl, **fmt)  # fmt: skip
     if getattr(args, "adapters", None):
-        from .training.peft import apply_adapters
+        from .adapters import apply_adapters
 
         apply_adapters(model, args.adapters)
     cfg = model.cfg

@@ -26,24 +26,335 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import model as _model
 from . import tokenizer
+from .config import Config
+from .kernels.attention import attention_probs
+from .logprobs import chunked_log_probs
 from .model import (
-    CAPTURES,
-    SITES,
-    Intervene,
-    Probe,
+    Hooks,
+    LayerHooks,
     Transformer,
     check_positions,
     check_tokens,
-    forward,
     layer_params,
     logits,
+    rms_norm,
 )
+from .ops import F32
 from .sharding import to_host, with_model_mesh
 
 __all__ = ["CAPTURES", "SITES", "Intervene", "Probe", "Score", "Trace", "attention_by_distance",
-           "coselection", "expert_load", "intervention", "layer_table", "log_probs", "routing_entropy", "run",
-           "score", "sink_share"]  # fmt: skip
+           "coselection", "expert_load", "forward", "intervention", "layer_table", "log_probs",
+           "routing_entropy", "run", "score", "sink_share"]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- probe, intervene
+CAPTURES = {  # Probe flag -> the captures it records
+    "attention": ("attention",),
+    "router": ("router_logits", "experts", "expert_weights"),
+    "residual": ("resid_pre", "resid_mid", "resid_post"),
+    "logit_lens": ("logit_lens",),
+}
+SITES = CAPTURES["residual"]
+
+
+def _int_tuple(v, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in (v if isinstance(v, tuple | list | range | np.ndarray) else [v]))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be integers, got {v!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What `forward` records in each layer: hashable, so jit takes it as a static argument. Each capture is
+    an array with a leading axis over the probed layers, for the Q tokens of `at`:
+
+    attention   float32 (L, B, N, Q, S+1): each query head's attention probabilities over the S keys, the
+                sink's share last (the XLA path's softmax, `attention_probs`; a pass without a cache)
+    router      router_logits float32 (L, B, Q, E); experts int32 (L, B, Q, X), as chosen; expert_weights
+                (L, B, Q, X)
+    residual    resid_pre, resid_mid, resid_post (L, B, Q, D): the stream before the attention block,
+                between the blocks and after the MoE block
+    logit_lens  float32 (L, B, Q, V): each layer's output through the final norm and the unembedding
+
+    layers: which layers (default all); at: which tokens, as indices along the sequence, negative from the
+    end (default all). Only these are computed and kept, in buffers of their size carried through the layer
+    scan, and an attention or logit-lens capture runs only in the layers asked for, so a long sequence never
+    holds every layer's T x S probabilities.
+    """
+
+    attention: bool = False
+    router: bool = False
+    residual: bool = False
+    logit_lens: bool = False
+    layers: tuple[int, ...] | None = None
+    at: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("layers", "at"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _int_tuple(getattr(self, name), f"Probe.{name}"))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for flag, names in CAPTURES.items() if getattr(self, flag) for n in names)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intervene:
+    """Changes to the forward pass, every field optional (`inspect.intervention` builds one from a model).
+    A pytree: its arrays are jit arguments (new values do not recompile), the rest is static.
+
+    experts  (L, E) float32 added to the router logits for the choice only: 0 routes as usual, -inf never
+             picks the expert (ablation), +inf always picks it (forcing); the chosen experts' weights stay
+             the softmax of their own logits.
+    heads    (L, N) float32: each query head's attention output is multiplied by it (0 zeroes the head).
+    sinks    (L, N) float32: the sink logits used instead of the checkpoint's.
+    patch    (P, B, Q, D): written into the residual stream at `patch_site` (one of `SITES`) of each of the P
+             `patch_layers`, at the Q tokens `patch_at` (indices along the sequence; None: all) -- e.g.
+             another run's `Probe(residual=True)` capture (activation patching).
+    """
+
+    experts: jax.Array | None = None
+    heads: jax.Array | None = None
+    sinks: jax.Array | None = None
+    patch: jax.Array | None = None
+    patch_site: str = dataclasses.field(default="resid_post", metadata={"static": True})
+    patch_layers: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+    patch_at: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"static": True})
+
+
+def _take(at, n: int, what: str) -> np.ndarray:
+    """Indices (negative from the end) into n tokens -> int array; ValueError naming `what` if one is out."""
+    if at is None:
+        return np.arange(n)
+    if not at:
+        raise ValueError(f"{what} must name at least one token (None: all)")
+    bad = [i for i in at if not -n <= i < n]
+    if bad:
+        raise ValueError(f"{what}: index {bad[0]} is out of range for {n} tokens")
+    return np.asarray([i % n for i in at], dtype=np.int64)
+
+
+def _layer_rows(layers, cfg: Config, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Selected layers -> per unit position j: the row (among the selected layers of j) of each repeat's
+    layer (the count of them = not selected) and the layers in row order."""
+    L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
+    chosen = set(range(L)) if layers is None else set(layers)
+    if not chosen:
+        raise ValueError(f"{what} must name at least one layer (None: all)")
+    bad = sorted(i for i in chosen if not 0 <= i < L)
+    if bad:
+        raise ValueError(f"{what}: layer {bad[0]} is out of range: the model has {L} layers")
+    slots, order = [], []
+    for j in range(p):
+        mine = [r * p + j for r in range(R) if r * p + j in chosen]
+        slot = np.full(R, len(mine), np.int32)
+        slot[[i // p for i in mine]] = np.arange(len(mine), dtype=np.int32)
+        slots.append(slot)
+        order.append(np.asarray(mine, np.int64))
+    return slots, order
+
+
+class _Inspection(Hooks):
+    """A forward pass's probe and intervention as the model's `Hooks`, checked against the model and the
+    tokens (at trace time): per unit position, the arrays the layer scan hands each repeat (`scanned`), and
+    the capture buffers it carries (the state)."""
+
+    def __init__(self, model: Transformer, probe: Probe | None, iv: Intervene | None, positions, *,
+                 cached: bool):  # fmt: skip
+        cfg = self.cfg = model.cfg
+        self.model, self.positions = model, positions
+        B, T = self.shape = tuple(positions.shape)
+        L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
+        self.probe = probe if probe is not None and probe.names else None
+        if self.probe is not None and probe.attention and cached:
+            raise ValueError("Probe(attention=True) needs a forward pass without a cache (model(tokens) or "
+                             "inspect.run); the other captures work with one")  # fmt: skip
+        self.take = _take(None if probe is None else probe.at, T, "Probe.at")
+        self.slots, self.order = _layer_rows(None if probe is None else probe.layers, cfg, "Probe.layers")
+        self.xs = [{} for _ in range(p)]
+        if self.probe is not None:
+            for j in range(p):
+                if len(self.order[j]):
+                    self.xs[j]["slot"] = jnp.asarray(self.slots[j])
+        iv = iv or Intervene()
+        N, E = cfg.num_attention_heads, cfg.num_experts
+        for name, width in (("experts", E), ("heads", N), ("sinks", N)):
+            a = getattr(iv, name)
+            if a is None:
+                continue
+            if tuple(a.shape) != (L, width):
+                what = "experts" if name == "experts" else "heads"
+                raise ValueError(f"Intervene.{name} must have shape ({L}, {width}) (layers, {what}), got "
+                                 f"{tuple(a.shape)}")  # fmt: skip
+            a = jnp.asarray(a, F32).reshape(R, p, width)
+            for j in range(p):
+                self.xs[j][name] = a[:, j]
+        self.patch = None
+        if iv.patch is not None:
+            if iv.patch_site not in SITES:
+                raise ValueError(f"Intervene.patch_site must be one of {', '.join(SITES)}, got "
+                                 f"{iv.patch_site!r}")  # fmt: skip
+            self.patch_at = _take(iv.patch_at, T, "Intervene.patch_at")
+            want = (len(iv.patch_layers), B, len(self.patch_at), cfg.hidden_size)
+            if tuple(iv.patch.shape) != want:
+                raise ValueError(f"Intervene.patch must have shape {want} (patch_layers, batch, patch_at "
+                                 f"tokens, hidden), got {tuple(iv.patch.shape)}")  # fmt: skip
+            if len(set(iv.patch_layers)) != len(iv.patch_layers):
+                raise ValueError(f"Intervene.patch_layers must not repeat a layer, got {iv.patch_layers}")
+            pslots, porder = _layer_rows(iv.patch_layers, cfg, "Intervene.patch_layers")
+            row = {layer: i for i, layer in enumerate(iv.patch_layers)}
+            values = jnp.asarray(iv.patch).astype(cfg.jax_dtype)
+            self.patch, self.patch_site = [], iv.patch_site
+            for j in range(p):
+                self.patch.append(values[np.asarray([row[int(i)] for i in porder[j]], np.int64)])
+                if len(porder[j]):
+                    self.xs[j]["pslot"] = jnp.asarray(pslots[j])
+
+    @property
+    def active(self) -> bool:
+        """Whether the pass records or changes anything (else it runs without hooks: the plain program)."""
+        return any(self.xs)
+
+    def scanned(self) -> list[dict]:
+        return self.xs
+
+    def init(self):
+        return self.buffers()
+
+    def layer(self, j: int, r, xs, state) -> _Tap:
+        return _Tap(self, j, xs, state)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], object]]:
+        cfg, (B, T), Q = self.cfg, self.shape, len(self.take)
+        E, X, N, D = cfg.num_experts, cfg.experts_per_token, cfg.num_attention_heads, cfg.hidden_size
+        out = {"attention": ((B, N, Q, T + 1), F32), "router_logits": ((B, Q, E), F32),
+               "experts": ((B, Q, X), jnp.int32), "expert_weights": ((B, Q, X), F32),
+               "logit_lens": ((B, Q, cfg.vocab_size), F32)}  # fmt: skip
+        out.update({s: ((B, Q, D), cfg.jax_dtype) for s in SITES})
+        return {n: out[n] for n in self.probe.names}
+
+    def buffers(self):
+        """The capture buffers the layer scan carries: name -> per unit position (its probed layers, ...)."""
+        if self.probe is None:
+            return None
+        return {n: tuple(jnp.zeros((len(o),) + shape, dt) if len(o) else None for o in self.order)
+                for n, (shape, dt) in self.shapes().items()}  # fmt: skip
+
+    def record(self, bufs, tap: _Tap):
+        """Writes a layer's captures into its row of the buffers (a repeat not probed writes nothing)."""
+        if tap.slot is None:
+            return bufs
+        return {n: tuple(b.at[tap.slot].set(tap.out[n].astype(b.dtype), mode="drop") if j == tap.j else b
+                         for j, b in enumerate(bs)) for n, bs in bufs.items()}  # fmt: skip
+
+    def collect(self, bufs) -> dict[str, jax.Array]:
+        """Buffers per unit position -> name: (probed layers in order, ...)."""
+        if self.probe is None:
+            return {}
+        layers = np.concatenate(self.order)
+        perm = np.argsort(layers, kind="stable")
+        return {n: jnp.concatenate([b for b in bs if b is not None])[perm] for n, bs in bufs.items()}
+
+
+class _Tap(LayerHooks):
+    """One layer's probe and intervention while the forward pass is traced: its intervention values and the
+    captures it records (`out`). `slot` is the layer's row in the capture buffers (traced: the repeat is a
+    scan index)."""
+
+    def __init__(self, hooks: _Inspection, j: int, hx: dict, bufs):
+        super().__init__(bufs)
+        self.hooks, self.j, self.take = hooks, j, hooks.take
+        self.slot = hx.get("slot")
+        self.pslot = hx.get("pslot")
+        self.experts, self.heads, self.sinks = hx.get("experts"), hx.get("heads"), hx.get("sinks")
+        self.out: dict[str, jax.Array] = {}
+
+    def wants(self, flag: str) -> bool:
+        return self.slot is not None and getattr(self.hooks.probe, flag)
+
+    def lazy(self, name: str, fn) -> None:
+        """Captures fn() (an expensive capture) only in the layers asked for: under `lax.cond`, unless every
+        repeat of this unit position is probed."""
+        n = len(self.hooks.order[self.j])
+        if n == self.hooks.cfg.layer_repeats:
+            self.out[name] = fn()
+            return
+        shape = jax.eval_shape(fn)
+        self.out[name] = jax.lax.cond(self.slot < n, fn, lambda: jnp.zeros(shape.shape, shape.dtype))
+
+    def params(self, p: dict) -> dict:
+        if self.sinks is not None:  # the intervention's sink logits instead of the checkpoint's
+            p = p | {"attn": p["attn"] | {"sinks": self.sinks.reshape(p["attn"]["sinks"].shape)}}
+        self.layer_sinks = p["attn"]["sinks"]
+        return p
+
+    def site(self, name: str, value):
+        if name in SITES:
+            return self.residual(name, value)
+        if name == "attention" and self.wants("attention"):  # only without a cache (`_Inspection` refuses
+            q, k = value  # it with one): the keys are these tokens'
+            cfg, pos, take = self.hooks.cfg, self.hooks.positions, self.take
+            window = cfg.sliding_window if cfg.layer_unit[self.j] else 0
+
+            def probs():  # (B,K,G,Q,S+1) -> (B,N,Q,S+1): query head n = k*G + g
+                a = attention_probs(q[:, take], k, self.layer_sinks, pos[:, take], pos, window=window,
+                                    sm_scale=cfg.sm_scale)  # fmt: skip
+                return a.reshape((a.shape[0], -1) + a.shape[3:])
+
+            self.lazy("attention", probs)
+        elif name == "heads" and self.heads is not None:
+            value = value * self.heads.reshape(self.layer_sinks.shape + (1,)).astype(value.dtype)
+        elif name == "router":
+            if self.wants("router"):
+                self.out["router_logits"] = value.reshape(*self.hooks.shape, -1)[:, self.take]
+            if self.experts is not None:  # added for the choice only
+                return value + self.experts.astype(value.dtype)
+        elif name == "experts" and self.wants("router"):
+            for n, a in zip(("experts", "expert_weights"), value, strict=True):
+                self.out[n] = a.reshape(*self.hooks.shape, -1)[:, self.take]
+        return value
+
+    def residual(self, name: str, x):
+        """The residual stream x (B,T,D) at site `name`: patched if the intervention says so, captured if the
+        probe asks; after the layer (resid_post), also its logit lens."""
+        h = self.hooks
+        if self.pslot is not None and name == h.patch_site:
+            values, at = h.patch[self.j], h.patch_at
+            v = jnp.take(values, jnp.minimum(self.pslot, len(values) - 1), axis=0)
+            x = x.at[:, at].set(jnp.where(self.pslot < len(values), v, x[:, at]))
+        if self.wants("residual"):
+            self.out[name] = x[:, self.take]
+        if name == "resid_post" and self.wants("logit_lens"):
+            m = h.model
+            lens = lambda: logits(m, rms_norm(x[:, self.take], m.norm.scale[...], m.cfg.rms_norm_eps))  # noqa: E731
+            self.lazy("logit_lens", lens)
+        return x
+
+    def state(self):
+        return self.hooks.record(self._state, self)
+
+
+def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe | None = None,
+            intervene: Intervene | None = None):  # fmt: skip
+    """`model.forward` with a probe and an intervention as its hooks: (final-normed hidden (B,T,D), cache),
+    and with a probe (hidden, cache, captures: name -> array with a leading axis over the probed layers, in
+    order). A probe that captures nothing and an intervention that changes nothing run the plain pass (no
+    hook is traced)."""
+    hooks = None
+    if probe is not None or intervene is not None:
+        hooks = _Inspection(model, probe, intervene, positions, cached=cache is not None)
+    if hooks is None or not hooks.active:
+        h, cache = _model.forward(model, tokens, positions, cache)
+        caps = {}
+    else:
+        h, cache, bufs = _model.forward(model, tokens, positions, cache, hooks=hooks)
+        caps = hooks.collect(bufs)
+    return (h, cache) if probe is None else (h, cache, caps)
 
 
 # ------------------------------------------------------------------------------------------------ capture
@@ -201,17 +512,7 @@ def log_probs(model: Transformer, tokens, positions=None, *, intervene: Interven
 def _log_probs_jit(graphdef, state, tokens, positions, intervene, block):
     model = nnx.merge(graphdef, state)
     h, _ = forward(model, tokens, positions, intervene=intervene)
-    h, targets = h[:, :-1], tokens[:, 1:]
-    B, T, D = h.shape
-    n = -(-T // block)
-    hb = jnp.pad(h, ((0, 0), (0, n * block - T), (0, 0))).reshape(B, n, block, D).swapaxes(0, 1)
-    tb = jnp.pad(targets, ((0, 0), (0, n * block - T))).reshape(B, n, block).swapaxes(0, 1)
-
-    def one(a):
-        z = logits(model, a[0])
-        return jnp.take_along_axis(z, a[1][..., None], axis=-1)[..., 0] - jax.nn.logsumexp(z, axis=-1)
-
-    out = jax.lax.map(one, (hb, tb)).swapaxes(0, 1).reshape(B, n * block)[:, :T]
+    out = chunked_log_probs(h[:, :-1], model.unembedding[...], tokens[:, 1:], chunk=block)
     return jnp.where((positions[:, 1:] >= 0) & (positions[:, :-1] >= 0), out, 0.0)
 
 

@@ -11,8 +11,14 @@ unembedding. bf16 by default, float32 for the exact mode; wherever the reference
 Layers are scanned, not unrolled: the layer pattern repeats (gpt-oss: sliding, full), the weights of each
 position of that unit are stacked (`weights.py`), and `lax.scan` runs the unit `cfg.layer_repeats` times, so
 compiling a 36-layer model costs what a 2-layer one does. The expert weights are read straight from their
-stacks at (repeat, expert) instead (`kernels.mxfp4_matmul.expert_leaf`), so no call copies a layer's
-experts. The KV cache (`cache.py`) is stacked alike and advances per row.
+stacks at (repeat, expert) instead (`moe.expert_leaf`), so no call copies a layer's experts. The KV cache
+(`cache.py`) is stacked alike and advances per row.
+
+One forward pass serves everything: `apply(params, cfg, ...)` over a dict of parameters by name, and
+`forward(model, ...)` over the model's own. Generation, the serving engine, inspection and training all run
+it; what they add goes through its one extension point, `Hooks` (a transform of each layer's parameters,
+named sites on the residual stream, the attention and the router, a state carried through the layer scan),
+and remat per layer is an option. Without hooks nothing of them is traced.
 
 Axis letters used in every einsum and shape comment:
   B batch, T query tokens, S key slots, D hidden, N query heads, K kv heads, G query heads per kv head
@@ -21,13 +27,12 @@ Axis letters used in every einsum and shape comment:
 
 The module only holds the parameters (declared in `weights.TABLE`); the math is free functions
 (`rms_norm`, `rope_cos_sin`, `attention_layer`, `route`, `moe_layer`) over arrays, each tested one to one
-against the reference. Parallelism wraps them from `sharding.py`; the kernels and the XLA path they share
-live in `kernels/`.
+against the reference. The experts' computation is `moe.py`, the Pallas kernels are in `kernels/`, and
+parallelism wraps the math from `sharding.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -39,9 +44,9 @@ import numpy as np
 from . import kernels, weights
 from .cache import Step
 from .config import Config
-from .kernels.attention import attention_probs
+from .moe import STACKED_LEAVES, moe_experts
 from .ops import F32, einsum
-from .sharding import constrain, current_mesh, expert_parallel, map_attention, with_model_mesh
+from .sharding import constrain, map_attention, with_model_mesh
 
 ACT = ("batch", "seq", "embed")  # the residual stream's logical axes at every block boundary
 
@@ -97,10 +102,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-
 # -------------------------------------------------------------------------------------------- attention
 def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv=None, step: Step | None = None,
-                    r=None, tap: _Tap | None = None):  # fmt: skip
+                    r=None, hooks: LayerHooks | None = None):  # fmt: skip
     """One attention block with its residual: x (B,T,D) -> (x + attn, kv).
 
     p: this layer's weights by leaf name ("norm" for the scale). Without a cache (kv None) the keys are
@@ -108,8 +112,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     cache's `Step` for this forward pass, which writes the chunk and runs the attention over what the chunk
     sees (`cache.Step.attend`, given this layer's attention with its sinks and window bound): so a cache may
     lay its tokens out as it likes (the serving engine's paged cache runs one flat row of several
-    sequences' tokens and splits it per sequence). `tap`: this layer's probe and intervention (`forward`'s
-    `probe` / `intervene`), None on the plain path.
+    sequences' tokens and splits it per sequence). `hooks`: this layer's sites "attention" and "heads"
+    (`Hooks`), None on the plain path.
     """
     dt = x.dtype
     T = x.shape[1]
@@ -118,7 +122,9 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     k = einsum("BTD,DKH->BTKH", t, p["k_weight"], dt) + p["k_bias"]
     v = einsum("BTD,DKH->BTKH", t, p["v_weight"], dt) + p["v_bias"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    sinks = p["sinks"] if tap is None or tap.sinks is None else tap.sinks.reshape(p["sinks"].shape)
+    if hooks is not None:
+        q, k = hooks.site("attention", (q, k))
+    sinks = p["sinks"]
 
     def attend(q, keys, vals, q_pos, k_pos, aligned):
         return attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
@@ -127,16 +133,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
         o = attend(q, k, v, q_pos, q_pos, T)
     else:
         o, kv = step.attend(kv, r, q, k, v, q_pos, ring=bool(window), attention=attend)
-    if tap is not None:
-        if tap.wants("attention"):  # only without a cache (`_Hooks` refuses it with one): the keys are k
-            def probs():  # (B,K,G,Q,S+1) -> (B,N,Q,S+1): query head n = k*G + g
-                a = attention_probs(q[:, tap.take], k, sinks, q_pos[:, tap.take], q_pos, window=window,
-                                    sm_scale=cfg.sm_scale)  # fmt: skip
-                return a.reshape((a.shape[0], -1) + a.shape[3:])
-
-            tap.lazy("attention", probs)
-        if tap.heads is not None:
-            o = o * tap.heads.reshape(sinks.shape + (1,)).astype(o.dtype)
+    if hooks is not None:
+        o = hooks.site("heads", o)
     return x + einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt) + p["o_bias"], kv
 
 
@@ -162,67 +160,123 @@ def router_logits(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array
     return einsum("TD,DE->TE", x, weight, x.dtype) + bias.astype(x.dtype)
 
 
-def choose_experts(logits: jax.Array, k: int, select: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def choose_experts(logits: jax.Array, k: int, choice: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """logits (T,E) -> experts (T,X) int32, weights (T,X): the top k, then a softmax over their logits.
 
-    select (E,), an intervention, is added to the logits for the choice only: -inf never picks an expert,
-    +inf always does, 0 leaves it be; the weights remain the softmax of the chosen experts' own logits.
+    choice (T,E): other scores to pick the k by (a hook's "router" site: e.g. -inf never picks an expert,
+    +inf always does); the weights remain the softmax of the chosen experts' own logits.
     """
-    if select is None:
+    if choice is None or choice is logits:
         vals, idx = jax.lax.top_k(logits, k)
     else:
-        _, idx = jax.lax.top_k(logits + select.astype(logits.dtype), k)
+        _, idx = jax.lax.top_k(choice, k)
         vals = jnp.take_along_axis(logits, idx, axis=-1)
     return idx.astype(jnp.int32), jax.nn.softmax(vals.astype(F32), axis=-1).astype(logits.dtype)
 
 
-EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
-                 "mlp1_bias", "mlp2_bias")  # fmt: skip
-EXPERT_LEAVES += kernels.mxfp4_matmul.LORA_LEAVES  # training: optional per-expert LoRA adapters
-
-
-def moe_experts(x, idx, w, p: dict, cfg: Config):
-    """The selected experts of (T,D) tokens -> (T,D): one implementation (`kernels.moe_experts`: the XLA
-    path or the Pallas kernels), run per device with only its own experts under a mesh."""
-    p = {n: a for n, a in p.items() if n in EXPERT_LEAVES or n == "layer"}
-    impl = cfg.moe_impl if "mlp1_blocks" in p else "xla"  # the kernels read packed weights only
-    local = functools.partial(kernels.moe_experts, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl=impl)
-    if current_mesh() is not None:
-        return expert_parallel(local, x, idx, w, kernels.mxfp4_matmul.own_layer(p), cfg)
-    return local(x, idx, w, p)
-
-
-def moe_layer(x, p: dict, cfg: Config, tap: _Tap | None = None):
-    """One MoE block with its residual: x (B,T,D) -> x + experts(route(norm(x))). `tap` as in
-    `attention_layer`."""
+def moe_layer(x, p: dict, cfg: Config, hooks: LayerHooks | None = None):
+    """One MoE block with its residual: x (B,T,D) -> x + experts(route(norm(x))). `hooks`: this layer's sites
+    "router" and "experts" (`Hooks`), None on the plain path."""
     B, T, D = x.shape
     t = rms_norm(x, p["norm"], cfg.rms_norm_eps).reshape(B * T, D)
-    if tap is None:
+    if hooks is None:
         idx, w = route(t, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
     else:
         logits = router_logits(t, p["gate_weight"], p["gate_bias"])
-        idx, w = choose_experts(logits, cfg.experts_per_token, tap.experts)
-        if tap.wants("router"):
-            for name, a in (("router_logits", logits), ("experts", idx), ("expert_weights", w)):
-                tap.out[name] = a.reshape(B, T, -1)[:, tap.take]
+        idx, w = choose_experts(logits, cfg.experts_per_token, hooks.site("router", logits))
+        idx, w = hooks.site("experts", (idx, w))
     return x + moe_experts(t, idx, w, p, cfg).reshape(B, T, D)
 
 
+# ------------------------------------------------------------------------------------ the extension point
+class LayerHooks:
+    """One layer's hooks, what `Hooks.layer` returns. Each default changes nothing."""
+
+    def __init__(self, state=None):
+        self._state = state
+
+    def params(self, p: dict) -> dict:
+        """The layer's parameters {"attn": {leaf: array}, "mlp": {leaf: array}} ("norm" for each norm's
+        scale) -> the parameters the layer runs with (a transform: adapters merged, a sink replaced)."""
+        return p
+
+    def site(self, name: str, value):
+        """The value at site `name` (see `Hooks`) -> the value the layer goes on with."""
+        return value
+
+    def state(self):
+        """The state after this layer (what `Hooks.layer` was given, or an update of it)."""
+        return self._state
+
+
+class Hooks:
+    """The one extension point of the forward pass (`apply`, `forward`): the layer scan calls these methods
+    while it is traced, and the model knows nothing else of what they do. Inspection (`gptoss_jax.inspect`)
+    records and changes activations with them; LoRA (`gptoss_jax.lora`) merges adapters into each layer's
+    weights. Without hooks (None) nothing of them is traced. Each default changes nothing.
+
+    Before the scan:
+      scanned()  per unit position j of the layer pattern, a pytree of arrays with a leading axis over the
+                 repeats (R), or None: the scan hands layer (r, j) its slice at r (adapters, per-layer values)
+      init()     the state carried through the scan (a pytree, e.g. capture buffers; None for none)
+    In each layer (inside the scan body; under remat inside the layer's jax.checkpoint):
+      layer(j, r, xs, state) -> LayerHooks: this layer's hooks; j its unit position, r its repeat (traced;
+                 layer index r * len(cfg.layer_unit) + j), xs its slice of `scanned()[j]`. The layer calls
+                 `params` on its parameters first, then `site` at each site in this order, then `state`.
+    The state after the last layer is the forward pass's third output.
+
+    Sites (B batch, T tokens; "tokens flattened" = B*T rows, row b*T + t):
+      resid_pre     (B,T,D) the residual stream into the layer
+      attention     (q (B,T,K,G,H), k (B,T,K,H)): the chunk's queries and keys after RoPE
+      heads         (B,T,K,G,H) each query head's attention output, before the output projection
+      resid_mid     (B,T,D) after the attention block
+      router        (B*T,E) the router's logits, tokens flattened -> the scores the top-k choice is made by
+                    (the weights stay the softmax of the chosen experts' own logits)
+      experts       (experts (B*T,X) int32, weights (B*T,X)) as chosen, tokens flattened
+      resid_post    (B,T,D) after the MoE block: the layer's output
+    """
+
+    def scanned(self) -> list | None:
+        return None
+
+    def init(self):
+        return None
+
+    def layer(self, j: int, r, xs, state) -> LayerHooks:
+        return LayerHooks(state)
+
+
 # ---------------------------------------------------------------------------------------------- forward
-def _layer_params(group) -> dict:
-    """A block's parameters as {"attn": {leaf: array}, "mlp": {leaf: array}} ("norm" for the norm's scale)."""
-
-    def leaves(m):
-        d = {n: getattr(m, n)[...] for n in vars(m) if isinstance(getattr(m, n), nnx.Param)}
-        d["norm"] = m.norm.scale[...]
-        return d
-
-    return {"attn": leaves(group.attn), "mlp": leaves(group.mlp)}
+def model_params(model: Transformer) -> dict[str, jax.Array]:
+    """The model's parameters by name (`weights.param_layout` names: `blocks.0.attn.q_weight`, ...; adapters
+    attached by `adapters.apply_adapters` too): what `apply` takes."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, path)): v.get_value() for path, v in flat}
 
 
-def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe | None = None,
-            intervene: Intervene | None = None):  # fmt: skip
-    """tokens (B,T) int32, positions (B,T) int32 (negative = padding) -> (final-normed hidden (B,T,D), cache).
+def unit_params(tree: dict, j: int) -> dict:
+    """Unit position j's entries of a name -> array dict as {"attn": {leaf: a}, "mlp": {leaf: a}} ("norm" for
+    the norm's scale): the layout `attention_layer` / `moe_layer` read (stacked: leading repeats axis)."""
+    out: dict = {"attn": {}, "mlp": {}}
+    pre = f"blocks.{j}."
+    for name, arr in tree.items():
+        if name.startswith(pre):
+            group, leaf = name[len(pre) :].split(".", 1)
+            out[group]["norm" if leaf == "norm.scale" else leaf] = arr
+    return out
+
+
+def forward(model: Transformer, tokens, positions, cache=None, *, hooks: Hooks | None = None,
+            remat: bool = False):  # fmt: skip
+    """`apply` with the model's own parameters and config."""
+    return apply(model_params(model), model.cfg, tokens, positions, cache, hooks=hooks, remat=remat)
+
+
+def apply(params: dict, cfg: Config, tokens, positions, cache=None, *, hooks: Hooks | None = None,
+          remat: bool = False):  # fmt: skip
+    """The forward pass: params (name -> array, `model_params`), tokens (B,T) int32, positions (B,T) int32
+    (negative = padding) -> (final-normed hidden (B,T,D), cache), and with hooks (hidden, cache, the hooks'
+    state after the last layer).
 
     With a cache, positions must be each row's next positions (`KVCache.chunk_positions`); without one they
     must increase by one along each row (padding at either end), which lets sliding layers skip the keys
@@ -230,306 +284,77 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
     `begin(positions) -> (cache, step)`, `kv` (a (k, v) pair of stacked buffers per unit position) and
     `with_kv(kv)`, its step with `attend`.
 
-    probe (`Probe`): also return what it asks for, (hidden, cache, captures: name -> array with a leading
-    axis over the probed layers, in order). intervene (`Intervene`): change the pass as it says. Without
-    either, the pass is exactly the plain one (no hook is traced).
+    hooks: `Hooks`, the extension point. remat: each layer keeps only its inputs for the backward pass and
+    recomputes the rest (jax.checkpoint per layer: the activation memory of one layer plus a (B,T,D) array
+    per layer, instead of every intermediate of every layer).
     """
-    cfg = model.cfg
     dt = cfg.jax_dtype
-    x = constrain(model.embedding[...][tokens].astype(dt), ACT)
+    x = constrain(params["embedding"][tokens].astype(dt), ACT)
     cos, sin = rope_cos_sin(positions, cfg, dt)
     step = kv = None
     if cache is not None:
         cache, step = cache.begin(positions)
         kv = cache.kv
     unit = cfg.layer_unit
-    hooks = None
-    if probe is not None or intervene is not None:
-        hooks = _Hooks(model, probe, intervene, tokens.shape, cached=cache is not None)
+    layers = [unit_params(params, j) for j in range(len(unit))]
+    # expert weights are not scanned over: each layer reads its selected experts straight from the stack
+    # (`moe.expert_leaf`), which spares a copy of all the layer's experts every call
+    stacked = [{n: g["mlp"].pop(n) for n in STACKED_LEAVES if n in g["mlp"]} for g in layers]
+
+    def layer(j, x, lp, kv_j, r, hx, state):
+        if stacked[j]:
+            lp = lp | {"mlp": lp["mlp"] | stacked[j] | {"layer": r}}
+        lh = None if hooks is None else hooks.layer(j, r, hx, state)
+        if lh is not None:
+            lp = lh.params(lp)
+            x = lh.site("resid_pre", x)
+        window = cfg.sliding_window if unit[j] else 0
+        x, kv_j = attention_layer(x, lp["attn"], cos, sin, positions, window=window, cfg=cfg, kv=kv_j, step=step,
+                                  r=r, hooks=lh)  # fmt: skip
+        if lh is not None:
+            x = lh.site("resid_mid", x)
+        x = constrain(moe_layer(x, lp["mlp"], cfg, hooks=lh), ACT)  # block boundary
+        if lh is not None:
+            x = lh.site("resid_post", x)
+            state = lh.state()
+        return x, kv_j, state
+
+    fns = [functools.partial(layer, j) for j in range(len(unit))]
+    if remat:
+        fns = [jax.checkpoint(f) for f in fns]
 
     def body(carry, xs):
-        x, kv, bufs = carry
-        r, layers, hx = xs
-        layers = [g | {"mlp": g["mlp"] | s | {"layer": r}} if s else g
-                  for g, s in zip(layers, stacked, strict=True)]  # fmt: skip
+        x, kv, state = carry
+        r, lps, hxs = xs
         kv = list(kv) if kv is not None else None
         for j, sliding in enumerate(unit):
-            tap = None if hooks is None else _Tap(hooks, j, hx[j])
             with jax.named_scope(f"{'sliding' if sliding else 'full'}{j}"):
-                if tap is not None:
-                    x = tap.site("resid_pre", x)
-                x, kv_j = attention_layer(x, layers[j]["attn"], cos, sin, positions,
-                                          window=cfg.sliding_window if sliding else 0, cfg=cfg,
-                                          kv=None if kv is None else kv[j], step=step, r=r,
-                                          tap=tap)  # fmt: skip
-                if kv is not None:
-                    kv[j] = kv_j
-                if tap is not None:
-                    x = tap.site("resid_mid", x)
-                x = constrain(moe_layer(x, layers[j]["mlp"], cfg, tap=tap), ACT)  # block boundary
-                if tap is not None:
-                    x = tap.site("resid_post", x)
-                    bufs = hooks.record(bufs, tap)
-        return (x, None if kv is None else tuple(kv), bufs), None
+                x, kv_j, state = fns[j](x, lps[j], None if kv is None else kv[j], r, hxs[j], state)
+            if kv is not None:
+                kv[j] = kv_j
+        return (x, None if kv is None else tuple(kv), state), None
 
-    params = [_layer_params(g) for g in model.blocks]
-    # expert weights are not scanned over: each layer reads its selected experts straight from the stack
-    # (`kernels.mxfp4_matmul.expert_leaf`), which spares a copy of all the layer's experts every call
-    stacked = [{n: g["mlp"].pop(n) for n in kernels.mxfp4_matmul.STACKED_LEAVES if n in g["mlp"]}
-               for g in params]  # fmt: skip
-    xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), params, None if hooks is None else hooks.xs)
-    bufs = None if hooks is None else hooks.buffers()
-    (x, kv, bufs), _ = jax.lax.scan(body, (x, kv, bufs), xs)
+    hxs = (None if hooks is None else hooks.scanned()) or [None] * len(unit)
+    state = None if hooks is None else hooks.init()
+    xs = (jnp.arange(cfg.layer_repeats, dtype=jnp.int32), layers, hxs)
+    (x, kv, state), _ = jax.lax.scan(body, (x, kv, state), xs)
     if cache is not None:
         cache = cache.with_kv(kv)
-    h = rms_norm(x, model.norm.scale[...], cfg.rms_norm_eps)
-    if probe is None:
+    h = rms_norm(x, params["norm.scale"], cfg.rms_norm_eps)
+    if hooks is None:
         return h, cache
-    return h, cache, hooks.collect(bufs)
+    return h, cache, state
 
 
 def logits(model: Transformer, h):
     """(…,D) -> float32 (…,V); rounded to the compute dtype first, as the reference returns them."""
-    out = einsum("...D,VD->...V", h, model.unembedding[...], h.dtype).astype(F32)
+    return unembed(h, model.unembedding[...])
+
+
+def unembed(h, unembedding):
+    """`logits` with the unembedding (V,D) given: the one place the vocabulary projection is written."""
+    out = einsum("...D,VD->...V", h, unembedding, h.dtype).astype(F32)
     return constrain(out, ("batch",) + (None,) * (h.ndim - 2) + ("vocab",))
-
-
-# ------------------------------------------------------------------------------------------- inspection
-CAPTURES = {  # Probe flag -> the captures it records
-    "attention": ("attention",),
-    "router": ("router_logits", "experts", "expert_weights"),
-    "residual": ("resid_pre", "resid_mid", "resid_post"),
-    "logit_lens": ("logit_lens",),
-}
-SITES = CAPTURES["residual"]
-
-
-def _int_tuple(v, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(i) for i in (v if isinstance(v, tuple | list | range | np.ndarray) else [v]))
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be integers, got {v!r}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """What `forward` records in each layer: hashable, so jit takes it as a static argument. Each capture is
-    an array with a leading axis over the probed layers, for the Q tokens of `at`:
-
-    attention   float32 (L, B, N, Q, S+1): each query head's attention probabilities over the S keys, the
-                sink's share last (the XLA path's softmax, `attention_probs`; a pass without a cache)
-    router      router_logits float32 (L, B, Q, E); experts int32 (L, B, Q, X), as chosen; expert_weights
-                (L, B, Q, X)
-    residual    resid_pre, resid_mid, resid_post (L, B, Q, D): the stream before the attention block,
-                between the blocks and after the MoE block
-    logit_lens  float32 (L, B, Q, V): each layer's output through the final norm and the unembedding
-
-    layers: which layers (default all); at: which tokens, as indices along the sequence, negative from the
-    end (default all). Only these are computed and kept, in buffers of their size carried through the layer
-    scan, and an attention or logit-lens capture runs only in the layers asked for, so a long sequence never
-    holds every layer's T x S probabilities.
-    """
-
-    attention: bool = False
-    router: bool = False
-    residual: bool = False
-    logit_lens: bool = False
-    layers: tuple[int, ...] | None = None
-    at: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        for name in ("layers", "at"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, _int_tuple(getattr(self, name), f"Probe.{name}"))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for flag, names in CAPTURES.items() if getattr(self, flag) for n in names)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Intervene:
-    """Changes to the forward pass, every field optional (`inspect.intervention` builds one from a model).
-    A pytree: its arrays are jit arguments (new values do not recompile), the rest is static.
-
-    experts  (L, E) float32 added to the router logits for the choice only: 0 routes as usual, -inf never
-             picks the expert (ablation), +inf always picks it (forcing); the chosen experts' weights stay
-             the softmax of their own logits.
-    heads    (L, N) float32: each query head's attention output is multiplied by it (0 zeroes the head).
-    sinks    (L, N) float32: the sink logits used instead of the checkpoint's.
-    patch    (P, B, Q, D): written into the residual stream at `patch_site` (one of `SITES`) of each of the P
-             `patch_layers`, at the Q tokens `patch_at` (indices along the sequence; None: all) -- e.g.
-             another run's `Probe(residual=True)` capture (activation patching).
-    """
-
-    experts: jax.Array | None = None
-    heads: jax.Array | None = None
-    sinks: jax.Array | None = None
-    patch: jax.Array | None = None
-    patch_site: str = dataclasses.field(default="resid_post", metadata={"static": True})
-    patch_layers: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
-    patch_at: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"static": True})
-
-
-def _take(at, n: int, what: str) -> np.ndarray:
-    """Indices (negative from the end) into n tokens -> int array; ValueError naming `what` if one is out."""
-    if at is None:
-        return np.arange(n)
-    if not at:
-        raise ValueError(f"{what} must name at least one token (None: all)")
-    bad = [i for i in at if not -n <= i < n]
-    if bad:
-        raise ValueError(f"{what}: index {bad[0]} is out of range for {n} tokens")
-    return np.asarray([i % n for i in at], dtype=np.int64)
-
-
-def _layer_rows(layers, cfg: Config, what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Selected layers -> per unit position j: the row (among the selected layers of j) of each repeat's
-    layer (the count of them = not selected) and the layers in row order."""
-    L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
-    chosen = set(range(L)) if layers is None else set(layers)
-    if not chosen:
-        raise ValueError(f"{what} must name at least one layer (None: all)")
-    bad = sorted(i for i in chosen if not 0 <= i < L)
-    if bad:
-        raise ValueError(f"{what}: layer {bad[0]} is out of range: the model has {L} layers")
-    slots, order = [], []
-    for j in range(p):
-        mine = [r * p + j for r in range(R) if r * p + j in chosen]
-        slot = np.full(R, len(mine), np.int32)
-        slot[[i // p for i in mine]] = np.arange(len(mine), dtype=np.int32)
-        slots.append(slot)
-        order.append(np.asarray(mine, np.int64))
-    return slots, order
-
-
-class _Hooks:
-    """A forward pass's probe and intervention, checked against the model and the token shape (at trace
-    time): per unit position, the arrays the layer scan reads at each repeat (`xs`), and the capture
-    buffers it carries."""
-
-    def __init__(self, model: Transformer, probe: Probe | None, iv: Intervene | None, shape, *, cached: bool):
-        cfg = self.cfg = model.cfg
-        self.model = model
-        B, T = self.shape = tuple(shape)
-        L, p, R = cfg.num_hidden_layers, len(cfg.layer_unit), cfg.layer_repeats
-        self.probe = probe if probe is not None and probe.names else None
-        if self.probe is not None and probe.attention and cached:
-            raise ValueError("Probe(attention=True) needs a forward pass without a cache (model(tokens) or "
-                             "inspect.run); the other captures work with one")  # fmt: skip
-        self.take = _take(None if probe is None else probe.at, T, "Probe.at")
-        self.slots, self.order = _layer_rows(None if probe is None else probe.layers, cfg, "Probe.layers")
-        self.xs = [{} for _ in range(p)]
-        if self.probe is not None:
-            for j in range(p):
-                if len(self.order[j]):
-                    self.xs[j]["slot"] = jnp.asarray(self.slots[j])
-        iv = iv or Intervene()
-        N, E = cfg.num_attention_heads, cfg.num_experts
-        for name, width in (("experts", E), ("heads", N), ("sinks", N)):
-            a = getattr(iv, name)
-            if a is None:
-                continue
-            if tuple(a.shape) != (L, width):
-                what = "experts" if name == "experts" else "heads"
-                raise ValueError(f"Intervene.{name} must have shape ({L}, {width}) (layers, {what}), got "
-                                 f"{tuple(a.shape)}")  # fmt: skip
-            a = jnp.asarray(a, F32).reshape(R, p, width)
-            for j in range(p):
-                self.xs[j][name] = a[:, j]
-        self.patch = None
-        if iv.patch is not None:
-            if iv.patch_site not in SITES:
-                raise ValueError(f"Intervene.patch_site must be one of {', '.join(SITES)}, got "
-                                 f"{iv.patch_site!r}")  # fmt: skip
-            self.patch_at = _take(iv.patch_at, T, "Intervene.patch_at")
-            want = (len(iv.patch_layers), B, len(self.patch_at), cfg.hidden_size)
-            if tuple(iv.patch.shape) != want:
-                raise ValueError(f"Intervene.patch must have shape {want} (patch_layers, batch, patch_at "
-                                 f"tokens, hidden), got {tuple(iv.patch.shape)}")  # fmt: skip
-            if len(set(iv.patch_layers)) != len(iv.patch_layers):
-                raise ValueError(f"Intervene.patch_layers must not repeat a layer, got {iv.patch_layers}")
-            pslots, porder = _layer_rows(iv.patch_layers, cfg, "Intervene.patch_layers")
-            row = {layer: i for i, layer in enumerate(iv.patch_layers)}
-            values = jnp.asarray(iv.patch).astype(cfg.jax_dtype)
-            self.patch, self.patch_site = [], iv.patch_site
-            for j in range(p):
-                self.patch.append(values[np.asarray([row[int(i)] for i in porder[j]], np.int64)])
-                if len(porder[j]):
-                    self.xs[j]["pslot"] = jnp.asarray(pslots[j])
-
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], object]]:
-        cfg, (B, T), Q = self.cfg, self.shape, len(self.take)
-        E, X, N, D = cfg.num_experts, cfg.experts_per_token, cfg.num_attention_heads, cfg.hidden_size
-        out = {"attention": ((B, N, Q, T + 1), F32), "router_logits": ((B, Q, E), F32),
-               "experts": ((B, Q, X), jnp.int32), "expert_weights": ((B, Q, X), F32),
-               "logit_lens": ((B, Q, cfg.vocab_size), F32)}  # fmt: skip
-        out.update({s: ((B, Q, D), cfg.jax_dtype) for s in SITES})
-        return {n: out[n] for n in self.probe.names}
-
-    def buffers(self):
-        """The capture buffers the layer scan carries: name -> per unit position (its probed layers, ...)."""
-        if self.probe is None:
-            return None
-        return {n: tuple(jnp.zeros((len(o),) + shape, dt) if len(o) else None for o in self.order)
-                for n, (shape, dt) in self.shapes().items()}  # fmt: skip
-
-    def record(self, bufs, tap: _Tap):
-        """Writes a layer's captures into its row of the buffers (a repeat not probed writes nothing)."""
-        if tap.slot is None:
-            return bufs
-        return {n: tuple(b.at[tap.slot].set(tap.out[n].astype(b.dtype), mode="drop") if j == tap.j else b
-                         for j, b in enumerate(bs)) for n, bs in bufs.items()}  # fmt: skip
-
-    def collect(self, bufs) -> dict[str, jax.Array]:
-        """Buffers per unit position -> name: (probed layers in order, ...)."""
-        if self.probe is None:
-            return {}
-        layers = np.concatenate(self.order)
-        perm = np.argsort(layers, kind="stable")
-        return {n: jnp.concatenate([b for b in bs if b is not None])[perm] for n, bs in bufs.items()}
-
-
-class _Tap:
-    """One layer's hooks while `forward` is traced: its intervention values and the captures it records
-    (`out`). `slot` is the layer's row in the capture buffers (traced: the repeat is a scan index)."""
-
-    def __init__(self, hooks: _Hooks, j: int, hx: dict):
-        self.hooks, self.j, self.take = hooks, j, hooks.take
-        self.slot = hx.get("slot")
-        self.pslot = hx.get("pslot")
-        self.experts, self.heads, self.sinks = hx.get("experts"), hx.get("heads"), hx.get("sinks")
-        self.out: dict[str, jax.Array] = {}
-
-    def wants(self, flag: str) -> bool:
-        return self.slot is not None and getattr(self.hooks.probe, flag)
-
-    def lazy(self, name: str, fn) -> None:
-        """Captures fn() (an expensive capture) only in the layers asked for: under `lax.cond`, unless every
-        repeat of this unit position is probed."""
-        n = len(self.hooks.order[self.j])
-        if n == self.hooks.cfg.layer_repeats:
-            self.out[name] = fn()
-            return
-        shape = jax.eval_shape(fn)
-        self.out[name] = jax.lax.cond(self.slot < n, fn, lambda: jnp.zeros(shape.shape, shape.dtype))
-
-    def site(self, name: str, x):
-        """The residual stream x (B,T,D) at site `name`: patched if the intervention says so, captured if the
-        probe asks; after the layer (resid_post), also its logit lens."""
-        h = self.hooks
-        if self.pslot is not None and name == h.patch_site:
-            values, at = h.patch[self.j], h.patch_at
-            v = jnp.take(values, jnp.minimum(self.pslot, len(values) - 1), axis=0)
-            x = x.at[:, at].set(jnp.where(self.pslot < len(values), v, x[:, at]))
-        if self.wants("residual"):
-            self.out[name] = x[:, self.take]
-        if name == "resid_post" and self.wants("logit_lens"):
-            m = h.model
-            lens = lambda: logits(m, rms_norm(x[:, self.take], m.norm.scale[...], m.cfg.rms_norm_eps))  # noqa: E731
-            self.lazy("logit_lens", lens)
-        return x
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -650,4 +475,4 @@ def layer_params(model: Transformer, i: int) -> dict:
     p = len(model.cfg.layer_unit)
     if not 0 <= i < model.cfg.num_hidden_layers:
         raise ValueError(f"layer {i} out of range: the model has {model.cfg.num_hidden_layers} layers")
-    return jax.tree.map(lambda a: a[i // p], _layer_params(model.blocks[i % p]))
+    return jax.tree.map(lambda a: a[i // p], unit_params(model_params(model), i % p))

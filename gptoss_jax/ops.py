@@ -1,7 +1,7 @@
-"""Small pure-jnp pieces of math shared by the XLA path (`model.py`) and the Pallas kernels (`kernels/`).
+"""Small pure-jnp pieces of math shared by the XLA path (`model.py`, `moe.py`) and the Pallas kernels.
 
-One copy each: the precision rule, the matmul that accumulates in float32 and rounds once, the clamped
-SwiGLU, and the grouping of (token, expert) pairs by expert.
+One copy each: the precision rule, the matmul that accumulates in float32 and rounds once, the bias add
+rounded once, the clamped SwiGLU, and the grouping of (token, expert) pairs by expert.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ def precision(dtype):
 def einsum(spec: str, a, b, dtype):
     """einsum with float32 accumulation, rounded once to `dtype` (what cuBLAS does in the reference)."""
     return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision(dtype)).astype(dtype)
+
+
+def round_add(h: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """A separate bias add in `dtype`: computed in f32 and rounded once (as torch's bf16 add does)."""
+    return (h.astype(F32) + b.astype(F32)).astype(dtype)
 
 
 def swiglu(gate: jax.Array, lin: jax.Array, alpha: float, limit: float) -> jax.Array:

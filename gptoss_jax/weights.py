@@ -16,7 +16,10 @@ Two namings of the same weights:
 
 Sizes are named by the axis letters of `model.py` (D hidden, K kv heads, G q per kv, H head dim, E experts,
 F expert width, V vocab); `2F` is mlp1's interleaved gate/linear rows, `D/32`, `F/32` MXFP4 groups per row,
-16 the bytes of one packed group.
+16 the bytes of one packed group; `NH`, `KH` a projection's query or key heads times the head dim, flattened.
+
+The LoRA adapters (`gptoss_jax.lora`) are declared here too, with their rank `r` (`adapter=True`): they are
+not weights of the released model (no parameter, no storage name), but their axes shard them like the rest.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ class Weight:
     path: str  # "embedding", or inside a layer "attn.q_weight"
     dims: tuple[str | int, ...]  # sizes by name (see `sizes`)
     dtype: str  # MODEL, "float32" or "uint8"
-    axes: tuple[str, ...]  # logical axes, one per dim (sharding.RULES maps them onto a mesh)
+    axes: tuple[str | None, ...]  # logical axes, one per dim (sharding.RULES maps them; None: not split)
     init: tuple  # ("normal", mean, std) or ("uniform_int", low, high)
     layered: bool = True
     experts: str | None = None  # "mxfp4" / "dequantized": present only in that expert format
+    adapter: bool = False  # a LoRA adapter (`gptoss_jax.lora`), not a weight of the model
 
     @property
     def leaf(self) -> str:
@@ -88,25 +92,50 @@ TABLE: tuple[Weight, ...] = (
     _w("mlp.mlp2_bias", ("E", "D"), ("expert", "embed")),
 )
 
+# LoRA adapters, one (A, B) pair per layer for each target (`lora.TARGETS`), per expert for the experts, in
+# Hugging Face's orientation (A: r x in, B: out x r; `adapters.py` maps them onto PEFT's files). float32;
+# initialised by PEFT's rule (`lora.init_adapters`), not by `init`. The dense ones are small: replicated.
+# The expert ones split with their experts: over `expert`, and along F where the experts' width is split.
+_LORA = {"dtype": "float32", "init": ("normal", 0.0, 0.0), "adapter": True}
+TABLE += (
+    _w("attn.q_lora_a", ("r", "D"), (None, None), **_LORA),
+    _w("attn.q_lora_b", ("NH", "r"), (None, None), **_LORA),
+    _w("attn.k_lora_a", ("r", "D"), (None, None), **_LORA),
+    _w("attn.k_lora_b", ("KH", "r"), (None, None), **_LORA),
+    _w("attn.v_lora_a", ("r", "D"), (None, None), **_LORA),
+    _w("attn.v_lora_b", ("KH", "r"), (None, None), **_LORA),
+    _w("attn.o_lora_a", ("r", "NH"), (None, None), **_LORA),
+    _w("attn.o_lora_b", ("D", "r"), (None, None), **_LORA),
+    _w("mlp.router_lora_a", ("r", "D"), (None, None), **_LORA),
+    _w("mlp.router_lora_b", ("E", "r"), (None, None), **_LORA),
+    _w("mlp.mlp1_lora_a", ("E", "r", "D"), ("expert", None, "embed"), **_LORA),
+    _w("mlp.mlp1_lora_b", ("E", "2F", "r"), ("expert", "expert_ffw", None), **_LORA),
+    _w("mlp.mlp2_lora_a", ("E", "r", "F"), ("expert", None, "expert_ffw"), **_LORA),
+    _w("mlp.mlp2_lora_b", ("E", "D", "r"), ("expert", "embed", None), **_LORA),
+)
+
 # Logical axes by the last part of a name: they do not depend on the config (used for per-layer slices too).
-LEAF_AXES: dict[str, tuple[str, ...]] = {w.leaf: w.axes for w in TABLE}
+LEAF_AXES: dict[str, tuple[str | None, ...]] = {w.leaf: w.axes for w in TABLE}
 LAYER_AXIS = "layers"  # the leading axis of stacked parameters
 
 
-def sizes(cfg: Config) -> dict[str, int]:
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    return {"V": cfg.vocab_size, "D": D, "K": cfg.num_key_value_heads, "G": cfg.q_per_kv, "H": cfg.head_dim,
-            "E": cfg.num_experts, "F": F, "2F": 2 * F, "D/32": D // BLOCK, "F/32": F // BLOCK}  # fmt: skip
+def sizes(cfg: Config, rank: int | None = None) -> dict[str, int]:
+    """Size names -> sizes; `r` (adapters only) is the LoRA rank, when given."""
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    out = {"V": cfg.vocab_size, "D": D, "K": cfg.num_key_value_heads, "G": cfg.q_per_kv, "H": H,
+           "E": cfg.num_experts, "F": F, "2F": 2 * F, "D/32": D // BLOCK, "F/32": F // BLOCK,
+           "NH": cfg.num_attention_heads * H, "KH": cfg.num_key_value_heads * H}  # fmt: skip
+    return out if rank is None else out | {"r": rank}
 
 
 def weights(cfg: Config) -> Iterator[Weight]:
-    """The rows of `TABLE` present in this config's expert format."""
-    return (w for w in TABLE if w.experts in (None, cfg.expert_format))
+    """The model's rows of `TABLE` in this config's expert format (no adapters)."""
+    return (w for w in TABLE if w.experts in (None, cfg.expert_format) and not w.adapter)
 
 
-def shape_of(w: Weight, cfg: Config) -> tuple[int, ...]:
-    """One layer's shape (or the whole shape of a top-level weight)."""
-    s = sizes(cfg)
+def shape_of(w: Weight, cfg: Config, rank: int | None = None) -> tuple[int, ...]:
+    """One layer's shape (or the whole shape of a top-level weight); an adapter's needs its `rank`."""
+    s = sizes(cfg, rank)
     return tuple(d if isinstance(d, int) else s[d] for d in w.dims)
 
 

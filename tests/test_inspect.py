@@ -25,7 +25,9 @@ import gptoss_jax
 from gptoss_jax import inspect as gi
 from gptoss_jax.cache import KVCache
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
-from gptoss_jax.model import forward, layer_params, moe_experts, rms_norm
+from gptoss_jax.inspect import forward
+from gptoss_jax.model import layer_params, rms_norm
+from gptoss_jax.moe import moe_experts
 
 TOL = 1e-5
 SEQ = 40  # five windows of 8

@@ -32,16 +32,15 @@ from hf_reference import (
 
 from gptoss_jax.config import Config
 from gptoss_jax.kernels.attention import attention_reference, attention_xla
-from gptoss_jax.kernels.mxfp4_matmul import _tile_rows, moe_experts_gather, moe_experts_grouped
 from gptoss_jax.model import (
     attention_layer,
     layer_params,
-    moe_experts,
     moe_layer,
     rope_cos_sin,
     rope_inv_freq,
     route,
 )
+from gptoss_jax.moe import _tile_rows, moe_experts, moe_experts_gather, moe_experts_grouped
 from gptoss_jax.ops import swiglu
 
 F32_TOL = 1e-5  # per function / per layer in float32 (measured ~1e-7)

@@ -170,7 +170,7 @@ def test_activation_constraints_and_cache_layout():
 def test_expert_parallel_is_local(ckpt8):
     """Inside the shard_map each device sees only its E/e experts (and its slice of their width); the
     partial outputs are combined by one psum over (expert, model)."""
-    from gptoss_jax.model import EXPERT_LEAVES, moe_experts
+    from gptoss_jax.moe import EXPERT_LEAVES, moe_experts
 
     mesh = sharding.make_mesh("data=1,expert=4,model=2")
     m = gptoss_jax.load(ckpt8, dtype="float32", mesh=mesh, quiet=True)

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..model import forward, logits
-from ..sampling import token_logprobs
 from ..engine import RequestOptions
+from ..logprobs import chunked_log_probs
+from ..model import forward
 from ..sharding import with_model_mesh
 from .protocol import APIError
 
@@ -132,18 +132,15 @@ def prompt_logprobs(model, tokens: list[int], top: int):
     toks = np.zeros((1, P), np.int32)
     toks[0, :T] = tokens
     pos = np.where(np.arange(P) < T, np.arange(P), -1).astype(np.int32)[None]
-    nxt = np.zeros(P, np.int32)
-    nxt[: T - 1] = tokens[1:]
+    nxt = np.zeros((1, P), np.int32)
+    nxt[0, : T - 1] = tokens[1:]
     graphdef, state = nnx.split(model)
     out = _score(graphdef, state, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(nxt), top)
-    return tuple(np.asarray(x).reshape(P, *x.shape[2:])[: T - 1] for x in out)  # (chunks, CHUNK, ...) -> rows
+    return tuple(np.asarray(x)[0, : T - 1] for x in out)
 
 
 @partial(jax.jit, static_argnums=(0, 5))
 def _score(graphdef, state, tokens, positions, nxt, top):
     m = nnx.merge(graphdef, state)
     h, _ = forward(m, tokens, positions)
-    h = h[0].reshape(-1, SCORE_CHUNK, h.shape[-1])
-    return jax.lax.map(
-        lambda xs: token_logprobs(logits(m, xs[0]), xs[1], top), (h, nxt.reshape(-1, SCORE_CHUNK))
-    )
+    return chunked_log_probs(h, m.unembedding[...], nxt, chunk=SCORE_CHUNK, top=top)

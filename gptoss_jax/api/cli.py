@@ -104,7 +104,7 @@ def _check(args) -> None:
     if not Path(args.path).exists():
         raise FileNotFoundError(2, "No such file or directory", args.path)
     if args.adapters is not None:  # its config is read before minutes of loading the base
-        from ..training.peft import read_adapter_config
+        from ..adapters import read_adapter_config
 
         read_adapter_config(Path(args.adapters).expanduser())
     args.resolved_prompt = prompt_settings(args)
@@ -171,7 +171,7 @@ def run_serve(args) -> int:
     model = load(args.path, dtype=dtype, mesh=mesh, quiet=True, attention_impl=args.attention_impl,
                  moe_impl=args.moe_impl, expert_format=args.expert_format)  # fmt: skip
     if args.adapters is not None:
-        from ..training.peft import apply_adapters
+        from ..adapters import apply_adapters
 
         apply_adapters(model, Path(args.adapters).expanduser())
     engine = make_engine(args, model)

@@ -37,7 +37,8 @@ class Rule:
     kind: str = "float"  # "float" (cast to the model dtype), "f32" (kept float32), "uint8" (packed MXFP4)
 
 
-def _ident(a):
+def identity(a):
+    """The transform of a tensor stored in our layout already."""
     return a
 
 
@@ -47,7 +48,7 @@ def _layer_rules(cfg: Config, i: int, layout: str, expert_format: str, stored: s
     a, m = f"layers.{i}.attn", f"layers.{i}.mlp"
     R = []
 
-    def add(target, src, shape, transform=_ident, kind="float", dtypes=FLOAT_DTYPES):
+    def add(target, src, shape, transform=identity, kind="float", dtypes=FLOAT_DTYPES):
         R.append(Rule(target, (src,), (shape,), (dtypes,), transform, kind))
 
     q_t = lambda w: w.reshape(K, G, H, D).transpose(3, 0, 1, 2)  # noqa: E731  (N*H, D) -> (D,K,G,H)
@@ -161,7 +162,7 @@ def rules(cfg: Config, layout: str, expert_format: str | None = None, stored: st
         top = [("embedding", "embedding.weight", (V, D), "float"),
                ("unembedding", "unembedding.weight", (V, D), "float"),
                ("norm.scale", "norm.scale", (D,), "f32")]  # fmt: skip
-    R = [Rule(t, (s,), (shape,), (FLOAT_DTYPES,), _ident, kind) for t, s, shape, kind in top]
+    R = [Rule(t, (s,), (shape,), (FLOAT_DTYPES,), identity, kind) for t, s, shape, kind in top]
     for i in range(cfg.num_hidden_layers):
         R += _layer_rules(cfg, i, layout, expert_format, stored)
     return R

@@ -4,9 +4,10 @@
 - `mxfp4_matmul.py`: MoE experts as grouped matmuls over packed MXFP4 weights (decode and prefill tiles).
 - `_common.py`: `resolve_impl` ("auto" -> the kernels only on validated backends), platform choice, padding.
 
-`attention` and `moe_experts` are the dispatchers the model calls (impl "xla" | "pallas" | "auto"); on CPU
-"pallas" runs the kernels in interpret mode. Note `kernels.attention` is the dispatcher function; import
-the module's other names with `from gptoss_jax.kernels.attention import ...`.
+`attention` is the dispatcher the model calls for attention (impl "xla" | "pallas" | "auto"): the kernels or
+the XLA path beside them. The experts' dispatcher is `gptoss_jax.moe.local_experts`, beside the XLA expert
+path it falls back to. On CPU "pallas" runs the kernels in interpret mode. Note `kernels.attention` is the
+dispatcher function; import the module's other names with `from gptoss_jax.kernels.attention import ...`.
 """
 
 from ._common import VALIDATED_PLATFORMS, KernelNotApplicable, resolve_impl
@@ -19,7 +20,7 @@ from .attention import (
     flash_attention,
 )
 from .mxfp4_matmul import BlockSizes as MoEBlockSizes
-from .mxfp4_matmul import moe_experts, moe_experts_pallas, moe_experts_reference
+from .mxfp4_matmul import moe_experts_pallas, moe_experts_reference
 
 __all__ = [
     "VALIDATED_PLATFORMS",
@@ -31,7 +32,6 @@ __all__ = [
     "attention_xla",
     "decode_attention",
     "flash_attention",
-    "moe_experts",
     "moe_experts_pallas",
     "moe_experts_reference",
     "resolve_impl",

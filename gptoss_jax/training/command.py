@@ -89,8 +89,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args, *, dtype: str, mesh) -> int:
     """`mesh` is built from --mesh by the caller, after `sharding.maybe_initialize_distributed()`."""
     from ..harmony import date_setting
+    from ..lora import LoraConfig
     from .loop import TrainConfig, finetune
-    from .lora import LoraConfig
 
     try:
         date_setting(args.date)
@@ -176,7 +176,7 @@ def run_train_plan(args) -> int:
     from pathlib import Path
 
     from ..hub import config_for
-    from .lora import LoraConfig
+    from ..lora import LoraConfig
     from .memory import format_training_plan, plan_training
 
     try:

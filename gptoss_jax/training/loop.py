@@ -36,14 +36,16 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ..adapters import save_adapters
 from ..config import Config
 from ..harmony import PromptSettings, resolve_date, write_prompt_settings
 from ..loading import load
+from ..lora import LoraConfig, adapter_shardings, init_adapters, trainable_specs
+from ..model import model_params
 from ..ops import F32
-from ..sharding import as_model_mesh, mesh_of
+from ..sharding import as_model_mesh, current_mesh, mesh_of
 from .data import Loader, Rows, pack, read_jsonl
-from .lora import LoraConfig, adapter_shardings, init_adapters, keep_shardings, loss_sums, model_params
-from .peft import save_adapters
+from .loss import loss_sums
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -155,6 +157,21 @@ def make_step(cfg: Config, lcfg: LoraConfig | None, tcfg: TrainConfig, optimizer
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def keep_shardings(tree, names_like: dict, cfg: Config):
+    """Inside jit under a mesh: every dict of `tree` keyed like `names_like` (the adapters, Adam's moments)
+    constrained to `trainable_specs`, so the step returns them as it got them (and does not compile again)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return tree
+    specs = trainable_specs(cfg, {n: a.shape for n, a in names_like.items()}, mesh.shape)
+
+    def fix(d):
+        return {n: jax.lax.with_sharding_constraint(a, specs[n]) for n, a in d.items()}
+
+    same = lambda x: isinstance(x, dict) and set(x) == set(specs)  # noqa: E731
+    return jax.tree.map(lambda x: fix(x) if same(x) else x, tree, is_leaf=same)
 
 
 def init_state(optimizer, trainable: dict, cfg: Config):

@@ -23,9 +23,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import Config
+from ..lora import LoraConfig, adapter_layout, trainable_specs
 from ..memory import GiB, plan
 from ..sharding import MESH_AXES, check_mesh_shape, parse_mesh, shard_shape
-from .lora import LOSS_CHUNK_LOGITS, LoraConfig, adapter_layout, trainable_specs
+from .loss import LOSS_CHUNK_LOGITS
 
 F32_BYTES = 4
 

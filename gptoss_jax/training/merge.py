@@ -3,7 +3,7 @@
 OUT is a Hugging Face layout folder in the released gpt-oss naming (`config.json`, `generation_config.json`
 when the base has one, `model.safetensors` or shards with `model.safetensors.index.json`), read by our loader
 and by transformers' `GptOssForCausalLM`. The base is loaded in float32 by `loading.load` (any layout, or a
-converted checkpoint) and `peft.apply_adapters` merges the dense targets (q, k, v, o, router) into it; each
+converted checkpoint) and `adapters.apply_adapters` merges the dense targets (q, k, v, o, router) into it; each
 expert gets W_e + scale * B_e A_e in float32 here. The experts are then written either
 - re-quantized to MXFP4 ("mxfp4", the released `*_blocks` / `*_scales`; the default): the relative RMS error
   of each re-quantized tensor against its float32 merged value is reported (`merge_report.json`); or
@@ -28,12 +28,12 @@ import ml_dtypes
 import numpy as np
 
 from .. import mxfp4, weights
+from ..adapters import apply_adapters, load_adapters
 from ..checkpoint import keys
 from ..checkpoint.safetensors import save_file
 from ..hub import read_config, resolve_checkpoint
 from ..loading import load
-from .lora import model_params
-from .peft import apply_adapters, load_adapters
+from ..model import model_params
 
 EXPERTS = ("mxfp4", "dequantized")
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -75,7 +75,7 @@ def relative_rms_error(q: np.ndarray, w: np.ndarray) -> float:
 
 def _inverse(rule: keys.Rule, arr: np.ndarray, cache: dict) -> np.ndarray:
     """Our layout -> the released tensor: the rule's transform (a reshape/transpose) inverted on indices."""
-    if rule.transform is keys._ident:
+    if rule.transform is keys.identity:
         return arr
     key = (rule.target.split(".", 2)[-1], rule.shapes[0])
     if key not in cache:

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from hf_reference import rel_err
 
-from gptoss_jax.kernels import moe_experts
 from gptoss_jax.kernels.mxfp4_matmul import (
     BlockSizes,
     moe_experts_pallas,
     moe_experts_reference,
     route,
 )
+from gptoss_jax.moe import local_experts, moe_experts_xla
 from gptoss_jax.mxfp4 import FP4_LUT, e8m0_to_f32, fp4_to_f32
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -146,9 +146,21 @@ def test_route_groups_pairs_by_expert_in_whole_tiles():
             assert np.asarray(rt.row_token)[rows[t, j]] == t
 
 
-def test_dispatcher_auto_is_the_reference_on_cpu():
+def test_dispatcher_auto_is_the_xla_path_on_cpu():
     T, D, F, E, X = 3, 64, 96, 5, 3
     x, idx, w, p = moe_inputs(T, D, F, E, X, F32, seed=3)
     kw = dict(alpha=ALPHA, limit=LIMIT)
-    want = jit(moe_experts_reference, **kw)(x, idx, w, p)
-    np.testing.assert_array_equal(jit(moe_experts, impl="auto", **kw)(x, idx, w, p), want)
+    want = jit(moe_experts_xla, **kw)(x, idx, w, p)
+    np.testing.assert_array_equal(jit(local_experts, impl="auto", **kw)(x, idx, w, p), want)
+
+
+@pytest.mark.parametrize("T", [1, 13], ids=["gather", "grouped"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_reference_matches_the_models_xla_path(T, dtype):
+    """The oracle and the model's XLA expert path (`gptoss_jax.moe`: the gather path for fewer pairs than
+    experts, else the grouped path) compute the same math; they differ only in summation order (the combine)."""
+    D, F, E, X = 64, 96, 5, 3
+    x, idx, w, p = moe_inputs(T, D, F, E, X, dtype, seed=7)
+    kw = dict(alpha=ALPHA, limit=LIMIT)
+    got = jit(moe_experts_xla, **kw)(x, idx, w, p)
+    assert rel_err(got, jit(moe_experts_reference, **kw)(x, idx, w, p)) < TOL[dtype]

@@ -1,6 +1,6 @@
 """The expert computation's gradients: the grouped path's custom VJP against autodiff of the gather path.
 
-Both paths compute the same math (`kernels/mxfp4_matmul.py`); the gather path is plain jnp over a fixed-length
+Both paths compute the same math (`gptoss_jax/moe.py`); the gather path is plain jnp over a fixed-length
 map, which JAX differentiates by itself, so its gradients are an independent reference for the custom VJP of
 the grouped path (sorted rows, per-expert tiles, one expert dequantized at a time). Every input that can
 carry a gradient is checked: the tokens, the routing weights, the biases, the dense weights (full
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from hf_reference import rel_err
 
-from gptoss_jax.kernels.mxfp4_matmul import (
+from gptoss_jax.moe import (
     LORA_LEAVES,
     STACKED_LEAVES,
-    moe_experts,
+    local_experts,
     moe_experts_gather,
     moe_experts_grouped,
-    moe_experts_reference,
+    moe_experts_xla,
     own_layer,
 )
 from gptoss_jax.mxfp4 import dequantize
@@ -127,11 +127,11 @@ def test_zero_adapters_change_nothing_and_the_kernels_defer_to_the_xla_path():
     x, idx, w, p = inputs(jnp.float32, False)
     base = {n: a for n, a in p.items() if n not in LORA_LEAVES}
     zero = base | {n: jnp.zeros_like(p[n]) if n.endswith("_b") else p[n] for n in LORA_LEAVES}
-    want = moe_experts_reference(x, idx, w, base, **KW)
-    assert np.array_equal(moe_experts_reference(x, idx, w, zero, **KW), want)
+    want = moe_experts_xla(x, idx, w, base, **KW)
+    assert np.array_equal(moe_experts_xla(x, idx, w, zero, **KW), want)
     assert np.array_equal(
         moe_experts_gather(x, idx, w, zero, **KW), moe_experts_gather(x, idx, w, base, **KW)
     )
     # the Pallas kernels have no low-rank term: with adapters the dispatcher runs the XLA path
-    got = moe_experts(x, idx, w, p, impl="pallas", interpret=True, **KW)
-    assert np.array_equal(got, moe_experts_reference(x, idx, w, p, **KW))
+    got = local_experts(x, idx, w, p, impl="pallas", interpret=True, **KW)
+    assert np.array_equal(got, moe_experts_xla(x, idx, w, p, **KW))

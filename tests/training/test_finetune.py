@@ -28,6 +28,7 @@ from conftest import assert_one_line
 
 import gptoss_jax
 from gptoss_jax import cli
+from gptoss_jax.adapters import apply_adapters
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile, save_file
 from gptoss_jax.checkpoint.synthetic import write_checkpoint
 from gptoss_jax.config import Config
@@ -37,9 +38,8 @@ from gptoss_jax.harmony import (
     read_prompt_settings,
     render_chat_prompt,
 )
+from gptoss_jax.lora import LoraConfig
 from gptoss_jax.training.loop import TrainConfig, TrainError, finetune
-from gptoss_jax.training.lora import LoraConfig
-from gptoss_jax.training.peft import apply_adapters
 
 CITIES = {"Paris": 18, "Tokyo": 24, "Lima": 15, "Oslo": 3}
 TOOLS = [

@@ -25,16 +25,7 @@ from hf_reference import our_model, rel_err
 
 import gptoss_jax
 from gptoss_jax import weights
-from gptoss_jax.checkpoint import keys
-from gptoss_jax.training.lora import (
-    EXPERT_TARGETS,
-    LoraConfig,
-    init_adapters,
-    loss_sums,
-    model_params,
-    target_of,
-)
-from gptoss_jax.training.peft import (
+from gptoss_jax.adapters import (
     CONFIG_FILE,
     LoraError,
     _to_peft,
@@ -43,6 +34,10 @@ from gptoss_jax.training.peft import (
     peft_names,
     save_adapters,
 )
+from gptoss_jax.checkpoint import keys
+from gptoss_jax.lora import EXPERT_TARGETS, LoraConfig, init_adapters, target_of
+from gptoss_jax.model import model_params
+from gptoss_jax.training.loss import loss_sums
 
 TOL = 1e-4
 B, T = 2, 20

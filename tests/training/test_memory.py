@@ -11,9 +11,9 @@ from conftest import make_tiny_cfg
 
 from gptoss_jax import cli
 from gptoss_jax.config import Config
+from gptoss_jax.lora import LoraConfig, adapter_layout, adapter_shardings, init_adapters
 from gptoss_jax.memory import GiB
 from gptoss_jax.sharding import make_mesh
-from gptoss_jax.training.lora import LoraConfig, adapter_layout, adapter_shardings, init_adapters
 from gptoss_jax.training.memory import plan_training
 
 CFG8 = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)

@@ -20,12 +20,12 @@ from hf_reference import hf_logits, hf_model, rel_err
 
 import gptoss_jax
 from gptoss_jax import mxfp4
+from gptoss_jax.adapters import WEIGHTS_FILE, apply_adapters, save_adapters
 from gptoss_jax.checkpoint.safetensors import SafetensorsFile
 from gptoss_jax.checkpoint.source import open_source
 from gptoss_jax.checkpoint.synthetic import _random_mxfp4
-from gptoss_jax.training.lora import LoraConfig, init_adapters
+from gptoss_jax.lora import LoraConfig, init_adapters
 from gptoss_jax.training.merge import REPORT, merge
-from gptoss_jax.training.peft import WEIGHTS_FILE, apply_adapters, save_adapters
 
 LCFG = LoraConfig(rank=4, alpha=8, targets="all")
 TOKENS = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)

@@ -22,10 +22,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gptoss_jax
+from gptoss_jax.adapters import apply_adapters, save_adapters
+from gptoss_jax.lora import LoraConfig, adapter_shardings, init_adapters
+from gptoss_jax.model import model_params
 from gptoss_jax.sharding import mesh_of
 from gptoss_jax.training.loop import TrainConfig, _mesh_ctx, init_state, make_optimizer, make_step
-from gptoss_jax.training.lora import LoraConfig, adapter_shardings, init_adapters, model_params
-from gptoss_jax.training.peft import apply_adapters, save_adapters
 
 CFG8 = make_tiny_cfg(num_hidden_layers=2, num_experts=8, experts_per_token=3, intermediate_size=128)
 MESH = "data=2,expert=2,model=2"

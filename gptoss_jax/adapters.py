@@ -14,10 +14,10 @@ transformers + PEFT):
   first of the module's parameters targeted (gate_up_proj) sits under `experts.base_layer.`, the last
   directly under `experts.`.
 
-Our arrays (`training/lora.py`) are the same numbers up to a reshape: no conversion loses anything.
-`apply_adapters(model, DIR)` folds the dense targets into the model's weights (exactly the training forward's
-merge) and attaches the expert adapters beside the packed experts, so `model(tokens)` and `generate` run the
-adapted model while the experts stay packed.
+Our arrays (`lora.py`) are the same numbers up to a reshape: no conversion loses anything.
+`apply_adapters(model, DIR)` folds the dense targets into the model's weights (exactly the merge training's
+forward pass makes per layer, `lora.merge_dense`) and attaches the expert adapters beside the packed experts,
+so `model(tokens)`, `generate` and the server run the adapted model while the experts stay packed.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import flax.nnx as nnx
 import jax
 import numpy as np
 
-from ..checkpoint.safetensors import CheckpointError, SafetensorsFile, save_file
-from ..config import Config
-from ..sharding import mesh_of
+from .checkpoint.safetensors import CheckpointError, SafetensorsFile, save_file
+from .config import Config
 from .lora import (
     EXPERT_TARGETS,
     TARGETS,
@@ -44,6 +43,7 @@ from .lora import (
     merge_dense,
     target_of,
 )
+from .sharding import mesh_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -239,7 +239,7 @@ def load_adapters(path: str | os.PathLike, cfg: Config) -> tuple[dict[str, np.nd
 
 def apply_adapters(model, adapters, lcfg: LoraConfig | None = None):
     """Applies adapters to `model` in place and returns it: dense targets merged into the weights exactly as
-    the training forward merges them, expert adapters attached beside the (still packed) experts.
+    `lora.Adapters` merges them per layer, expert adapters attached beside the (still packed) experts.
     `adapters`: a PEFT folder, or our arrays with their `lcfg`."""
     cfg = model.cfg
     if not isinstance(adapters, dict):
@@ -271,4 +271,4 @@ def _merge_stacked(w, a, b, scale):
 
 @partial(jax.jit, static_argnums=1)
 def _scaled(b, scale):
-    return b * scale  # the same float32 product as the training forward's, so the same bits
+    return b * scale  # the same float32 product as `lora.merge_layer`, so the same bits

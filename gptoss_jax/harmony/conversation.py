@@ -407,16 +407,17 @@ class Chat:
         self.sources += [source] * len(messages)
 
     def _called(self, call_id: Any, name: Any, where: str) -> str:
-        """The function a tool message answers: that of the call `call_id` names, else `name`."""
-        if call_id is not None and call_id in self.call_names:
-            return self.call_names[call_id]
-        if name:
-            return name
+        """The function a tool message answers: that of the call `call_id` names (which must be an earlier
+        one), or without a call id, `name`."""
         if call_id is None:
+            if name:
+                return name
             raise ConversationError(f"{where}: field required for tool messages", where)
-        raise ConversationError(
-            f"{where}: {call_id!r} matches no tool call of an earlier assistant message", where
-        )
+        if call_id not in self.call_names:
+            raise ConversationError(
+                f"{where}: {call_id!r} matches no tool call of an earlier assistant message", where
+            )
+        return self.call_names[call_id]
 
 
 def reasoning_effort_or_default(value: Any) -> str:

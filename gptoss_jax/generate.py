@@ -19,7 +19,7 @@ import numpy as np
 from .cache import KVCache
 from .config import Config
 from .model import forward, logits
-from .sampling import SamplingParams, row_keys, sample
+from .sampling import SamplingParams, row_keys, sample, step_keys
 from .sharding import to_host, with_model_mesh
 
 
@@ -54,8 +54,7 @@ def _prefill(graphdef, state, tokens, cache: KVCache, last, n_new, is_last):
 
 def _decode_one(model, tok, cache, keys, i, sp, seen, greedy):
     h, cache = forward(model, tok[:, None], cache.lengths[:, None], cache)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-    nxt = sample(logits(model, h[:, 0]), step_keys, sp, greedy=greedy, seen=seen)
+    nxt = sample(logits(model, h[:, 0]), step_keys(keys, i), sp, greedy=greedy, seen=seen)
     if seen is not None:
         seen = seen.at[jnp.arange(tok.shape[0]), nxt].set(True)
     return nxt, cache, seen
@@ -172,7 +171,7 @@ def generate(
         for b, r in enumerate(rows):
             seen[b, r] = True
         seen = jnp.asarray(seen)
-    first = sample(last, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), sp, greedy=greedy, seen=seen)
+    first = sample(last, step_keys(keys, 0), sp, greedy=greedy, seen=seen)
     if seen is not None:
         seen = seen.at[jnp.arange(B), first].set(True)
     stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)

@@ -28,8 +28,8 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
-from .hub import config_for
 from .engine.paged import paged_layout, pool_plan
+from .hub import config_for
 from .sharding import (
     MESH_AXES,
     check_mesh_shape,
@@ -125,9 +125,8 @@ def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: i
     data = shape.get("data", 1)
     e = pool_plan(cfg, max_seqs=-(-max_seqs // data) * data, max_context=context, page_size=page_size)
     e["num_pages"] = -(-e["num_pages"] // data) * data
-    slack = e["ring_slots"] - cfg.sliding_window if e["ring_slots"] else 0
     layout = paged_layout(cfg, num_pages=e["num_pages"], page_size=page_size, max_seqs=e["max_seqs"],
-                          ring_slack=slack)
+                          ring_slack=e["ring_slack"])
     per = {n: _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt)
            for n, (shp, dt, axes) in layout.items()}  # fmt: skip
     e["pool_per_device"] = sum(b for n, b in per.items() if not cfg.layer_unit[int(n.split(".")[1])])

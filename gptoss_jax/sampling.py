@@ -147,9 +147,23 @@ def unpack_mask(bits: jax.Array, vocab: int) -> jax.Array:
     return jnp.unpackbits(bits, axis=-1, count=vocab).astype(bool)
 
 
+# The key rule, in one place: a request with seed s draws its token i with fold_in(request_key(s), i), whatever
+# else is batched with it; `generate` and the serving engine both follow it, which is why a seeded request
+# gets the same tokens from either.
+def request_key(seed: int) -> jax.Array:
+    """The key a request with this seed samples with: fold_in(key(seed), 0)."""
+    return jax.random.fold_in(jax.random.key(int(seed)), 0)
+
+
+def step_keys(keys: jax.Array, i) -> jax.Array:
+    """(B,) keys -> the (B,) keys of step i (an int, or one per row): fold_in(key, i)."""
+    i = jnp.broadcast_to(jnp.asarray(i, jnp.int32), keys.shape)
+    return jax.vmap(jax.random.fold_in)(keys, i)
+
+
 def row_keys(seed, batch: int) -> jax.Array:
     """(B,) random keys: an int seed gives row b the key fold_in(key(seed), b), so rows differ; a sequence
-    gives row b the key of its own seed (fold_in(key(seed_b), 0)), so a row samples as it would alone."""
+    gives row b the key of its own seed (`request_key`), so a row samples as it would alone."""
     seeds = np.atleast_1d(np.asarray(seed, dtype=object))
     if seeds.ndim != 1 or (len(seeds) != 1 and len(seeds) != batch):
         raise ValueError(f"seed must be an integer or one per prompt ({batch}), got {seed!r}")
@@ -159,4 +173,4 @@ def row_keys(seed, batch: int) -> jax.Array:
     if len(seeds) == 1 and np.ndim(seed) == 0:
         base = jax.random.key(int(seeds[0]))
         return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
-    return jnp.stack([jax.random.fold_in(jax.random.key(int(s)), 0) for s in seeds.tolist()])
+    return jnp.stack([request_key(s) for s in seeds.tolist()])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from clitools import free_port
+from clitools import cli_env, free_port
 
 KEY = "sk-test-key"
 MODEL = "gpt-oss-tiny"
@@ -21,7 +20,7 @@ SERVE = [sys.executable, "-m", "gptoss_jax", "serve"]  # the real entry point
 def start_server(ckpt: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """The server on a free port of 127.0.0.1 with the test hook, once /health answers -> (process, url)."""
     port = free_port()
-    env = dict(os.environ, GPTOSS_JAX_SERVE_TEST_HOOKS="1", JAX_PLATFORMS="cpu")
+    env = cli_env(GPTOSS_JAX_SERVE_TEST_HOOKS=1)
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test session's eight
     cmd = [
         *SERVE,

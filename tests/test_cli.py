@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from clitools import run_main
+from clitools import cli_env, run_main
 from hf_reference import our_model
 
 import gptoss_jax
@@ -313,7 +312,7 @@ def test_compile_cache_is_written_and_reused(tmp_path):
     generates the same tokens (two real processes: JAX reads its cache setting once per process)."""
     cache = tmp_path / "xla"
     cmd = [sys.executable, "-m", "gptoss_jax", "demo", "--max-new-tokens", "4", "--compile-cache", str(cache)]
-    env = dict(os.environ, GPTOSS_JAX_COMPILE_CACHE="off", JAX_LOG_COMPILES="1")  # the flag must win; log hits
+    env = cli_env(GPTOSS_JAX_COMPILE_CACHE="off", JAX_LOG_COMPILES=1)  # the flag must win; log hits
     runs, entries = [], []
     for _ in range(2):
         runs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))  # noqa: PLW1510

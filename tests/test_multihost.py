@@ -10,7 +10,6 @@ The worker is this file run as a script: `python tests/test_multihost.py WORKER_
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -60,11 +59,11 @@ def ckpt(tmp_path_factory):
 
 
 def test_two_processes_one_global_mesh(tmp_path, ckpt):
-    from clitools import free_port, workers  # here: this file also runs as the workers' script
+    from clitools import cli_env, free_port, workers  # here: this file also runs as the workers' script
 
     import gptoss_jax
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     argvs = [[sys.executable, __file__, str(i), "2", str(port), str(ckpt), str(tmp_path)] for i in range(2)]
@@ -88,15 +87,15 @@ def test_cli_on_two_processes_prints_once(tmp_path, ckpt):
     import gptoss_jax
 
     prompt = PROMPTS[0].tolist()
-    from clitools import free_port
+    from clitools import cli_env, free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "gptoss_jax", "generate", str(ckpt), "--tokens", " ".join(map(str, prompt)),
            "--max-new-tokens", str(NEW), "--no-stream", "--dtype", "float32", "--mesh", "expert=4,model=2"]
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                      JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       cwd=Path(__file__).parent.parent))  # fmt: skip
     want = gptoss_jax.generate(gptoss_jax.load(ckpt, dtype="float32", quiet=True), prompt, max_new_tokens=NEW)[0]

@@ -46,7 +46,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ..model import forward, logits
-from ..sampling import SamplingParams, sample, token_logprobs, unpack_mask
+from ..sampling import SamplingParams, request_key, sample, step_keys, token_logprobs, unpack_mask
 from ..sharding import mesh_of, to_host
 from .paged import PagedKVCache, pool_plan, token_bytes
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TextStream
@@ -61,12 +61,13 @@ def _run(graphdef, sliding, n_top, state, kv, a):
     model = nnx.merge(graphdef, state)
     k, v = kv
     cache = PagedKVCache(k, v, a["rows"], a["pages"], a["start"], a["n_new"], a["ring_lo"], sliding)
-    L, N = a["tokens"].shape
-    h, cache = forward(model, a["tokens"], cache.positions(L, N), cache)
-    last = jnp.minimum(cache.last_token(L, N), N - 1)  # a decode-only call has no chunk: its row is padding
+    lanes, width = a["tokens"].shape
+    h, cache = forward(model, a["tokens"], cache.positions(lanes, width), cache)
+    # a decode-only call has no chunk: its row is padding
+    last = jnp.minimum(cache.last_token(lanes, width), width - 1)
     lg = logits(model, jnp.take_along_axis(h, last[..., None], axis=1).reshape(-1, h.shape[-1]))
     sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], jnp.ones_like(a["top_p"]))
-    keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(a["keys"], a["index"])
+    keys = step_keys(jax.random.wrap_key_data(a["keys"]), a["index"])
     tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], lg.shape[-1]))
     # log-probs cost a log-softmax and a top-k over the vocabulary: only when some row asked for them
     B = tok.shape[0]
@@ -156,10 +157,9 @@ class Engine:
         if num_pages // lanes < 1:
             raise ValueError(f"num_pages must be at least 1 per data shard, got {num_pages}")
         self.max_top_logprobs, self.detokenize = max_top_logprobs, detokenize
-        ring_len = cfg.sliding_window + ring_slack if any(cfg.layer_unit) else 0
         self.scheduler = Scheduler(
             lanes=lanes, slots=max_seqs, pages=num_pages, page_size=page_size, max_context=max_context,
-            chunk=chunk, budget=budget, ring_len=ring_len,
+            chunk=chunk, budget=budget, ring_len=self.plan["ring_slots"],
             window=cfg.sliding_window, vocab_size=cfg.vocab_size, eos=tuple(cfg.eos_token_ids), reuse=reuse,
             resident_pages=num_pages if resident_pages is None else resident_pages, max_top=max_top_logprobs,
             seq_buckets=seq_buckets, page_buckets=page_buckets, token_buckets=token_buckets,
@@ -413,9 +413,8 @@ def _stats(xs: list[float]) -> tuple:
 
 
 def _base_key(seed: int) -> np.ndarray:
-    """(2,) uint32 data of the key a request samples with: fold_in(key(seed), 0), as `sampling.row_keys`
-    gives a prompt with its own seed (so the engine draws what `generate(..., seed=[seed])` draws)."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 0)), np.uint32)
+    """(2,) uint32 data of the key a request samples with (`sampling.request_key`)."""
+    return np.asarray(jax.random.key_data(request_key(seed)), np.uint32)
 
 
 def _check_prompt(prompt, vocab_size: int) -> list[int]:

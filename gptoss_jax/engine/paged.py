@@ -9,6 +9,10 @@ row each, then one prefill chunk. The model's token-wise work (projections, rout
 the row, so a step reads the weights once; only attention is per row, on two dense layouts cut from the
 flat row without a gather: (decode rows, 1) and (chunks, chunk tokens).
 
+Names: a call has `lanes` (data shards) x `per_lane` rows, of which `n_dec` decode and the last takes the
+chunk; a lane's flat row holds `width` tokens; NP is the pages gathered per row. Axis letters in shapes keep
+their meaning from model.py (K kv heads, G, H, R, ...), and W is the ring's length.
+
 Layout (stacked over the R repeats of the layer unit, like the parameters):
 - full-attention unit positions: a pool of pages (R, P, page_size, K, H) per k and v, shared by all
   sequences; a sequence's tokens 0, 1, ... sit in its pages in order (position p in page p // page_size,
@@ -53,11 +57,12 @@ POOL_AXES = CACHE_KV_AXES  # (layers, batch, cache_seq, kv_heads, head_dim): pag
 class PagedKVCache:
     k: tuple[jax.Array, ...]  # per unit position: full (R, P, page, K, H) pool, sliding (R, S, ring, K, H)
     v: tuple[jax.Array, ...]
-    rows: jax.Array  # (L * B,) int32 slot of each row of this call (shard-local; the slot count = padding)
-    pages: jax.Array  # (L * B, NP) int32 each row's pages in order (shard-local; the page count = no page)
-    start: jax.Array  # (L * B,) int32 tokens the row holds before this call
-    n_new: jax.Array  # (L * B,) int32 tokens this call feeds the row (0: a padding row)
-    ring_lo: jax.Array  # (L * B,) int32 oldest position the row's ring may hold (> 0 after a rollback)
+    # one entry per row of the call, lane-major (lanes x rows per lane); ids are shard-local
+    rows: jax.Array  # int32 slot of each row (the slot count = padding)
+    pages: jax.Array  # (rows, NP) int32 each row's pages in order (the page count = no page)
+    start: jax.Array  # int32 tokens the row holds before this call
+    n_new: jax.Array  # int32 tokens this call feeds the row (0: a padding row)
+    ring_lo: jax.Array  # int32 oldest position the row's ring may hold (> 0 after a rollback)
     sliding: tuple[bool, ...] = dataclasses.field(metadata={"static": True}, default=())
 
     @classmethod
@@ -84,18 +89,20 @@ class PagedKVCache:
     def with_kv(self, kv) -> PagedKVCache:
         return dataclasses.replace(self, k=tuple(a for a, _ in kv), v=tuple(b for _, b in kv))
 
-    def positions(self, L: int, N: int) -> jax.Array:
-        """Positions (L, N) of a call's flat rows (`flat_layout`); -1 for padding."""
-        tok_row, j = flat_layout(self.rows.shape[0] // L, N)
-        start, n = self.start.reshape(L, -1)[:, tok_row], self.n_new.reshape(L, -1)[:, tok_row]
+    def positions(self, lanes: int, width: int) -> jax.Array:
+        """Positions (lanes, width) of a call's flat rows (`flat_layout`); -1 for padding."""
+        tok_row, j = flat_layout(self.rows.shape[0] // lanes, width)
+        start, n = self.start.reshape(lanes, -1)[:, tok_row], self.n_new.reshape(lanes, -1)[:, tok_row]
         return jnp.where(j < n, start + j, -1)
 
-    def last_token(self, L: int, N: int) -> jax.Array:
-        """(L, B) index in the flat row of each row's last token (a padding row: its first slot)."""
-        B = self.rows.shape[0] // L
-        n = self.n_new.reshape(L, B)
-        return jnp.concatenate([jnp.broadcast_to(jnp.arange(B - 1, dtype=jnp.int32), (L, B - 1)),
-                                B - 1 + jnp.maximum(n[:, B - 1 :] - 1, 0)], axis=1)  # fmt: skip
+    def last_token(self, lanes: int, width: int) -> jax.Array:
+        """(lanes, rows per lane) index in the flat row of each row's last token (a padding row: its first
+        slot)."""
+        per_lane = self.rows.shape[0] // lanes
+        n_dec = per_lane - 1
+        n = self.n_new.reshape(lanes, per_lane)
+        return jnp.concatenate([jnp.broadcast_to(jnp.arange(n_dec, dtype=jnp.int32), (lanes, n_dec)),
+                                n_dec + jnp.maximum(n[:, n_dec:] - 1, 0)], axis=1)  # fmt: skip
 
     def begin(self, q_pos: jax.Array) -> tuple[PagedKVCache, PagedStep]:
         """Where this call's tokens go and what each row attends over, computed once for all layers."""
@@ -103,15 +110,16 @@ class PagedKVCache:
         ring = [k for k, s in zip(self.k, self.sliding, strict=True) if s]
         page = full[0].shape[2] if full else 1
         W = ring[0].shape[2] if ring else 1
-        L, N = q_pos.shape
+        lanes, width = q_pos.shape
         NP = self.pages.shape[1]
-        B = self.rows.shape[0] // L
-        tok_row, _ = flat_layout(B, N)
-        of_token = lambda a: a.reshape((L, B) + a.shape[1:])[:, tok_row]  # noqa: E731 - per row -> per token
+        per_lane = self.rows.shape[0] // lanes
+        tok_row, _ = flat_layout(per_lane, width)
+        of_token = lambda a: a.reshape((lanes, per_lane) + a.shape[1:])[:, tok_row]  # noqa: E731 - row -> token
         valid = q_pos >= 0
         length = self.start + self.n_new  # tokens held after the call
-        lane = jnp.arange(L)[:, None]
-        page_of = self.pages.reshape(L, B, NP)[lane, tok_row[None], jnp.clip(q_pos // page, 0, NP - 1)]
+        lane = jnp.arange(lanes)[:, None]
+        page_of = self.pages.reshape(lanes, per_lane, NP)[lane, tok_row[None],
+                                                           jnp.clip(q_pos // page, 0, NP - 1)]  # fmt: skip
         i = jnp.arange(NP * page, dtype=jnp.int32)[None]
         step = PagedStep(
             rows=self.rows,
@@ -126,12 +134,13 @@ class PagedKVCache:
         return self, step
 
 
-def flat_layout(B: int, N: int) -> tuple[np.ndarray, np.ndarray]:
-    """The layout of a call's flat row of N tokens (one per lane) over its B rows: rows 0 .. B-2 are decode
-    rows, one token each (tokens 0 .. B-2), and row B-1 is a prefill chunk (tokens B-1 .. N-1, empty when
-    N = B-1). -> (row of each token, index of each token within its row), static."""
-    tok_row = np.minimum(np.arange(N), B - 1)
-    return tok_row, np.maximum(np.arange(N) - (B - 1), 0)
+def flat_layout(per_lane: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The layout of a lane's flat row of `width` tokens over its `per_lane` rows: the first per_lane - 1 rows
+    decode, one token each (tokens 0 .. per_lane - 2), and the last row is a prefill chunk (tokens
+    per_lane - 1 .. width - 1, empty when width = per_lane - 1). -> (row of each token, index of each token
+    within its row), static."""
+    tok_row = np.minimum(np.arange(width), per_lane - 1)
+    return tok_row, np.maximum(np.arange(width) - (per_lane - 1), 0)
 
 
 # An index no buffer reaches: writes to it are dropped (padding tokens, and ring writes a later token of the
@@ -140,7 +149,7 @@ _DROP = jnp.iinfo(jnp.int32).max
 
 
 def _ring_positions(start, ring_lo, W: int):
-    """(B, W) position held by each ring slot before the call: the newest position below `start` in the
+    """(rows, W) position held by each ring slot before the call: the newest position below `start` in the
     slot's residue class, or -1 when that is older than `ring_lo` (overwritten, or rolled back)."""
     s = jnp.arange(W, dtype=jnp.int32)[None]
     p = start[:, None] - 1 - jnp.mod(start[:, None] - 1 - s, W)
@@ -151,38 +160,42 @@ def _ring_positions(start, ring_lo, W: int):
 @dataclasses.dataclass(frozen=True)
 class PagedStep:
     """Where one call's tokens go, shared by every layer (computed once in `PagedKVCache.begin`). A call is
-    one flat row of N tokens per lane (L lanes) over B rows per lane (`flat_layout`)."""
+    one flat row of `width` tokens per lane over `per_lane` rows per lane (`flat_layout`); row arrays are
+    lane-major, token arrays (lanes, width)."""
 
-    rows: jax.Array  # (L * B,) slot of each row
-    tok_slot: jax.Array  # (L, N) slot of each token's row
-    tok_page: jax.Array  # (L, N) page of each token (_DROP = padding)
-    tok_offset: jax.Array  # (L, N) offset in its page
-    pages: jax.Array  # (L * B, NP) each row's pages
-    full_pos: jax.Array  # (L * B, NP * page) position of each gathered full-layer key, -1 = not (yet) valid
-    ring_slots: jax.Array  # (L, N) ring slot of each token (_DROP: padding, or overwritten within the call)
-    ring_pos_before: jax.Array  # (L * B, W) ring positions before the call: what the call attends over
+    rows: jax.Array  # slot of each row
+    tok_slot: jax.Array  # (lanes, width) slot of each token's row
+    tok_page: jax.Array  # (lanes, width) page of each token (_DROP = padding)
+    tok_offset: jax.Array  # (lanes, width) offset in its page
+    pages: jax.Array  # (rows, NP) each row's pages
+    full_pos: jax.Array  # (rows, NP * page) position of each gathered full-layer key, -1 = not (yet) valid
+    ring_slots: jax.Array  # (lanes, width) ring slot of each token (_DROP: padding, or overwritten later)
+    ring_pos_before: jax.Array  # (rows, W) ring positions before the call: what the call attends over
 
     def attend(self, kv, r, q, k, v, q_pos, *, ring: bool, attention):
-        """One layer's attention for the flat row: q (L, N, K, G, H), k/v (L, N, K, H), this unit position's
-        buffers `kv` at repeat r -> (output (L, N, K, G, H), new kv), as `cache.Step.attend`.
+        """One layer's attention for the flat row: q (lanes, width, K, G, H), k/v (lanes, width, K, H), this
+        unit position's buffers `kv` at repeat r -> (output (lanes, width, K, G, H), new kv), as
+        `cache.Step.attend`.
 
         Every token's k/v is written straight from the flat row (a full layer's into its page, before
         attending; a sliding layer's into its ring, after). Attention is per row, in two dense layouts cut
-        from the flat row without a gather: the decode rows as (L * (B-1), 1) queries and the chunks as
-        (L, N-B+1). A full-layer row attends over its pages (gathered, NP * page keys, masked by position);
+        from the flat row without a gather: the decode rows as (lanes * n_dec, 1) queries and the chunks as
+        (lanes, width - n_dec). A full-layer row attends over its pages (gathered, NP * page keys, masked by
+        position);
         a sliding-layer row over its ring as it was before the call plus its own tokens (`aligned`).
         """
         kb, vb = kv
-        L, N = q_pos.shape
-        B = self.rows.shape[0] // L
-        D, n_groups = B - 1, 1 + (N > B - 1)  # decode rows; the chunk's row is a group of its own if any
+        lanes, width = q_pos.shape
+        per_lane = self.rows.shape[0] // lanes
+        n_dec = per_lane - 1  # decode rows per lane
+        n_groups = 1 + (width > n_dec)  # the chunk's row is a group of its own if there is a chunk
 
-        def per_row(a):  # (L * B, ...) -> [decode rows (L * D, ...), chunk rows (L, ...)]
-            a = a.reshape((L, B) + a.shape[1:])
-            return [a[:, :D].reshape((L * D,) + a.shape[2:]), a[:, D]][:n_groups]
+        def per_row(a):  # (rows, ...) -> [decode rows (lanes * n_dec, ...), chunk rows (lanes, ...)]
+            a = a.reshape((lanes, per_lane) + a.shape[1:])
+            return [a[:, :n_dec].reshape((lanes * n_dec,) + a.shape[2:]), a[:, n_dec]][:n_groups]
 
-        def per_token(a):  # (L, N, ...) -> [decode rows' tokens (L * D, 1, ...), chunks (L, N - D, ...)]
-            return [a[:, :D].reshape((L * D, 1) + a.shape[2:]), a[:, D:]][:n_groups]
+        def per_token(a):  # (lanes, width, ...) -> [decode tokens (lanes * n_dec, 1, ...), chunks]
+            return [a[:, :n_dec].reshape((lanes * n_dec, 1) + a.shape[2:]), a[:, n_dec:]][:n_groups]
 
         groups = list(zip(per_token(q), per_token(k), per_token(v), per_token(q_pos), strict=True))
         if ring:
@@ -215,7 +228,7 @@ class PagedStep:
                                        *per_row(self.pages))  # fmt: skip
             out = [attention(groups[i][0], keys[2 * i], keys[2 * i + 1], groups[i][3], k_pos, 0)
                    for i, k_pos in enumerate(per_row(self.full_pos))]  # fmt: skip
-        out[0] = out[0].reshape((L, D) + out[0].shape[2:])
+        out[0] = out[0].reshape((lanes, n_dec) + out[0].shape[2:])
         return jnp.concatenate(out, axis=1), (kb, vb)
 
 
@@ -239,16 +252,22 @@ def _per_shard(fn, n_out: int, kb, vb, r, k, v, *rows):
 def paged_layout(cfg: Config, *, num_pages: int, page_size: int, max_seqs: int, ring_slack: int = 0,
                  dtype=None) -> dict[str, tuple]:  # fmt: skip
     """Every buffer of the engine's KV memory: name -> (shape, dtype, logical axes). The one description that
-    `PagedKVCache.create`, `pool_bytes` and the planner use."""
+    `PagedKVCache.create`, `pool_plan` and the planner (`memory.engine_plan`) use."""
     dt = jnp.dtype(dtype or cfg.jax_dtype)
     R, K, H = cfg.layer_repeats, cfg.num_key_value_heads, cfg.head_dim
-    ring = cfg.sliding_window + ring_slack
+    ring = ring_length(cfg, ring_slack)
     out = {}
     for kind in ("k", "v"):
         for j, sliding in enumerate(cfg.layer_unit):
             shape = (R, max_seqs, ring, K, H) if sliding else (R, num_pages, page_size, K, H)
             out[f"{kind}.{j}"] = (shape, dt, POOL_AXES)
     return out
+
+
+def ring_length(cfg: Config, ring_slack: int) -> int:
+    """Slots of each sequence's ring on sliding layers: the window plus `ring_slack` (0 without sliding
+    layers)."""
+    return cfg.sliding_window + ring_slack if any(cfg.layer_unit) else 0
 
 
 def token_bytes(cfg: Config, dtype=None) -> tuple[int, int]:
@@ -264,7 +283,8 @@ def pool_plan(cfg: Config, *, max_seqs: int, max_context: int, page_size: int = 
 
     The pool holds `num_pages` pages; by default as many as `kv_bytes` allows after the rings, or (without a
     budget) enough for every slot at full context, which never waits or preempts. Returns plain numbers:
-    num_pages, page_size, pages_per_seq (at max_context), tokens (the pool's capacity), page_bytes (all
+    num_pages, page_size, pages_per_seq (at max_context), tokens (the pool's capacity), ring_slots and
+    ring_slack (`ring_length`), page_bytes (all
     full layers, k and v), ring_bytes (all slots), pool_bytes, total_bytes (one copy; a mesh splits it).
     """
     for name, v in (("max_seqs", max_seqs), ("max_context", max_context), ("page_size", page_size)):
@@ -274,7 +294,7 @@ def pool_plan(cfg: Config, *, max_seqs: int, max_context: int, page_size: int = 
         raise ValueError(f"ring_slack must be an integer >= 0, got {ring_slack!r}")
     full_tok, ring_tok = token_bytes(cfg, dtype)
     per_seq = math.ceil(max_context / page_size)
-    ring_len = cfg.sliding_window + ring_slack if ring_tok else 0
+    ring_len = ring_length(cfg, ring_slack)
     ring_bytes = max_seqs * ring_len * ring_tok
     page_bytes = page_size * full_tok
     if num_pages is None:
@@ -288,6 +308,6 @@ def pool_plan(cfg: Config, *, max_seqs: int, max_context: int, page_size: int = 
                                  f"needs ({per_seq})")  # fmt: skip
     return {"max_seqs": max_seqs, "max_context": max_context, "num_pages": int(num_pages),
             "page_size": page_size, "pages_per_seq": per_seq, "tokens": int(num_pages) * page_size,
-            "ring_slots": ring_len, "page_bytes": page_bytes, "ring_bytes": ring_bytes,
-            "pool_bytes": int(num_pages) * page_bytes,
+            "ring_slots": ring_len, "ring_slack": ring_slack, "page_bytes": page_bytes,
+            "ring_bytes": ring_bytes, "pool_bytes": int(num_pages) * page_bytes,
             "total_bytes": int(num_pages) * page_bytes + ring_bytes}  # fmt: skip

@@ -307,11 +307,11 @@ class Scheduler:
         self.free_pages[r.lane].extend(r.pages)
 
     # ------------------------------------------------------------------------------------ the arrays
-    def empty_call(self, D: int, T: int, NP: int) -> dict[str, np.ndarray]:
-        """The arrays of a call of D decode rows and a T-token chunk per lane, NP pages per row, every row
-        padding (writes nothing). Rows are lane-major, D + 1 per lane, the chunk's last (`flat_layout`)."""
-        B = self.lanes * (D + 1)
-        return {"tokens": np.zeros((self.lanes, D + T), np.int32), "n_new": np.zeros(B, np.int32),
+    def empty_call(self, n_dec: int, T: int, NP: int) -> dict[str, np.ndarray]:
+        """The arrays of a call of n_dec decode rows and a T-token chunk per lane, NP pages per row, every row
+        padding (writes nothing). Rows are lane-major, n_dec + 1 per lane, the chunk last (`flat_layout`)."""
+        B = self.lanes * (n_dec + 1)  # rows of the call
+        return {"tokens": np.zeros((self.lanes, n_dec + T), np.int32), "n_new": np.zeros(B, np.int32),
                 "rows": np.full(B, self.slots_per_lane, np.int32),
                 "pages": np.full((B, NP), self.pages_per_lane, np.int32),
                 "start": np.zeros(B, np.int32), "ring_lo": np.zeros(B, np.int32),
@@ -324,23 +324,23 @@ class Scheduler:
         """Every (decode rows, chunk tokens, pages) a call can have, per lane: what the warm-up compiles. A
         chunk longer than the budget runs only when nothing decodes (the fewest decode rows)."""
         beside = bucket(min(self.budget, self.chunk), self.token_buckets)
-        return [(D, T, NP) for D in self.seq_buckets for T in (0, *self.token_buckets)
-                if T <= beside or D == self.seq_buckets[0] for NP in self.page_buckets]  # fmt: skip
+        return [(n_dec, T, NP) for n_dec in self.seq_buckets for T in (0, *self.token_buckets)
+                if T <= beside or n_dec == self.seq_buckets[0] for NP in self.page_buckets]  # fmt: skip
 
     def _call(self, decode: list[tuple[Seq, int]], chunks: list[tuple[Seq, int]]) -> Call:
         per_lane = [[s for s, _ in decode if s.lane == lane] for lane in range(self.lanes)]
-        D = bucket(max(1, *map(len, per_lane)), self.seq_buckets)
+        n_dec = bucket(max(1, *map(len, per_lane)), self.seq_buckets)
         T = bucket(max(n for _, n in chunks), self.token_buckets) if chunks else 0
         pages = max(math.ceil((s.length + n) / self.page_size) for s, n in decode + chunks)
         NP = bucket(pages, self.page_buckets)
-        a = self.empty_call(D, T, NP)
+        a = self.empty_call(n_dec, T, NP)
         masks, out = {}, []
-        rows = [(lane * (D + 1) + i, s, 1, True)
+        rows = [(lane * (n_dec + 1) + i, s, 1, True)
                 for lane, ss in enumerate(per_lane) for i, s in enumerate(ss)]  # fmt: skip
-        rows += [(s.lane * (D + 1) + D, s, n, False) for s, n in chunks]
+        rows += [(s.lane * (n_dec + 1) + n_dec, s, n, False) for s, n in chunks]
         for row, s, n, is_decode in rows:
             lane = s.lane
-            col = row - lane * (D + 1)  # the row's first token in its lane's flat row
+            col = row - lane * (n_dec + 1)  # the row's first token in its lane's flat row
             a["tokens"][lane, col : col + n] = s.tokens[s.length : s.length + n]
             a["n_new"][row], a["start"][row], a["ring_lo"][row] = n, s.length, s.ring_lo
             a["rows"][row] = s.slot - lane * self.slots_per_lane

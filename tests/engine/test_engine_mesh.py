@@ -8,7 +8,6 @@ The worker of the two-process test is this file run as a script.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -78,10 +77,10 @@ def _worker(process_id: int, port: int, ckpt: str, out: str) -> None:
 
 
 def test_two_processes_run_process_0s_plan(tmp_path, hf_ckpt, tiny_cfg):
-    from clitools import free_port, workers  # here: this file also runs as the workers' script
+    from clitools import cli_env, free_port, workers  # here: this file also runs as the workers' script
     from hf_reference import our_model
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     argvs = [[sys.executable, __file__, str(i), str(port), str(hf_ckpt), str(tmp_path)] for i in range(2)]

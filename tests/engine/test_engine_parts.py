@@ -88,15 +88,15 @@ def test_each_step_is_one_flat_call():
         call = sch.plan()
         if call is None:
             continue
-        a, L = call.arrays, sch.lanes
-        D = a["rows"].shape[0] // L - 1
-        N = a["tokens"].shape[1]
-        assert (D, N - D, a["pages"].shape[1]) in sch.shapes()
-        want_pos = np.full((L, N), -1)
+        a, lanes = call.arrays, sch.lanes
+        n_dec = a["rows"].shape[0] // lanes - 1
+        width = a["tokens"].shape[1]
+        assert (n_dec, width - n_dec, a["pages"].shape[1]) in sch.shapes()
+        want_pos = np.full((lanes, width), -1)
         decoding = any(dec for *_, dec in call.rows)
         for row, s, n, samples, dec in call.rows:
-            lane, col = divmod(row, D + 1)
-            assert lane == s.lane and dec == (col < D)
+            lane, col = divmod(row, n_dec + 1)
+            assert lane == s.lane and dec == (col < n_dec)
             assert n == 1 if dec else 1 <= n <= (6 if decoding else 16)  # the budget while decoding
             np.testing.assert_array_equal(a["tokens"][lane, col : col + n], s.tokens[s.length : s.length + n])
             assert a["n_new"][row] == n and a["start"][row] == s.length
@@ -108,10 +108,10 @@ def test_each_step_is_one_flat_call():
         mixed += decoding and any(not dec for *_, dec in call.rows)
         fields = ("rows", "pages", "start", "n_new", "ring_lo")
         cache = PagedKVCache((), (), *(jnp.asarray(a[k]) for k in fields))
-        np.testing.assert_array_equal(cache.positions(L, N), want_pos)
-        last = np.asarray(cache.last_token(L, N))
+        np.testing.assert_array_equal(cache.positions(lanes, width), want_pos)
+        last = np.asarray(cache.last_token(lanes, width))
         for row, s, n, *_ in call.rows:
-            assert last[divmod(row, D + 1)] == row % (D + 1) + n - 1
+            assert last[divmod(row, n_dec + 1)] == row % (n_dec + 1) + n - 1
         B = len(a["rows"])
         sch.commit(call, (rng.integers(0, 100, B), np.zeros(B), np.zeros((B, 0), int), np.zeros((B, 0))))
     assert sch.idle() and all(s.handle.done for s in seqs)

@@ -5,13 +5,18 @@
   stream around each block, and the logit lens. Only the layers and tokens asked for are computed and kept.
 - `intervention(model, ...)`: an `Intervene` that ablates or forces experts, scales or zeroes attention
   heads, sets sink logits, or patches the residual stream with another run's values (activation patching).
-  It is an argument of the same `forward`, not a copy of the model: `run`, `log_probs` and `score` take it.
+  It changes the model's own forward pass, not a copy of the model: `run`, `log_probs` and `score` take it.
 - `log_probs` / `score`: per-token log-probabilities and perplexity of token ids or texts, batched, the
   vocabulary projected a block of tokens at a time.
 - `sink_share`, `expert_load`, `coselection`, `routing_entropy`, `attention_by_distance`: the summaries the
   notebooks plot, from a `Trace`.
+- `forward(model, tokens, positions, cache, probe=..., intervene=...)`: `model.forward` with both, the pass
+  the functions above run (with a cache too, for every capture but attention).
 
-Everything runs under jit (the probe is static, the intervention's arrays are arguments) and on a mesh.
+A probe and an intervention are the forward pass's hooks (`model.Hooks`: `_Inspection` hands each layer its
+row of the intervention and carries the capture buffers through the layer scan, `_Tap` acts at the model's
+named sites), so the model knows nothing of them. Everything runs under jit (the probe is static, the
+intervention's arrays are arguments) and on a mesh.
 """
 
 from __future__ import annotations

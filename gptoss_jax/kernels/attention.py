@@ -12,7 +12,7 @@ Features
   layer's cache is a ring buffer (slot = pos % window) whose positions are not sorted; empty slots (pos < 0)
   and blocks past the filled part are skipped.
 - `attention_probs`: the same softmax for chosen queries, with the sink's share as a last column: what
-  `model.Probe(attention=True)` captures.
+  `inspect.Probe(attention=True)` captures.
 - `attention_xla`: the model's XLA path: the reference over blocks of queries (bounded memory), and on
   sliding layers over only the keys each block can see (work O(T * window)).
 - `attention`: the dispatcher the model calls (impl "xla" | "pallas" | "auto"), falling back to the XLA path
@@ -147,7 +147,7 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: 
 def attention_probs(q, k, sinks, q_pos, k_pos, *, window: int, sm_scale: float) -> jax.Array:
     """The XLA path's attention probabilities with the sink's share as a last column: q (B,Q,K,G,H) (the
     queries to look at, any subset), k (B,S,K,H) -> float32 (B,K,G,Q,S+1); each row sums to 1. The same
-    softmax as `attention_reference` (a row does not depend on the other queries), for `model.Probe`."""
+    softmax as `attention_reference` (a row does not depend on the other queries), for `inspect.Probe`."""
     p, sink = _sink_softmax(q, k, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale)
     return jnp.concatenate([p, sink], axis=-1)
 

@@ -95,7 +95,11 @@ def _adapters_arg(p) -> None:
 
 CACHE_ENV = "GPTOSS_JAX_COMPILE_CACHE"
 CACHE_MAX_BYTES = 4 * 2**30  # least recently used programs are evicted past this
-CACHE_MIN_COMPILE_SECS = 0.25  # compiles shorter than this are not worth a file
+# Which programs get a file is decided by their size, not by how long they took to compile: a compile time
+# threshold depends on the machine's load, so the same command cached different programs from run to run.
+# The model's programs are 100 KB and more even for the tiny demo model; JAX's per-op helpers (zeros,
+# broadcasts, key folding) are under 10 KB.
+CACHE_MIN_ENTRY_BYTES = 16 * 2**10
 
 
 def _default_cache_dir() -> str:
@@ -122,11 +126,10 @@ def setup_compile_cache(choice: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default is unbounded: keep the newest 4 GiB
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
-        # JAX's default keeps only compiles of 1 s or more; a small model's decode step compiles in about
-        # that long, so whether a second run compiled again was a coin toss. Every compile of the model
-        # takes well over this; JAX's own small per-op programs take well under it.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+    if (jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+            and jax.config.jax_persistent_cache_min_entry_size_bytes == 0):  # JAX's defaults: not the user's
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", CACHE_MIN_ENTRY_BYTES)
     return path
 
 

@@ -313,7 +313,7 @@ def _check_fit(args, cfg, prompt: list[int] | None = None, what: str = "") -> No
         return
     if not prompt:
         raise UsageError(f"{what}: the prompt is empty")
-    from .tokenizer import check_token_ids
+    from .config import check_token_ids
 
     try:
         check_token_ids(prompt, cfg.vocab_size)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache
-from .config import Config
+from .config import Config, check_token_ids
 from .model import forward, logits
 from .sampling import SamplingParams, row_keys, sample, step_keys
 from .sharding import to_host, with_model_mesh
@@ -33,10 +33,7 @@ def _as_rows(tokens, vocab_size: int) -> list[list[int]]:
         rows = [list(r) for r in tokens]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("tokens: every prompt needs at least one token")
-    for b, r in enumerate(rows):
-        for t, tok in enumerate(r):
-            if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or not 0 <= tok < vocab_size:
-                raise ValueError(f"token id {tok!r} at [{b}, {t}] is outside the vocabulary [0, {vocab_size})")
+    check_token_ids(rows, vocab_size)
     return rows
 
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import kernels, weights
 from .cache import Step
-from .config import Config
+from .config import Config, check_token_ids
 from .moe import STACKED_LEAVES, moe_experts
 from .ops import F32, einsum
 from .sharding import constrain, map_attention, with_model_mesh
@@ -437,10 +437,7 @@ def check_tokens(tokens, vocab_size: int) -> jax.Array:
         raise ValueError(f"tokens must be a non-empty int array [batch, seq], got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
-    bad = np.argwhere((arr < 0) | (arr >= vocab_size))
-    if len(bad):
-        b, t = bad[0]
-        raise ValueError(f"token id {int(arr[b, t])} at [{b}, {t}] is outside the vocabulary [0, {vocab_size})")
+    check_token_ids(arr, vocab_size)
     return jnp.asarray(arr, jnp.int32)
 
 

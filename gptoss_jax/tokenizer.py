@@ -15,7 +15,7 @@ Features
 * Special-token id constants (``START``, ``END``, ``MESSAGE``, ``CHANNEL``, ``RETURN``, ``CALL``,
   ``CONSTRAIN``, ``ENDOFTEXT``, ``STARTOFTEXT``, ``ENDOFPROMPT``), ``encode`` and ``decode``, and the
   stop-token helpers ``stop_tokens_for_assistant_actions()`` / ``stop_tokens()``.
-* ``parse_token_ids`` (token ids written as text) and ``check_token_ids`` (ids against a vocabulary).
+* ``parse_token_ids`` (token ids written as text, checked by ``config.check_token_ids``).
 
 Conversations, prompts and parsing of the chat format live one layer up, in ``gptoss_jax.harmony``.
 
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import tiktoken
+
+from .config import check_token_ids
 
 __all__ = [
     "O200K_BASE_SHA256",
@@ -61,7 +63,6 @@ __all__ = [
     "encode",
     "decode",
     "parse_token_ids",
-    "check_token_ids",
     "stop_tokens_for_assistant_actions",
     "stop_tokens",
 ]
@@ -308,7 +309,7 @@ def decode(ids: Iterable[int] | Any, *, errors: str = "replace") -> str:
     An id outside the vocabulary raises ValueError (tiktoken would raise KeyError or OverflowError).
     """
     ids = _as_int_list(ids)
-    check_token_ids(ids)
+    check_token_ids(ids, N_VOCAB)
     return get_encoding().decode(ids, errors=errors)
 
 
@@ -334,13 +335,6 @@ def parse_token_ids(text: str, vocab_size: int | None = N_VOCAB) -> list[int]:
     if vocab_size is not None:
         check_token_ids(ids, vocab_size)
     return ids
-
-
-def check_token_ids(ids: Iterable[int], vocab_size: int = N_VOCAB) -> None:
-    """ValueError naming the first id outside the vocabulary [0, vocab_size)."""
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def stop_tokens_for_assistant_actions() -> list[int]:

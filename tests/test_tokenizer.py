@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gptoss_jax import tokenizer as tk
+from gptoss_jax.config import check_token_ids
 
 MULTILINGUAL = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock!",
@@ -161,4 +162,4 @@ def test_parse_token_ids_one_rule():
         with pytest.raises(ValueError, match=re.escape(needle)):
             tk.parse_token_ids(bad, vocab_size=1000)
     with pytest.raises(ValueError, match=re.escape("token id -1 is outside the vocabulary [0, 201088)")):
-        tk.check_token_ids([3, -1])
+        check_token_ids([3, -1], tk.N_VOCAB)

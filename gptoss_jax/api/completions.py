@@ -13,8 +13,9 @@ import codecs
 import time
 from collections.abc import AsyncIterator
 
+from ..config import check_token_ids
 from ..harmony import Part, StopStrings, new_id
-from ..tokenizer import CALL, ENDOFTEXT, RETURN, check_token_ids, encode, get_encoding
+from ..tokenizer import CALL, ENDOFTEXT, RETURN, encode, get_encoding
 from .chat import sse
 from .protocol import APIError, CompletionRequest, check_unsupported, parse
 from .run import Choice, Server, merged, run_choice

@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from ..config import check_token_ids
 from ..model import forward, logits
 from ..sampling import SamplingParams, request_key, sample, step_keys, token_logprobs, unpack_mask
 from ..sharding import mesh_of, to_host
@@ -424,10 +425,10 @@ def _check_prompt(prompt, vocab_size: int) -> list[int]:
         arr = np.asarray([], object)
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError("prompt must be a non-empty sequence of token ids")
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-    if bad.size:
-        raise ValueError(f"prompt: token id {int(arr[bad[0]])} at {int(bad[0])} is outside the vocabulary "
-                         f"[0, {vocab_size})")  # fmt: skip
+    try:
+        check_token_ids(arr, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"prompt: {e}") from None
     return arr.astype(np.int64).tolist()
 
 

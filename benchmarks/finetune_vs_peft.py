@@ -17,7 +17,13 @@ start" subtracts the process's resident memory after its imports); the parent ha
 turn (interleaved, so a change in the load of a shared machine hits all of them alike). Step time is the
 median of `--steps` steps after `--warmup` (the first step's time, for gptoss-jax its compilation, apart).
 
-Usage:  python benchmarks/finetune_vs_peft.py [--ckpt DIR] [--seq 512] [--batch 1] [--steps 5]
+`--against DIR` compares this checkout's gptoss-jax with another's (e.g. `git worktree add /tmp/before REV`)
+instead of with PEFT: each expert format's two workers, each run by its own checkout's copy of this script,
+take their steps in turn, the order alternating every step, and the table adds the median of the per-step
+ratios (other / this: above 1, this checkout is faster), which a shared machine's changing load disturbs
+least.
+
+Usage:  python benchmarks/finetune_vs_peft.py [--ckpt DIR] [--seq 512] [--batch 1] [--steps 5] [--against DIR]
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: cores)"
     )
+    ap.add_argument("--against", type=Path, help="another checkout to compare with (instead of PEFT)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a worker process (see `worker`)
     args = ap.parse_args(argv)
 
@@ -193,13 +200,22 @@ def main(argv=None) -> int:
         "dequantized": "gptoss-jax, dequantized f32 experts",
         "peft": "transformers + PEFT (dequantized f32)",
     }
+    this = Path(__file__).resolve()
+    runs = {w: (w, label, this) for w, label in names.items()}  # key -> (worker kind, label, script)
+    if args.against:  # each expert format twice: this checkout's, and the other's (its copy of this script)
+        other = args.against.resolve() / "benchmarks" / this.name
+        runs = {}
+        for w in ("mxfp4", "dequantized"):
+            runs[w] = (w, names[w], this)
+            runs[f"{w}, against"] = (w, f"{names[w]}, {args.against}", other)
     procs = {}
-    for which in names:
-        cmd = [sys.executable, __file__, "--one", which, "--ckpt", str(args.ckpt), "--seq", str(args.seq),
+    for key, (which, _, script) in runs.items():
+        cmd = [sys.executable, str(script), "--one", which, "--ckpt", str(args.ckpt), "--seq", str(args.seq),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads)]  # fmt: skip
-        procs[which] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        _expect(procs[which], "READY")  # set up one at a time: untimed, but it takes the cores
+        pipe = subprocess.PIPE
+        procs[key] = subprocess.Popen(cmd, cwd=script.parents[1], stdin=pipe, stdout=pipe, text=True)
+        _expect(procs[key], "READY")  # set up one at a time: untimed, but it takes the cores
 
     def step(p) -> tuple[float, float]:
         p.stdin.write("step\n")
@@ -207,11 +223,14 @@ def main(argv=None) -> int:
         _, t, loss = _expect(p, "TIME").split()
         return float(t), float(loss)
 
-    times = {w: [] for w in names}
+    times = {k: [] for k in runs}
     compile_s, losses = {}, {}
     for s in range(args.steps + args.warmup):
         print(f"step {s + 1}/{args.steps + args.warmup} ...", flush=True)
-        for which, p in procs.items():  # interleaved: a change in the machine's load hits all alike
+        order = list(procs.items())
+        if args.against and s % 2:  # each pair alternates which of the two goes first
+            order.reverse()
+        for which, p in order:  # interleaved: a change in the machine's load hits all alike
             t, losses[which] = step(p)
             if s == 0:
                 compile_s[which] = t
@@ -242,14 +261,20 @@ def main(argv=None) -> int:
         f"model     4 layers, 32 experts top-4, hidden 512, width 512, vocab 32000, float32; LoRA r={RANK} "
         f"on q,k,v,o + experts; {args.batch} x {args.seq} tokens per step\n"
     )
-    print(f"| {'implementation':38s} | step (s) | compile (s) | peak RSS (MiB) | over start (MiB) |")
-    print(f"|{'-' * 40}|----------|-------------|----------------|------------------|")
+    w = max(38, *(len(label) for _, label, _ in runs.values()))
+    print(f"| {'implementation':{w}s} | step (s) | compile (s) | peak RSS (MiB) | over start (MiB) |")
+    print(f"|{'-' * (w + 2)}|----------|-------------|----------------|------------------|")
     for which, r in results.items():
         comp = f"{r['compile_s']:.1f}" if r["compile_s"] else "-"
         print(
-            f"| {names[which]:38s} | {r['step_s']:8.2f} | {comp:>11s} | {r['peak_mib']:14.0f} | "
+            f"| {runs[which][1]:{w}s} | {r['step_s']:8.2f} | {comp:>11s} | {r['peak_mib']:14.0f} | "
             f"{r['peak_mib'] - r['start_mib']:16.0f} |"
         )
+    if args.against:
+        print(f"\nper-step time ratio, {args.against} / this checkout (median, min-max):")
+        for which in ("mxfp4", "dequantized"):
+            ratios = [b / a for a, b in zip(times[which], times[f"{which}, against"], strict=True)]
+            print(f"  {which:12s} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
     return 0
 
 

@@ -61,7 +61,7 @@ def _at(p: dict, name: str, e):
 
 def expert_leaf(p: dict, name: str, e):
     """Expert(s) `e` of the expert leaf `name`. Inside the layer scan the weight leaves (`STACKED_LEAVES`)
-    may be the whole stack (R, E, ...) with the repeat in `p["layer"]` (`model.forward`): then this reads
+    may be the whole stack (R, E, ...) with the repeat in `p["layer"]` (`model.apply`): then this reads
     only the selected experts of that layer, where slicing the layer out first would copy all of its experts
     every call (12 MiB per layer packed, 4x that dense, for the CPU benchmark model)."""
     return p[name][_at(p, name, e)]

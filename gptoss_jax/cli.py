@@ -316,7 +316,7 @@ def _check_fit(args, cfg, prompt: list[int] | None = None, what: str = "") -> No
     from .config import check_token_ids
 
     try:
-        check_token_ids(prompt, cfg.vocab_size)
+        check_token_ids(prompt, cfg.vocab_size, at=False)  # the message names the checkpoint instead
     except ValueError as e:
         hint = " (text needs the o200k_harmony vocabulary; use --tokens)" if what != "--tokens" else ""
         raise UsageError(f"{what}: {e} of {args.path}{hint}") from None

@@ -394,26 +394,28 @@ def _check_known(kw: dict) -> None:
 
 
 
-def check_token_ids(ids, vocab_size: int) -> None:
+def check_token_ids(ids, vocab_size: int, *, at: bool = True) -> None:
     """Token ids against the vocabulary [0, vocab_size): one prompt (a sequence or a 1-D array) or rows of
     them (a 2-D array, or lists of different lengths). ValueError naming the first id that is not an integer
-    in the vocabulary, with its [row, position] when there are rows. The one check behind every entry point:
-    the model, `generate`, the engine, the tokenizer, the CLI and the server."""
+    in the vocabulary and, with `at`, where it is ("at 3", or "at [row, position]"). The one check behind
+    every entry point: the model, `generate`, the engine, the tokenizer, the CLI and the server."""
     if isinstance(getattr(ids, "dtype", None), np.dtype) and ids.dtype.kind in "iu":  # an integer array
         arr = np.asarray(ids)
         bad = np.argwhere((arr < 0) | (arr >= vocab_size))
         if len(bad):
-            at = tuple(int(i) for i in bad[0])
-            raise ValueError(_outside(arr[at], at if arr.ndim > 1 else (), vocab_size))
+            where = tuple(int(i) for i in bad[0])
+            raise ValueError(_outside(arr[where], where if at else None, vocab_size))
         return
     nested = len(ids) > 0 and isinstance(ids[0], Iterable)
     for b, row in enumerate(ids if nested else [ids]):
         for t, tok in enumerate(row):
             if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < vocab_size:
-                raise ValueError(_outside(tok, (b, t) if nested else (), vocab_size))
+                raise ValueError(_outside(tok, ((b, t) if nested else (t,)) if at else None, vocab_size))
 
 
-def _outside(tok, at: tuple[int, ...], vocab_size: int) -> str:
-    where = f" at [{', '.join(map(str, at))}]" if at else ""
+def _outside(tok, index: tuple[int, ...] | None, vocab_size: int) -> str:
+    where = ""
+    if index is not None:
+        where = f" at {index[0]}" if len(index) == 1 else f" at [{', '.join(map(str, index))}]"
     shown = int(tok) if isinstance(tok, numbers.Integral) and not isinstance(tok, bool) else repr(tok)
     return f"token id {shown}{where} is outside the vocabulary [0, {vocab_size})"

@@ -309,7 +309,7 @@ def decode(ids: Iterable[int] | Any, *, errors: str = "replace") -> str:
     An id outside the vocabulary raises ValueError (tiktoken would raise KeyError or OverflowError).
     """
     ids = _as_int_list(ids)
-    check_token_ids(ids, N_VOCAB)
+    check_token_ids(ids, N_VOCAB, at=False)
     return get_encoding().decode(ids, errors=errors)
 
 
@@ -333,7 +333,7 @@ def parse_token_ids(text: str, vocab_size: int | None = N_VOCAB) -> list[int]:
             raise ValueError(f"token id {t[:20]}... is outside the vocabulary")
         ids.append(int(t))
     if vocab_size is not None:
-        check_token_ids(ids, vocab_size)
+        check_token_ids(ids, vocab_size, at=False)
     return ids
 
 

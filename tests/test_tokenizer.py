@@ -161,5 +161,5 @@ def test_parse_token_ids_one_rule():
                         ("9" * 5000, "outside the vocabulary")]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(needle)):
             tk.parse_token_ids(bad, vocab_size=1000)
-    with pytest.raises(ValueError, match=re.escape("token id -1 is outside the vocabulary [0, 201088)")):
+    with pytest.raises(ValueError, match=re.escape("token id -1 at 1 is outside the vocabulary [0, 201088)")):
         check_token_ids([3, -1], tk.N_VOCAB)

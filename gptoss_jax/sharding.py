@@ -6,7 +6,7 @@ Implemented:
 - `as_model_mesh`: any user mesh (Explicit axes, JAX's default, or Auto) -> the Auto view the model runs on.
 - `RULES`: logical axis -> mesh axis. The logical axes of every parameter are declared with it in
   `weights.TABLE`.
-  `param_sharding(name, shape, mesh, cfg)` is what `loading.place` uses; `logical_spec` raises a ValueError
+  `param_sharding(name, shape, mesh, cfg)` is where `loading.load` puts each parameter; `logical_spec` raises a ValueError
   when two logical axes of one array map onto the same mesh axis.
 - Replication fallback: a dimension whose size does not divide by its mesh axis size is replicated. For
   parameters the choice is made once per logical axis from the config (`logical_sizes`), so all arrays that
@@ -258,7 +258,7 @@ def param_spec(name: str, shape: Sequence[int], mesh_shape: Mapping[str, int], c
 
 def param_sharding(name: str, shape: Sequence[int], mesh: Mesh, cfg: Config,
                    rules: Mapping[str, object] | None = None) -> NamedSharding:  # fmt: skip
-    """The NamedSharding parameter `name` gets on `mesh` (used by `loading.place`)."""
+    """The NamedSharding parameter `name` gets on `mesh` (where `loading.load` puts it)."""
     return NamedSharding(mesh, param_spec(name, shape, dict(mesh.shape), cfg, rules))
 
 

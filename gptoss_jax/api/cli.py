@@ -111,7 +111,7 @@ def _check(args) -> None:
 
 
 def prompt_settings(args):
-    """The prompts' settings (`harmony.Resolved`): --date and --reasoning-effort where given, else those the
+    """The prompts' settings (`harmony.settings.Resolved`): --date and --reasoning-effort where given, else those the
     adapters were trained with, else today's date and medium."""
     from ..harmony import resolve_prompt_settings
 

@@ -123,6 +123,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     def attend(q, keys, vals, q_pos, k_pos, aligned):
         return attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
 
+    attend.sinks = sinks  # a cache that runs its own kernel (the engine's pages) reads the layer's sinks
+
     if kv is None:
         o = attend(q, k, v, q_pos, q_pos, T)
     else:
@@ -228,7 +230,8 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
     must increase by one along each row (padding at either end), which lets sliding layers skip the keys
     outside their window (`kernels.attention_xla`). The cache is any object with the `KVCache` protocol:
     `begin(positions) -> (cache, step)`, `kv` (a (k, v) pair of stacked buffers per unit position) and
-    `with_kv(kv)`, its step with `attend`.
+    `with_kv(kv)`, its step with `attend`. A cache may have fewer buffers than unit positions: then its
+    `kv_slots` says which buffer each unit position's layers use (the engine's one page pool for all).
 
     probe (`Probe`): also return what it asks for, (hidden, cache, captures: name -> array with a leading
     axis over the probed layers, in order). intervene (`Intervene`): change the pass as it says. Without
@@ -243,6 +246,7 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
         cache, step = cache.begin(positions)
         kv = cache.kv
     unit = cfg.layer_unit
+    slot = getattr(cache, "kv_slots", None) or range(len(unit))  # unit position -> its buffer in kv
     hooks = None
     if probe is not None or intervene is not None:
         hooks = _Hooks(model, probe, intervene, tokens.shape, cached=cache is not None)
@@ -260,10 +264,10 @@ def forward(model: Transformer, tokens, positions, cache=None, *, probe: Probe |
                     x = tap.site("resid_pre", x)
                 x, kv_j = attention_layer(x, layers[j]["attn"], cos, sin, positions,
                                           window=cfg.sliding_window if sliding else 0, cfg=cfg,
-                                          kv=None if kv is None else kv[j], step=step, r=r,
+                                          kv=None if kv is None else kv[slot[j]], step=step, r=r,
                                           tap=tap)  # fmt: skip
                 if kv is not None:
-                    kv[j] = kv_j
+                    kv[slot[j]] = kv_j
                 if tap is not None:
                     x = tap.site("resid_mid", x)
                 x = constrain(moe_layer(x, layers[j]["mlp"], cfg, tap=tap), ACT)  # block boundary

@@ -168,6 +168,23 @@ def test_no_recompiles_after_warmup(engine, tiny_cfg):
     assert sum(len(r.tokens) for r in results) > 400
 
 
+def test_compiled_programs_are_the_same_at_8k_and_131k(model):
+    """A real warm-up of the tiny model at 8k and at 131k context compiles the same number of programs:
+    page tables are data."""
+    from gptoss_jax.engine.engine import _base_key
+
+    _base_key(0)  # jax's own small jits behind a request's key, compiled once per process
+    counts = []
+    for context in (8192, 131072):
+        eng = Engine(model, max_seqs=2, max_context=context, chunk=16, seq_buckets=(2,), token_buckets=(16,),
+                     num_pages=64, detokenize=False)  # fmt: skip
+        with compiles() as seen:
+            eng.warmup()
+        counts.append((len(eng.scheduler.shapes()), len(seen)))
+        eng.close()
+    assert counts[0] == counts[1] and counts[0][0] == 2 and counts[0][1] >= 2
+
+
 def test_cancel_frees_slot_and_pages_at_once(engine, model, tiny_cfg):
     rng = np.random.default_rng(13)
     prompts = [rng.integers(0, tiny_cfg.vocab_size, n).tolist() for n in (60, 90, 40, 70, 20)]

@@ -53,7 +53,7 @@ from gptoss_jax.kernels._common import (
     pad_axis,
     resolve_impl,
 )
-from gptoss_jax.kernels.attention import NEG, attention_reference, visible_mask
+from gptoss_jax.kernels.attention import NEG, _online_softmax_step, attention_reference, visible_mask
 from gptoss_jax.ops import precision
 
 
@@ -183,6 +183,191 @@ def cdiv_traced(a, b: int):
     return (a + b - 1) // b
 
 
+# ============================================================================================ Pallas kernels
+def _segments(q, q_pos, sinks, *, bq: int, rows_min: int = 1, pad_heads: bool = False):
+    """Query blocks as kernel tiles: q (B, T, K, G, H) -> (S, K, bq * G', H) with row t * G' + g the query
+    token t's head g (G' = G, or the next power of two: Triton tiles), positions per row (S, bq * G'), sinks
+    per row (K, bq * G'); bq grows to give at least `rows_min` rows (tl.dot)."""
+    B, T, K, G, H = q.shape
+    Gp = next_pow2(G) if pad_heads else G
+    bq = max(bq, cdiv(rows_min, Gp))
+    if pad_heads:
+        bq = next_pow2(bq)
+    nq = cdiv(T, bq)
+    qs = pad_axis(pad_axis(q, 3, Gp), 1, nq * bq).reshape(B * nq, bq, K, Gp, H)
+    qs = qs.transpose(0, 2, 1, 3, 4).reshape(B * nq, K, bq * Gp, H)
+    qp = pad_axis(q_pos.astype(jnp.int32), 1, nq * bq, -1)
+    rows = jnp.repeat(qp.reshape(B * nq, bq), Gp, axis=1)
+    sink_rows = jnp.tile(pad_axis(sinks.astype(jnp.float32), 1, Gp), (1, bq))
+    return qs, qp, rows, sink_rows, bq, nq, Gp
+
+
+def _unsegment(out, B: int, T: int, bq: int, nq: int, G: int, Gp: int):
+    K, H = out.shape[1], out.shape[-1]
+    out = out.reshape(B * nq, K, bq, Gp, H).transpose(0, 2, 1, 3, 4).reshape(B, nq * bq, K, Gp, H)
+    return out[:, :T, :, :G]
+
+
+def _tpu_kernel(lo_ref, cnt_ref, first_ref, kvlen_ref, layer_ref, table_ref, qpos_ref, q_ref, k_hbm, v_hbm,
+                sink_ref, o_ref, kbuf, vbuf, sem, m_sc, l_sc, acc_sc, *, nq, NB, bp, page, K, H, window,
+                sm_scale):  # fmt: skip
+    s = pl.program_id(0)
+    row = lax.div(s, nq)  # (lax.div: non-negative operands; floor division lowers through `sign`)
+    first, kv_len, layer = first_ref[row], kvlen_ref[row], layer_ref[0]
+    bk = bp * page
+    m_sc[...] = sink_ref[...]  # the sink opens the running max: l = 1
+    l_sc[...] = jnp.ones_like(l_sc)
+    acc_sc[...] = jnp.zeros_like(acc_sc)
+    n_pages = k_hbm.shape[1]
+
+    def block(j, carry):
+        kb = lo_ref[s] + j
+        copies = []
+        for i in range(bp):  # the key block's pages, each from wherever it lies in the pool
+            col = jnp.clip(kb * bp + i - first, 0, NB - 1)
+            page_id = table_ref[row * NB + col]
+            page_id = jnp.where((page_id >= 0) & (page_id < n_pages), page_id, 0)
+            for src, dst, k in ((k_hbm, kbuf, 0), (v_hbm, vbuf, 1)):
+                c = pltpu.make_async_copy(src.at[layer, page_id], dst.at[pl.ds(i * page, page)], sem.at[k])
+                c.start()
+                copies.append(c)
+        for c in copies:
+            c.wait()
+        tok = lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        col = kb * bp + lax.div(tok, page) - first
+        k_pos = jnp.where((col >= 0) & (col < NB) & (kb * bk + tok < kv_len), kb * bk + tok, -1)
+        tok_c = lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        col_c = kb * bp + lax.div(tok_c, page) - first
+        v_ok = (col_c >= 0) & (col_c < NB) & (kb * bk + tok_c < kv_len)
+        qp = qpos_ref[0]
+        for h in range(K):  # the kv heads of the block, each against its G query heads
+            m, den, acc = _online_softmax_step(
+                q_ref[0, h], kbuf[:, h * H : (h + 1) * H], vbuf[:, h * H : (h + 1) * H], qp, k_pos,
+                m_sc[h], l_sc[h], acc_sc[h], sm_scale=sm_scale, window=window, v_valid=v_ok)  # fmt: skip
+            m_sc[h], l_sc[h], acc_sc[h] = m, den, acc
+        return carry
+
+    lax.fori_loop(0, cnt_ref[s], block, 0)
+    o_ref[0] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
+
+
+def _paged_tpu(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window, sm_scale, first, bs,
+               interpret):  # fmt: skip
+    B, T, K, G, H = q.shape
+    R, P, page = k_pool.shape[:3]
+    NB = table.shape[1]
+    bq = min(T, bs.block_q)
+    qs, qp, rows, sink_rows, bq, nq, _ = _segments(q, q_pos, sinks, bq=bq)
+    bp = bs.block_pages
+    bk = bp * page
+    if not interpret and ((bq * G) % 8 and nq > 1):
+        raise KernelNotApplicable(f"TPU paged attention cannot tile {bq} x {G} query rows")
+    lo, count = work_ranges(q_pos, kv_len, first, block_q=bq, block_k=bk, page=page, window=window)
+    S, Rq = B * nq, bq * G
+    kernel = functools.partial(_tpu_kernel, nq=nq, NB=NB, bp=bp, page=page, K=K, H=H, window=window,
+                               sm_scale=sm_scale)  # fmt: skip
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=6,
+            grid=(S,),
+            in_specs=[
+                pl.BlockSpec((1, Rq, 1), lambda s, *_: (s, 0, 0)),
+                pl.BlockSpec((1, K, Rq, H), lambda s, *_: (s, 0, 0, 0)),
+                pl.BlockSpec(memory_space=pl.ANY),  # the pools stay in HBM: pages are DMA'd by id
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec((K, Rq, 1), lambda s, *_: (0, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((1, K, Rq, H), lambda s, *_: (s, 0, 0, 0)),
+            scratch_shapes=[pltpu.VMEM((bk, K * H), k_pool.dtype), pltpu.VMEM((bk, K * H), v_pool.dtype),
+                            pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((K, Rq, 1), jnp.float32),
+                            pltpu.VMEM((K, Rq, 1), jnp.float32), pltpu.VMEM((K, Rq, H), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((S, K, Rq, H), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=48 * 1024 * 1024),  # fmt: skip
+        interpret=interpret,
+        name="gptoss_paged_attention",
+    )(lo.reshape(-1), count.reshape(-1), first, kv_len.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32),
+      table.reshape(-1).astype(jnp.int32), rows[:, :, None], qs, k_pool.reshape(R, P, page, K * H),
+      v_pool.reshape(R, P, page, K * H), sink_rows[:, :, None])  # fmt: skip
+    return _unsegment(out, B, T, bq, nq, G, G)
+
+
+def _gpu_kernel(lo_ref, cnt_ref, first_ref, kvlen_ref, layer_ref, table_ref, qpos_ref, q_ref, k_ref, v_ref,
+                sink_ref, o_ref, *, nq, NB, page, window, sm_scale):  # fmt: skip
+    s, h = pl.program_id(0), pl.program_id(1)
+    row = lax.div(s, nq)
+    first, kv_len, layer = first_ref[row], kvlen_ref[row], layer_ref[0]
+    n_pages = k_ref.shape[1]
+    q = q_ref[...]
+    qp = qpos_ref[...][:, None]
+    m0 = sink_ref[...][:, None]  # the sink opens the running max: l = 1
+    carry = (m0, jnp.ones_like(m0), jnp.zeros(q.shape, jnp.float32))
+
+    def step(j, carry):  # one page per step, loaded in place by its id
+        kb = lo_ref[s] + j
+        col = kb - first
+        page_id = table_ref[row, jnp.clip(col, 0, NB - 1)]
+        page_id = jnp.where((page_id >= 0) & (page_id < n_pages), page_id, 0)
+        k = k_ref[layer, page_id, :, h, :]
+        v = v_ref[layer, page_id, :, h, :]
+        pos = kb * page + lax.broadcasted_iota(jnp.int32, (page,), 0)
+        ok = (col >= 0) & (col < NB) & (pos < kv_len)
+        m, den, acc = carry
+        return _online_softmax_step(q, k, v, qp, jnp.where(ok, pos, -1)[None, :], m, den, acc,
+                                    sm_scale=sm_scale, window=window, v_valid=ok[:, None])  # fmt: skip
+
+    m, den, acc = lax.fori_loop(0, cnt_ref[s], step, carry)
+    o_ref[...] = (acc / den).astype(o_ref.dtype)
+
+
+def _paged_gpu(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window, sm_scale, first, bs,
+               interpret):  # fmt: skip
+    B, T, K, G, H = q.shape
+    page = k_pool.shape[2]
+    NB = table.shape[1]
+    if not interpret and not (is_pow2(H) and H >= 16 and is_pow2(page) and page >= 16):
+        raise KernelNotApplicable("Triton paged attention needs power-of-two head_dim and pages >= 16")
+    qs, qp, rows, sink_rows, bq, nq, Gp = _segments(q, q_pos, sinks, bq=min(next_pow2(T), bs.block_q),
+                                                    rows_min=16, pad_heads=True)  # fmt: skip
+    lo, count = work_ranges(qp, kv_len, first, block_q=bq, block_k=page, page=page, window=window)
+    S, Rq = B * nq, bq * Gp
+    whole = lambda a: pl.BlockSpec(a.shape, lambda s, h: (0,) * a.ndim)  # noqa: E731
+    args = (lo.reshape(-1), count.reshape(-1), first, kv_len.astype(jnp.int32),
+            jnp.reshape(layer, (1,)).astype(jnp.int32), table.astype(jnp.int32))  # fmt: skip
+    kernel = functools.partial(_gpu_kernel, nq=nq, NB=NB, page=page, window=window, sm_scale=sm_scale)
+    out = pl.pallas_call(
+        kernel,
+        grid=(S, K),
+        in_specs=[*(whole(a) for a in args),
+                  pl.BlockSpec((SQUEEZED, Rq), lambda s, h: (s, 0)),
+                  pl.BlockSpec((SQUEEZED, SQUEEZED, Rq, H), lambda s, h: (s, h, 0, 0)),
+                  whole(k_pool), whole(v_pool),  # the pools in place: each page is loaded by its id
+                  pl.BlockSpec((SQUEEZED, Rq), lambda s, h: (h, 0))],  # fmt: skip
+        out_specs=pl.BlockSpec((SQUEEZED, SQUEEZED, Rq, H), lambda s, h: (s, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((S, K, Rq, H), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="gptoss_paged_attention_gpu",
+    )(*args, rows, qs, k_pool, v_pool, sink_rows)
+    return _unsegment(out, B, T, bq, nq, G, Gp)
+
+
+def paged_attention_pallas(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window: int,
+                           sm_scale: float, first=None, block_sizes: BlockSizes | None = None,
+                           backend: str | None = None, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+    """The Pallas kernel: backend "tpu" (Mosaic: pages DMA'd from HBM) or "gpu" (Triton: pages loaded in
+    place); default from the running platform, interpreted on CPU."""
+    plat, interp = kernel_platform(interpret)
+    backend = backend or plat
+    bs = block_sizes or (BlockSizes.gpu() if backend == "gpu" else BlockSizes.tpu())
+    first = jnp.zeros(table.shape[:1], jnp.int32) if first is None else first.astype(jnp.int32)
+    fn = _paged_gpu if backend == "gpu" else _paged_tpu
+    return fn(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, window=window, sm_scale=sm_scale,
+              first=first, bs=bs, interpret=interp)  # fmt: skip
+
+
 # ============================================================================================= dispatcher
 def paged_attention(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window: int, sm_scale: float,
                     first=None, impl: str = "xla", block_sizes: BlockSizes | None = None,
@@ -193,10 +378,8 @@ def paged_attention(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, wi
     if resolve_impl(impl) == "xla":
         return paged_attention_xla(*args, **kw, block_sizes=block_sizes)
     try:
-        return paged_attention_pallas(*args, **kw, interpret=interpret)
+        return paged_attention_pallas(*args, **kw, block_sizes=block_sizes, interpret=interpret)
     except KernelNotApplicable:  # a shape the kernel cannot tile (found at trace time): the XLA path
         return paged_attention_xla(*args, **kw, block_sizes=block_sizes)
 
 
-def paged_attention_pallas(*args, **kw):
-    raise KernelNotApplicable("not yet")

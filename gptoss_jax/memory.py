@@ -28,7 +28,7 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
-from .engine.paged import CPU_KV_MEMORY, MEMORY_FRACTION, pool_plan, sliding_peak
+from .engine.paged import MEMORY_FRACTION, cpu_budget, pool_plan, sliding_peak
 from .hub import config_for
 from .sharding import (
     MESH_AXES,
@@ -119,8 +119,9 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
         device_memory=device_memory, weights_per_device=total_w)})
 
 
-# [serving] The serving engine's KV memory: one pool of pages for full and sliding layers (`engine.paged`), sized
-# by a budget per device; its pages split over data (each shard a lane with its own pages), heads over model.
+# [serving] The serving engine's KV memory: one pool of pages for full and sliding layers (`engine.paged`),
+# sized by a budget per device; its pages split over data (each shard a lane with its own pages), heads over
+# model.
 def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: int, page_size: int, *,
                 kv_memory: int | None = None, memory_fraction: float | None = None,
                 device_memory: int | None = None, weights_per_device: int = 0) -> dict:  # fmt: skip
@@ -128,7 +129,7 @@ def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: i
 
     The budget per device: `kv_memory`; else `memory_fraction` (default the engine's) of `device_memory`
     minus the weights (the engine also subtracts its largest step's working memory, measured when it
-    starts: not here); else the engine's CPU default. Adds: budget_per_device, budget_source, data_shards,
+    starts: not here); else the engine's CPU default (`paged.cpu_budget`). Adds: budget_per_device, budget_source, data_shards,
     max_seqs, context, sliding_pages (what one sequence holds at most on sliding layers), tokens_one_sequence
     (the longest sequence the pages of one data shard hold), tokens_all_sequences (the tokens its pages hold
     with max_seqs sequences of one data shard running, each also holding its sliding pages: context and
@@ -143,7 +144,9 @@ def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: i
     else:
         if memory_fraction is not None:
             raise ValueError("--memory-fraction needs --device-memory (the memory of one device)")
-        budget, source = CPU_KV_MEMORY, "the CPU default"
+        budget = cpu_budget(cfg, seqs_per_lane=-(-max_seqs // data), max_context=context, page_size=page_size,
+                            mesh_shape=shape)  # fmt: skip
+        source = "the CPU default: 2 GiB, at most what every sequence at full context needs"
     e = pool_plan(cfg, page_size=page_size, kv_memory=budget, lanes=data, mesh_shape=shape)
     kinds = set(cfg.layer_unit)
     sliding = sliding_peak(cfg, page_size=page_size, chunk=cfg.prefill_chunk) if True in kinds else 0
@@ -154,9 +157,9 @@ def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: i
         together = max(0, per_lane - slots * sliding) * page_size
     else:  # sliding layers only: a sequence holds its window, whatever its length
         one = together = context if per_lane >= sliding else 0
-    return e | {"budget_per_device": budget, "budget_source": source, "data_shards": data, "max_seqs": max_seqs,
-                "context": context, "sliding_pages": sliding, "tokens_one_sequence": min(one, context),
-                "tokens_all_sequences": together}  # fmt: skip
+    return e | {"budget_per_device": budget, "budget_source": source, "data_shards": data,
+                "max_seqs": max_seqs, "context": context, "sliding_pages": sliding,
+                "tokens_one_sequence": min(one, context), "tokens_all_sequences": together}  # fmt: skip
 
 
 def _falls_back(name, shape, spec, mesh_shape, cfg) -> bool:
@@ -206,12 +209,12 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         lines.append(f"serving engine: one page pool for full and sliding layers, pages of {e['page_size']} "
                      f"tokens, {e['max_seqs']} sequences, context {e['context']}")  # fmt: skip
         lines.append(f"  {'KV budget':<34}{_gib(e['budget_per_device'])}  ({e['budget_source']})")
-        lines.append(f"  {'page pool':<34}{_gib(e['bytes_per_device'])}  ({e['pages_per_lane']} pages per data "
-                     f"shard)")  # fmt: skip
-        lines.append(f"  holds per data shard {e['tokens_all_sequences']} tokens over "
-                     f"{-(-e['max_seqs'] // e['data_shards'])} sequences (each with up to {e['sliding_pages']} "
-                     f"sliding pages), one sequence up to {e['tokens_one_sequence']}; {e['data_shards']} data "
-                     f"shard{'s' * (e['data_shards'] > 1)}")  # fmt: skip
+        lines.append(f"  {'page pool':<34}{_gib(e['bytes_per_device'])}  ({e['pages_per_lane']} pages per "
+                     f"data shard)")  # fmt: skip
+        n, shards = -(-e["max_seqs"] // e["data_shards"]), e["data_shards"]
+        lines.append(f"  holds per data shard {e['tokens_all_sequences']} tokens over {n} sequences (each "
+                     f"with up to {e['sliding_pages']} sliding pages), one sequence up to "
+                     f"{e['tokens_one_sequence']}; {shards} data shard{'s' * (shards > 1)}")  # fmt: skip
     if p["replicated_fallback"]:
         lines.append(
             "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
@@ -255,7 +258,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
                         "--device-memory, else the CPU default of 2 GiB)")  # fmt: skip
     parser.add_argument("--memory-fraction", type=float, default=None, metavar="F",
                         help="serving engine: share of --device-memory left after the weights (default 0.9)")
-    parser.add_argument("--page-size", type=int, default=16, help="serving engine: tokens per page (default 16)")
+    parser.add_argument("--page-size", type=int, default=16,
+                        help="serving engine: tokens per page (default 16)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -287,7 +291,8 @@ def run_info(args: argparse.Namespace) -> int:
         p = plan(cfg, parse_mesh(args.mesh), context, args.batch, (args.max_seqs or 16) if serve else None,
                  args.page_size, kv_memory=None if args.kv_memory is None else int(args.kv_memory * GiB),
                  memory_fraction=args.memory_fraction,
-                 device_memory=None if args.device_memory is None else int(args.device_memory * GiB))  # fmt: skip
+                 device_memory=None if args.device_memory is None
+                 else int(args.device_memory * GiB))  # fmt: skip
     except (ValueError, OSError) as e:  # bad input or unreadable checkpoint (CheckpointError: a ValueError)
         print(f"gptoss-jax info: error: {e}", file=sys.stderr)
         return 2

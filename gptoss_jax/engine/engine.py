@@ -57,7 +57,7 @@ from ..kernels.paged_attention import BlockSizes
 from ..model import forward, logits
 from ..sampling import SamplingParams, request_key, sample, step_keys, token_logprobs, unpack_mask
 from ..sharding import cache_sharding, mesh_of, to_host
-from .paged import CPU_KV_MEMORY, MEMORY_FRACTION, PagedKVCache, paged_layout, pool_plan
+from .paged import MEMORY_FRACTION, PagedKVCache, cpu_budget, paged_layout, pool_plan
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TextStream
 from .scheduler import Scheduler, Seq
 
@@ -140,10 +140,11 @@ class Engine:
     """
 
     def __init__(self, model, *, max_seqs: int = 16, max_context: int | None = None, page_size: int = 16,
-                 kv_memory: int | None = None, memory_fraction: float | None = None, num_pages: int | None = None,
-                 chunk: int | None = None, budget: int | None = None, prefix_cache: bool = True,
-                 max_top_logprobs: int = 20, detokenize: bool = True, seq_buckets: Sequence[int] | None = None,
-                 token_buckets: Sequence[int] | None = None, block_sizes: BlockSizes | None = None):  # fmt: skip
+                 kv_memory: int | None = None, memory_fraction: float | None = None,
+                 num_pages: int | None = None, chunk: int | None = None, budget: int | None = None,
+                 prefix_cache: bool = True, max_top_logprobs: int = 20, detokenize: bool = True,
+                 seq_buckets: Sequence[int] | None = None, token_buckets: Sequence[int] | None = None,
+                 block_sizes: BlockSizes | None = None):  # fmt: skip
         cfg = model.cfg
         self.cfg = cfg
         self.mesh = mesh_of(model)
@@ -155,14 +156,15 @@ class Engine:
             raise ValueError(f"max_context must be an integer in [2, {limit}], got {max_context!r}")
         chunk = cfg.prefill_chunk if chunk is None else chunk
         budget = chunk if budget is None else budget
-        for name, v in (("max_seqs", max_seqs), ("page_size", page_size), ("chunk", chunk), ("budget", budget),
-                        ("max_top_logprobs", max_top_logprobs + 1)):  # fmt: skip
+        for name, v in (("max_seqs", max_seqs), ("page_size", page_size), ("chunk", chunk),
+                        ("budget", budget), ("max_top_logprobs", max_top_logprobs + 1)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if max_seqs % lanes:
-            raise ValueError(f"max_seqs ({max_seqs}) must divide by the mesh's data axis ({lanes}): each data "
-                             f"shard runs its own sequences")  # fmt: skip
-        if memory_fraction is not None and not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
+            raise ValueError(f"max_seqs ({max_seqs}) must divide by the mesh's data axis ({lanes}): each "
+                             f"data shard runs its own sequences")  # fmt: skip
+        fraction_ok = isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1
+        if memory_fraction is not None and not fraction_ok:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
         self.max_top_logprobs, self.detokenize = max_top_logprobs, detokenize
         self.block_sizes = block_sizes
@@ -204,10 +206,8 @@ class Engine:
         cfg = self.cfg
         platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
         if platform == "cpu" and fraction is None:
-            per_token = pool_plan(cfg, page_size=page_size, num_pages=self._lanes, lanes=self._lanes,
-                                  mesh_shape=self._mesh_shape)["page_bytes"] * len(set(cfg.layer_unit)) / page_size
-            need = max_seqs // self._lanes * (max_context + page_size) * per_token  # every slot full, every kind
-            return int(min(CPU_KV_MEMORY, need))
+            return cpu_budget(cfg, seqs_per_lane=max_seqs // self._lanes, max_context=max_context,
+                              page_size=page_size, mesh_shape=self._mesh_shape)  # fmt: skip
         fraction = MEMORY_FRACTION if fraction is None else fraction
         free = _free_device_bytes(self.mesh)
         working = self._working_bytes(page_size, max_seqs, max_context, seq_buckets, token_buckets, budget)
@@ -221,17 +221,20 @@ class Engine:
         """The working memory (XLA's temporaries) of the largest step, measured: the step compiled for a
         one-page pool (compiled, not run)."""
         cfg, lanes = self.cfg, self._lanes
-        sch = Scheduler(lanes=lanes, slots=max_seqs, pages=lanes, page_size=page_size, max_context=max_context,
-                        chunk=self._chunk, budget=budget, kinds=tuple(cfg.layer_unit), window=cfg.sliding_window,
-                        vocab_size=cfg.vocab_size, eos=(), prefix_cache=False, max_top=self.max_top_logprobs,
-                        seq_buckets=seq_buckets, token_buckets=token_buckets)  # fmt: skip
+        sch = Scheduler(lanes=lanes, slots=max_seqs, pages=lanes, page_size=page_size,
+                        max_context=max_context, chunk=self._chunk, budget=budget,
+                        kinds=tuple(cfg.layer_unit), window=cfg.sliding_window, vocab_size=cfg.vocab_size,
+                        eos=(), prefix_cache=False,
+                        max_top=self.max_top_logprobs, seq_buckets=seq_buckets,
+                        token_buckets=token_buckets)  # fmt: skip
         n_dec, T = max(sch.shapes(), key=lambda sh: sh[0] + sh[1])
         a = sch.empty_call(n_dec, T)
         a["mask"] = np.full((len(a["n_new"]), -(-cfg.vocab_size // 8)), 255, np.uint8)
         with self._on_mesh():
             layout = paged_layout(cfg, num_pages=lanes, page_size=page_size)
             n = len(layout) // 2
-            spec = {k: jax.ShapeDtypeStruct(sh, dt, sharding=cache_sharding(ax, sh)) for k, (sh, dt, ax) in layout.items()}
+            spec = {k: jax.ShapeDtypeStruct(sh, dt, sharding=cache_sharding(ax, sh))
+                    for k, (sh, dt, ax) in layout.items()}  # fmt: skip
             kv = (tuple(spec[f"k.{e}"] for e in range(n)), tuple(spec[f"v.{e}"] for e in range(n)))
             compiled = _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, kv,
                                   a).compile()  # fmt: skip

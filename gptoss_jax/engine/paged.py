@@ -342,13 +342,23 @@ def pool_plan(cfg: Config, *, page_size: int = 16, num_pages: int | None = None,
             raise ValueError(f"kv memory of {int(kv_memory)} bytes per device holds no page of {page_size} "
                              f"tokens ({per_device} bytes per device)")  # fmt: skip
         num_pages = per_lane * lanes
-    if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < lanes or num_pages % lanes:
-        raise ValueError(f"num_pages must be a positive multiple of the data shards ({lanes}), got {num_pages!r}")
+    bad = isinstance(num_pages, bool) or not isinstance(num_pages, int)
+    if bad or num_pages < lanes or num_pages % lanes:
+        raise ValueError(f"num_pages must be a positive multiple of the data shards ({lanes}), got "
+                         f"{num_pages!r}")  # fmt: skip
     one = page_bytes(cfg, page_size, dtype)
     return {"num_pages": num_pages, "pages_per_lane": num_pages // lanes, "page_size": page_size,
             "tokens_per_lane": num_pages // lanes * page_size, "page_bytes": per_device,
             "bytes_per_device": num_pages // lanes * per_device, "total_bytes": num_pages * one,
             "lanes": lanes}  # fmt: skip
+
+
+def cpu_budget(cfg: Config, *, seqs_per_lane: int, max_context: int, page_size: int, dtype=None,
+               mesh_shape: Mapping[str, int] | None = None) -> int:
+    """The engine's KV bytes per device on CPU when no budget is given: CPU_KV_MEMORY, never more than
+    `seqs_per_lane` sequences at max_context need on every kind of layer."""
+    per_token = page_bytes(cfg, page_size, dtype, mesh_shape) * len(set(cfg.layer_unit)) / page_size
+    return int(min(CPU_KV_MEMORY, seqs_per_lane * (max_context + page_size) * per_token))
 
 
 def token_bytes(cfg: Config, dtype=None) -> tuple[int, int]:

@@ -196,7 +196,7 @@ class Scheduler:
                           range(ln * self.slots_per_lane, (ln + 1) * self.slots_per_lane))
                      for ln in range(lanes)]  # fmt: skip
         self.counters = Counters()
-        self.recent: collections.deque = collections.deque(maxlen=1024)  # (time, ttft, tpot, n) of finished requests
+        self.recent: collections.deque = collections.deque(maxlen=1024)  # (time, ttft, tpot, n) when finished
         self._clock = itertools.count(1)
         self._copies: list[list[tuple[int, int]]] = [[] for _ in range(lanes)]
 
@@ -220,7 +220,7 @@ class Scheduler:
         return self.pages_per_lane - self.lane[lane].pinned
 
     def pages_for(self, tokens: int) -> int:
-        """Pages one sequence of `tokens` tokens holds at most while it is computed alone (`paged.pages_for`)."""
+        """Pages a sequence of `tokens` tokens holds at most while computed alone (`paged.pages_for`)."""
         blocks = math.ceil(tokens / self.page_size)
         sliding = min(blocks, math.ceil((self.window - 1 + self.chunk) / self.page_size) + 1)
         return blocks * self.has_full + sliding * self.has_sliding
@@ -377,7 +377,8 @@ class Scheduler:
         swin = self._hold(path, p)
         cow = None
         if p % ps:
-            cow = self._copy_block(s.lane, donor, s.tokens[p - p % ps : p], path[p // ps - 1] if p >= ps else None)
+            parent = path[p // ps - 1] if p >= ps else None
+            cow = self._copy_block(s.lane, donor, s.tokens[p - p % ps : p], parent)
             if cow is None:  # no room for the copy this step: the hit ends at the page boundary
                 self._let_go(s.lane, path, p, swin)
                 p = self._usable(path, None, p - p % ps)
@@ -538,7 +539,7 @@ class Scheduler:
                 self._unlink(ln, b)
                 self.counters.evicted_pages += self._free(ln, b)
                 return True
-            if not (b.sliding is not None and b.sliding_users == 0 and b.sliding_stamp == stamp and b.in_tree):
+            if b.sliding is None or b.sliding_users or b.sliding_stamp != stamp or not b.in_tree:
                 continue
             now = self._keep(b)
             if now != keep:  # the tree changed around it since: back in line where it belongs now

@@ -61,7 +61,8 @@ from gptoss_jax.ops import precision
 class BlockSizes:
     """block_pages: pages per key block (a work item's keys); block_q: query tokens per block (a row of T <=
     block_q tokens is one block); decode_items / prefill_items: work items per loop iteration of the XLA
-    path for one-token rows and for longer ones (more: fewer iterations, more padding in the last)."""
+    path for one-token rows (at most one per row) and for longer ones (more: fewer iterations, more padding
+    in the last)."""
 
     block_pages: int = 8
     block_q: int = 128
@@ -117,8 +118,9 @@ def work_ranges(q_pos, kv_len, first, *, block_q: int, block_k: int, page: int, 
 
 
 # ============================================================================================== XLA path
-def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window: int, sm_scale: float,
-                        first=None, block_sizes: BlockSizes | None = None) -> jax.Array:  # fmt: skip
+def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window: int,
+                        sm_scale: float, first=None,
+                        block_sizes: BlockSizes | None = None) -> jax.Array:  # fmt: skip
     """The work list of (query block, key block) pairs, `items` at a time, online softmax (module docstring).
     Each query row's result is the reference's up to the rounding of the rescaled sums."""
     bs = block_sizes or BlockSizes()
@@ -132,8 +134,9 @@ def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *
     nq = cdiv(T, bq)
     bp = bs.block_pages
     bk = bp * page
-    M = bs.decode_items if T == 1 else bs.prefill_items
     S = B * nq  # segments: (row, query block)
+    # items per iteration: a decode call of short rows is one iteration of one item per row
+    M = min(bs.decode_items, S) if T == 1 else bs.prefill_items
     lo, count = work_ranges(q_pos, kv_len, first, block_q=bq, block_k=bk, page=page, window=window)
     lo, count = lo.reshape(S), count.reshape(S)
     ends = jnp.cumsum(count)
@@ -288,9 +291,10 @@ def _paged_tpu(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window,
                                              vmem_limit_bytes=48 * 1024 * 1024),  # fmt: skip
         interpret=interpret,
         name="gptoss_paged_attention",
-    )(lo.reshape(-1), count.reshape(-1), first, kv_len.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32),
-      table.reshape(-1).astype(jnp.int32), rows[:, :, None], qs, k_pool.reshape(R, P, page, K * H),
-      v_pool.reshape(R, P, page, K * H), sink_rows[:, :, None])  # fmt: skip
+    )(lo.reshape(-1), count.reshape(-1), first, kv_len.astype(jnp.int32),
+      jnp.reshape(layer, (1,)).astype(jnp.int32), table.reshape(-1).astype(jnp.int32), rows[:, :, None],
+      qs, k_pool.reshape(R, P, page, K * H), v_pool.reshape(R, P, page, K * H),
+      sink_rows[:, :, None])  # fmt: skip
     return _unsegment(out, B, T, bq, nq, G, G)
 
 
@@ -356,7 +360,8 @@ def _paged_gpu(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window,
 
 def paged_attention_pallas(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *, window: int,
                            sm_scale: float, first=None, block_sizes: BlockSizes | None = None,
-                           backend: str | None = None, interpret: bool | None = None) -> jax.Array:  # fmt: skip
+                           backend: str | None = None,
+                           interpret: bool | None = None) -> jax.Array:  # fmt: skip
     """The Pallas kernel: backend "tpu" (Mosaic: pages DMA'd from HBM) or "gpu" (Triton: pages loaded in
     place); default from the running platform, interpreted on CPU."""
     plat, interp = kernel_platform(interpret)

@@ -336,6 +336,30 @@ def test_engine_arguments_are_one_line_errors(model, kw, needles):
     assert_one_line(e, *needles)
 
 
+def test_a_100k_prompt_is_admitted_at_the_default_context(model):
+    """The default max_context is the model's (131072); a 100k-token prompt fits a 64 MiB pool and starts
+    (its first chunk computed; not waited for to the end)."""
+    eng = Engine(model, max_seqs=2, chunk=16, seq_buckets=(2,), token_buckets=(16,), kv_memory=64 << 20,
+                 detokenize=False)  # fmt: skip
+    assert eng.scheduler.max_context == model.cfg.context_length == 131072
+    h = eng.submit([i % 997 for i in range(100_000)], max_tokens=10)
+    eng.step()
+    assert h._seq.slot >= 0 and h._seq.length == 16
+    h.cancel()
+    eng.close()
+
+
+def test_memory_fraction_sizes_the_pool_from_what_is_left(model):
+    """memory_fraction F: F x (the memory left - the largest step's working memory, measured by compiling
+    it); on CPU the memory left is the host's available memory."""
+    from gptoss_jax.engine.engine import _free_device_bytes
+
+    free = _free_device_bytes(None)
+    eng = Engine(model, max_seqs=2, max_context=64, chunk=16, memory_fraction=0.001, detokenize=False)
+    held = eng.plan["bytes_per_device"]
+    assert 0 < held <= 0.001 * free and held > 0.0009 * free - eng.plan["page_bytes"] - 2**20
+
+
 def test_a_prompt_the_pool_could_never_hold_is_refused(model):
     eng = Engine(model, max_seqs=2, max_context=64, page_size=16, num_pages=5)
     with pytest.raises(ValueError) as e:

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     V = cfg.vocab_size
     toks = lambda n: rng.integers(0, V, n).tolist()  # noqa: E731
-    engine = Engine(model, max_seqs=16, chunk=512, seq_buckets=(1, 2, 8, 16), token_buckets=(64, 512),
+    engine = Engine(model, max_seqs=16, chunk=512, seq_buckets=(1, 2, 8, 16), token_buckets=(64, 128, 512),
                     detokenize=False)  # fmt: skip
     print(f"engine warm-up: {len(engine.scheduler.shapes())} shapes, pool {engine.plan['num_pages']} pages "
           f"({engine.plan['bytes_per_device'] / 2**30:.2f} GiB) ...", flush=True)  # fmt: skip

@@ -473,7 +473,7 @@ class Scheduler:
             return
         b.stamp = next(self._clock)
         if b.leaf():
-            heapq.heappush(ln.heap, (1, b.stamp, next(self._clock), "leaf", b))
+            self._push(ln, (1, b.stamp, next(self._clock), "leaf", b))
 
     def _drop_sliding(self, lane: int, b: Block) -> None:
         if not self.has_sliding:
@@ -488,7 +488,7 @@ class Scheduler:
             b.sliding = None
             return
         b.sliding_stamp = next(self._clock)
-        heapq.heappush(ln.heap, (self._keep(b), b.sliding_stamp, next(self._clock), "sliding", b))
+        self._push(ln, (self._keep(b), b.sliding_stamp, next(self._clock), "sliding", b))
 
     def _unlink(self, ln: Lane, b: Block) -> None:
         if not b.in_tree:
@@ -500,7 +500,7 @@ class Scheduler:
             parent.partials.remove(b)
         b.in_tree, b.parent, b.key = False, None, None
         if parent is not ln.root and parent.users == 0 and parent.leaf():
-            heapq.heappush(ln.heap, (1, parent.stamp, next(self._clock), "leaf", parent))
+            self._push(ln, (1, parent.stamp, next(self._clock), "leaf", parent))
 
     def _free(self, ln: Lane, b: Block) -> int:
         n = 0
@@ -510,6 +510,23 @@ class Scheduler:
                 n += 1
         b.full = b.sliding = None
         return n
+
+    def _push(self, ln: Lane, entry: tuple) -> None:
+        """An eviction candidate. Entries go stale (the block was used again, or evicted) and are skipped when
+        popped; when they outnumber what could be valid (two per page), the heap keeps only valid ones."""
+        heapq.heappush(ln.heap, entry)
+        if len(ln.heap) > 2 * self.pages_per_lane + 1024:
+            ln.heap = [e for e in ln.heap if self._candidate(e)]
+            heapq.heapify(ln.heap)
+
+    @staticmethod
+    def _candidate(entry: tuple) -> bool:
+        """Whether a heap entry still names something evictable (its class may have changed: checked when
+        popped)."""
+        _, stamp, _, kind, b = entry
+        if kind == "leaf":
+            return b.in_tree and b.users == 0 and b.leaf() and b.stamp == stamp
+        return b.in_tree and b.sliding is not None and b.sliding_users == 0 and b.sliding_stamp == stamp
 
     def _keep(self, b: Block) -> int:
         """1 when b's sliding page serves a likely hit: b is within a window of a leaf (where a cached
@@ -532,15 +549,14 @@ class Scheduler:
         (those deep inside a long path before the others, `_keep`), or a leaf block."""
         ln = self.lane[lane]
         while ln.heap:
-            keep, stamp, _, kind, b = heapq.heappop(ln.heap)
+            entry = heapq.heappop(ln.heap)
+            keep, stamp, _, kind, b = entry
+            if not self._candidate(entry):
+                continue
             if kind == "leaf":
-                if not (b.in_tree and b.users == 0 and b.leaf() and b.stamp == stamp):
-                    continue
                 self._unlink(ln, b)
                 self.counters.evicted_pages += self._free(ln, b)
                 return True
-            if b.sliding is None or b.sliding_users or b.sliding_stamp != stamp or not b.in_tree:
-                continue
             now = self._keep(b)
             if now != keep:  # the tree changed around it since: back in line where it belongs now
                 heapq.heappush(ln.heap, (now, stamp, next(self._clock), kind, b))

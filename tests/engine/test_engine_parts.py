@@ -120,7 +120,7 @@ def check_pool(sch: Scheduler) -> None:
                     own(page, kind)
             assert b.users == users[id(b)] and b.sliding_users == sliding_users[id(b)]
             pinned += (b.users > 0 and b.full is not None) + (b.sliding_users > 0 and b.sliding is not None)
-        assert len(owner) == ppl and ln.pinned == pinned
+        assert len(owner) == ppl and ln.pinned == pinned and len(ln.heap) <= 2 * ppl + 1025
 
 
 def seqs_sharing_prefixes(n: int, rng, vocab: int = 100) -> list[Seq]:

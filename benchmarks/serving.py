@@ -11,11 +11,11 @@ Measured (float32, packed MXFP4 experts, greedy):
                (planning, transfers, commit), against `generate`'s on-device loop step.
   no stall   - 8 sequences decode; a 4k-token prompt arrives; their inter-token latency while it is
                prefilled (p99) against the steady state before it arrived (p99).
-  memory     - 16 sequences of 200..2000 tokens decoding together: KV bytes the engine holds (pages in use
-               plus the rings of occupied slots) against what their lengths need (full layers: every
-               token; sliding layers: min(length, window) tokens).
-  reuse      - a 2k-token conversation's second turn: time to first token reusing the resident first turn
-               against a cold start (reuse=False), and the tokens prefilled.
+  memory     - 16 sequences of 200..2000 tokens decoding together: KV bytes their pages hold (full pages,
+               and the sliding pages their windows cover) against what their lengths need (full layers:
+               every token; sliding layers: min(length, window) tokens).
+  reuse      - a 2k-token conversation's second turn: time to first token hitting the prefix cache (the
+               first turn's pages) against a cold start (reuse=False), and the tokens prefilled.
 The engine is warmed up first (every bucket compiled: the time is printed); nothing compiles after.
 
 Each repetition's throughput is printed too: on a shared host a whole stretch of seconds can run at half
@@ -137,8 +137,7 @@ def main(argv=None) -> int:
     V, N = cfg.vocab_size, args.new
     max_context = 4096 + 256
     engine = Engine(model, max_seqs=16, max_context=max_context, page_size=16, chunk=512, budget=args.budget,
-                    seq_buckets=(1, 8, 16), page_buckets=(8, 32, 128), token_buckets=(args.budget, 512),
-                    detokenize=False)  # fmt: skip
+                    seq_buckets=(1, 8, 16), token_buckets=(args.budget, 512), detokenize=False)  # fmt: skip
     print(f"engine warm-up: {len(engine.scheduler.shapes())} shapes ...", flush=True)
     warm = engine.warmup()
     print(f"  {warm:.1f} s", flush=True)
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
     full_tok, ring_tok = token_bytes(model.cfg)
     held_lengths = [h._seq.length for h in handles]
     need = sum(n * full_tok + min(n, cfg.sliding_window) * ring_tok for n in held_lengths)
-    memory = (m.kv_bytes_used, need, m.pages_used, sum(held_lengths))
+    memory = (m.pages_used * engine.plan["page_bytes"], need, m.pages_used, sum(held_lengths))
     for h in handles:
         h.cancel()
     engine.step()
@@ -282,11 +281,11 @@ def main(argv=None) -> int:
           f"({stall[4] / stall[3]:.2f}x); the long prompt's TTFT {stall[2]:.1f} s")
     print()
     print(f"memory: 16 sequences of {min(lengths)}..{max(lengths)} tokens ({memory[3]} tokens held):")
-    print(f"  KV held {memory[0] / 2**20:.2f} MiB ({memory[2]} pages + rings) vs needed "
+    print(f"  KV held {memory[0] / 2**20:.2f} MiB ({memory[2]} pages, full and sliding) vs needed "
           f"{memory[1] / 2**20:.2f} MiB "
           f"= {memory[0] / memory[1]:.3f}x (target <= 1.1)")
     print()
-    print("reuse: second turn of a 2000-token conversation (+ 32 generated + 24 new tokens):")
+    print("reuse: second turn of a 2000-token conversation (+ 32 generated + 24 new tokens), prefix cache:")
     t_r, t_c = statistics.median(ttft["reuse"]), statistics.median(ttft["cold"])
     re_fed, re_cached, re_len = prefilled["reuse"]
     print(f"  TTFT reusing {t_r * 1e3:.0f} ms (prefilled {re_fed} of {re_len} tokens, "

@@ -28,7 +28,7 @@ import numpy as np
 from . import weights
 from .cache import cache_bytes, cache_layout
 from .config import Config
-from .engine.paged import paged_layout, pool_plan
+from .engine.paged import MEMORY_FRACTION, cpu_budget, pool_plan, sliding_peak
 from .hub import config_for
 from .sharding import (
     MESH_AXES,
@@ -62,7 +62,8 @@ def _nbytes(shape, dtype) -> int:
 
 
 def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: int = 1,
-         max_seqs: int | None = None, page_size: int = 16) -> dict:  # fmt: skip
+         max_seqs: int | None = None, page_size: int = 16, kv_memory: int | None = None,
+         memory_fraction: float | None = None, device_memory: int | None = None) -> dict:  # fmt: skip
     """Per-device memory of `cfg` on a mesh of `mesh_shape` ({"expert": 8} or "expert=4,model=2").
 
     Returns a dict of plain numbers (bytes per device unless named otherwise):
@@ -72,7 +73,7 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
       weights_one_copy (what `weights.param_bytes(cfg)` gives), params (as `weights.param_count(cfg)`),
       kv_cache_one_copy (`cache.cache_bytes`), replicated_fallback (parameters left whole although their
       rule names a mesh axis larger than 1, because a size does not divide), and the inputs.
-    With `max_seqs`: engine, the serving engine's KV memory (`engine_plan`).
+    With `max_seqs`: engine, the serving engine's KV pool and the tokens it holds (`engine_plan`).
     """
     shape = parse_mesh(mesh_shape) if isinstance(mesh_shape, str) else check_mesh_shape(mesh_shape)
     for what, v in (("context", context), ("batch", batch)):
@@ -113,27 +114,52 @@ def plan(cfg: Config, mesh_shape: Mapping[str, int] | str, context: int, batch: 
         "params": weights.param_count(cfg),
         "kv_cache_one_copy": cache_bytes(cfg, batch, context),
         "replicated_fallback": fallback,
-    } | ({} if max_seqs is None else {"engine": engine_plan(cfg, shape, context, max_seqs, page_size)})
+    } | ({} if max_seqs is None else {"engine": engine_plan(
+        cfg, shape, context, max_seqs, page_size, kv_memory=kv_memory, memory_fraction=memory_fraction,
+        device_memory=device_memory, weights_per_device=total_w)})
 
 
-# [serving] The serving engine's KV memory: a page pool for full-attention layers, a ring per slot for sliding
-# ones (`engine.paged`), per device as the engine splits it (pages and slots over data, kv heads over model).
-def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: int, page_size: int) -> dict:
-    """`engine.paged.pool_plan` for `max_seqs` slots at `context` tokens (the pool that never waits or
-    preempts), with per-device bytes: pool_per_device, rings_per_device, page_per_device (one page of
-    every full layer on one device) and data_shards (the pool's pages split over them)."""
+# [serving] The serving engine's KV memory: one pool of pages for full and sliding layers (`engine.paged`),
+# sized by a budget per device; its pages split over data (each shard a lane with its own pages), heads over
+# model.
+def engine_plan(cfg: Config, shape: Mapping[str, int], context: int, max_seqs: int, page_size: int, *,
+                kv_memory: int | None = None, memory_fraction: float | None = None,
+                device_memory: int | None = None, weights_per_device: int = 0) -> dict:  # fmt: skip
+    """The pool `Engine` allocates for this budget (`engine.paged.pool_plan`) and the tokens it holds.
+
+    The budget per device: `kv_memory`; else `memory_fraction` (default the engine's) of `device_memory`
+    minus the weights (the engine also subtracts its largest step's working memory, measured when it
+    starts: not here); else the engine's CPU default (`paged.cpu_budget`). Adds: budget_per_device, budget_source, data_shards,
+    max_seqs, context, sliding_pages (what one sequence holds at most on sliding layers), tokens_one_sequence
+    (the longest sequence the pages of one data shard hold), tokens_all_sequences (the tokens its pages hold
+    with max_seqs sequences of one data shard running, each also holding its sliding pages: context and
+    prefix cache together)."""
     data = shape.get("data", 1)
-    e = pool_plan(cfg, max_seqs=-(-max_seqs // data) * data, max_context=context, page_size=page_size)
-    e["num_pages"] = -(-e["num_pages"] // data) * data
-    layout = paged_layout(cfg, num_pages=e["num_pages"], page_size=page_size, max_seqs=e["max_seqs"],
-                          ring_slack=e["ring_slack"])
-    per = {n: _nbytes(shard_shape(shp, logical_spec(axes, shp, shape), shape), dt)
-           for n, (shp, dt, axes) in layout.items()}  # fmt: skip
-    e["pool_per_device"] = sum(b for n, b in per.items() if not cfg.layer_unit[int(n.split(".")[1])])
-    e["rings_per_device"] = sum(per.values()) - e["pool_per_device"]
-    e["page_per_device"] = e["pool_per_device"] // max(e["num_pages"] // data, 1)
-    e["data_shards"] = data
-    return e
+    if kv_memory is not None:
+        budget, source = int(kv_memory), "kv memory"
+    elif device_memory is not None:
+        f = MEMORY_FRACTION if memory_fraction is None else memory_fraction
+        budget = int(f * max(0, device_memory - weights_per_device))
+        source = f"memory fraction {f:g} of the device memory left after the weights"
+    else:
+        if memory_fraction is not None:
+            raise ValueError("--memory-fraction needs --device-memory (the memory of one device)")
+        budget = cpu_budget(cfg, seqs_per_lane=-(-max_seqs // data), max_context=context, page_size=page_size,
+                            mesh_shape=shape)  # fmt: skip
+        source = "the CPU default: 2 GiB, at most what every sequence at full context needs"
+    e = pool_plan(cfg, page_size=page_size, kv_memory=budget, lanes=data, mesh_shape=shape)
+    kinds = set(cfg.layer_unit)
+    sliding = sliding_peak(cfg, page_size=page_size, chunk=cfg.prefill_chunk) if True in kinds else 0
+    per_lane, slots = e["pages_per_lane"], -(-max_seqs // data)
+    per_token = 1 if False in kinds else 0  # full pages per page_size tokens
+    if per_token:
+        one = max(0, per_lane - sliding) * page_size
+        together = max(0, per_lane - slots * sliding) * page_size
+    else:  # sliding layers only: a sequence holds its window, whatever its length
+        one = together = context if per_lane >= sliding else 0
+    return e | {"budget_per_device": budget, "budget_source": source, "data_shards": data,
+                "max_seqs": max_seqs, "context": context, "sliding_pages": sliding,
+                "tokens_one_sequence": min(one, context), "tokens_all_sequences": together}  # fmt: skip
 
 
 def _falls_back(name, shape, spec, mesh_shape, cfg) -> bool:
@@ -180,11 +206,15 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
                  f"KV cache one copy {p['kv_cache_one_copy'] / GiB:.2f} GiB")  # fmt: skip
     if "engine" in p:  # [serving]
         e = p["engine"]
-        lines.append(f"serving engine, {e['max_seqs']} slots x {e['max_context']} tokens, pages of "
-                     f"{e['page_size']} tokens:")  # fmt: skip
-        pool, rings = f"page pool ({e['num_pages']} pages)", f"rings ({e['ring_slots']} slots each)"
-        lines.append(f"  {pool:<34}{_gib(e['pool_per_device'])}")
-        lines.append(f"  {rings:<34}{_gib(e['rings_per_device'])}")
+        lines.append(f"serving engine: one page pool for full and sliding layers, pages of {e['page_size']} "
+                     f"tokens, {e['max_seqs']} sequences, context {e['context']}")  # fmt: skip
+        lines.append(f"  {'KV budget':<34}{_gib(e['budget_per_device'])}  ({e['budget_source']})")
+        lines.append(f"  {'page pool':<34}{_gib(e['bytes_per_device'])}  ({e['pages_per_lane']} pages per "
+                     f"data shard)")  # fmt: skip
+        n, shards = -(-e["max_seqs"] // e["data_shards"]), e["data_shards"]
+        lines.append(f"  holds per data shard {e['tokens_all_sequences']} tokens over {n} sequences (each "
+                     f"with up to {e['sliding_pages']} sliding pages), one sequence up to "
+                     f"{e['tokens_one_sequence']}; {shards} data shard{'s' * (shards > 1)}")  # fmt: skip
     if p["replicated_fallback"]:
         lines.append(
             "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
@@ -195,12 +225,6 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         verdict = (f"fits, {left / GiB:.2f} GiB left for activations and XLA workspace" if left > 0
                    else f"does NOT fit: {-left / GiB:.2f} GiB over")  # fmt: skip
         lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
-        if "engine" in p:  # [serving] the pool that fits beside the weights and the rings
-            e = p["engine"]
-            left = max(0, int(cap - p["weights_total"] - e["rings_per_device"]))
-            fit = left // max(e["page_per_device"], 1) * e["data_shards"]
-            lines.append(f"serving engine: {fit} pages ({fit * e['page_size']} tokens) fill the memory left "
-                         f"beside the weights and rings (Engine(num_pages=...); leave room for activations)")
     return "\n".join(lines)
 
 
@@ -225,9 +249,17 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
                         help="non-expert weights and KV cache dtype (default bfloat16, as load() uses)")  # fmt: skip
     parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                         help="memory of one device in GiB: say whether the plan fits")  # fmt: skip
+    parser.add_argument("--serve", action="store_true",
+                        help="also plan the serving engine's KV pool: how many tokens its budget holds")
     parser.add_argument("--max-seqs", type=int, default=None,
-                        help="also plan the serving engine's KV memory for this many sequences at --context")
-    parser.add_argument("--page-size", type=int, default=16, help="serving engine: tokens per page (default 16)")
+                        help="serving engine: sequences at once (default 16; implies --serve)")
+    parser.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                        help="serving engine: KV budget per device in GiB (default: --memory-fraction of "
+                        "--device-memory, else the CPU default of 2 GiB)")  # fmt: skip
+    parser.add_argument("--memory-fraction", type=float, default=None, metavar="F",
+                        help="serving engine: share of --device-memory left after the weights (default 0.9)")
+    parser.add_argument("--page-size", type=int, default=16,
+                        help="serving engine: tokens per page (default 16)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -250,7 +282,17 @@ def run_info(args: argparse.Namespace) -> int:
         context = cfg.context_length if args.context is None else args.context
         if args.device_memory is not None and not args.device_memory > 0:
             raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-        p = plan(cfg, parse_mesh(args.mesh), context, args.batch, args.max_seqs, args.page_size)
+        serve = args.serve or args.max_seqs is not None or args.kv_memory is not None
+        for name in ("kv_memory", "memory_fraction"):
+            v = getattr(args, name)
+            if v is not None and not (v > 0 and (name == "kv_memory" or v <= 1)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number"
+                                 f"{' of GiB' if name == 'kv_memory' else ' <= 1'}, got {v}")  # fmt: skip
+        p = plan(cfg, parse_mesh(args.mesh), context, args.batch, (args.max_seqs or 16) if serve else None,
+                 args.page_size, kv_memory=None if args.kv_memory is None else int(args.kv_memory * GiB),
+                 memory_fraction=args.memory_fraction,
+                 device_memory=None if args.device_memory is None
+                 else int(args.device_memory * GiB))  # fmt: skip
     except (ValueError, OSError) as e:  # bad input or unreadable checkpoint (CheckpointError: a ValueError)
         print(f"gptoss-jax info: error: {e}", file=sys.stderr)
         return 2

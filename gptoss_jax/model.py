@@ -129,6 +129,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     def attend(q, keys, vals, q_pos, k_pos, aligned):
         return attention(q, keys, vals, sinks, q_pos, k_pos, window=window, aligned=aligned, cfg=cfg)
 
+    attend.sinks = sinks  # a cache that runs its own kernel (the engine's pages) reads the layer's sinks
+
     if kv is None:
         o = attend(q, k, v, q_pos, q_pos, T)
     else:
@@ -282,7 +284,8 @@ def apply(params: dict, cfg: Config, tokens, positions, cache=None, *, hooks: Ho
     must increase by one along each row (padding at either end), which lets sliding layers skip the keys
     outside their window (`kernels.attention_xla`). The cache is any object with the `KVCache` protocol:
     `begin(positions) -> (cache, step)`, `kv` (a (k, v) pair of stacked buffers per unit position) and
-    `with_kv(kv)`, its step with `attend`.
+    `with_kv(kv)`, its step with `attend`. A cache may have fewer buffers than unit positions: then its
+    `kv_slots` says which buffer each unit position's layers use (the engine's one page pool for all).
 
     hooks: `Hooks`, the extension point. remat: each layer keeps only its inputs for the backward pass and
     recomputes the rest (jax.checkpoint per layer: the activation memory of one layer plus a (B,T,D) array
@@ -296,6 +299,7 @@ def apply(params: dict, cfg: Config, tokens, positions, cache=None, *, hooks: Ho
         cache, step = cache.begin(positions)
         kv = cache.kv
     unit = cfg.layer_unit
+    slot = getattr(cache, "kv_slots", None) or range(len(unit))  # unit position -> its buffer in kv
     layers = [unit_params(params, j) for j in range(len(unit))]
     # expert weights are not scanned over: each layer reads its selected experts straight from the stack
     # (`moe.expert_leaf`), which spares a copy of all the layer's experts every call
@@ -329,9 +333,9 @@ def apply(params: dict, cfg: Config, tokens, positions, cache=None, *, hooks: Ho
         kv = list(kv) if kv is not None else None
         for j, sliding in enumerate(unit):
             with jax.named_scope(f"{'sliding' if sliding else 'full'}{j}"):
-                x, kv_j, state = fns[j](x, lps[j], None if kv is None else kv[j], r, hxs[j], state)
+                x, kv_j, state = fns[j](x, lps[j], None if kv is None else kv[slot[j]], r, hxs[j], state)
             if kv is not None:
-                kv[j] = kv_j
+                kv[slot[j]] = kv_j
         return (x, None if kv is None else tuple(kv), state), None
 
     hxs = (None if hooks is None else hooks.scanned()) or [None] * len(unit)

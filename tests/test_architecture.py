@@ -21,6 +21,7 @@ LAYERS = [
     ["sharding"],
     ["kernels._common"],
     ["kernels.attention", "kernels.mxfp4_matmul"],
+    ["kernels.paged_attention"],
     ["kernels"],
     ["cache", "moe"],
     ["model"],

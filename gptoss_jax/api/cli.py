@@ -52,8 +52,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-context",
         type=int,
-        help="longest sequence (prompt + output) a request may reach "
-        "(default: the model's context length, at most 8192)",
+        help="longest sequence (prompt + output) a request may reach (default: the model's context length)",
+    )
+    g.add_argument(
+        "--kv-memory",
+        type=float,
+        metavar="GIB",
+        help="KV pool per device in GiB, shared by all sequences and the prefix cache (default: "
+        "--memory-fraction on GPU/TPU, 2 GiB on CPU)",
+    )
+    g.add_argument(
+        "--memory-fraction",
+        type=float,
+        metavar="F",
+        help="KV pool = F of the device memory left after the weights and the largest step's working "
+        "memory (default 0.9 on GPU/TPU)",
     )
     g.add_argument(
         "--no-warmup",
@@ -97,6 +110,10 @@ def _check(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.kv_memory is not None and not args.kv_memory > 0:
+        raise ValueError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
     if args.api_key is not None and not args.api_key.strip():
@@ -124,9 +141,14 @@ def make_engine(args, model):
     --no-warmup (every process of a multi-host job compiles the same shapes)."""
     from ..engine import Engine
 
-    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, detokenize=False)
+    kv = None if args.kv_memory is None else int(args.kv_memory * 2**30)
+    engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, kv_memory=kv,
+                    memory_fraction=args.memory_fraction, detokenize=False)  # fmt: skip
+    log = logging.getLogger("gptoss_jax.api")
+    p = engine.plan
+    log.info("KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
+             p["pages_per_lane"], p["page_size"], p["bytes_per_device"] / 2**30, engine.scheduler.max_context)
     if not args.no_warmup:
-        log = logging.getLogger("gptoss_jax.api")
         log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
         log.info("compiled in %.1f s", engine.warmup())
     return engine

@@ -128,7 +128,12 @@ class CompletionJob:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         done = sum(len(c.tokens) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        cached = [0] * len(self.prompts)  # per prompt, the most any of its choices reused
+        for c in self.choices:
+            i = c.index // self.req.n
+            cached[i] = max(cached[i], c.info.get("cached_tokens", 0))
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": sum(cached)}}  # fmt: skip
 
     def _head(self) -> dict:
         return {

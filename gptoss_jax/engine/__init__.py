@@ -1,4 +1,5 @@
-"""Serving: continuous batching over a paged KV cache (`Engine`), exact per request. See docs/serving.md."""
+"""Serving: continuous batching over a KV page pool with an exact prefix cache (`Engine`), exact per request.
+See docs/serving.md."""
 
 from .engine import Engine, Metrics
 from .paged import PagedKVCache, pool_plan

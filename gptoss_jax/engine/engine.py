@@ -1,28 +1,37 @@
-"""The serving engine: continuous batching over the paged KV cache, one request exactly as it runs alone.
+"""The serving engine: continuous batching over a paged KV pool with a prefix cache, each request exactly as
+it runs alone.
 
-    engine = Engine(model, max_seqs=16, max_context=8192, num_pages=4096)
+    engine = Engine(model, max_seqs=16, kv_memory=8 << 30)   # the model's full context by default
     engine.warmup()                      # compiles every call shape ahead; returns the seconds it took
     with engine:                         # steps in a background thread
         h = engine.submit(prompt_ids, max_tokens=64, temperature=0.7, seed=1, stop=["\\n\\n"])
         for ev in h: ...                 # or `async for ev in h`: TokenEvent(token, text, logprob, ...)
-        h.result()                       # Result(tokens, text, finish_reason, ...)
+        h.result()                       # Result(tokens, text, finish_reason, cached_tokens, ...)
 
 Each step (`Engine.step`) is one plan from the scheduler (`engine.scheduler`) and ONE jitted forward call:
 per lane, a flat row of tokens holding one token for every sequence that is generating, then a prefill
 chunk of a waiting prompt under a per-step token budget (`paged.flat_layout`), so the weights are read
-once per step; the cache's step splits the row per sequence for attention (`engine.paged`), and per-row
-sampling runs on device. Shapes are bucketed (decode rows, chunk tokens, pages), so after `warmup()`
-nothing compiles.
+once per step; the cache's step writes every token's keys and values into its pages and runs a ragged
+paged attention per row over the row's own pages (`engine.paged`, `kernels.paged_attention`), and per-row
+sampling runs on device. Shapes are bucketed (decode rows, chunk tokens) and page tables are data, so the
+compiled programs do not depend on the context length, and after `warmup()` nothing compiles.
 
-Exactness: a row's keys are its own tokens only (positions mask everything else), its sampling settings
-and key are its own, and token i of a request is drawn with fold_in(its key, i): so every request gets the
-tokens `gptoss_jax.generate` gives its prompt alone (bit-for-bit in greedy float32 up to ties within
-rounding; the tests check it), whatever else is batched and however often it was preempted.
+Memory: one pool of pages for every layer, sized by a budget (`kv_memory` bytes per device, or
+`memory_fraction` of the device memory left after the weights and the largest step's working memory, or
+`num_pages`); sequences share it, and what finished or preempted sequences computed stays in it as the
+prefix cache (evicted least recently used, before anything waits or is preempted).
 
-Meshes and hosts: on a mesh the cache's pages and slots are split over `data` (the scheduler's lanes), heads
-and experts as the model is. With several processes every process builds the same engine; process 0
-schedules (`submit`, `step`, or the background thread) and sends each step's plan to the others
-(`multihost_utils.broadcast_one_to_all`), which run the same calls in `follow()` until process 0 `close()`s.
+Exactness: a row's keys are its own tokens only (positions mask everything else), a prefix hit reuses keys
+computed at the same positions from the same tokens (the sliding layers' window included), its sampling
+settings and key are its own, and token i of a request is drawn with fold_in(its key, i): so every request
+gets the tokens `gptoss_jax.generate` gives its prompt alone (bit-for-bit in greedy float32 up to ties
+within rounding; the tests check it), whatever else is batched, cached or preempted.
+
+Meshes and hosts: on a mesh the pool's pages are split over `data` (the scheduler's lanes, each with its
+own prefix cache), heads and experts as the model is. With several processes every process builds the
+same engine; process 0 schedules (`submit`, `step`, or the background thread) and sends each step's plan
+to the others (`multihost_utils.broadcast_one_to_all`), which run the same calls in `follow()` until
+process 0 `close()`s.
 """
 
 from __future__ import annotations
@@ -32,7 +41,6 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import math
 import secrets
 import threading
 import time
@@ -46,22 +54,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ..config import check_token_ids
+from ..kernels.paged_attention import BlockSizes
 from ..model import forward, logits
 from ..sampling import SamplingParams, request_key, sample, step_keys, token_logprobs, unpack_mask
-from ..sharding import mesh_of, to_host
-from .paged import PagedKVCache, pool_plan, token_bytes
+from ..sharding import cache_sharding, mesh_of, to_host
+from .paged import MEMORY_FRACTION, PagedKVCache, cpu_budget, paged_layout, pool_plan
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TextStream
 from .scheduler import Scheduler, Seq
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _run(graphdef, sliding, n_top, state, kv, a):
-    """One step: one forward pass over each lane's flat row of tokens (decode rows, then a prefill chunk:
-    `paged.flat_layout`), then a token sampled from each row's last one -> (kv, tokens, their log-probs,
-    top ids, top log-probs), one per row."""
+def _run(graphdef, n_top, block_sizes, state, kv, a):
+    """One step: the call's page copies, one forward pass over each lane's flat row of tokens (decode rows,
+    then a prefill chunk: `paged.flat_layout`), then a token sampled from each row's last one -> (kv,
+    tokens, their log-probs, top ids, top log-probs), one per row."""
     model = nnx.merge(graphdef, state)
-    k, v = kv
-    cache = PagedKVCache(k, v, a["rows"], a["pages"], a["start"], a["n_new"], a["ring_lo"], sliding)
+    cache = PagedKVCache.of(model.cfg, kv, a, block_sizes).copy_pages(a["copy_src"], a["copy_dst"])
     lanes, width = a["tokens"].shape
     h, cache = forward(model, a["tokens"], cache.positions(lanes, width), cache)
     # a decode-only call has no chunk: its row is padding
@@ -74,7 +82,7 @@ def _run(graphdef, sliding, n_top, state, kv, a):
     B = tok.shape[0]
     none = (jnp.zeros(B, jnp.float32), jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
     lp = jax.lax.cond(a["logprobs"], lambda: token_logprobs(lg, tok, n_top), lambda: none)
-    return (cache.k, cache.v), tok, *lp
+    return cache.buffers, tok, *lp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +92,16 @@ class Metrics:
 
     running: int
     waiting: int
-    resident: int
     pages_total: int
-    pages_used: int
+    pages_used: int  # referenced by running sequences
+    pages_cached: int  # kept for prefix hits, evictable
     pages_free: int
     page_size: int
-    kv_bytes_used: int  # pages in use plus the rings of occupied slots
-    kv_bytes_total: int
-    reuse_hits: int
-    reuse_tokens: int  # prompt tokens not prefilled thanks to reuse
+    kv_bytes_used: int  # pages in use or cached (per device)
+    kv_bytes_total: int  # the pool (per device)
+    prefix_hits: int  # prompts that reused cached tokens
+    prefix_hit_tokens: int  # tokens not computed thanks to them
+    evicted_pages: int
     prefill_tokens: int
     decode_tokens: int
     generated_tokens: int
@@ -115,61 +124,68 @@ class Metrics:
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
-    max_seqs: slots (sequences in flight, running or resident). max_context: tokens a sequence may reach
-    (default min(model context, 8192)). page_size: tokens per page. num_pages: the pool; default enough for
-    every slot at max_context, or what `kv_memory` bytes hold after the rings (then sequences wait or are
-    preempted when it runs out). chunk: most tokens of one prefill chunk (default the config's prefill_chunk);
-    budget: prefill tokens per step and data shard while sequences decode (default chunk): smaller keeps
-    decoding smooth while long prompts arrive, larger fills the cache faster. ring_slack: extra ring slots per
-    slot, the rollback conversation reuse may do. reuse: keep finished sequences resident; resident_pages caps
-    the pages they hold (default all: residents give their pages and slots back whenever live work needs
-    them). max_top_logprobs: the most alternatives a request may ask for (compiled in). detokenize: stream
-    text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard), page_buckets (pages
-    gathered per row) and token_buckets (tokens of a prefill chunk): the compiled sizes, default powers of two
-    up to the limit; every call is padded to the next one, and `warmup` compiles each reachable combination
-    (`Scheduler.shapes`: at most len(seq_buckets) x (1 + len(token_buckets)) x len(page_buckets)).
+    max_seqs: sequences running at once (decode rows per step). max_context: tokens a sequence may reach,
+    prompt included (default the model's context length). page_size: tokens per page. The pool: num_pages
+    pages, or what kv_memory bytes PER DEVICE hold, or memory_fraction of the device memory left after the
+    weights and the largest step's working memory (GPU/TPU; default MEMORY_FRACTION); with none of them, on
+    CPU, CPU_KV_MEMORY (never more than max_seqs sequences at max_context need). chunk: most tokens of one
+    prefill chunk (default the config's prefill_chunk); budget: prefill tokens per step and data shard while
+    sequences decode (default chunk): smaller keeps decoding smooth while long prompts arrive, larger fills
+    the cache faster. prefix_cache: reuse the KV of earlier sequences' prefixes (exact; see
+    `engine.scheduler`). max_top_logprobs: the most alternatives a request may ask for (compiled in).
+    detokenize: stream text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard)
+    and token_buckets (tokens of a prefill chunk): the compiled sizes, default powers of two up to the
+    limit; every call is padded to the next one, and `warmup` compiles each reachable combination
+    (`Scheduler.shapes`: at most len(seq_buckets) x (1 + len(token_buckets)), whatever the context).
+    block_sizes: the paged attention's blocks (`kernels.paged_attention.BlockSizes`).
     """
 
     def __init__(self, model, *, max_seqs: int = 16, max_context: int | None = None, page_size: int = 16,
-                 num_pages: int | None = None, kv_memory: int | None = None, chunk: int | None = None,
-                 budget: int | None = None, ring_slack: int = 16, reuse: bool = True,
-                 resident_pages: int | None = None, max_top_logprobs: int = 20, detokenize: bool = True,
-                 seq_buckets: Sequence[int] | None = None, page_buckets: Sequence[int] | None = None,
-                 token_buckets: Sequence[int] | None = None):  # fmt: skip
+                 kv_memory: int | None = None, memory_fraction: float | None = None,
+                 num_pages: int | None = None, chunk: int | None = None, budget: int | None = None,
+                 prefix_cache: bool = True, max_top_logprobs: int = 20, detokenize: bool = True,
+                 seq_buckets: Sequence[int] | None = None, token_buckets: Sequence[int] | None = None,
+                 block_sizes: BlockSizes | None = None):  # fmt: skip
         cfg = model.cfg
         self.cfg = cfg
         self.mesh = mesh_of(model)
-        lanes = int(dict(self.mesh.shape).get("data", 1)) if self.mesh is not None else 1
-        max_context = min(cfg.context_length, 8192) if max_context is None else max_context
+        self._mesh_shape = dict(self.mesh.shape) if self.mesh is not None else {}
+        lanes = int(self._mesh_shape.get("data", 1))
         limit = cfg.context_length
+        max_context = limit if max_context is None else max_context
         if not isinstance(max_context, int) or isinstance(max_context, bool) or not 1 < max_context <= limit:
             raise ValueError(f"max_context must be an integer in [2, {limit}], got {max_context!r}")
         chunk = cfg.prefill_chunk if chunk is None else chunk
         budget = chunk if budget is None else budget
-        for name, v in (("chunk", chunk), ("budget", budget), ("max_top_logprobs", max_top_logprobs + 1)):
+        for name, v in (("max_seqs", max_seqs), ("page_size", page_size), ("chunk", chunk),
+                        ("budget", budget), ("max_top_logprobs", max_top_logprobs + 1)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.plan = pool_plan(cfg, max_seqs=max_seqs, max_context=max_context, page_size=page_size,
-                              ring_slack=ring_slack, num_pages=num_pages, kv_bytes=kv_memory)  # fmt: skip
-        num_pages = self.plan["num_pages"]
-        if max_seqs % lanes or num_pages % lanes:
-            raise ValueError(f"max_seqs ({max_seqs}) and num_pages ({num_pages}) must divide by the mesh's "
-                             f"data axis ({lanes}): each data shard holds its own slots and pages")
-        if num_pages // lanes < 1:
-            raise ValueError(f"num_pages must be at least 1 per data shard, got {num_pages}")
+        if max_seqs % lanes:
+            raise ValueError(f"max_seqs ({max_seqs}) must divide by the mesh's data axis ({lanes}): each "
+                             f"data shard runs its own sequences")  # fmt: skip
+        fraction_ok = isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1
+        if memory_fraction is not None and not fraction_ok:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
         self.max_top_logprobs, self.detokenize = max_top_logprobs, detokenize
+        self.block_sizes = block_sizes
+        self._graphdef, self._state = nnx.split(model)
+        self._lanes, self._chunk, self._page_size = lanes, chunk, page_size
+        if num_pages is None and kv_memory is None:
+            kv_memory = self._default_budget(max_seqs, max_context, page_size, memory_fraction,
+                                             seq_buckets, token_buckets, budget)  # fmt: skip
+        self.plan = pool_plan(cfg, page_size=page_size, num_pages=num_pages, kv_memory=kv_memory, lanes=lanes,
+                              mesh_shape=self._mesh_shape)  # fmt: skip
+        num_pages = self.plan["num_pages"]
         self.scheduler = Scheduler(
             lanes=lanes, slots=max_seqs, pages=num_pages, page_size=page_size, max_context=max_context,
-            chunk=chunk, budget=budget, ring_len=self.plan["ring_slots"],
-            window=cfg.sliding_window, vocab_size=cfg.vocab_size, eos=tuple(cfg.eos_token_ids), reuse=reuse,
-            resident_pages=num_pages if resident_pages is None else resident_pages, max_top=max_top_logprobs,
-            seq_buckets=seq_buckets, page_buckets=page_buckets, token_buckets=token_buckets,
+            chunk=chunk, budget=budget, kinds=tuple(cfg.layer_unit), window=cfg.sliding_window,
+            vocab_size=cfg.vocab_size, eos=tuple(cfg.eos_token_ids), prefix_cache=prefix_cache,
+            max_top=max_top_logprobs, seq_buckets=seq_buckets, token_buckets=token_buckets,
         )  # fmt: skip
-        self._graphdef, self._state = nnx.split(model)
         with self._on_mesh():
-            cache = PagedKVCache.create(cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
-                                        ring_slack=ring_slack)  # fmt: skip
-        self._kv, self._sliding = (cache.k, cache.v), cache.sliding
+            cache = PagedKVCache.create(cfg, num_pages=num_pages, page_size=page_size)
+        self._kv = cache.buffers
         if self.mesh is None:  # committed, as every call's output is: the first call compiles once, not twice
             self._kv = jax.device_put(self._kv, jax.devices()[0])
         self._lock = threading.RLock()
@@ -184,6 +200,47 @@ class Engine:
         self.warmup_seconds: float | None = None
         self.last_step = (0.0, 0.0, 0.0)  # seconds of the last step: planning, device calls, commit
         self.error: BaseException | None = None
+
+    def _default_budget(self, max_seqs, max_context, page_size, fraction, seq_buckets, token_buckets,
+                        budget) -> int:  # fmt: skip
+        """KV bytes per device when none are given (class docstring)."""
+        cfg = self.cfg
+        platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
+        if platform == "cpu" and fraction is None:
+            return cpu_budget(cfg, seqs_per_lane=max_seqs // self._lanes, max_context=max_context,
+                              page_size=page_size, mesh_shape=self._mesh_shape)  # fmt: skip
+        fraction = MEMORY_FRACTION if fraction is None else fraction
+        free = _free_device_bytes(self.mesh)
+        working = self._working_bytes(page_size, max_seqs, max_context, seq_buckets, token_buckets, budget)
+        left = free - working
+        if left <= 0:
+            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after the "
+                             f"weights, the largest step needs {working / 2**30:.2f} GiB; give kv_memory")
+        return int(fraction * left)
+
+    def _working_bytes(self, page_size, max_seqs, max_context, seq_buckets, token_buckets, budget) -> int:
+        """The working memory (XLA's temporaries) of the largest step, measured: the step compiled for a
+        one-page pool (compiled, not run)."""
+        cfg, lanes = self.cfg, self._lanes
+        sch = Scheduler(lanes=lanes, slots=max_seqs, pages=lanes, page_size=page_size,
+                        max_context=max_context, chunk=self._chunk, budget=budget,
+                        kinds=tuple(cfg.layer_unit), window=cfg.sliding_window, vocab_size=cfg.vocab_size,
+                        eos=(), prefix_cache=False,
+                        max_top=self.max_top_logprobs, seq_buckets=seq_buckets,
+                        token_buckets=token_buckets)  # fmt: skip
+        n_dec, T = max(sch.shapes(), key=lambda sh: sh[0] + sh[1])
+        a = sch.empty_call(n_dec, T)
+        a["mask"] = np.full((len(a["n_new"]), -(-cfg.vocab_size // 8)), 255, np.uint8)
+        with self._on_mesh():
+            layout = paged_layout(cfg, num_pages=lanes, page_size=page_size)
+            n = len(layout) // 2
+            spec = {k: jax.ShapeDtypeStruct(sh, dt, sharding=cache_sharding(ax, sh))
+                    for k, (sh, dt, ax) in layout.items()}  # fmt: skip
+            kv = (tuple(spec[f"k.{e}"] for e in range(n)), tuple(spec[f"v.{e}"] for e in range(n)))
+            compiled = _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, kv,
+                                  a).compile()  # fmt: skip
+        analysis = compiled.memory_analysis()
+        return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
 
     # ------------------------------------------------------------------------------------------ public
     def submit(self, prompt: Sequence[int], options: RequestOptions | None = None, **kw) -> RequestHandle:
@@ -205,11 +262,12 @@ class Engine:
         if len(prompt) >= sch.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate within max_context "
                              f"{sch.max_context}")  # fmt: skip
-        need = math.ceil(min(len(prompt) + options.max_tokens, sch.max_context) / sch.page_size)
+        need = sch.pages_for(len(prompt) + 1)
         if need > sch.pages_per_lane:
-            raise ValueError(f"prompt + max_tokens need {need} pages of {sch.page_size} tokens, more than "
-                             f"the {sch.pages_per_lane} pages a data shard holds: lower max_tokens or give "
-                             f"the engine more pages")  # fmt: skip
+            raise ValueError(f"prompt of {len(prompt)} tokens needs {need} pages of {sch.page_size} tokens "
+                             f"(full and sliding layers), more than the {sch.pages_per_lane} pages of the KV "
+                             f"pool (per data shard): give the engine more KV memory (kv_memory, "
+                             f"--kv-memory, --memory-fraction) or send a shorter prompt")  # fmt: skip
         seed = secrets.randbits(63) if options.seed is None else int(options.seed)
         key = _base_key(seed)
         handle = RequestHandle(next(self._ids), prompt, options, seed, self._cancel)
@@ -274,16 +332,16 @@ class Engine:
         recent = list(sch.recent)
         ttft = [r[1] for r in recent if r[1] is not None]
         tpot = [r[2] for r in recent if r[2] is not None]
-        ring_bytes = self.plan["ring_slots"] * token_bytes(self.cfg)[1]
-        slots_used = len(sch.running) + len(sch.resident)
         tt, tp = _stats(ttft), _stats(tpot)
         queued = sum(1 for k, _ in list(self._inbox) if k == "add")
+        page = self.plan["page_bytes"]
+        total = sch.lanes * sch.pages_per_lane
         return Metrics(
-            running=len(sch.running), waiting=len(sch.waiting) + queued,
-            resident=len(sch.resident), pages_total=sch.lanes * sch.pages_per_lane, pages_used=sch.pages_used,
-            pages_free=sch.lanes * sch.pages_per_lane - sch.pages_used, page_size=sch.page_size,
-            kv_bytes_used=sch.pages_used * self.plan["page_bytes"] + slots_used * ring_bytes,
-            kv_bytes_total=self.plan["total_bytes"], reuse_hits=c.reuse_hits, reuse_tokens=c.reuse_tokens,
+            running=len(sch.running), waiting=len(sch.waiting) + queued, pages_total=total,
+            pages_used=sch.pages_used, pages_cached=sch.pages_cached, pages_free=sch.pages_free,
+            page_size=sch.page_size, kv_bytes_used=(total - sch.pages_free) // sch.lanes * page,
+            kv_bytes_total=self.plan["bytes_per_device"], prefix_hits=c.prefix_hits,
+            prefix_hit_tokens=c.prefix_hit_tokens, evicted_pages=c.evicted_pages,
             prefill_tokens=c.prefill_tokens, decode_tokens=c.decode_tokens,
             generated_tokens=c.generated_tokens,
             preemptions=c.preemptions, finished=c.finished, steps=c.steps, tokens_per_s=rate,
@@ -379,11 +437,11 @@ class Engine:
             for a in calls:
                 a = dict(a)
                 if "mask" not in a:
-                    B = a["rows"].shape[0]
+                    B = a["n_new"].shape[0]
                     if B not in self._ones:
                         self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
                     a["mask"] = self._ones[B]
-                self._kv, *out = _run(self._graphdef, self._sliding, self.max_top_logprobs, self._state,
+                self._kv, *out = _run(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state,
                                       self._kv, a)  # fmt: skip
                 outs.append(out)
             return [tuple(to_host(x) for x in out) for out in outs]
@@ -405,6 +463,22 @@ class Engine:
             elif not seq.handle.done:
                 seq.handle._push(result=self.scheduler._result(seq, "cancelled"))
                 self.scheduler.cancel(seq)
+
+
+def _free_device_bytes(mesh) -> int:
+    """Memory left on the fullest device (GPU/TPU: its allocator's limit minus what is in use, the weights
+    included); on CPU, the host's available memory."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()
+    devices = [d for d in devices if d.process_index == jax.process_index()]
+    stats = [d.memory_stats() for d in devices]
+    if all(st and "bytes_limit" in st for st in stats):
+        return min(int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)) for st in stats)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        raise ValueError("the device does not report its memory: give kv_memory (bytes per device)") from None
 
 
 def _stats(xs: list[float]) -> tuple:

@@ -45,7 +45,8 @@ class RequestOptions:
       likely tokens' (at most the engine's `max_top_logprobs`).
     allowed_tokens: a hook called before each token with the tokens generated so far; it returns None (any
       token), the allowed ids, or a (V,) bool mask (constrained decoding).
-    reuse: allow this prompt to continue a resident sequence (conversation reuse).
+    reuse: allow this prompt to hit the prefix cache (the KV of the longest prefix it shares with an earlier
+      or running sequence); its own pages are cached for others either way.
     """
 
     max_tokens: int = 256
@@ -129,8 +130,8 @@ class TokenEvent:
 @dataclasses.dataclass(frozen=True)
 class Result:
     """A finished request. finish_reason: "stop" (stop token or string), "length" (max_tokens or the
-    context limit), "cancelled", or "error" (then `error` says why). cached_tokens: prompt tokens whose KV
-    was reused from a resident sequence (not prefilled again). ttft: seconds from submit to the first
+    context limit or the KV pool), "cancelled", or "error" (then `error` says why). cached_tokens: prompt
+    tokens whose KV came from the prefix cache (not prefilled again). ttft: seconds from submit to the first
     token; tpot: mean seconds per output token after the first."""
 
     tokens: list[int]

@@ -16,6 +16,8 @@ from apitools import (
     (["{ckpt}", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
     (["{ckpt}", "--max-seqs", "0"], "--max-seqs must be at least 1, got 0"),
     (["{ckpt}", "--max-queue", "-1"], "--max-queue must be at least 0, got -1"),
+    (["{ckpt}", "--kv-memory", "0"], "--kv-memory must be a positive number of GiB, got 0.0"),
+    (["{ckpt}", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1], got 1.5"),
     (["{ckpt}", "--api-key", " "], "--api-key: empty key"),
     (["{ckpt}", "--date", "yesterday"], "--date must be today, none or YYYY-MM-DD, got 'yesterday'"),
     (["{ckpt}", "--adapters", "{ckpt}"], "no adapter_config.json (not a PEFT adapter folder)"),

@@ -8,7 +8,8 @@ max_tokens (greedy decoding is prefix-stable). Every reference goes through one 
 (`reference`: the prompts padded to 32 rows, 24 new tokens).
 
 Compiles dominate the time here, so every engine uses few buckets (`ENGINE`): decode with 2 or 4 rows,
-prefill 32 tokens, all pages; the bucket arithmetic itself is tested in test_engine_parts.py.
+prefill 32 tokens; the bucket arithmetic itself is tested in test_engine_parts.py, prefix hits wherever they
+end in test_prefix_cache.py.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import gptoss_jax
 from gptoss_jax import tokenizer
 from gptoss_jax.engine import Engine
 
-ENGINE = dict(max_seqs=4, max_context=336, page_size=16, chunk=32, seq_buckets=(2, 4), page_buckets=(),
-              token_buckets=(32,))  # fmt: skip
+ENGINE = dict(max_seqs=4, max_context=336, page_size=16, chunk=32, seq_buckets=(2, 4), token_buckets=(32,))
 N_REQUESTS = 32
 MAX_NEW = 24
 
@@ -76,15 +76,16 @@ def test_requests_at_random_steps_equal_generate_alone(engine, workload):
     assert [r.tokens for r in results] == want
     assert all(r.finish_reason in ("stop", "length") for r in results)
     after = engine.metrics()
-    assert after.preemptions == before.preemptions  # the pool holds every slot at max_context
+    assert after.preemptions == before.preemptions  # the default pool holds every slot at max_context
     assert max(run for run, _ in trace) == ENGINE["max_seqs"] and max(w for _, w in trace) > 0
-    fed = after.prefill_tokens - before.prefill_tokens + after.reuse_tokens - before.reuse_tokens
+    fed = after.prefill_tokens - before.prefill_tokens + after.prefix_hit_tokens - before.prefix_hit_tokens
     assert fed == sum(map(len, prompts))  # every prompt token computed once, or reused
 
 
 def test_small_pool_waits_preempts_and_stays_exact(model, workload):
-    """24 pages of 16 tokens for 4 slots of up to 336 tokens: requests wait for pages, decoding sequences
-    preempt the newest, which are recomputed later; every request still gets its own tokens."""
+    """24 pages of 16 tokens (full and sliding layers) for 4 sequences of up to 336 tokens: requests wait
+    for pages, decoding sequences preempt the newest, which are recomputed later (mostly from their own
+    cached pages); every request still gets its own tokens."""
     prompts, max_tokens, arrivals, want = workload
     eng = Engine(model, num_pages=24, **ENGINE)
     eng.warmup()
@@ -92,33 +93,32 @@ def test_small_pool_waits_preempts_and_stays_exact(model, workload):
     assert [r.tokens for r in results] == want
     m = eng.metrics()
     assert m.preemptions > 0 and any(w > 0 and run < ENGINE["max_seqs"] for run, w in trace), m
-    assert m.pages_used <= m.pages_total == 24
+    assert m.pages_used <= m.pages_total == 24 and m.evicted_pages > 0
     eng.close()
 
 
-def test_conversation_reuse_prefills_only_new_tokens(engine, model, tiny_cfg):
-    """Turn 2 extends turn 1's tokens: only its new tokens are prefilled and its output equals a cold
-    run. A prompt diverging 3 tokens before the resident end rolls back (within the ring's slack); one
-    diverging further cannot reuse, and runs cold."""
+def test_conversation_turns_reuse_their_prefix(engine, model, tiny_cfg):
+    """Turn 2 extends turn 1's tokens: only its new tokens are prefilled. Prompts diverging 3 and 18 tokens
+    before turn 1's end reuse exactly what they share (the sliding layers' pages are kept: no limit on how
+    far back). Each output equals a cold run's."""
     rng = np.random.default_rng(9)
     v = tiny_cfg.vocab_size
     turn1 = rng.integers(0, v, 150).tolist()
     first = engine.generate([turn1], max_tokens=10, stop_token_ids=())[0]
     fed = turn1 + first.tokens[:-1]  # the last generated token was never fed
     turn2 = turn1 + first.tokens + rng.integers(0, v, 20).tolist()
-    rollback = fed[:-3] + rng.integers(0, v, 12).tolist()
-    too_far = fed[:-18] + rng.integers(0, v, 12).tolist()  # the default ring_slack 16 allows 17
-    cases = ((turn2, len(fed)), (rollback, len(fed) - 3), (too_far, 0))
+    near = fed[:-3] + [(fed[-3] + 1) % v] + rng.integers(0, v, 11).tolist()
+    far = fed[:-18] + [(fed[-18] + 1) % v] + rng.integers(0, v, 11).tolist()
+    cases = ((turn2, len(fed)), (near, len(fed) - 3), (far, len(fed) - 18))
     want = reference(model, [p for p, _ in cases], 8)
     for (prompt, cached), w in zip(cases, want, strict=True):
         m0 = engine.metrics()
         got = engine.generate([prompt], max_tokens=8)[0]
         m1 = engine.metrics()
         assert got.cached_tokens == cached
-        assert m1.reuse_hits - m0.reuse_hits == (cached > 0)
+        assert m1.prefix_hits - m0.prefix_hits == 1 and m1.prefix_hit_tokens - m0.prefix_hit_tokens == cached
         assert m1.prefill_tokens - m0.prefill_tokens == len(prompt) - cached
         assert got.tokens == w
-        engine.generate([turn1], max_tokens=10, stop_token_ids=())  # turn 1 resident again for the next case
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, model, tiny_cfg):
@@ -168,6 +168,23 @@ def test_no_recompiles_after_warmup(engine, tiny_cfg):
     assert sum(len(r.tokens) for r in results) > 400
 
 
+def test_compiled_programs_are_the_same_at_8k_and_131k(model):
+    """A real warm-up of the tiny model at 8k and at 131k context compiles the same number of programs:
+    page tables are data."""
+    from gptoss_jax.engine.engine import _base_key
+
+    _base_key(0)  # jax's own small jits behind a request's key, compiled once per process
+    counts = []
+    for context in (8192, 131072):
+        eng = Engine(model, max_seqs=2, max_context=context, chunk=16, seq_buckets=(2,), token_buckets=(16,),
+                     num_pages=64, detokenize=False)  # fmt: skip
+        with compiles() as seen:
+            eng.warmup()
+        counts.append((len(eng.scheduler.shapes()), len(seen)))
+        eng.close()
+    assert counts[0] == counts[1] and counts[0][0] == 2 and counts[0][1] >= 2
+
+
 def test_cancel_frees_slot_and_pages_at_once(engine, model, tiny_cfg):
     rng = np.random.default_rng(13)
     prompts = [rng.integers(0, tiny_cfg.vocab_size, n).tolist() for n in (60, 90, 40, 70, 20)]
@@ -177,8 +194,9 @@ def test_cancel_frees_slot_and_pages_at_once(engine, model, tiny_cfg):
     sch = engine.scheduler
     decoding, waiting = handles[1]._seq, handles[4]._seq
     assert decoding.slot >= 0 and len(decoding.generated) > 0 and waiting.slot < 0
-    used, pages = sch.pages_used, len(decoding.pages)
-    handles[1].cancel()  # the engine is idle between steps: freed at once
+    used = sch.pages_used
+    pages = 2 * len(decoding.blocks) - decoding.swin  # its full pages, the sliding ones its window covers
+    handles[1].cancel()  # the engine is idle between steps: freed at once (its pages stay cached)
     assert sch.pages_used == used - pages and decoding.slot not in sch.running
     assert handles[1].result(timeout=0).finish_reason == "cancelled"
     assert [ev.token for ev in handles[1]] == handles[1].result().tokens
@@ -199,7 +217,7 @@ def test_cancel_frees_slot_and_pages_at_once(engine, model, tiny_cfg):
             if h._seq.slot < 0:
                 break
             threading.Event().wait(0.05)
-        assert h._seq.slot < 0 and not h._seq.pages
+        assert h._seq.slot < 0 and not h._seq.blocks
     finally:
         engine.stop()
 
@@ -309,7 +327,8 @@ def test_bad_requests_are_one_line_errors(engine, kw, needles):
     (dict(page_size=0), ["page_size"]),
     (dict(budget=0), ["budget"]),
     (dict(seq_buckets=(0,)), ["seq_buckets"]),
-    (dict(kv_memory=1000), ["kv memory of 1000 bytes"]),
+    (dict(kv_memory=1000), ["kv memory of 1000 bytes", "no page"]),
+    (dict(memory_fraction=2.0), ["memory_fraction"]),
 ])  # fmt: skip
 def test_engine_arguments_are_one_line_errors(model, kw, needles):
     with pytest.raises(ValueError) as e:
@@ -317,8 +336,33 @@ def test_engine_arguments_are_one_line_errors(model, kw, needles):
     assert_one_line(e, *needles)
 
 
-def test_a_request_the_pool_could_never_hold_is_refused(model):
-    eng = Engine(model, max_seqs=2, max_context=64, page_size=16, num_pages=3)
+def test_a_100k_prompt_is_admitted_at_the_default_context(model):
+    """The default max_context is the model's (131072); a 100k-token prompt fits a 64 MiB pool and starts
+    (its first chunk computed; not waited for to the end)."""
+    eng = Engine(model, max_seqs=2, chunk=16, seq_buckets=(2,), token_buckets=(16,), kv_memory=64 << 20,
+                 detokenize=False)  # fmt: skip
+    assert eng.scheduler.max_context == model.cfg.context_length == 131072
+    h = eng.submit([i % 997 for i in range(100_000)], max_tokens=10)
+    eng.step()
+    assert h._seq.slot >= 0 and h._seq.length == 16
+    h.cancel()
+    eng.close()
+
+
+def test_memory_fraction_sizes_the_pool_from_what_is_left(model):
+    """memory_fraction F: F x (the memory left - the largest step's working memory, measured by compiling
+    it); on CPU the memory left is the host's available memory."""
+    from gptoss_jax.engine.engine import _free_device_bytes
+
+    free = _free_device_bytes(None)
+    eng = Engine(model, max_seqs=2, max_context=64, chunk=16, memory_fraction=0.001, detokenize=False)
+    held = eng.plan["bytes_per_device"]
+    assert 0 < held <= 0.001 * free and held > 0.0009 * free - eng.plan["page_bytes"] - 2**20
+
+
+def test_a_prompt_the_pool_could_never_hold_is_refused(model):
+    eng = Engine(model, max_seqs=2, max_context=64, page_size=16, num_pages=5)
     with pytest.raises(ValueError) as e:
-        eng.submit([1] * 40, max_tokens=20)  # 4 pages > the 3 of the pool: it could never run
-    assert_one_line(e, "4 pages", "3 pages")
+        eng.submit([1] * 40)  # 3 full pages + 3 sliding pages > the 5 of the pool: it could never run
+    assert_one_line(e, "prompt of 40 tokens", "6 pages of 16 tokens", "5 pages")
+    assert eng.submit([1] * 30, max_tokens=100).result  # what generation would need is no reason to refuse

@@ -77,11 +77,14 @@ def parse_header(raw: bytes, data_size: int, where) -> tuple[dict[str, tuple[np.
             raise CheckpointError(f"{at}: data_offsets must be two non-negative integers in order, "
                                   f"got {show(offsets)}")  # fmt: skip
         begin, end = offsets
-        nbytes = DTYPES[dt].itemsize
+        nbytes = span = DTYPES[dt].itemsize
         for s in shape:  # exact Python integers: a shape of 1e30 or one that wraps int64 cannot overflow
             nbytes *= s
+            span *= max(s, 1)
         if end - begin != nbytes:
             raise CheckpointError(f"{at}: data_offsets {begin}..{end} do not match shape {tuple(shape)} of {dt}")
+        if span >= 2**63:  # no element (a zero among the dims), yet numpy refuses the shape
+            raise CheckpointError(f"{at}: shape {tuple(shape)} is too large for an array")
         if end > data_size:
             raise CheckpointError(f"{at}: data runs past the end of the file (data section is {data_size} "
                                   f"bytes, tensor ends at {end}; truncated?)")  # fmt: skip

@@ -188,6 +188,13 @@ def header_shape_wraps_int64(src, secret):
     return f.name, "wrap", "do not match shape"
 
 
+def header_shape_empty_but_huge(src, secret):
+    # no element, so no bytes and offsets that match, but numpy cannot make an array of that shape
+    f = _first_shard(src)
+    edit_header(f, lambda h: h.update(huge={"dtype": "BF16", "shape": [0, 2**63], "data_offsets": [0, 0]}))
+    return f.name, "huge", "too large for an array"
+
+
 def header_shape_float(src, secret):
     return _tamper_header(lambda h, k: h[k].update(shape=[2.5]))(src, secret), "non-negative integers"
 
@@ -248,8 +255,8 @@ SOURCE_CASES = {f.__name__: ("hf", f) for f in (
     index_dotdot, index_absolute, index_symlink_out, index_value_int, index_value_null, index_value_list,
     index_value_escape, index_not_object, index_nested, index_fifo_shard, single_file_fifo, single_file_device,
     single_file_folder, config_fifo, config_symlink_out, config_too_large, config_nested, config_duplicate_key,
-    generation_config_nested, header_nested, header_shape_1e30, header_shape_wraps_int64, header_shape_float,
-    header_shape_too_many_dims, header_overlap, header_trailing_bytes, header_metadata_not_strings,
+    generation_config_nested, header_nested, header_shape_1e30, header_shape_wraps_int64,
+    header_shape_empty_but_huge, header_shape_float, header_shape_too_many_dims, header_overlap, header_trailing_bytes, header_metadata_not_strings,
     header_entry_not_object, header_dtype_list, header_huge_integer)}  # fmt: skip
 SOURCE_CASES.update({f.__name__: ("original", f) for f in (original_extra_fifo, header_escape_name)})
 

@@ -3,7 +3,8 @@
 Every row of a batch is its own sequence: row b holds `lengths[b]` tokens, at positions 0 .. lengths[b]-1,
 and the next chunk it receives starts at position lengths[b]. Rows advance independently (a chunk may give
 each row a different number of new tokens, padding the rest), and a row can be reset (`reset`) and refilled
-while the others keep decoding: these rows are the serving engine's slots.
+while the others keep decoding. `generate` runs one prompt per row; the serving engine keeps its keys and
+values in a page pool instead (`engine.paged.PagedKVCache`, the same protocol).
 
 Layout (stacked like the parameters, see `weights.py`): for each position j of the layer unit, `k[j]` and
 `v[j]` are (R, B, S_j, K, H) for the unit's R repeats. Full-attention layers have S_j = the cache length,

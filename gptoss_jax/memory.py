@@ -221,11 +221,17 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         )
     if device_memory_gib is not None:
         cap = device_memory_gib * GiB
-        left = cap - p["total"]
+        left = cap - held(p)
         verdict = (f"fits, {left / GiB:.2f} GiB left for activations and XLA workspace" if left > 0
                    else f"does NOT fit: {-left / GiB:.2f} GiB over")  # fmt: skip
         lines.append(f"device memory {device_memory_gib:g} GiB: {verdict}")
     return "\n".join(lines)
+
+
+def held(p: dict) -> int:
+    """Bytes one device holds under a plan: the weights and the engine's page pool when the plan has one
+    (`--serve`: `generate`'s cache is then not allocated), else the weights and `generate`'s cache."""
+    return p["weights_total"] + p["engine"]["bytes_per_device"] if "engine" in p else p["total"]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -257,7 +263,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serving engine: KV budget per device in GiB (default: --memory-fraction of "
                         "--device-memory, else the CPU default of 2 GiB)")  # fmt: skip
     parser.add_argument("--memory-fraction", type=float, default=None, metavar="F",
-                        help="serving engine: share of --device-memory left after the weights (default 0.9)")
+                        help="serving engine: share of --device-memory left after the weights (default 0.9; implies "
+                        "--serve)")
     parser.add_argument("--page-size", type=int, default=16,
                         help="serving engine: tokens per page (default 16)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -282,7 +289,8 @@ def run_info(args: argparse.Namespace) -> int:
         context = cfg.context_length if args.context is None else args.context
         if args.device_memory is not None and not args.device_memory > 0:
             raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-        serve = args.serve or args.max_seqs is not None or args.kv_memory is not None
+        serve = args.serve or any(getattr(args, n) is not None for n in ("max_seqs", "kv_memory",
+                                                                             "memory_fraction"))
         for name in ("kv_memory", "memory_fraction"):
             v = getattr(args, name)
             if v is not None and not (v > 0 and (name == "kv_memory" or v <= 1)):
@@ -299,7 +307,7 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         if args.device_memory is not None:
             p["device_memory"] = int(args.device_memory * GiB)
-            p["fits"] = p["total"] <= p["device_memory"]
+            p["fits"] = held(p) <= p["device_memory"]
         print(json.dumps(p, indent=2))
     else:
         name = Path(model).name if Path(model).exists() else model

@@ -34,7 +34,10 @@ survive, and the check above never lets a hit use a window that did not.
 
 Eviction: LRU over what nobody references, oldest release first: a block's sliding page (released when
 the window passed it, usually long before the sequence ends) or a whole leaf block (released when its
-sequence ended or was preempted; evicting it may make its parent a leaf). Cached pages never block
+sequence ended or was preempted; evicting it may make its parent a leaf). Sliding pages deep inside a long
+unbranched path go before the others (`_keep`): hits land near where a cached sequence ended or where
+prompts diverged, so the windows there are the ones worth keeping; pure LRU threw away every window before
+any full page and left cached prefixes unhittable. Cached pages never block
 anything: pages are taken from the free list, then by evicting, and only then does a sequence wait or
 preempt another.
 

@@ -20,7 +20,7 @@ Features
 - `paged_attention_pallas`: the same loop as Pallas kernels, one program per (row, query block): TPU
   (Mosaic) DMAs each key block's pages from the pools in HBM into VMEM, the page ids scalar-prefetched into
   SMEM; GPU (Triton) loads each page in place by its id. Tested in interpret mode against the reference and
-  lowered for both platforms with `jax.export` (tests/kernels/test_lowering.py); not validated on hardware
+  lowered for both platforms with `jax.export` (tests/kernels/test_paged_lowering.py); not validated on hardware
   (so `impl="auto"` keeps the XLA path, `_common.VALIDATED_PLATFORMS`).
 - `paged_attention`: the dispatcher (impl "xla" | "pallas" | "auto"), falling back to the XLA path where a
   kernel does not apply.

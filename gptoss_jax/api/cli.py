@@ -128,8 +128,8 @@ def _check(args) -> None:
 
 
 def prompt_settings(args):
-    """The prompts' settings (`harmony.settings.Resolved`): --date and --reasoning-effort where given, else those the
-    adapters were trained with, else today's date and medium."""
+    """The prompts' settings (`harmony.settings.Resolved`): --date and --reasoning-effort where given, else
+    those the adapters were trained with, else today's date and medium."""
     from ..harmony import resolve_prompt_settings
 
     return resolve_prompt_settings(args.adapters, date=args.date, reasoning_effort=args.reasoning_effort,

@@ -53,8 +53,14 @@ from gptoss_jax.kernels._common import (
     pad_axis,
     resolve_impl,
 )
-from gptoss_jax.kernels.attention import NEG, _online_softmax_step, attention_reference, visible_mask
-from gptoss_jax.ops import precision
+from gptoss_jax.kernels.attention import (
+    NEG,
+    _online_softmax_step,
+    attention_reference,
+    qk_scores,
+    visible_mask,
+    weighted_values,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +134,6 @@ def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *
     NB = table.shape[1]
     page = k_pool.shape[2]
     dt, f32 = q.dtype, jnp.float32
-    prec = precision(dt)
     first = jnp.zeros((B,), jnp.int32) if first is None else first.astype(jnp.int32)
     bq = min(T, bs.block_q)
     nq = cdiv(T, bq)
@@ -158,7 +163,7 @@ def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *
         vals = v_pool.at[layer, ids].get(mode="clip").reshape(M, bk, K, H)
         k_pos = kb[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)
         k_ok = jnp.repeat(col_ok, page, axis=1) & (k_pos < kv_len[row][:, None]) & ok[:, None]
-        s = jnp.einsum("MTKGH,MSKH->MTKGS", qs[seg], keys, preferred_element_type=f32, precision=prec)
+        s = jnp.moveaxis(qk_scores(qs[seg], keys), 3, 1)  # (M, bq, K, G, bk)
         s = s.astype(dt).astype(f32) * sm_scale  # logits in the model dtype, as the reference rounds them
         vis = visible_mask(qp[seg][:, :, None, None, None], k_pos[:, None, None, None, :], window)
         vis = vis & k_ok[:, None, None, None, :]
@@ -166,7 +171,7 @@ def paged_attention_xla(q, k_pool, v_pool, layer, sinks, q_pos, table, kv_len, *
         m_i = jnp.max(s, axis=-1)  # (M, bq, K, G); NEG for a query that sees none of these keys
         p = jnp.where(vis, jnp.exp(s - m_i[..., None]), 0.0)
         vals = jnp.where(k_ok[:, :, None, None], vals, jnp.zeros_like(vals))  # stale pages: never 0 * NaN
-        a_i = jnp.einsum("MTKGS,MSKH->MTKGH", p.astype(dt), vals, preferred_element_type=f32, precision=prec)
+        a_i = weighted_values(jnp.moveaxis(p.astype(dt), 1, 3), vals)
         # fold the items into their segments' running state; an item of no segment adds exp(NEG - m) = 0
         m_new = m.at[seg].max(m_i)
         alpha = jnp.exp(m - m_new)

@@ -9,6 +9,7 @@ full. One extra 2-layer checkpoint uses the real window of 128 on a 400-token se
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import jax
@@ -30,6 +31,7 @@ from hf_reference import (
     torch_f32,
 )
 
+import gptoss_jax.kernels.attention  # noqa: F401  (the module: `kernels.attention` is also a function)
 from gptoss_jax.config import Config
 from gptoss_jax.kernels.attention import attention_reference, attention_xla
 from gptoss_jax.model import (
@@ -344,6 +346,29 @@ def test_attention_blocks_bounded_by_score_budget(window):
 
     assert "length=5" in str(jax.make_jaxpr(blocks)(q))  # one query per block by budget, raised to 8
     assert rel_err(blocks(q), want) <= 1e-6
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_attention_over_many_keys_visits_only_the_blocks_it_sees(window, monkeypatch):
+    """Over many keys the XLA path runs an online softmax over blocks of `KV_BLOCK` keys (16 here), each block
+    of queries visiting only the blocks its positions can see: a prefill chunk of 40 tokens against a cache of
+    100 slots filled to 64 (row 1 to 50) gives the reference's result, and the slots past the filled blocks
+    are never read (they hold NaN, which any product with them would spread)."""
+    monkeypatch.setattr(sys.modules["gptoss_jax.kernels.attention"], "KV_BLOCK", 16)
+    B, T, S, K, G, H = 2, 40, 100, 2, 3, 16
+    ks = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(ks[0], (B, T, K, G, H))
+    k, v = jax.random.normal(ks[1], (B, S, K, H)), jax.random.normal(ks[2], (B, S, K, H))
+    sinks = jax.random.normal(ks[3], (K, G))
+    filled = jnp.asarray([64, 50])
+    q_pos = filled[:, None] - T + jnp.arange(T)
+    k_pos = jnp.where(jnp.arange(S) < filled[:, None], jnp.arange(S), -1)
+    kw = {"window": window, "sm_scale": 0.25}
+    want = attention_reference(q, k, v, sinks, q_pos, k_pos, **kw)
+    nan = jnp.arange(S)[None, :, None, None] >= 64
+    got = attention_xla(q, jnp.where(nan, jnp.nan, k), jnp.where(nan, jnp.nan, v), sinks, q_pos, k_pos, **kw)
+    assert "while" in str(jax.make_jaxpr(lambda q: attention_xla(q, k, v, sinks, q_pos, k_pos, **kw))(q))
+    assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("ctx", [0, 8], ids=["no-cache", "ring"])

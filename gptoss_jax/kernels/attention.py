@@ -14,7 +14,9 @@ Features
 - `attention_probs`: the same softmax for chosen queries, with the sink's share as a last column: what
   `inspect.Probe(attention=True)` captures.
 - `attention_xla`: the model's XLA path: the reference over blocks of queries (bounded memory), and on
-  sliding layers over only the keys each block can see (work O(T * window)).
+  sliding layers over only the keys each block can see (work O(T * window)); over many keys, an online
+  softmax over only the key blocks each query block can see (`_kv_blocked`: the causal triangle of a full
+  layer, the filled part of a cache).
 - `attention`: the dispatcher the model calls (impl "xla" | "pallas" | "auto"), falling back to the XLA path
   where a kernel does not apply.
 
@@ -203,6 +205,10 @@ def attention_xla(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float,
     context keys before the chunk (a ring of `window` slots, unordered) plus the `block + window - 1` chunk
     keys that end at the block, so the layer costs O(T * window) rather than O(T^2).
     Each query row is computed as in one `attention_reference` call over all keys.
+
+    More than 8 queries over at least 2 * `KV_BLOCK` keys otherwise (a full layer over a long prompt, a prefill
+    chunk against a long cache) go through `_kv_blocked`: work follows the keys each block of queries can see
+    (the causal triangle; the filled part of a cache), not the keys' shape.
     """
     B, T = q.shape[:2]
     per_key = B * q.shape[2] * q.shape[3]  # B*K*G scores per (query, key)
@@ -229,8 +235,64 @@ def attention_xla(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float,
                 return ref(qb, ks, vs, sinks, pb, ps)
 
             return _query_blocks(one, q, q_pos, bq)
+    if T > 8 and k.shape[1] >= 2 * KV_BLOCK:  # (decoding over a full cache ran 1.5x slower in steps)
+        return _kv_blocked(q, k, v, sinks, q_pos, k_pos, window=window, sm_scale=sm_scale,
+                           bq=max(8, min(block, budget // (per_key * KV_BLOCK))), bk=KV_BLOCK)  # fmt: skip
     bq = max(1, min(block, max(8, budget // (per_key * k.shape[1]))))
     return _query_blocks(lambda qb, pb, i: ref(qb, k, v, sinks, pb, k_pos), q, q_pos, bq)
+
+
+# Keys per step of `_kv_blocked`. 512 x 512 scores for the 8 query heads of the CPU
+# benchmark model are 8 MiB.
+KV_BLOCK = 512
+
+
+def _kv_blocked(q, k, v, sinks, q_pos, k_pos, *, window: int, sm_scale: float, bq: int, bk: int):
+    """Attention over many keys: each block of `bq` queries visits only the blocks of `bk` keys its
+    positions can see (`kv_block_ranges`, data, not shape: the trip count of a loop), with the online softmax
+    of FlashAttention-2 opened by the sink (m = sink, l = 1).
+
+    So a prefill chunk against a long cache pays for the keys written so far, not the cache's capacity, and a
+    full layer of `model(tokens)` pays for the causal triangle, not the square. Rounding as the reference
+    where it can: logits in the model dtype, softmax in float32; the weights go into W.V before the division
+    by the denominator, so the float32 result differs from `attention_reference` by reassociation only
+    (about 1e-7 relative; tests/kernels/test_attention.py).
+    """
+    B, S = k.shape[:2]
+    dtype, f32 = q.dtype, jnp.float32
+    nk = cdiv(S, bk)
+    kp = pad_axis(k_pos.astype(jnp.int32), 1, nk * bk, -1)
+    kt = jnp.moveaxis(pad_axis(k, 1, nk * bk), 1, 2)  # (B, K, S, H): the batched-matmul layout
+    vt = jnp.moveaxis(pad_axis(v, 1, nk * bk), 1, 2)
+
+    def one(qb, pb, i):
+        lo, count = kv_block_ranges(pb, kp, block_q=pb.shape[1], block_k=bk, window=window)
+        start = jnp.min(jnp.where(count > 0, lo, nk))  # the union of the rows' ranges
+        stop = jnp.max(jnp.where(count > 0, lo + count, 0))
+        qt = jnp.moveaxis(qb, 1, 3)  # (B, K, G, bq, H)
+        prec = precision(dtype)
+
+        def step(j, carry):
+            m, den, acc = carry
+            at = j * bk
+            kj, vj = lax.dynamic_slice_in_dim(kt, at, bk, 2), lax.dynamic_slice_in_dim(vt, at, bk, 2)
+            s = jnp.einsum("BKGTH,BKSH->BKGTS", qt, kj, preferred_element_type=f32, precision=prec)
+            s = s.astype(dtype).astype(f32) * sm_scale
+            vis = visible(pb, lax.dynamic_slice_in_dim(kp, at, bk, 1), window)[:, None, None]
+            s = jnp.where(vis, s, NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+            pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(dtype), vj, preferred_element_type=f32, precision=prec)
+            return m_new, den * alpha + jnp.sum(p, axis=-1, keepdims=True), acc * alpha + pv
+
+        shape = qt.shape[:-1] + (1,)
+        m0 = jnp.broadcast_to(sinks.astype(f32)[None, :, :, None, None], shape)
+        init = (m0, jnp.ones(shape, f32), jnp.zeros(qt.shape, f32))
+        _, den, acc = lax.fori_loop(start, jnp.maximum(start, stop), step, init)
+        return jnp.moveaxis(acc / den, 3, 1).astype(dtype)
+
+    return _query_blocks(one, q, q_pos, bq)
 
 
 # ============================================================================================ block ranges

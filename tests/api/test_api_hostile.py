@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptoss_jax.api.protocol import MAX_MESSAGES, MAX_SCHEMA_BYTES, MAX_TOOLS
+from gptoss_jax.tokenizer import get_encoding
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "x"}]
@@ -274,7 +275,7 @@ def test_agents_sdk_settings_are_admitted(server):
 # --------------------------------------------------------------------------------- honoured fields
 def test_sampling_extensions_on_every_endpoint(server, client):
     """top_k 1 (and min_p 1) keep only the most likely token: sampling at temperature 1 gives the greedy
-    answer; repetition_penalty changes a greedy answer over a prompt that holds many tokens; bad values are a
+    answer; a repetition_penalty below 1 makes a greedy answer repeat the prompt's tokens; bad values are a
     400 naming the field."""
     url, _ = server
     msgs = [{"role": "user", "content": "Count to ten."}]
@@ -291,10 +292,13 @@ def test_sampling_extensions_on_every_endpoint(server, client):
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, logprobs=0)
     k1 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=1, seed=3, logprobs=0,
                                    extra_body={"top_k": 1})  # fmt: skip
+    # a penalty below 1 favours what was seen: positive logits of the prompt's tokens x100, the rest stay
     pen = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, logprobs=0,
-                                    extra_body={"repetition_penalty": 1.8})  # fmt: skip
+                                    extra_body={"repetition_penalty": 0.01})  # fmt: skip
     assert k1.choices[0].logprobs.tokens == plain.choices[0].logprobs.tokens
-    assert pen.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
+    seen = {get_encoding().decode_single_token_bytes(t).decode("utf-8", "replace") for t in prompt}
+    assert not set(plain.choices[0].logprobs.tokens) & seen
+    assert set(pen.choices[0].logprobs.tokens) <= seen
     for field, bad in (("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("repetition_penalty", 1e999)):
         raw = json.dumps({"messages": USER, field: bad}).replace("Infinity", "1e999")
         assert_error(post(url, CHAT, raw.encode()), 400, field, param=field)

@@ -77,7 +77,10 @@ def idle(url: str) -> bool:
 
 def test_cors_only_for_the_allowed_origins(server):
     _, url, _ = server
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    pre = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     r = httpx.options(f"{url}/v1/chat/completions", headers=pre | {"Origin": ORIGIN})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
@@ -107,11 +110,10 @@ def test_deadline_drops_the_request_and_frees_its_pages(server, client):
     assert "POST /v1/chat/completions 504" in log.read_text()
 
     # mid-stream, chat completions: an error chunk, which the official client raises
-    got = []
+    got: list = []
     before = metric(url, "gptoss_engine_generated_tokens")
     with pytest.raises(openai.APIError, match="request-timeout") as e:
-        for chunk in client.chat.completions.create(**(LONG | {"stream": True})):
-            got.append(chunk)
+        got.extend(client.chat.completions.create(**(LONG | {"stream": True})))
     assert got and e.value.body["code"] == "request_timeout"  # after the 200 and the first chunk
     assert metric(url, "gptoss_engine_generated_tokens") - before > 100  # it ran until the deadline
     assert wait_until(lambda: idle(url), 10)

@@ -40,7 +40,7 @@ def docs_table(endpoint: str) -> dict[str, str]:
     start = text.index(HEADINGS[endpoint])
     rows: dict[str, str] = {}
     for line in text[start:].splitlines()[1:]:
-        if line.startswith("| field |") or line.startswith("|---") or not line.strip():
+        if line.startswith(("| field |", "|---")) or not line.strip():
             if rows:
                 break
             continue
@@ -61,7 +61,9 @@ def code_policy(endpoint: str) -> dict[str, str]:
 @pytest.mark.parametrize("endpoint", HEADINGS)
 def test_docs_table_is_the_codes_field_policy(endpoint):
     docs, code = docs_table(endpoint), code_policy(endpoint)
-    assert docs == code, {f: (docs.get(f), code.get(f)) for f in set(docs) | set(code) if docs.get(f) != code.get(f)}
+    assert docs == code, {
+        f: (docs.get(f), code.get(f)) for f in set(docs) | set(code) if docs.get(f) != code.get(f)
+    }
 
 
 @pytest.mark.parametrize("endpoint", HEADINGS)
@@ -72,5 +74,9 @@ def test_every_openai_request_field_has_a_status(endpoint):
 
 def test_honoured_ignored_and_refused_do_not_overlap():
     for endpoint in HEADINGS:
-        honoured, ignored, refused = protocol.honoured(endpoint), protocol.ignored(endpoint), set(protocol.REFUSED[endpoint])
+        honoured, ignored, refused = (
+            protocol.honoured(endpoint),
+            protocol.ignored(endpoint),
+            set(protocol.REFUSED[endpoint]),
+        )
         assert not (honoured & refused) and not (ignored & refused) and not (honoured & ignored)

@@ -121,7 +121,10 @@ def test_size_limits_name_the_field(server):
                  param="tools")  # fmt: skip
     flat = [{"type": "function", "name": f"f{i}"} for i in range(MAX_TOOLS + 1)]
     assert_error(post(url, RESP, json={"input": "x", "tools": flat}), 400, param="tools")
-    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(MAX_SCHEMA_BYTES // 20)}}
+    big = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string"} for i in range(MAX_SCHEMA_BYTES // 20)},
+    }
     fn = {"type": "function", "function": {"name": "f", "parameters": big}}
     assert_error(post(url, CHAT, json={"messages": USER, "tools": [fn]}), 400, f"larger than {MAX_SCHEMA_BYTES}",
                  param="tools[0].function.parameters")  # fmt: skip
@@ -138,20 +141,76 @@ scalars = st.one_of(
     st.text(max_size=40), st.text(st.characters(codec="utf-8"), max_size=8).map(lambda s: s + "\ud800"),
     st.sampled_from([DEEP, BIG, "", "\x00", "<|start|>assistant<|channel|>final<|message|>", "a" * 20_000]),
 )  # fmt: skip
-values = st.recursive(scalars, lambda kids: st.one_of(
-    st.lists(kids, max_size=6), st.dictionaries(st.text(max_size=12), kids, max_size=6)), max_leaves=30)
-CHAT_FIELDS = ["messages", "model", "tools", "tool_choice", "response_format", "n", "stop", "temperature", "top_p",
-               "top_k", "min_p", "repetition_penalty", "seed", "logprobs", "top_logprobs", "reasoning_effort",
-               "parallel_tool_calls", "stream_options", "user", "metadata", "logit_bias", "frequency_penalty"]
-RESP_FIELDS = ["input", "instructions", "tools", "tool_choice", "text", "reasoning", "include", "top_logprobs",
-               "previous_response_id", "store", "metadata", "truncation", "temperature", "top_k", "conversation"]
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]),
-                                 "content": st.one_of(st.text(max_size=30), values)},
-                                optional={"tool_calls": values, "tool_call_id": values, "name": values})
-ITEM = st.fixed_dictionaries({"type": st.sampled_from(["message", "function_call", "function_call_output",
-                                                       "reasoning", "web_search_call"])},
-                             optional={"role": st.sampled_from(["user", "assistant"]), "content": values,
-                                       "call_id": values, "name": values, "arguments": values, "output": values})
+values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=6), st.dictionaries(st.text(max_size=12), kids, max_size=6)
+    ),
+    max_leaves=30,
+)
+CHAT_FIELDS = [
+    "messages",
+    "model",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "n",
+    "stop",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "reasoning_effort",
+    "parallel_tool_calls",
+    "stream_options",
+    "user",
+    "metadata",
+    "logit_bias",
+    "frequency_penalty",
+]
+RESP_FIELDS = [
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "text",
+    "reasoning",
+    "include",
+    "top_logprobs",
+    "previous_response_id",
+    "store",
+    "metadata",
+    "truncation",
+    "temperature",
+    "top_k",
+    "conversation",
+]
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]),
+        "content": st.one_of(st.text(max_size=30), values),
+    },
+    optional={"tool_calls": values, "tool_call_id": values, "name": values},
+)
+ITEM = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(
+            ["message", "function_call", "function_call_output", "reasoning", "web_search_call"]
+        )
+    },
+    optional={
+        "role": st.sampled_from(["user", "assistant"]),
+        "content": values,
+        "call_id": values,
+        "name": values,
+        "arguments": values,
+        "output": values,
+    },
+)
 TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function", "custom"])}, optional={
     "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g h", ""])},
                                       optional={"parameters": values, "strict": values}),
@@ -182,8 +241,13 @@ def bodies(draw):
     return path, raw.encode()
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 @given(case=bodies())
 def test_hostile_bodies_never_give_a_5xx(server, case):
     url, _ = server
@@ -259,7 +323,9 @@ def test_agents_sdk_settings_are_admitted(server):
     url, _ = server
     agents.set_tracing_disabled(True)
     script(url, "<|channel|>final<|message|>Fine.<|return|>")
-    model = agents.OpenAIResponsesModel(MODEL, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0))
+    model = agents.OpenAIResponsesModel(
+        MODEL, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    )
     settings_ = agents.ModelSettings(temperature=0.5, top_p=0.9, max_tokens=20, truncation="disabled", store=False,
                                      metadata={"k": "v"}, top_logprobs=2, verbosity="low",
                                      reasoning=Reasoning(effort="minimal", summary="auto"), parallel_tool_calls=True,
@@ -299,7 +365,12 @@ def test_sampling_extensions_on_every_endpoint(server, client):
     seen = {get_encoding().decode_single_token_bytes(t).decode("utf-8", "replace") for t in prompt}
     assert not set(plain.choices[0].logprobs.tokens) & seen
     assert set(pen.choices[0].logprobs.tokens) <= seen
-    for field, bad in (("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("repetition_penalty", 1e999)):
+    for field, bad in (
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 1e999),
+    ):
         raw = json.dumps({"messages": USER, field: bad}).replace("Infinity", "1e999")
         assert_error(post(url, CHAT, raw.encode()), 400, field, param=field)
 
@@ -321,7 +392,9 @@ def test_minimal_reasoning_effort_is_low(server, client):
 
 def test_responses_logprobs_in_the_responses_shape(server, client):
     url, _ = server
-    answer = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello world"
+    answer = (
+        "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello world"
+    )
     script(url, answer + "<|return|>")
     r = client.responses.create(model=MODEL, input="hi", max_output_tokens=40, top_logprobs=3,
                                 include=["message.output_text.logprobs"], store=False)  # fmt: skip

@@ -6,7 +6,14 @@ line per request, request counts), and client disconnects.
 
 Errors: {"error": {"message", "type", "param", "code"}} with 400 (bad request, context overflow), 401 (missing
 or wrong key when an API key is set), 404 (unknown model, route or stored response), 413 (body over the
-limit), 429 (the engine's queue is full). No bad input gives a 5xx, and no error is wrapped in a 200.
+limit), 429 (the engine's queue is full), 503 (the engine thread died: every request, and /health), 504 (the
+request ran past --request-timeout). No bad input gives a 5xx, and no error is wrapped in a 200. An error
+after a stream's 200 went out ends the stream with an error event in the endpoint's shape (`failed`).
+
+Work per request, in order: the API key; a 429 at once when the queue is full; the body read and parsed
+(JSON, its depth, its strings) and the job built (validation, harmony rendering, tokenization, grammar
+compilation) in worker threads, at most `WORKERS` at once, off the event loop; the 429 again with the
+request's own sequence count; then generation (under --request-timeout, when set).
 
 A client that disconnects cancels its request (streamed or not): the engine drops the sequence and frees
 its memory. Each request logs one line (client, method, path, status, seconds, tokens), never the body.
@@ -16,24 +23,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import sys
 import time
 from collections import Counter
 
+import anyio
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .chat import ChatJob, sse
+from .chat import ChatJob
 from .completions import CompletionJob
-from .protocol import APIError
+from .protocol import MAX_N, APIError
 from .responses import ResponseJob, ResponseStore
 from .run import Server
 
 log = logging.getLogger("gptoss_jax.api")
 
 MAX_BODY = 32 * 2**20  # bytes; a larger body gets a 413
+MAX_DEPTH = 64  # nesting of arrays and objects in a request body; deeper is a 400
+WORKERS = 4  # threads that parse, validate, render, tokenize and compile grammars for requests, at once
 DRAIN_MAX = 256 * 2**20  # a too-large body is read (and dropped) up to this, so the client sees the 413
 ROUTES = (
     "/v1/chat/completions",
@@ -43,6 +56,7 @@ ROUTES = (
     "/health",
     "/metrics",
     "/v1/test/scripts",
+    "/v1/test/engine_fault",
 )
 
 
@@ -157,6 +171,66 @@ async def _until_disconnect(receive, coro):
     return True, task.result()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body -> its JSON object, or a 400: not JSON (NaN and Infinity included), integers longer
+    than Python converts (4300 digits), nesting deeper than MAX_DEPTH, or a string that is not Unicode (a lone
+    UTF-16 surrogate such as "\\ud800", which harmony's renderer cannot encode). Runs in a worker thread."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(f"the request body is nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, the int digit limit, NaN
+        why = " ".join(str(e).split())[:200]
+        if "integer string conversion" in why:
+            why = f"an integer has more than {sys.get_int_max_str_digits()} digits"
+        raise APIError(f"the request body is not valid JSON: {why}") from None
+    if not isinstance(data, dict):
+        raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
+    check_json(data)
+    return data
+
+
+def check_json(data) -> None:
+    """400 naming the place of the first value nested deeper than MAX_DEPTH or string that is not Unicode."""
+    stack = [(data, "", 1)]
+    while stack:
+        x, where, depth = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                at = where or "the request body"
+                raise APIError(f"{at}: the string holds a lone UTF-16 surrogate, which is not Unicode text",
+                               param=where or None) from None  # fmt: skip
+        elif isinstance(x, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(f"{where}: the request body is nested deeper than {MAX_DEPTH} levels",
+                               param=where or None)  # fmt: skip
+            items = x.items() if isinstance(x, dict) else enumerate(x)
+            for k, v in items:
+                if isinstance(k, str):
+                    stack.append((k, where, depth))  # a key: checked as a string where its object is
+                    sub = f"{where}.{k}" if where else k
+                else:
+                    sub = f"{where}[{k}]"
+                stack.append((v, sub, depth + 1))
+
+
+def estimate(data: dict) -> int:
+    """The sequences a request will run, from its unvalidated body (for the 429 before the expensive work;
+    the exact count is admitted once the request is built)."""
+    n = data.get("n", 1)
+    n = n if isinstance(n, int) and 1 <= n <= MAX_N else 1
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        n *= len(prompt)
+    return n
+
+
 class EventStream(StreamingResponse):
     """SSE whose generator is cancelled as soon as the client disconnects (not only at its next write), and
     always closed, so that the engine request ends with it."""
@@ -185,11 +259,15 @@ def create_app(
     store_capacity: int = 1024,
     start_date: str | None = "today",
     reasoning_effort: str = "medium",
+    request_timeout: float | None = None,
+    allowed_origins: list[str] | None = None,
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
     date of harmony's system message ("today", YYYY-MM-DD, or None for none); reasoning_effort: that of
-    requests that set none."""
+    requests that set none. request_timeout: seconds a request may take from its arrival (None: no limit); past
+    it the engine drops it and the client gets a 504 (an error event in a stream). allowed_origins: the
+    origins CORS admits (Starlette's CORSMiddleware; None: no CORS headers)."""
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
                     reasoning_effort=reasoning_effort)  # fmt: skip
     store = ResponseStore(store_capacity)
@@ -205,6 +283,21 @@ def create_app(
             backend.stop()
 
     app = FastAPI(title="gptoss-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])  # fmt: skip
+    workers = anyio.CapacityLimiter(WORKERS)
+
+    def failure() -> str | None:
+        return getattr(backend, "failure", None)
+
+    def check_alive() -> None:
+        if failure():
+            raise APIError(f"{failure()}; restart the server", 503, code="engine_failed")
+
+    def timed_out() -> APIError:
+        return APIError(f"the request did not finish within the server's --request-timeout of "
+                        f"{request_timeout:g} s", 504, code="request_timeout")  # fmt: skip
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -227,40 +320,70 @@ def create_app(
         if api_key is None:
             return
         got = request.headers.get("authorization", "")
-        if not got.lower().startswith("bearer ") or got[7:].strip() != api_key:
+        given = got[7:].strip().encode() if got.lower().startswith("bearer ") else b""
+        if not hmac.compare_digest(given, api_key.encode()):
             why = "a wrong API key was given" if got else "no API key was given (Authorization: Bearer KEY)"
             raise APIError(f"unauthorized: {why}", 401, code="invalid_api_key")
 
     async def body(request: Request) -> dict:
         authorize(request)
         raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
-        return data
+        return await anyio.to_thread.run_sync(parse_body, raw, limiter=workers)
 
-    async def answer(request: Request, job, stream: bool):
+    async def generate(request: Request, make_job):
+        """A generation request: admitted (the 429 first), built off the event loop, answered."""
+        t0 = asyncio.get_running_loop().time()
+        authorize(request)
+        check_alive()
+        server.admit(1)()  # a full queue is a 429 before anything is read or parsed
+        data = await body(request)
+        release = server.admit(estimate(data))
+        try:
+            job = await anyio.to_thread.run_sync(make_job, data, limiter=workers)
+            release()  # no await between: the exact count takes the estimate's place
+            release = server.admit(len(job.choices))
+        except BaseException:
+            release()
+            raise
+        deadline = None if request_timeout is None else t0 + request_timeout
+        return await answer(request, job, job.req.stream, release, deadline)
+
+    async def before(aw, deadline: float | None):
+        """`aw` awaited until the deadline (an event-loop time; None: no limit), else a 504."""
+        if deadline is None:
+            return await aw
+        try:
+            return await asyncio.wait_for(aw, max(deadline - asyncio.get_running_loop().time(), 0))
+        except TimeoutError:
+            raise timed_out() from None
+
+    async def answer(request: Request, job, stream: bool, release, deadline: float | None):
         request.state.summary = job.summary
-        release = server.admit(len(job.choices))
         if stream:
 
             async def events():
                 try:
                     async with contextlib.aclosing(job.stream()) as it:
-                        async for s in it:
+                        while True:
+                            try:
+                                s = await before(it.__anext__(), deadline)
+                            except StopAsyncIteration:
+                                break
                             yield s
-                except Exception as e:  # after the 200 went out: the stream ends with an error event
+                except APIError as e:  # after the 200 went out: the stream ends with an error event
+                    log.warning("stream on %s ended with %d: %s", request.url.path, e.status, e)
+                    for s in job.failed(e):
+                        yield s
+                except Exception as e:
                     log.exception("stream failed on %s", request.url.path)
-                    yield sse(APIError(f"internal error: {type(e).__name__}: {e}", 500).body(), "error")
+                    for s in job.failed(APIError(f"internal error: {type(e).__name__}: {e}", 500)):
+                        yield s
                 finally:
                     release()
 
             return EventStream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            finished, result = await _until_disconnect(request.receive, job.response())
+            finished, result = await _until_disconnect(request.receive, before(job.response(), deadline))
         finally:
             release()
         if not finished:
@@ -270,13 +393,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        data = await body(request)
-        return await answer(request, ChatJob(server, data), bool(data.get("stream")))
+        return await generate(request, lambda data: ChatJob(server, data))
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        data = await body(request)
-        return await answer(request, ResponseJob(server, store, data), bool(data.get("stream")))
+        return await generate(request, lambda data: ResponseJob(server, store, data))
 
     @app.get("/v1/responses/{rid}")
     async def get_response(rid: str, request: Request):
@@ -285,8 +406,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        data = await body(request)
-        return await answer(request, CompletionJob(server, data), bool(data.get("stream")))
+        return await generate(request, lambda data: CompletionJob(server, data))
 
     def model_card() -> dict:
         return {
@@ -310,6 +430,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        if failure():  # the engine thread died: nothing will be generated any more
+            return error_response(APIError(f"{failure()}; restart the server", 503, code="engine_failed"))
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -342,5 +464,12 @@ def create_app(
             if not isinstance(scripts, list) or not all(isinstance(s, (str, list)) for s in scripts):
                 raise APIError("scripts: a list of harmony strings or token id lists", param="scripts")
             return {"queued": server.queue_scripts(scripts)}
+
+        @app.post("/v1/test/engine_fault")
+        async def engine_fault(request: Request):
+            """The engine's next step raises RuntimeError(message), and its thread dies (fault tests)."""
+            data = await body(request)
+            backend.inject_fault(str(data.get("message", "injected fault")))
+            return {"injected": True}
 
     return Edge(app, max_body=max_body, counts=counts)

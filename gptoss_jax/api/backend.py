@@ -3,6 +3,8 @@
     backend.generate(prompt_ids, GenParams, info) -> async iterator of Generated(token, logprob, top)
     backend.score(token_ids, top) -> log-probabilities of each token given the ones before it
     await backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
+    backend.failure -> None, or why the backend cannot generate any more (the engine thread died): the
+      server then answers 503 to everything but /metrics (`getattr`: a backend without it never fails)
 
 Closing the iterator (the client went away, a stop string matched) cancels the request and frees its memory.
 `GenParams.mask(tokens_so_far) -> bool[V] | None` is applied before sampling at every step (constrained
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..engine import RequestOptions
+from ..engine.requests import EngineError
 from ..logprobs import chunked_log_probs
 from ..model import forward
 from ..sharding import with_model_mesh
@@ -36,6 +39,9 @@ class GenParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop_tokens: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
@@ -62,6 +68,24 @@ class EngineBackend:
     def start(self) -> None:
         self.engine.start()
 
+    @property
+    def failure(self) -> str | None:
+        e = self.engine.error
+        return None if e is None else f"the engine stopped: {type(e).__name__}: {' '.join(str(e).split())}"
+
+    def dead(self) -> APIError:
+        return APIError(f"{self.failure}; restart the server", 503, code="engine_failed")
+
+    def inject_fault(self, message: str) -> None:
+        """Tests only (the server's test hook): the engine's next step raises, as a failing device call
+        would, and its thread ends."""
+
+        def fail():
+            raise RuntimeError(message)
+
+        self.engine.step = fail  # the loop calls self.step(): this instance attribute shadows the method
+        self.engine._work.set()
+
     def stop(self) -> None:
         self.engine.close()
 
@@ -81,16 +105,25 @@ class EngineBackend:
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
             seed=params.seed,
             stop_token_ids=params.stop_tokens,
             logprobs=params.logprobs is not None,
             top_logprobs=params.logprobs or 0,
             allowed_tokens=params.mask,
         )
+        if self.failure:
+            raise self.dead()
         try:
             handle = self.engine.submit(prompt, opts)
         except ValueError as e:  # what the engine cannot hold (pages): the request's fault, a 400
             raise APIError(str(e)) from None
+        except EngineError:
+            if self.failure:
+                raise self.dead() from None
+            raise
         try:
             async for ev in handle:
                 top = (
@@ -101,6 +134,8 @@ class EngineBackend:
                 yield Generated(ev.token, ev.logprob, top)
             result = handle.result()
             if result.finish_reason == "error":
+                if self.failure:  # the engine thread died: every request in it ends so
+                    raise self.dead()
                 raise RuntimeError(f"engine: {result.error}")
             if info is not None:
                 info["cached_tokens"] = result.cached_tokens

@@ -57,6 +57,7 @@ class ChatJob:
                     index=i,
                     logprobs=self.top,
                     spec=spec,
+                    **req.sampling(),
                 ),
                 OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls),
             )
@@ -126,6 +127,11 @@ class ChatJob:
         if usage:
             yield sse(self._head("chat.completion.chunk") | {"choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
+
+    def failed(self, e) -> list[str]:
+        """The end of a stream that failed after its 200 went out: an error chunk (OpenAI's error shape),
+        and no [DONE]."""
+        return [sse(e.body())]
 
     def summary(self) -> str:
         return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -81,6 +82,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-effort", choices=("low", "medium", "high"),
                    help="for requests that set none (default: the one --adapters were trained with, else "
                    "medium)")  # fmt: skip
+    g.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="a request's deadline from its arrival: past it the engine drops it (its memory is freed) "
+                   "and the client gets a 504, or an error event mid-stream (default: none)")  # fmt: skip
+    g.add_argument("--allowed-origins", metavar="ORIGIN[,ORIGIN...]",
+                   help="enable CORS for these browser origins ('*' for any; default: CORS off)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -116,6 +122,11 @@ def _check(args) -> None:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
+    timeout = getattr(args, "request_timeout", None)
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--request-timeout must be a positive number of seconds, got {timeout}")
+    if getattr(args, "allowed_origins", None) is not None and not _origins(args.allowed_origins):
+        raise ValueError("--allowed-origins: no origin given")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: empty key")
     if not Path(args.path).exists():
@@ -125,6 +136,10 @@ def _check(args) -> None:
 
         read_adapter_config(Path(args.adapters).expanduser())
     args.resolved_prompt = prompt_settings(args)
+
+
+def _origins(value: str | None) -> list[str] | None:
+    return None if value is None else [o.strip() for o in value.split(",") if o.strip()]
 
 
 def prompt_settings(args):
@@ -166,7 +181,9 @@ def build_app(args, engine, model):
     return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
                       max_pending=args.max_seqs + args.max_queue,
                       test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
-                      start_date=prompt.date, reasoning_effort=prompt.reasoning_effort)  # fmt: skip
+                      start_date=prompt.date, reasoning_effort=prompt.reasoning_effort,
+                      request_timeout=getattr(args, "request_timeout", None),
+                      allowed_origins=_origins(getattr(args, "allowed_origins", None)))  # fmt: skip
 
 
 def run_serve(args) -> int:

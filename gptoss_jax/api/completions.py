@@ -102,6 +102,7 @@ class CompletionJob:
                     index=j,
                     logprobs=self.top,
                     stop_tokens=STOP_TOKENS,
+                    **req.sampling(),
                 )
                 # max_tokens 0 (echo only): nothing is generated, "length" as OpenAI says
                 self.choices.append(
@@ -188,6 +189,11 @@ class CompletionJob:
         if usage:
             yield sse(self._head() | {"choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
+
+    def failed(self, e) -> list[str]:
+        """The end of a stream that failed after its 200 went out: an error chunk (OpenAI's error shape),
+        and no [DONE]."""
+        return [sse(e.body())]
 
     def summary(self) -> str:
         return (

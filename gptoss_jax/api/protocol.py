@@ -1,13 +1,21 @@
 """Request bodies of the OpenAI API, validated at the edge, and the API's error.
 
 Every request is checked here before anything else runs: a bad field becomes an `APIError` (HTTP 400) whose
-one-line message names the field (`messages[2].role: ...`). Unknown fields are accepted and ignored (clients
-send vendor extensions), except the ones listed in `UNSUPPORTED`, which would change the answer and are
-refused rather than silently dropped. docs/serving.md lists every field.
+one-line message names the field (`messages[2].role: ...`).
+
+Field policy of the three request bodies (`check_unsupported`): a field the request model declares is
+honoured; a field of `IGNORED` (with its reason) is accepted and has no effect; a field of `REFUSED` is
+accepted only at its default value (what clients send when they mean "off"), a 400 otherwise; every other
+top-level field is a 400 `<field>: not supported`. docs/serving.md lists every field of every endpoint with
+its status, and tests/api/test_api_fields.py checks that table against these sets.
+
+Size limits (a 400 naming the field): `MAX_MESSAGES` messages (chat) or input items (Responses),
+`MAX_TOOLS` tools, `MAX_SCHEMA_BYTES` bytes of one tool's (or the answer's) JSON Schema, serialized.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_N = 16  # choices per request (each is a sequence in the engine)
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 2048  # chat messages / Responses input items per request
+MAX_TOOLS = 128  # tools per request, as OpenAI
+MAX_SCHEMA_BYTES = 64 * 1024  # one JSON Schema (tool parameters, response format), as compact JSON
 
 
 class APIError(ValueError):
@@ -27,6 +38,7 @@ class APIError(ValueError):
         413: "invalid_request_error",
         429: "rate_limit_error",
         503: "server_error",
+        504: "timeout_error",
     }
 
     def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None):
@@ -76,11 +88,23 @@ class _Base(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- shared
+def _schema_size(v):
+    """A JSON Schema's checks before any library reads it: its size, and `$schema` (the dialect's URI, which
+    jsonschema looks up in a dict) a string."""
+    if v is not None and not isinstance(v.get("$schema", ""), str):
+        raise ValueError("$schema must be a string (the URI of a JSON Schema dialect)")
+    if v is not None and len(json.dumps(v, separators=(",", ":"))) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the JSON Schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    return v
+
+
 class FunctionDef(_Base):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _size = field_validator("parameters")(lambda v: _schema_size(v))
 
 
 class JsonSchemaFormat(_Base):
@@ -89,9 +113,12 @@ class JsonSchemaFormat(_Base):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
+    _size = field_validator("schema_")(lambda v: _schema_size(v))
+
 
 class StreamOptions(_Base):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # Responses: no obfuscation padding is sent either way
 
 
 def _stop_list(v):
@@ -109,6 +136,19 @@ class _Sampling(_Base):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's sampling extensions (gptoss_jax.sampling): top_k 0 or -1 = off, min_p 0 = off, penalty 1 = off
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+
+    def sampling(self) -> dict:
+        """The request's vLLM sampling extensions as `Server.params` keywords."""
+        return {"top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty}  # fmt: skip
+
+
+def _map_effort(v):
+    return "low" if v == "minimal" else v  # gpt-oss has three efforts; OpenAI's "minimal" is its lowest
 
 
 # -------------------------------------------------------------------------------------- chat completions
@@ -158,11 +198,11 @@ class ResponseFormat(_Base):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ChatTool] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: list[str] = Field(default_factory=list)
@@ -172,12 +212,16 @@ class ChatRequest(_Sampling):
     response_format: ResponseFormat | None = None
 
     _stop = field_validator("stop", mode="before")(lambda v: _stop_list(v))
+    _effort = field_validator("reasoning_effort")(lambda v: _map_effort(v))
 
 
 # ------------------------------------------------------------------------------------------- responses
 class ReasoningConfig(_Base):
-    effort: Literal["low", "medium", "high"] | None = None
+    effort: Literal["minimal", "low", "medium", "high"] | None = None
     summary: str | None = None
+    generate_summary: str | None = None  # the older name of summary
+
+    _effort = field_validator("effort")(lambda v: _map_effort(v))
 
 
 class TextFormat(_Base):
@@ -187,9 +231,12 @@ class TextFormat(_Base):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
+    _size = field_validator("schema_")(lambda v: _schema_size(v))
+
 
 class TextConfig(_Base):
     format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # accepted, no effect: gpt-oss has no such knob
 
 
 class ResponseFunctionTool(FunctionDef):
@@ -204,7 +251,7 @@ class ResponseNamedToolChoice(_Base):
 class ResponsesRequest(_Sampling):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
     parallel_tool_calls: bool = True
     reasoning: ReasoningConfig | None = None
@@ -213,6 +260,15 @@ class ResponsesRequest(_Sampling):
     previous_response_id: str | None = None
     text: TextConfig | None = None
     metadata: dict[str, Any] | None = None
+    include: list[str] | None = None  # "message.output_text.logprobs": log-probs on output_text parts
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("input")
+    @classmethod
+    def _items(cls, v):
+        if isinstance(v, list) and len(v) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} input items, got {len(v)}")
+        return v
 
 
 class InputText(_Base):
@@ -290,22 +346,83 @@ class CompletionRequest(_Sampling):
     _stop = field_validator("stop", mode="before")(lambda v: _stop_list(v))
 
 
-# Fields whose non-default values this server cannot honour: refused with a 400 rather than ignored.
-UNSUPPORTED = {
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "background": (None, False),
-    "truncation": (None, "disabled"),
-    "audio": (None,),
-    "prediction": (None,),
-    "modalities": (None, ["text"]),
+# ------------------------------------------------------------------------------------------ field policy
+# Accepted and ignored, on every endpoint that does not declare the field itself (docs/serving.md: why).
+IGNORED: dict[str, str] = {
+    "user": "an end-user id for abuse monitoring, which this server does not do",
+    "safety_identifier": "an end-user id for abuse monitoring, which this server does not do",
+    "service_tier": "there is one tier",
+    "prompt_cache_key": "the prefix cache is automatic and exact: every request may reuse any prefix",
+    "prompt_cache_retention": "the prefix cache is automatic (least recently used pages go first)",
+    "prompt_cache_options": "the prefix cache is automatic",
+    "client_metadata": "Codex CLI's client information, for the provider's logs",
+    "metadata": "chat and completions store nothing to attach it to (Responses echoes it)",
+    "store": "chat completions are not stored (Responses stores)",
+    "verbosity": "gpt-oss has no verbosity control",
 }
+
+# Accepted only at these values (their defaults, what clients send to mean "off"); a 400 otherwise.
+_NONE = (None,)
+REFUSED: dict[str, dict[str, tuple]] = {
+    "chat": {
+        "frequency_penalty": (None, 0, 0.0),
+        "presence_penalty": (None, 0, 0.0),
+        "logit_bias": (None, {}),
+        "audio": _NONE,
+        "prediction": _NONE,
+        "modalities": (None, ["text"]),
+        "functions": _NONE,
+        "function_call": _NONE,
+        "web_search_options": _NONE,
+        "moderation": _NONE,
+    },
+    "responses": {
+        "background": (None, False),
+        "truncation": (None, "disabled"),
+        "conversation": _NONE,
+        "prompt": _NONE,
+        "max_tool_calls": _NONE,
+        "context_management": _NONE,
+        "background_options": _NONE,
+        "image": _NONE,
+        "access_programs": _NONE,
+        "moderation": _NONE,
+    },
+    "completions": {
+        "frequency_penalty": (None, 0, 0.0),
+        "presence_penalty": (None, 0, 0.0),
+        "logit_bias": (None, {}),
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+    },
+}
+UNSUPPORTED = REFUSED  # the former name
+
+
+def endpoint_of(req: BaseModel) -> str:
+    return {ChatRequest: "chat", ResponsesRequest: "responses", CompletionRequest: "completions"}[type(req)]
+
+
+def honoured(endpoint: str) -> set[str]:
+    """The top-level fields a request of `endpoint` honours (its model's fields, by their JSON names)."""
+    model = {"chat": ChatRequest, "responses": ResponsesRequest, "completions": CompletionRequest}[endpoint]
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+def ignored(endpoint: str) -> set[str]:
+    return set(IGNORED) - honoured(endpoint)
 
 
 def check_unsupported(req: BaseModel) -> None:
+    """The field policy (module docstring): a 400 naming the first field this server neither honours nor
+    may ignore."""
+    endpoint = endpoint_of(req)
+    refused, skip = REFUSED[endpoint], ignored(endpoint)
     for name, value in (req.model_extra or {}).items():
-        if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+        if name in skip:
+            continue
+        if name in refused:
+            if any(value == ok and type(value) is type(ok) or value is ok for ok in refused[name]):
+                continue
             raise APIError(f"{name}: not supported by this server (got {value!r:.60})", param=name)
+        raise APIError(f"{name}: not supported by this server", param=name)

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..harmony import Chat, Event, OutputParser, Part, new_id, parts_to_messages
-from .chat import sse
+from .chat import logprob_json, sse
 from .constraints import check_schemas, constraint_spec
 from .harmony_io import responses_turn
 from .protocol import APIError, ResponsesRequest, check_unsupported, parse
@@ -72,6 +72,10 @@ class ResponseJob:
         spec = constraint_spec(tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema)
         where = {t.get("name"): f"tools[{i}].parameters" for i, t in enumerate(req.tools or [])}
         check_schemas(spec, where | {"": "text.format.schema"})
+        # log-probs of the answer's tokens: include "message.output_text.logprobs" (or top_logprobs set)
+        want_lp = "message.output_text.logprobs" in (req.include or []) or req.top_logprobs is not None
+        self.top = (req.top_logprobs or 0) if want_lp else None
+        self._lp_seen: dict[int, int] = {}  # id(part) -> log-prob entries already sent
         self.choice = Choice(
             0,
             server.params(
@@ -81,6 +85,8 @@ class ResponseJob:
                 seed=req.seed,
                 index=0,
                 spec=spec,
+                logprobs=self.top,
+                **req.sampling(),
             ),
             OutputParser(single_tool_call=not req.parallel_tool_calls),
         )
@@ -168,12 +174,14 @@ class ResponseJob:
                     item["content"][0]["text"] += text
                     out.append(self._ev("response.reasoning_text.delta", **ref, content_index=0, delta=text))
                 else:
-                    item["content"][0]["text"] += text
-                    out.append(
-                        self._ev(
-                            "response.output_text.delta", **ref, content_index=0, delta=text, logprobs=[]
-                        )
+                    content = item["content"][0]
+                    content["text"] += text
+                    lps = self._new_logprobs(part)
+                    content["logprobs"] += lps
+                    ev = self._ev(
+                        "response.output_text.delta", **ref, content_index=0, delta=text, logprobs=lps
                     )
+                    out.append(ev)
             elif kind == "end":
                 cut = self.choice.hit_length and part is self.choice.parser.parts[-1]
                 item["status"] = "incomplete" if cut else "completed"
@@ -193,7 +201,10 @@ class ResponseJob:
                         if part.type == "reasoning"
                         else "response.output_text.done"
                     )
-                    extra = {} if part.type == "reasoning" else {"logprobs": []}
+                    if part.type != "reasoning":  # log-probs of tokens that released no text yet
+                        content["logprobs"] += self._new_logprobs(part)
+                    lps = copy.deepcopy(content.get("logprobs", []))
+                    extra = {} if part.type == "reasoning" else {"logprobs": lps}
                     out.append(self._ev(done, **ref, content_index=0, text=content["text"], **extra))
                     out.append(
                         self._ev(
@@ -202,6 +213,23 @@ class ResponseJob:
                     )
                 out.append(self._ev("response.output_item.done", output_index=idx, item=copy.deepcopy(item)))
         return out
+
+    def _new_logprobs(self, part: Part) -> list[dict]:
+        if self.top is None:
+            return []
+        seen = self._lp_seen.get(id(part), 0)
+        self._lp_seen[id(part)] = len(part.logprobs)
+        return [logprob_json(g, self.top) for g in part.logprobs[seen:]]
+
+    def failed(self, e: APIError) -> list[str]:
+        """The end of a stream that failed after its 200 went out: an `error` event, then
+        `response.failed` with the response so far (status "failed", `error` {code, message})."""
+        code = e.code or "server_error"
+        obj = self.obj("failed", self.usage()) | {"error": {"code": "server_error", "message": str(e)}}
+        return [
+            self._sse("error", code=code, message=str(e), param=e.param),
+            self._sse("response.failed", response=obj),
+        ]
 
     def _finish(self) -> dict:
         status = "incomplete" if self.choice.finish_reason == "length" else "completed"

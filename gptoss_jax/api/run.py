@@ -108,6 +108,9 @@ class Server:
         logprobs: int | None = None,
         spec: dict | None = None,
         stop_tokens=HARMONY_STOP,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> GenParams:
         """One choice's settings; its mask is a queued test script, else the request's constraint."""
         mask = (
@@ -119,6 +122,9 @@ class Server:
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
             seed=None if seed is None else seed + index,
             stop_tokens=tuple(stop_tokens),
             logprobs=logprobs,

@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -62,6 +63,8 @@ from .paged import MEMORY_FRACTION, PagedKVCache, cpu_budget, paged_layout, pool
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TextStream
 from .scheduler import Scheduler, Seq
 
+log = logging.getLogger("gptoss_jax.engine")
+
 
 @partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _run(graphdef, n_top, block_sizes, state, kv, a):
@@ -75,9 +78,11 @@ def _run(graphdef, n_top, block_sizes, state, kv, a):
     # a decode-only call has no chunk: its row is padding
     last = jnp.minimum(cache.last_token(lanes, width), width - 1)
     lg = logits(model, jnp.take_along_axis(h, last[..., None], axis=1).reshape(-1, h.shape[-1]))
-    sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], jnp.ones_like(a["top_p"]))
+    sp = SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], a["penalty"])
     keys = step_keys(jax.random.wrap_key_data(a["keys"]), a["index"])
-    tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], lg.shape[-1]))
+    V = lg.shape[-1]
+    # the repetition penalty of a row that has none is 1 (x / 1 and x * 1 are exact): nothing changes
+    tok = sample(lg, keys, sp, allowed=unpack_mask(a["mask"], V), seen=unpack_mask(a["seen"], V))
     # log-probs cost a log-softmax and a top-k over the vocabulary: only when some row asked for them
     B = tok.shape[0]
     none = (jnp.zeros(B, jnp.float32), jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
@@ -193,13 +198,15 @@ class Engine:
         self._work = threading.Event()
         self._ids, self._arrivals = itertools.count(), itertools.count()
         self._ones: dict[int, np.ndarray] = {}
+        self._zeros: dict[int, np.ndarray] = {}
         self._rate: collections.deque = collections.deque()  # (time, generated tokens) per step
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
         self.warmup_seconds: float | None = None
         self.last_step = (0.0, 0.0, 0.0)  # seconds of the last step: planning, device calls, commit
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what ended the background thread
+        self._failure = ""
 
     def _default_budget(self, max_seqs, max_context, page_size, fraction, seq_buckets, token_buckets,
                         budget) -> int:  # fmt: skip
@@ -231,6 +238,7 @@ class Engine:
         n_dec, T = max(sch.shapes(), key=lambda sh: sh[0] + sh[1])
         a = sch.empty_call(n_dec, T)
         a["mask"] = np.full((len(a["n_new"]), -(-cfg.vocab_size // 8)), 255, np.uint8)
+        a["seen"] = np.zeros_like(a["mask"])
         with self._on_mesh():
             layout = paged_layout(cfg, num_pages=lanes, page_size=page_size)
             n = len(layout) // 2
@@ -252,6 +260,8 @@ class Engine:
             options = dataclasses.replace(options, **kw)
         if self._closed:
             raise EngineError("the engine is closed")
+        if self.error is not None:
+            raise EngineError(self._failure)
         if jax.process_index() != 0:
             raise EngineError("submit on process 0: the other processes follow its plan (Engine.follow)")
         cfg, sch = self.cfg, self.scheduler
@@ -276,6 +286,8 @@ class Engine:
         handle._seq = seq
         self._inbox.append(("add", seq))
         self._work.set()
+        if self.error is not None:  # the thread died meanwhile (it set `error` before failing the inbox)
+            self._fail_inbox(self._failure)
         return handle
 
     def generate(self, prompts: Sequence[Sequence[int]], **kw) -> list[Result]:
@@ -395,10 +407,11 @@ class Engine:
                     with self._lock:  # an empty plan now and then: followers never wait long in one broadcast
                         self._send([])
                     idle_since = time.monotonic()
-            except BaseException as e:  # noqa: BLE001 - handed to every request, then the thread ends
-                self.error = e
-                with self._lock:
-                    self.scheduler.fail_all(f"engine step failed: {type(e).__name__}: {e}")
+            except BaseException as e:  # handed to every request (and logged), then the thread ends
+                log.error("the engine's thread stopped: its step failed", exc_info=e)
+                self._failure = f"engine step failed: {type(e).__name__}: {e}"
+                self.error = e  # before the inbox is failed: a submit that sees no error is drained below
+                self._fail_inbox(self._failure)
                 return
             if not worked:
                 self._work.wait(0.5)
@@ -436,15 +449,25 @@ class Engine:
         with self._on_mesh():
             for a in calls:
                 a = dict(a)
-                if "mask" not in a:
-                    B = a["n_new"].shape[0]
-                    if B not in self._ones:
-                        self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
-                    a["mask"] = self._ones[B]
+                B = a["n_new"].shape[0]
+                if B not in self._ones:
+                    self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
+                    self._zeros[B] = np.zeros_like(self._ones[B])
+                a.setdefault("mask", self._ones[B])  # every token allowed
+                a.setdefault("seen", self._zeros[B])  # no token seen: no repetition penalty
                 self._kv, *out = _run(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state,
                                       self._kv, a)  # fmt: skip
                 outs.append(out)
             return [tuple(to_host(x) for x in out) for out in outs]
+
+    def _fail_inbox(self, message: str) -> None:
+        """Fails every request, queued or running (the thread is gone; nothing will step them)."""
+        with self._lock:
+            while self._inbox:
+                kind, seq = self._inbox.popleft()
+                if kind == "add" and not seq.handle.done:
+                    seq.handle._push(result=self.scheduler._result(seq, "error", error=message))
+            self.scheduler.fail_all(message)
 
     def _cancel(self, handle: RequestHandle) -> None:
         self._inbox.append(("cancel", handle._seq))

@@ -35,7 +35,8 @@ class RequestOptions:
     """Per-request generation settings.
 
     max_tokens: tokens to generate at most (the engine's context limit also ends a request, "length").
-    temperature, top_p, top_k, min_p: as `gptoss_jax.sampling` (temperature 0 = greedy).
+    temperature, top_p, top_k, min_p, repetition_penalty: as `gptoss_jax.sampling` (temperature 0 = greedy;
+      the penalty applies to every token of the sequence so far, prompt and output, as transformers').
     seed: the request's random stream: token i is drawn with fold_in(fold_in(key(seed), 0), i), the key
       `generate(..., seed=[seed])` uses, so a request samples the same tokens whatever is batched beside
       it. None: the engine picks one (reported in the result).
@@ -54,6 +55,7 @@ class RequestOptions:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
     stop: tuple[str, ...] = ()
@@ -71,7 +73,8 @@ class RequestOptions:
 
     def validate(self, vocab_size: int, max_top_logprobs: int) -> None:
         """ValueError naming the first bad option."""
-        check(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        check(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+              repetition_penalty=self.repetition_penalty)  # fmt: skip
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):

@@ -678,6 +678,7 @@ class Scheduler:
                 "copy_dst": np.full((self.lanes, COPIES), none, np.int32),
                 "temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
                 "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
+                "penalty": np.ones(B, np.float32),
                 "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32),
                 "logprobs": np.zeros((), bool)}  # fmt: skip
 
@@ -695,7 +696,7 @@ class Scheduler:
         T = bucket(max(n for _, n in chunks), self.token_buckets) if chunks else 0
         a = self.empty_call(n_dec, T)
         ps, W = self.page_size, self.window
-        masks, out = {}, []
+        masks, seen, out = {}, {}, []
         rows = [(lane * (n_dec + 1) + i, s, 1, True)
                 for lane, ss in enumerate(per_lane) for i, s in enumerate(ss)]  # fmt: skip
         rows += [(s.lane * (n_dec + 1) + n_dec, s, n, False) for s, n in chunks]
@@ -717,6 +718,9 @@ class Scheduler:
                 o = s.handle.options
                 a["temperature"][row], a["top_k"][row], a["top_p"][row], a["min_p"][row] = (
                     o.temperature, o.top_k, o.top_p, o.min_p)  # fmt: skip
+                if o.repetition_penalty != 1.0:  # the tokens it penalizes: the sequence so far
+                    a["penalty"][row] = o.repetition_penalty
+                    seen[row] = s.tokens
                 a["keys"][row], a["index"][row] = s.key, len(s.tokens) - s.prompt_len
                 a["logprobs"] |= o.logprobs
                 if s.allowed is not None:
@@ -731,6 +735,11 @@ class Scheduler:
             for row, m in masks.items():
                 allowed[row] = m
             a["mask"] = pack_mask(allowed)
+        if seen:  # else the engine passes no seen token (the penalty of every row is then 1: off)
+            bits = np.zeros((len(a["n_new"]), self.vocab_size), bool)
+            for row, tokens in seen.items():
+                bits[row, tokens] = True
+            a["seen"] = pack_mask(bits)
         return Call(a, out)
 
     # ----------------------------------------------------------------------------------------- commit

@@ -19,6 +19,9 @@ from apitools import (
     (["{ckpt}", "--kv-memory", "0"], "--kv-memory must be a positive number of GiB, got 0.0"),
     (["{ckpt}", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1], got 1.5"),
     (["{ckpt}", "--api-key", " "], "--api-key: empty key"),
+    (["{ckpt}", "--request-timeout", "0"], "--request-timeout must be a positive number of seconds, got 0.0"),
+    (["{ckpt}", "--request-timeout", "nan"], "--request-timeout must be a positive number of seconds, got nan"),
+    (["{ckpt}", "--allowed-origins", " , "], "--allowed-origins: no origin given"),
     (["{ckpt}", "--date", "yesterday"], "--date must be today, none or YYYY-MM-DD, got 'yesterday'"),
     (["{ckpt}", "--adapters", "{ckpt}"], "no adapter_config.json (not a PEFT adapter folder)"),
 ])  # fmt: skip

@@ -366,3 +366,31 @@ def test_a_prompt_the_pool_could_never_hold_is_refused(model):
         eng.submit([1] * 40)  # 3 full pages + 3 sliding pages > the 5 of the pool: it could never run
     assert_one_line(e, "prompt of 40 tokens", "6 pages of 16 tokens", "5 pages")
     assert eng.submit([1] * 30, max_tokens=100).result  # what generation would need is no reason to refuse
+
+
+def test_repetition_penalty_is_transformers_rule_on_prompt_and_output(engine, model, tiny_cfg):
+    """Greedy with a repetition penalty equals a reference loop: the model's logits at each step, penalized by
+    transformers' own `RepetitionPenaltyLogitsProcessor` over prompt + output, then argmax; a row without a
+    penalty batched beside it gets exactly the tokens it gets alone."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(29)
+    prompt = rng.permutation(tiny_cfg.vocab_size)[:300].tolist()  # 30% of the vocabulary: penalized
+    other = rng.integers(0, tiny_cfg.vocab_size, 30).tolist()
+    n, penalty = 8, 1.7
+    hs = [engine.submit(prompt, max_tokens=n, stop_token_ids=(), repetition_penalty=penalty, reuse=False),
+          engine.submit(other, max_tokens=n, stop_token_ids=(), reuse=False),
+          engine.submit(prompt, max_tokens=n, stop_token_ids=(), reuse=False)]  # fmt: skip
+    while not all(h.done for h in hs):
+        engine.step()
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    seq = list(prompt)
+    for _ in range(n):
+        lg = torch.from_numpy(np.array(model(seq)[0, -1], np.float32))[None]
+        seq.append(int(proc(torch.tensor([seq]), lg).argmax()))
+    assert hs[0].result().tokens == seq[len(prompt) :]
+    assert hs[2].result().tokens != seq[len(prompt) :]  # the penalty changed the answer: not vacuous
+    assert hs[1].result().tokens == reference(model, [other], n=n, stop_tokens=())[0]
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        engine.submit(prompt, repetition_penalty=0.0)

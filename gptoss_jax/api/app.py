@@ -30,6 +30,7 @@ from .completions import CompletionJob
 from .protocol import APIError
 from .responses import ResponseJob, ResponseStore
 from .run import Server
+from .sealed import ReasoningSealer
 
 log = logging.getLogger("gptoss_jax.api")
 
@@ -185,13 +186,17 @@ def create_app(
     store_capacity: int = 1024,
     start_date: str | None = "today",
     reasoning_effort: str = "medium",
+    strict_tools: bool = False,
+    reasoning_key: str | None = None,
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
     date of harmony's system message ("today", YYYY-MM-DD, or None for none); reasoning_effort: that of
-    requests that set none."""
+    requests that set none; strict_tools: hosted tools no backend runs are a 400 (`hosted.py`); reasoning_key:
+    the key of reasoning's encrypted_content (`sealed.py`; None: $GPTOSS_JAX_REASONING_KEY or a new one)."""
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
-                    reasoning_effort=reasoning_effort)  # fmt: skip
+                    reasoning_effort=reasoning_effort, strict_tools=strict_tools,
+                    sealer=ReasoningSealer(reasoning_key))  # fmt: skip
     store = ResponseStore(store_capacity)
     counts: Counter = Counter()
     started = int(time.time())

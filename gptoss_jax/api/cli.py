@@ -81,6 +81,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-effort", choices=("low", "medium", "high"),
                    help="for requests that set none (default: the one --adapters were trained with, else "
                    "medium)")  # fmt: skip
+    g.add_argument("--strict-tools", action="store_true",
+                   help="refuse (400 naming tools[i].type) hosted tools this server cannot run, such as "
+                   "web_search or code_interpreter; by default they are left out of what the model sees")  # fmt: skip
+    g.add_argument("--reasoning-key", metavar="KEY",
+                   help="key sealing reasoning's encrypted_content (include=[\"reasoning.encrypted_content\"]); "
+                   "default: $GPTOSS_JAX_REASONING_KEY, else one made at start (then blobs do not survive a "
+                   "restart)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -166,7 +173,8 @@ def build_app(args, engine, model):
     return create_app(EngineBackend(engine, model), model_name=name, api_key=args.api_key,
                       max_pending=args.max_seqs + args.max_queue,
                       test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
-                      start_date=prompt.date, reasoning_effort=prompt.reasoning_effort)  # fmt: skip
+                      start_date=prompt.date, reasoning_effort=prompt.reasoning_effort,
+                      strict_tools=args.strict_tools, reasoning_key=args.reasoning_key)  # fmt: skip
 
 
 def run_serve(args) -> int:

@@ -180,6 +180,7 @@ def test_agents_sdk_function_tool_and_web_search_with_and_without_store(server):
     off; with store off the reasoning goes back as encrypted content only (a filter strips its text) and
     the server restores it: the second call's prompt is as long as with the text sent in clear."""
     import agents
+    from agents.run_config import ModelInputData
 
     url, _ = server
     agents.set_tracing_disabled(True)
@@ -203,13 +204,13 @@ def test_agents_sdk_function_tool_and_web_search_with_and_without_store(server):
                     "encrypted_content": it["encrypted_content"],
                 }
             items.append(it)
-        return agents.ModelInputData(input=items, instructions=data.model_data.instructions)
+        return ModelInputData(input=items, instructions=data.model_data.instructions)
 
     def drop_reasoning(data):
         items = [
             it for it in data.model_data.input if not (isinstance(it, dict) and it.get("type") == "reasoning")
         ]
-        return agents.ModelInputData(input=items, instructions=data.model_data.instructions)
+        return ModelInputData(input=items, instructions=data.model_data.instructions)
 
     async def run(store: bool, filter_=None):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -396,6 +397,7 @@ def test_encrypted_reasoning_round_trip_and_tamper(server):
         "tools": [WEATHER],
         "store": False,
         "include": ["reasoning.encrypted_content"],
+        "max_output_tokens": 100,
     }
     script(url, CALL_WEATHER)
     r1 = post(url, body).json()
@@ -405,9 +407,14 @@ def test_encrypted_reasoning_round_trip_and_tamper(server):
         and rs["encrypted_content"]
         and "Use the tool" not in rs["encrypted_content"]
     )
-    with httpx.stream("POST", f"{url}/v1/responses", json={"model": MODEL, **body, "stream": True}, headers=AUTH,
-                      timeout=300) as s:  # fmt: skip
-        script(url, CALL_WEATHER)
+    script(url, CALL_WEATHER)
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/responses",
+        json={"model": MODEL, **body, "stream": True},
+        headers=AUTH,
+        timeout=300,
+    ) as s:
         done = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ")]
     assert any(e["type"] == "response.output_item.done" and e["item"].get("encrypted_content") for e in done)
 

@@ -481,6 +481,12 @@ def test_encrypted_reasoning_is_restored_and_a_bad_blob_is_a_400():
     ]
     turn = responses_turn(parse(ResponsesRequest, {"input": items, "tools": [RTOOL]}), None, sealer=sealer)
     assert turn.messages[1] == asst("The user wants the weather.", "analysis")
+    assert asst("The user wants the weather.", "analysis") in turn.harmony_messages()  # kept in the tool loop
+    done = [*items, {"type": "function_call_output", "call_id": "c1", "output": "sun"},
+            {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]  # fmt: skip
+    turn = responses_turn(parse(ResponsesRequest, {"input": done, "tools": [RTOOL]}), None, sealer=sealer)
+    assert turn.messages[1].channel == "analysis"
+    assert all(m.channel != "analysis" for m in turn.harmony_messages())  # dropped after the final answer
     for bad, other in ((blob[:-6] + "AAAAAA", sealer), (blob, ReasoningSealer("k2")), ("nonsense", sealer)):
         items[1]["encrypted_content"] = bad
         with pytest.raises(APIError) as e:

@@ -225,11 +225,10 @@ def tool_call_message(
     arguments: str,
     content_type: str | None = CONSTRAIN_JSON,
     namespace: str | None = FUNCTIONS,
-    channel: str = "commentary",
 ) -> Message:
     """A call of function NAME: `commentary to=functions.NAME <|constrain|>json`, the arguments as text
-    (a custom tool's input: no content type; a built-in tool's call, as the model wrote it: `analysis`)."""
-    m = assistant_message(arguments, channel).with_recipient(recipient(namespace, name))
+    (a custom tool's input: no content type; NAMESPACE.NAME for another namespace)."""
+    m = assistant_message(arguments, "commentary").with_recipient(recipient(namespace, name))
     return m.with_content_type(content_type) if content_type else m
 
 
@@ -262,7 +261,7 @@ def parts_to_messages(parts: Iterable[Any]) -> list[Message]:
     for p in parts:
         if p.type == "tool_call":
             ns = getattr(p, "namespace", FUNCTIONS)
-            out.append(tool_call_message(p.name, p.text, p.content_type, ns, p.channel or "commentary"))
+            out.append(tool_call_message(p.name, p.text, p.content_type, ns))  # on commentary, never dropped
         elif p.text:
             out.append(assistant_message(p.text, PART_CHANNELS.get(p.type, "final")))
     return out

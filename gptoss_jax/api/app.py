@@ -197,6 +197,9 @@ def create_app(
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
                     reasoning_effort=reasoning_effort, strict_tools=strict_tools,
                     sealer=ReasoningSealer(reasoning_key))  # fmt: skip
+    if server.sealer.ephemeral:
+        log.info("reasoning's encrypted_content is sealed with a key made at start: clients' blobs will not "
+                 "open after a restart (--reasoning-key or $GPTOSS_JAX_REASONING_KEY to keep one)")  # fmt: skip
     store = ResponseStore(store_capacity)
     counts: Counter = Counter()
     started = int(time.time())

@@ -47,6 +47,7 @@ LAYERS = [
     ["training.loop", "training.merge"],
     ["training", "training.command"],
     ["api.protocol"],
+    ["api.hosted", "api.sealed"],
     ["api.constraints"],
     ["api.harmony_io", "api.backend"],
     ["api.run"],

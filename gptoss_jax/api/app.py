@@ -41,6 +41,7 @@ from .completions import CompletionJob
 from .protocol import MAX_N, APIError
 from .responses import ResponseJob, ResponseStore
 from .run import Server
+from .sealed import ReasoningSealer
 
 log = logging.getLogger("gptoss_jax.api")
 
@@ -261,15 +262,23 @@ def create_app(
     reasoning_effort: str = "medium",
     request_timeout: float | None = None,
     allowed_origins: list[str] | None = None,
+    strict_tools: bool = False,
+    reasoning_key: str | None = None,
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
     date of harmony's system message ("today", YYYY-MM-DD, or None for none); reasoning_effort: that of
     requests that set none. request_timeout: seconds a request may take from its arrival (None: no limit); past
     it the engine drops it and the client gets a 504 (an error event in a stream). allowed_origins: the
-    origins CORS admits (Starlette's CORSMiddleware; None: no CORS headers)."""
+    origins CORS admits (Starlette's CORSMiddleware; None: no CORS headers). strict_tools: hosted tools no
+    backend runs are a 400 (`hosted.py`); reasoning_key: the key of reasoning's encrypted_content
+    (`sealed.py`; None: $GPTOSS_JAX_REASONING_KEY or a new one)."""
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
-                    reasoning_effort=reasoning_effort)  # fmt: skip
+                    reasoning_effort=reasoning_effort, strict_tools=strict_tools,
+                    sealer=ReasoningSealer(reasoning_key))  # fmt: skip
+    if server.sealer.ephemeral:
+        log.info("reasoning's encrypted_content is sealed with a key made at start: clients' blobs will not "
+                 "open after a restart (--reasoning-key or $GPTOSS_JAX_REASONING_KEY to keep one)")  # fmt: skip
     store = ResponseStore(store_capacity)
     counts: Counter = Counter()
     started = int(time.time())

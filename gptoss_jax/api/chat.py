@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from ..harmony import Event, OutputParser, new_id
+from ..harmony import FUNCTIONS, Event, OutputParser, new_id, recipient
 from ..tokenizer import get_encoding
 from .constraints import check_schemas, constraint_spec
 from .harmony_io import chat_turn
@@ -157,17 +157,23 @@ class ChatView:
         for kind, part, text in events:
             if part.type == "tool_call":
                 if kind == "start":
+                    # a built-in tool the model called unoffered keeps its address: browser.search, python
+                    name = (
+                        part.name
+                        if part.namespace in (FUNCTIONS, None)
+                        else recipient(part.namespace, part.name)
+                    )
                     call = {
                         "index": part.index,
                         "id": part.call_id,
                         "type": "function",
-                        "function": {"name": part.name, "arguments": ""},
+                        "function": {"name": name, "arguments": ""},
                     }
                     self.calls.append(
                         {
                             "id": part.call_id,
                             "type": "function",
-                            "function": {"name": part.name, "arguments": ""},
+                            "function": {"name": name, "arguments": ""},
                         }
                     )
                     out.append(({"tool_calls": [call]}, None))

@@ -87,6 +87,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "and the client gets a 504, or an error event mid-stream (default: none)")  # fmt: skip
     g.add_argument("--allowed-origins", metavar="ORIGIN[,ORIGIN...]",
                    help="enable CORS for these browser origins ('*' for any; default: CORS off)")  # fmt: skip
+    g.add_argument("--strict-tools", action="store_true",
+                   help="refuse (400 naming tools[i].type) hosted tools this server cannot run, such as "
+                   "web_search or code_interpreter; by default they are left out of what the model sees")  # fmt: skip
+    g.add_argument("--reasoning-key", metavar="KEY",
+                   help="key sealing reasoning's encrypted_content (include=[\"reasoning.encrypted_content\"]); "
+                   "default: $GPTOSS_JAX_REASONING_KEY, else one made at start (then blobs do not survive a "
+                   "restart)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
@@ -183,7 +190,8 @@ def build_app(args, engine, model):
                       test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1",
                       start_date=prompt.date, reasoning_effort=prompt.reasoning_effort,
                       request_timeout=getattr(args, "request_timeout", None),
-                      allowed_origins=_origins(getattr(args, "allowed_origins", None)))  # fmt: skip
+                      allowed_origins=_origins(getattr(args, "allowed_origins", None)),
+                      strict_tools=args.strict_tools, reasoning_key=args.reasoning_key)  # fmt: skip
 
 
 def run_serve(args) -> int:

@@ -1,7 +1,7 @@
 """Constrained decoding with llguidance: grammars over harmony tokens, and a per-step allowed-token mask.
 
 A request is constrained when it asks for `response_format` json_object / json_schema, `tool_choice`
-"required" or a named function, or offers a `strict` tool. Its whole assistant turn then follows a grammar
+"required" or a named function, or offers a `strict` tool or a custom tool with a grammar. Its whole assistant turn then follows a grammar
 written over harmony's own tokens (llguidance's lark names special tokens by id, `<[200005]>` is
 <|channel|>, and embeds JSON Schemas with `%json`):
 
@@ -10,7 +10,9 @@ written over harmony's own tokens (llguidance's lark names special tokens by id,
     last:  final | call                   final: <|channel|>final<|message|> TEXT or %json{schema} <|return|>
     call:  <|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGS <|call|>
 
-ARGS is the tool's JSON Schema for a strict tool, free text otherwise. With tool_choice "required" `last` is
+ARGS is the tool's JSON Schema for a strict tool, free text otherwise. The calls of other namespaces'
+functions (`to=NS.NAME`) and of custom tools (no `<|constrain|>json`; the input follows the tool's lark or
+regex grammar, when it has one, embedded as `%lark { ... }` or `/regex/`) are further alternatives of `call`. With tool_choice "required" `last` is
 a call, with a named function a call to that one (so the model writes the call header itself, token by
 token, under the mask); with response_format the final message is JSON valid for the schema.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -76,18 +79,29 @@ def _json(schema: dict) -> str:
     return "%json " + json.dumps(schema)
 
 
+def _custom_body(fmt: tuple[str, str]) -> str:
+    """A custom tool's grammar as a lark rule body: a nested lark grammar, or a regex."""
+    syntax, definition = fmt
+    if syntax == "regex":
+        return "/" + re.sub(r"(?<!\\)/", r"\\/", definition) + "/"
+    return "%lark {\n" + definition + "\n}"
+
+
 def grammar(
     *,
     final: dict | None | bool,
     calls: dict[str, dict | None],
     reasoning: bool = True,
     after_end: bool = False,
+    other: list | tuple = (),
 ) -> str:
     """The lark grammar of an assistant turn.
 
     final: False = no final answer allowed (a call is required); None = free text; a dict = its JSON Schema.
     calls: function name -> JSON Schema of its arguments (None: free text). reasoning: analysis/preamble
     messages may come first. after_end: the turn resumes right after a forced <|end|> (budget exhausted).
+    other: further calls, (recipient, "json", JSON Schema or None) or (recipient, "text", (syntax,
+    definition) or None): functions of other namespaces and custom tools.
     """
     rules = []
     lasts = []
@@ -97,23 +111,37 @@ def grammar(
         if final is not None:
             rules.append(f"final_json: {_json(final)}")
         lasts.append("final")
-    if calls:
+    if calls or other:
         names = []
         for i, (name, schema) in enumerate(calls.items()):
             args = "TEXT" if schema is None else f"args_{i}"
             rules.append(
-                f'call_{i}: {_lit(name)} " " {_tok(CONSTRAIN)} "json" {_tok(MESSAGE)} {args} {_tok(CALL)}'
+                f'call_{i}: "functions." {_lit(name)} " " {_tok(CONSTRAIN)} "json" {_tok(MESSAGE)} {args} '
+                f"{_tok(CALL)}"
             )
             if schema is not None:
                 rules.append(f"args_{i}: {_json(schema)}")
             names.append(f"call_{i}")
-        rules.append(f'call: {_tok(CHANNEL)} "commentary to=functions." ({" | ".join(names)})')
+        for i, (to, kind, body) in enumerate(other):
+            if kind == "json":
+                args = "TEXT" if body is None else f"oargs_{i}"
+                head = f'{_lit(to)} " " {_tok(CONSTRAIN)} "json" {_tok(MESSAGE)}'
+                if body is not None:
+                    rules.append(f"oargs_{i}: {_json(body)}")
+            else:
+                args = "TEXT" if body is None else f"oargs_{i}"
+                head = f"{_lit(to)} {_tok(MESSAGE)}"
+                if body is not None:
+                    rules.append(f"oargs_{i}: {_custom_body(body)}")
+            rules.append(f"ocall_{i}: {head} {args} {_tok(CALL)}")
+            names.append(f"ocall_{i}")
+        rules.append(f'call: {_tok(CHANNEL)} "commentary to=" ({" | ".join(names)})')
         lasts.append("call")
     if not lasts:
         raise ValueError("grammar: nothing may end the turn")
     head = f'{_tok(END)} {_tok(START)} "assistant" ' if after_end else ""
     pre = "pre* " if reasoning else ""
-    channels = '"analysis" | "commentary"' if calls else '"analysis"'
+    channels = '"analysis" | "commentary"' if calls or other else '"analysis"'
     return "\n".join(
         [
             f"start: {head}{pre}last",
@@ -190,25 +218,57 @@ def check_schema(schema: dict, where: str) -> None:
         )
 
 
-def constraint_spec(*, tools: dict[str, Any], tool_choice: str, json_schema: dict | None) -> dict | None:
+def _grammar_of(fn: Any) -> tuple[str, str] | None:
+    fmt = getattr(fn, "format", None)
+    if fmt is None or fmt.type != "grammar":
+        return None
+    return (fmt.syntax or "lark", fmt.definition or "")
+
+
+def constraint_spec(
+    *, tools: dict[str, Any], tool_choice: str, json_schema: dict | None, namespaces: dict | None = None
+) -> dict | None:
     """The grammar settings of a request, or None when it needs no constraint.
 
-    tools: name -> FunctionDef (those rendered in the prompt); json_schema: the schema the final answer must
+    tools: name -> FunctionDef or custom tool (those rendered in `functions`); namespaces: name ->
+    `harmony.Namespace` (the Responses API's namespace tools); json_schema: the schema the final answer must
     follow (response_format json_object: {"type": "object"}), None for free text."""
-    strict = {n: f for n, f in tools.items() if f.strict}
-    if json_schema is None and tool_choice in ("auto", "none") and not strict:
+    namespaces = namespaces or {}
+    every = list(tools.values()) + [f for ns in namespaces.values() for f in ns.tools.values()]
+    strict = [f for f in every if getattr(f, "type", "function") != "custom" and f.strict]
+    grammars = [f for f in every if _grammar_of(f) is not None]
+    if json_schema is None and tool_choice in ("auto", "none") and not strict and not grammars:
         return None
     final = False if tool_choice not in ("auto", "none") else json_schema
     names = (
         list(tools) if tool_choice in ("auto", "required") else [tool_choice] if tool_choice != "none" else []
     )
-    calls = {n: (tools[n].parameters or {"type": "object"}) if tools[n].strict else None for n in names}
-    return {"final": final, "calls": calls}
+    calls, other = {}, []
+    for n in names:
+        f = tools[n]
+        if getattr(f, "type", "function") == "custom":
+            other.append((f"functions.{n}", "text", _grammar_of(f)))
+        else:
+            calls[n] = (f.parameters or {"type": "object"}) if f.strict else None
+    if tool_choice in ("auto", "required"):
+        for ns_name, ns in namespaces.items():
+            for n, f in ns.tools.items():
+                if getattr(f, "type", "function") == "custom":
+                    other.append((f"{ns_name}.{n}", "text", _grammar_of(f)))
+                else:
+                    other.append(
+                        (f"{ns_name}.{n}", "json", (f.parameters or {"type": "object"}) if f.strict else None)
+                    )
+    spec = {"final": final, "calls": calls}
+    if other:
+        spec["other"] = other
+    return spec
 
 
 def check_schemas(spec: dict | None, where: dict[str, str]) -> None:
-    """400 naming the field when a schema the request must follow cannot be compiled (where: name -> field,
-    "" for the final answer's schema)."""
+    """400 naming the field when a schema or grammar the request must follow cannot be compiled (where:
+    name -> field, "" for the final answer's schema; for other namespaces and custom tools, recipient ->
+    the tool's field)."""
     if spec is None:
         return
     if isinstance(spec["final"], dict):
@@ -216,6 +276,19 @@ def check_schemas(spec: dict | None, where: dict[str, str]) -> None:
     for name, schema in spec["calls"].items():
         if schema is not None:
             check_schema(schema, where[name])
+    for to, kind, body in spec.get("other", ()):
+        field = where.get(to, "tools")
+        if kind == "json" and body is not None:
+            check_schema(body, f"{field}.parameters")
+        elif kind == "text" and body is not None:
+            try:
+                _matcher(f"start: g\ng: {_custom_body(body)}")
+            except ValueError as e:
+                raise APIError(
+                    f"{field}.format.definition: this {body[0]} grammar cannot be enforced: "
+                    f"{str(e).splitlines()[0]}",
+                    param=f"{field}.format.definition",
+                ) from None
 
 
 class ForcedTokens:

@@ -6,6 +6,10 @@ What is the API's own here: the tools a request offers and how it lets the model
 with "none" the instructions stay and no tool is rendered), the check that each function's parameters are a
 JSON Schema for an object, the request's reasoning effort (else the server's default), and every problem
 answered as a 400 naming the field (`APIError`).
+
+Responses tools: function and custom tools go in `functions`; a namespace tool's functions and custom tools
+in a harmony namespace of its name; hosted tools (web_search, ...) are left out or refused (`hosted.py`).
+Reasoning input items that carry `encrypted_content` are opened (`sealed.py`) and their analysis restored.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from ..harmony import Chat, ConversationError, function_tools
+from ..harmony import FUNCTIONS, Chat, ConversationError, Namespace, function_tools, is_custom
+from .hosted import hosted_tool
 from .protocol import (
     APIError,
     ChatRequest,
     FunctionDef,
+    ReasoningText,
     ResponsesRequest,
     parse_input_item,
     parse_response_tool,
@@ -31,6 +37,14 @@ class Turn(Chat):
     in the prompt, the reasoning effort, the function of each call id) and how it may call the tools."""
 
     tool_choice: str = "auto"  # auto | none | required | the name of the function that must be called
+    where: dict[str, str] = dataclasses.field(default_factory=dict)  # tool recipient -> its request field
+
+    def tool(self, namespace: str | None, name: str | None) -> Any:
+        """The definition of the tool a call addresses (None: not offered, e.g. a built-in tool)."""
+        if namespace in (None, FUNCTIONS):
+            return self.tools.get(name)
+        ns = self.namespaces.get(namespace)
+        return ns.tools.get(name) if ns else None
 
     def prompt_tokens(self, date: Any = "today") -> list[int]:
         """The prompt, with today's date unless the server is configured otherwise (`serve --date`)."""
@@ -66,7 +80,8 @@ def _tools(tools: list[Any], where: list[str], choice: Any) -> tuple[dict[str, F
     with _as_api_error():
         named = function_tools(tools)
     for fn, w in zip(named.values(), where, strict=True):
-        check_tool(fn, w)
+        if not is_custom(fn):
+            check_tool(fn, w)
     if choice is None:
         choice = "auto"
     elif not isinstance(choice, str):
@@ -93,9 +108,9 @@ def _as_api_error():
 
 
 # ------------------------------------------------------------------------------------------ requests
-def _turn(chat: Chat, tools: dict[str, FunctionDef], choice: str) -> Turn:
+def _turn(chat: Chat, tools: dict[str, FunctionDef], choice: str, where: dict | None = None) -> Turn:
     fields = {f.name: getattr(chat, f.name) for f in dataclasses.fields(Chat)}
-    return Turn(**(fields | {"tools": tools}), tool_choice=choice)
+    return Turn(**(fields | {"tools": tools}), tool_choice=choice, where=where or {})
 
 
 def chat_turn(req: ChatRequest, reasoning_effort: str = "medium") -> Turn:
@@ -109,20 +124,79 @@ def chat_turn(req: ChatRequest, reasoning_effort: str = "medium") -> Turn:
     return _turn(chat, tools, choice)
 
 
-def responses_turn(req: ResponsesRequest, previous: Chat | None, reasoning_effort: str = "medium") -> Turn:
+def response_tools(raw: list[Any], strict: bool) -> tuple[list[Any], list[str], dict[str, Namespace], dict]:
+    """A Responses request's tools -> the `functions` namespace's tools and their fields, the other
+    namespaces, and each tool's field by recipient (`functions.NAME`, `NS.NAME`)."""
+    top, where, namespaces, fields = [], [], {}, {}
+    for i, t in enumerate(raw):
+        tool = parse_response_tool(i, t)
+        if tool is None:
+            hosted_tool(i, t, strict)
+        elif tool.type == "namespace":
+            w = f"tools[{i}]"
+            if tool.name in namespaces or tool.name == FUNCTIONS:
+                raise APIError(f"{w}.name: duplicate namespace {tool.name!r}", param=f"{w}.name")
+            inner = [parse_response_tool(j, x, f"{w}.tools") for j, x in enumerate(tool.tools)]
+            for j, x in enumerate(inner):
+                if x is None:
+                    raise APIError(
+                        f"{w}.tools[{j}].type: a namespace holds function and custom tools, got "
+                        f"{tool.tools[j].get('type')!r}",
+                        param=f"{w}.tools[{j}].type",
+                    )
+            with _as_api_error():
+                named = function_tools(inner, f"{w}.tools")
+            for j, fn in enumerate(named.values()):
+                fields[f"{tool.name}.{fn.name}"] = f"{w}.tools[{j}]"
+                if not is_custom(fn):
+                    check_tool(fn, f"{w}.tools[{j}]")
+            namespaces[tool.name] = Namespace(tool.description, named)
+        else:
+            top.append(tool)
+            where.append(f"tools[{i}]")
+            fields[f"{FUNCTIONS}.{tool.name}"] = f"tools[{i}]"
+    return top, where, namespaces, fields
+
+
+def open_reasoning(items: list[Any], sealer: Any) -> None:
+    """Reasoning items that carry `encrypted_content`: the sealed analysis becomes their content (a blob that
+    does not open is a 400 naming it)."""
+    for i, it in enumerate(items):
+        blob = getattr(it, "encrypted_content", None) if getattr(it, "type", None) == "reasoning" else None
+        if blob is None:
+            continue
+        where = f"input[{i}].encrypted_content"
+        if sealer is None:
+            raise APIError(f"{where}: this server does not open encrypted reasoning", param=where)
+        it.content = [ReasoningText(type="reasoning_text", text=sealer.open(blob, where))]
+
+
+def responses_turn(
+    req: ResponsesRequest,
+    previous: Chat | None,
+    reasoning_effort: str = "medium",
+    *,
+    strict_tools: bool = False,
+    sealer: Any = None,
+) -> Turn:
     """The conversation of a Responses request: the stored one of `previous_response_id` (its messages and
-    call ids; its instructions and tools are not inherited, as in OpenAI's API), then this request's input."""
-    raw_tools = req.tools or []
-    tools, choice = _tools(
-        [parse_response_tool(i, t) for i, t in enumerate(raw_tools)],
-        [f"tools[{i}]" for i in range(len(raw_tools))],
-        req.tool_choice,
-    )
+    call ids; its instructions and tools are not inherited, as in OpenAI's API), then this request's input.
+    strict_tools: a hosted tool is a 400 rather than left out; sealer: opens encrypted reasoning."""
+    top, where, namespaces, fields = response_tools(req.tools or [], strict_tools)
+    tools, choice = _tools(top, where, req.tool_choice)
+    if choice == "none":
+        namespaces = {}
     raw = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     items = [parse_input_item(i, x) for i, x in enumerate(raw)]
+    open_reasoning(items, sealer)
     effort = (req.reasoning.effort if req.reasoning else None) or reasoning_effort
     with _as_api_error():
         chat = Chat.from_responses_input(
-            items, instructions=req.instructions, tools=tools, previous=previous, reasoning_effort=effort
+            items,
+            instructions=req.instructions,
+            tools=tools,
+            previous=previous,
+            reasoning_effort=effort,
+            namespaces=namespaces,
         )
-    return _turn(chat, tools, choice)
+    return _turn(chat, tools, choice, fields)

@@ -243,8 +243,34 @@ class ResponseFunctionTool(FunctionDef):
     type: Literal["function"]
 
 
+class CustomToolFormat(_Base):
+    type: Literal["text", "grammar"] = "text"
+    syntax: Literal["lark", "regex"] | None = None
+    definition: str | None = None
+
+
+class CustomTool(_Base):
+    """A tool whose input is free-form text (`format`: a grammar the text must follow)."""
+
+    type: Literal["custom"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,64}$")
+    description: str | None = None
+    format: CustomToolFormat | None = None
+    strict: ClassVar[None] = None  # never JSON-strict: a grammar, when given, is enforced instead
+    parameters: ClassVar[None] = None
+
+
+class NamespaceTool(_Base):
+    """Function and custom tools under a namespace of their own (harmony renders it beside `functions`)."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    tools: list[dict[str, Any]] = Field(min_length=1)
+
+
 class ResponseNamedToolChoice(_Base):
-    type: Literal["function"]
+    type: Literal["function", "custom"]
     name: str
 
 
@@ -288,10 +314,19 @@ class FunctionCallItem(_Base):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None
+
+
+class CustomToolCallItem(_Base):
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(_Base):
-    type: Literal["function_call_output"]
+    type: Literal["function_call_output", "custom_tool_call_output"]
     call_id: str
     output: str | list[InputText]
 
@@ -305,12 +340,15 @@ class ReasoningItem(_Base):
     type: Literal["reasoning"]
     summary: list[ReasoningText] = Field(default_factory=list)
     content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
 
 
 INPUT_ITEMS = {
     "message": InputMessage,
     "function_call": FunctionCallItem,
     "function_call_output": FunctionCallOutputItem,
+    "custom_tool_call": CustomToolCallItem,
+    "custom_tool_call_output": FunctionCallOutputItem,
     "reasoning": ReasoningItem,
 }
 
@@ -325,13 +363,20 @@ def parse_input_item(i: int, item: Any):
     return parse(INPUT_ITEMS[kind], item, f"input[{i}]")
 
 
-def parse_response_tool(i: int, tool: Any) -> ResponseFunctionTool:
+RESPONSE_TOOLS = {"function": ResponseFunctionTool, "custom": CustomTool, "namespace": NamespaceTool}
+
+
+def parse_response_tool(i: int, tool: Any, where: str = "tools"):
+    """A function, custom or namespace tool (inside a namespace: function or custom); None for another type,
+    which the caller decides about (a hosted tool, `api/hosted.py`)."""
     kind = tool.get("type") if isinstance(tool, dict) else None
-    if kind != "function":
-        raise APIError(
-            f"tools[{i}].type: only function tools are supported, got {kind!r}", param=f"tools[{i}].type"
-        )
-    return parse(ResponseFunctionTool, tool, f"tools[{i}]")
+    if not isinstance(kind, str):
+        raise APIError(f"{where}[{i}].type: field required", param=f"{where}[{i}].type")
+    if kind not in RESPONSE_TOOLS:
+        return None
+    if where != "tools" and kind == "namespace":
+        raise APIError(f"{where}[{i}].type: namespaces do not nest", param=f"{where}[{i}].type")
+    return parse(RESPONSE_TOOLS[kind], tool, f"{where}[{i}]")
 
 
 # ----------------------------------------------------------------------------------------- completions

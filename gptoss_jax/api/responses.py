@@ -1,10 +1,14 @@
 """`POST /v1/responses` (and `GET /v1/responses/{id}` for stored ones).
 
-Output items, one per harmony message: `reasoning` (its text as `reasoning_text` content), `message`
-(`phase` "final_answer" for the final channel, "commentary" for a preamble), `function_call`. Streaming
+Output items, one per harmony message: `reasoning` (its text as `reasoning_text` content; with `include:
+["reasoning.encrypted_content"]` also sealed in `encrypted_content`, see `sealed.py`), `message` (`phase`
+"final_answer" for the final channel, "commentary" for a preamble), `function_call` (with `namespace` for a
+function of a namespace tool, or of a built-in tool the model called unoffered: browser, python, container),
+`custom_tool_call` (`input`: the text the model wrote, for a custom tool). Streaming
 sends OpenAI's events: response.created, response.in_progress, then for each item
 response.output_item.added, response.content_part.added, the text deltas (response.reasoning_text.delta,
-response.output_text.delta, response.function_call_arguments.delta) and their .done events,
+response.output_text.delta, response.function_call_arguments.delta, response.custom_tool_call_input.delta)
+and their .done events,
 response.content_part.done, response.output_item.done, and last response.completed (response.incomplete
 when max_output_tokens cut the answer), with usage. The non-streamed object is folded from the same events.
 
@@ -20,7 +24,7 @@ import copy
 import time
 from collections.abc import AsyncIterator
 
-from ..harmony import Chat, Event, OutputParser, Part, new_id, parts_to_messages
+from ..harmony import FUNCTIONS, Chat, Event, OutputParser, Part, is_custom, new_id, parts_to_messages
 from .chat import logprob_json, sse
 from .constraints import check_schemas, constraint_spec
 from .harmony_io import responses_turn
@@ -60,7 +64,14 @@ class ResponseJob:
         server.check_model(req.model)
         self.req, self.server, self.store = req, server, store
         previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
-        self.turn = turn = responses_turn(req, previous, server.reasoning_effort)
+        self.turn = turn = responses_turn(
+            req,
+            previous,
+            server.reasoning_effort,
+            strict_tools=server.strict_tools,
+            sealer=server.sealer,
+        )
+        self.seal = "reasoning.encrypted_content" in (req.include or [])
         self.prompt = turn.prompt_tokens(server.start_date)
         max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
         fmt = req.text.format if req.text else None
@@ -69,9 +80,11 @@ class ResponseJob:
             schema = {"type": "object"}
         elif fmt is not None and fmt.type == "json_schema":
             schema = fmt.schema_ or {}
-        spec = constraint_spec(tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema)
-        where = {t.get("name"): f"tools[{i}].parameters" for i, t in enumerate(req.tools or [])}
-        check_schemas(spec, where | {"": "text.format.schema"})
+        spec = constraint_spec(
+            tools=turn.tools, tool_choice=turn.tool_choice, json_schema=schema, namespaces=turn.namespaces
+        )
+        where = {to.removeprefix(f"{FUNCTIONS}."): f"{w}.parameters" for to, w in turn.where.items()}
+        check_schemas(spec, where | turn.where | {"": "text.format.schema"})
         # log-probs of the answer's tokens: include "message.output_text.logprobs" (or top_logprobs set)
         want_lp = "message.output_text.logprobs" in (req.include or []) or req.top_logprobs is not None
         self.top = (req.top_logprobs or 0) if want_lp else None
@@ -88,7 +101,7 @@ class ResponseJob:
                 logprobs=self.top,
                 **req.sampling(),
             ),
-            OutputParser(single_tool_call=not req.parallel_tool_calls),
+            OutputParser(single_tool_call=not req.parallel_tool_calls, namespaces=list(turn.namespaces)),
         )
         self.choices = [self.choice]
         self.id, self.created = new_id("resp"), int(time.time())
@@ -156,7 +169,8 @@ class ResponseJob:
         for kind, part, text in events:
             if kind == "start":
                 self._index[id(part)] = len(self.items)
-                self.items.append(new_item(part))
+                custom = part.type == "tool_call" and is_custom(self.turn.tool(part.namespace, part.name))
+                self.items.append(new_item(part, custom))
             idx = self._index[id(part)]
             item = self.items[idx]
             ref = {"item_id": item["id"], "output_index": idx}
@@ -167,7 +181,10 @@ class ResponseJob:
                         self._ev("response.content_part.added", **ref, content_index=0, part=empty_part(part))
                     )
             elif kind == "delta" and text:
-                if part.type == "tool_call":
+                if item["type"] == "custom_tool_call":
+                    item["input"] += text
+                    out.append(self._ev("response.custom_tool_call_input.delta", **ref, delta=text))
+                elif part.type == "tool_call":
                     item["arguments"] += text
                     out.append(self._ev("response.function_call_arguments.delta", **ref, delta=text))
                 elif part.type == "reasoning":
@@ -185,7 +202,10 @@ class ResponseJob:
             elif kind == "end":
                 cut = self.choice.hit_length and part is self.choice.parser.parts[-1]
                 item["status"] = "incomplete" if cut else "completed"
-                if part.type == "tool_call":
+                if item["type"] == "custom_tool_call":
+                    item.pop("status")  # a custom tool call has none in OpenAI's shape
+                    out.append(self._ev("response.custom_tool_call_input.done", **ref, input=item["input"]))
+                elif part.type == "tool_call":
                     out.append(
                         self._ev(
                             "response.function_call_arguments.done",
@@ -206,6 +226,8 @@ class ResponseJob:
                     lps = copy.deepcopy(content.get("logprobs", []))
                     extra = {} if part.type == "reasoning" else {"logprobs": lps}
                     out.append(self._ev(done, **ref, content_index=0, text=content["text"], **extra))
+                    if part.type == "reasoning" and self.seal:
+                        item["encrypted_content"] = self.server.sealer.seal(content["text"])
                     out.append(
                         self._ev(
                             "response.content_part.done", **ref, content_index=0, part=copy.deepcopy(content)
@@ -240,8 +262,11 @@ class ResponseJob:
                 reasoning_effort=self.turn.reasoning_effort,
                 call_names=dict(self.turn.call_names),
             )
+            stored.call_namespaces = dict(self.turn.call_namespaces)
             for p in self.choice.parser.tool_calls:
                 stored.call_names[p.call_id] = p.name
+                if p.namespace != FUNCTIONS:
+                    stored.call_namespaces[p.call_id] = p.namespace
             self.store.put(self.id, stored, obj)
         return obj
 
@@ -268,8 +293,19 @@ class ResponseJob:
         )
 
 
-def new_item(part: Part) -> dict:
+def new_item(part: Part, custom: bool = False) -> dict:
+    """The output item a part starts (custom: a call of a custom tool)."""
     if part.type == "tool_call":
+        ns = {} if part.namespace in (FUNCTIONS, "", None) else {"namespace": part.namespace}
+        if custom:
+            return {
+                "id": new_id("ctc"),
+                "type": "custom_tool_call",
+                "call_id": part.call_id,
+                "name": part.name,
+                "input": "",
+                **ns,
+            }
         return {
             "id": new_id("fc"),
             "type": "function_call",
@@ -277,6 +313,7 @@ def new_item(part: Part) -> dict:
             "call_id": part.call_id,
             "name": part.name,
             "arguments": "",
+            **ns,
         }
     if part.type == "reasoning":
         return {

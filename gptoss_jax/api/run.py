@@ -36,6 +36,8 @@ class Server:
     max_pending: int = 256  # sequences admitted at once (generating or queued in the engine)
     start_date: str | None = "today"  # harmony's conversation start date: "today", a date, or None (no date)
     reasoning_effort: str = "medium"  # for requests that set none
+    strict_tools: bool = False  # a hosted tool no backend runs is a 400, not left out (api/hosted.py)
+    sealer: Any = None  # seals and opens reasoning's encrypted_content (api/sealed.py)
     pending: int = 0
     scripts: collections.deque = dataclasses.field(default_factory=collections.deque)
 

@@ -15,13 +15,16 @@ Rules:
   harmony's system message (`system_message`) carries the reasoning effort and the conversation start date,
   or no date;
 - tools are rendered in one place: function tools in the developer message's `functions` namespace
-  (`developer_message`); other namespaces of developer tools belong there beside it, and harmony's built-in
-  tools (browser, python) in `system_message`;
+  (`developer_message`); other namespaces of developer tools (`namespaces`: the Responses API's namespace
+  tools) beside it, each under its own name; a custom tool (free-form text input) as a function of one
+  string argument, its grammar, if any, quoted in its description; harmony's built-in tools (browser,
+  python) belong in `system_message`;
 - an assistant message is rendered as its reasoning (analysis; `thinking`, `reasoning` or
   `reasoning_content`), its text (a commentary preamble when the message also calls tools, else the final
-  answer) and its tool calls (`commentary to=functions.NAME <|constrain|>json`); a tool's answer is a message
-  from `functions.NAME` to the assistant, NAME being the function of the call its `tool_call_id` names (or,
-  without one, its `name`);
+  answer) and its tool calls (`commentary to=functions.NAME <|constrain|>json`; `to=NAMESPACE.NAME` in
+  another namespace; a custom tool's call has no content type); a tool's answer is a message from
+  `functions.NAME` (or its namespace) to the assistant, NAME being the function of the call its
+  `tool_call_id` names (or, without one, its `name`);
 - chain of thought (`drop_finished_reasoning`): analysis messages before the last final answer are dropped,
   those after it (a tool loop in progress) are kept. This is the gpt-oss chat template's rule. harmony's own
   `auto_drop_analysis` looks only at the conversation's first final answer, so the rule is applied here and
@@ -42,7 +45,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from openai_harmony import (
+from openai_harmony import (  # ToolNamespaceConfig is not in harmony's __all__, but public
     Author,
     Conversation,
     DeveloperContent,
@@ -52,6 +55,7 @@ from openai_harmony import (
     Role,
     SystemContent,
     ToolDescription,
+    ToolNamespaceConfig,
 )
 
 from ..tokenizer import get_harmony_encoding
@@ -146,20 +150,58 @@ def function_tools(tools: Iterable[Any] | None, where: str = "tools") -> dict[st
     return out
 
 
-def developer_message(instructions: str | None, tools: Mapping[str, Any] | None = None) -> Message | None:
+@dataclasses.dataclass
+class Namespace:
+    """A namespace of developer tools beside `functions`: its description and its tools (name -> definition,
+    as for `functions`)."""
+
+    description: str | None
+    tools: dict[str, Any]
+
+
+def is_custom(fn: Any) -> bool:
+    """A custom tool: its input is free-form text, not JSON arguments."""
+    return _field(fn, "type") == "custom"
+
+
+def tool_description(name: str, fn: Any) -> ToolDescription:
+    """A tool as harmony renders it. A custom tool is a function of one string (`(_: string) => any`); its
+    grammar, when it has one, is quoted after its description."""
+    desc = _field(fn, "description") or ""
+    if not is_custom(fn):
+        return ToolDescription.new(name, desc, _field(fn, "parameters"))
+    fmt = _field(fn, "format")
+    if fmt is not None and _field(fmt, "type") == "grammar":
+        syntax, definition = _field(fmt, "syntax") or "lark", _field(fmt, "definition") or ""
+        rule = f"The input is free-form text (not JSON) that must match this {syntax} grammar:\n{definition}"
+    else:
+        rule = "The input is free-form text (not JSON)."
+    return ToolDescription.new(name, f"{desc}\n{rule}" if desc else rule, {"type": "string"})
+
+
+def developer_message(
+    instructions: str | None,
+    tools: Mapping[str, Any] | None = None,
+    namespaces: Mapping[str, Namespace] | None = None,
+) -> Message | None:
     """harmony's developer message: `# Instructions`, then the tools, each namespace in its own section
-    (`functions` for the function tools); None when there is neither."""
-    if not instructions and not tools:
+    (`functions` for the function tools, then `namespaces`; harmony orders the sections by name); None when
+    there is nothing to say."""
+    namespaces = {k: v for k, v in (namespaces or {}).items() if v.tools}
+    if not instructions and not tools and not namespaces:
         return None
     dev = DeveloperContent.new()
     if instructions:
         dev = dev.with_instructions(instructions)
     if tools:
-        dev = dev.with_function_tools(
-            [
-                ToolDescription.new(name, _field(fn, "description") or "", _field(fn, "parameters"))
-                for name, fn in tools.items()
-            ]
+        dev = dev.with_function_tools([tool_description(name, fn) for name, fn in tools.items()])
+    for ns_name, ns in namespaces.items():
+        dev = dev.with_tools(
+            ToolNamespaceConfig(
+                name=ns_name,
+                description=ns.description or None,
+                tools=[tool_description(name, fn) for name, fn in ns.tools.items()],
+            )
         )
     return Message.from_role_and_content(Role.DEVELOPER, dev)
 
@@ -173,15 +215,26 @@ def user_message(text: str) -> Message:
     return Message.from_role_and_content(Role.USER, text)
 
 
-def tool_call_message(name: str, arguments: str, content_type: str | None = CONSTRAIN_JSON) -> Message:
-    """A call of function NAME: `commentary to=functions.NAME <|constrain|>json`, the arguments as text."""
-    m = assistant_message(arguments, "commentary").with_recipient(f"{FUNCTIONS}.{name}")
+def recipient(namespace: str | None, name: str) -> str:
+    """A tool's address: `NAMESPACE.NAME` (`functions.NAME` for function tools), or NAME without one."""
+    return f"{namespace}.{name}" if namespace else name
+
+
+def tool_call_message(
+    name: str,
+    arguments: str,
+    content_type: str | None = CONSTRAIN_JSON,
+    namespace: str | None = FUNCTIONS,
+) -> Message:
+    """A call of function NAME: `commentary to=functions.NAME <|constrain|>json`, the arguments as text
+    (a custom tool's input: no content type; NAMESPACE.NAME for another namespace)."""
+    m = assistant_message(arguments, "commentary").with_recipient(recipient(namespace, name))
     return m.with_content_type(content_type) if content_type else m
 
 
-def tool_result_message(name: str, output: str) -> Message:
+def tool_result_message(name: str, output: str, namespace: str | None = FUNCTIONS) -> Message:
     """Function NAME's answer: a commentary message from `functions.NAME` to the assistant."""
-    author = Author.new(Role.TOOL, f"{FUNCTIONS}.{name}")
+    author = Author.new(Role.TOOL, recipient(namespace, name))
     return (
         Message.from_author_and_content(author, output).with_channel("commentary").with_recipient("assistant")
     )
@@ -207,7 +260,8 @@ def parts_to_messages(parts: Iterable[Any]) -> list[Message]:
     out = []
     for p in parts:
         if p.type == "tool_call":
-            out.append(tool_call_message(p.name, p.text, p.content_type))
+            ns = getattr(p, "namespace", FUNCTIONS)
+            out.append(tool_call_message(p.name, p.text, p.content_type, ns))  # on commentary, never dropped
         elif p.text:
             out.append(assistant_message(p.text, PART_CHANNELS.get(p.type, "final")))
     return out
@@ -276,10 +330,13 @@ class Chat:
     reasoning_effort: str = "medium"
     call_names: dict[str, str] = dataclasses.field(default_factory=dict)
     sources: list[int] = dataclasses.field(default_factory=list)
+    namespaces: dict[str, Namespace] = dataclasses.field(default_factory=dict)
+    # call id -> its namespace, where that is not `functions` ("" for a recipient without one: `python`)
+    call_namespaces: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def head(self, date: Any = None) -> list[Message]:
         """The system message, then the developer message when there are instructions or tools."""
-        dev = developer_message(self.instructions, self.tools)
+        dev = developer_message(self.instructions, self.tools, self.namespaces)
         return [system_message(self.reasoning_effort, date)] + ([dev] if dev is not None else [])
 
     def harmony_messages(self, date: Any = None) -> list[Message]:
@@ -353,18 +410,23 @@ class Chat:
         previous: Chat | None = None,
         reasoning_effort: Any = "medium",
         where: str = "input",
+        namespaces: Mapping[str, Namespace] | None = None,
     ) -> Chat:
         """Responses input items (dicts or objects; a string is one user message), after `previous`'s
         messages and call ids (its instructions and tools are not inherited, as in OpenAI's API).
 
         An assistant message is a preamble when its `phase` is "commentary", or, without a phase, when the
-        next item other than reasoning and assistant text is a function call of the same turn."""
+        next item other than reasoning and assistant text is a function call of the same turn. Custom tool
+        calls (`custom_tool_call`, `custom_tool_call_output`) are rendered as function calls whose text is
+        the input; a call's `namespace` addresses it there instead of `functions`."""
         tools = dict(tools) if isinstance(tools, Mapping) else function_tools(tools)
         chat = cls(tools=tools, reasoning_effort=reasoning_effort_or_default(reasoning_effort))
+        chat.namespaces = dict(namespaces or {})
         if previous is not None:
             chat.messages = list(previous.messages)
             chat.sources = [-1] * len(chat.messages)
             chat.call_names = dict(previous.call_names)
+            chat.call_namespaces = dict(previous.call_namespaces)
         texts = [instructions] if instructions else []
         items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items)
         for i, it in enumerate(items):
@@ -380,10 +442,18 @@ class Chat:
                     phase = _field(it, "phase")
                     preamble = phase == "commentary" or (phase is None and _calls_next(items[i + 1 :]))
                     chat._add(i, [assistant_message(text, "commentary" if preamble else "final")])
-            elif kind == "function_call":
-                chat.call_names[_field(it, "call_id")] = _field(it, "name")
-                chat._add(i, [tool_call_message(_field(it, "name"), arguments_text(_field(it, "arguments")))])
-            elif kind == "function_call_output":
+            elif kind in ("function_call", "custom_tool_call"):
+                call_id, name, ns = _field(it, "call_id"), _field(it, "name"), _field(it, "namespace")
+                ns = FUNCTIONS if ns is None else ns
+                chat.call_names[call_id] = name
+                if ns != FUNCTIONS:
+                    chat.call_namespaces[call_id] = ns
+                if kind == "function_call":
+                    m = tool_call_message(name, arguments_text(_field(it, "arguments")), namespace=ns)
+                else:
+                    m = tool_call_message(name, _field(it, "input") or "", None, namespace=ns)
+                chat._add(i, [m])
+            elif kind in ("function_call_output", "custom_tool_call_output"):
                 call_id = _field(it, "call_id")
                 if call_id not in chat.call_names:
                     raise ConversationError(
@@ -392,7 +462,8 @@ class Chat:
                         f"{w}.call_id",
                     )
                 out = text_of(_field(it, "output"), f"{w}.output")
-                chat._add(i, [tool_result_message(chat.call_names[call_id], out)])
+                ns = chat.call_namespaces.get(call_id, FUNCTIONS)
+                chat._add(i, [tool_result_message(chat.call_names[call_id], out, ns)])
             elif kind == "reasoning":
                 text = text_of(_field(it, "content") or _field(it, "summary") or [], f"{w}.content")
                 if text:

@@ -3,12 +3,14 @@
 
 A turn is a list of `Part`s, one per harmony message the model wrote:
 
-- ``reasoning``: the analysis channel (and messages to a recipient other than ``functions.*``, i.e. built-in
-  tools the server does not run, and messages whose author is not the assistant: the model's guesses at a
-  tool's answer never reach ``content``);
+- ``reasoning``: the analysis channel (and messages to a recipient that is no tool, and messages whose author
+  is not the assistant: the model's guesses at a tool's answer never reach ``content``);
 - ``preamble``: the commentary channel without a recipient (user-visible text said before a tool call);
 - ``content``: the final channel, a message with no channel (a bare refusal), and any text that did not parse;
-- ``tool_call``: a message to ``functions.NAME``; its text is the arguments.
+- ``tool_call``: a message to ``functions.NAME`` or to a function of another namespace the request offers
+  (``namespaces``); its text is the arguments. A call to one of gpt-oss's built-in tools (``browser.*``,
+  ``python``, ``container.*``), which no request offered, is a tool call too, in that namespace: the client
+  sees the call (and its tool loop answers it, typically with an error), never an empty answer.
 
 `OutputParser.feed(token)` returns events ``(kind, part, delta)`` with kind "start", "delta" or "end". Each
 part's ``text`` is exactly the concatenation of its deltas, so a streamed answer and the object built from the
@@ -46,12 +48,17 @@ from ..tokenizer import (
     get_encoding,
     get_harmony_encoding,
 )
-from .conversation import parts_to_messages
+from .conversation import FUNCTIONS, parts_to_messages
 from .stops import StopStrings
 
 log = logging.getLogger("gptoss_jax.harmony")
 
 FIRST_SPECIAL = 199998  # ids from here on are special tokens (o200k_harmony)
+BUILTIN_NAMESPACES = (
+    "browser",
+    "python",
+    "container",
+)  # gpt-oss's trained tools: called even when not offered
 END_TOKENS = (END, CALL, RETURN)
 
 
@@ -66,7 +73,8 @@ class Part:
 
     type: str  # reasoning | preamble | content | tool_call
     text: str = ""
-    name: str | None = None  # tool_call: the function name (recipient without "functions.")
+    name: str | None = None  # tool_call: the function name (recipient without "functions." or its namespace)
+    namespace: str | None = None  # tool_call: "functions", another namespace, or "" (a bare `python`)
     call_id: str | None = None  # tool_call: the id the tool's answer refers to
     index: int = 0  # tool_call: position among this turn's tool calls
     channel: str | None = None  # harmony channel and content type, kept for rendering the turn again
@@ -79,14 +87,34 @@ class Part:
 Event = tuple[str, Part, str]  # ("start" | "delta" | "end", part, text delta)
 
 
-def part_type(role: Any, channel: str | None, recipient: str | None) -> str:
+def split_recipient(recipient: str, namespaces: Iterable[str] = (FUNCTIONS,)) -> tuple[str, str] | None:
+    """(namespace, name) of a tool call's recipient: a function of `namespaces` or a built-in tool; None for
+    any other recipient."""
+    ns, dot, name = recipient.partition(".")
+    if dot and name and (ns in namespaces or ns in BUILTIN_NAMESPACES):
+        return ns, name
+    if recipient in BUILTIN_NAMESPACES:  # `python`: a namespace that is its own function
+        return "", recipient
+    return None
+
+
+def part_type(
+    role: Any, channel: str | None, recipient: str | None, namespaces: Iterable[str] = (FUNCTIONS,)
+) -> str:
     if recipient and recipient.startswith("functions."):
+        return "tool_call"
+    if (
+        recipient
+        and channel != "final"
+        and (role is None or getattr(role, "value", role) == "assistant")
+        and split_recipient(recipient.split(" ")[0], namespaces) is not None
+    ):
         return "tool_call"
     if (role is not None and getattr(role, "value", role) != "assistant") or channel == "analysis":
         return "reasoning"
     if channel == "final":  # leftover header text lands in the recipient: it does not make this a tool call
         return "content"
-    if recipient:  # a built-in tool (browser, python) the server does not run
+    if recipient:  # no tool: a message to the user or junk
         return "reasoning"
     return "preamble" if channel == "commentary" else "content"
 
@@ -108,7 +136,12 @@ class OutputParser:
     """
 
     def __init__(
-        self, *, stop: list[str] | None = None, single_tool_call: bool = False, log_problems: bool = True
+        self,
+        *,
+        stop: list[str] | None = None,
+        single_tool_call: bool = False,
+        log_problems: bool = True,
+        namespaces: Iterable[str] = (),
     ):
         from openai_harmony import Role, StreamableParser
 
@@ -134,6 +167,7 @@ class OutputParser:
         self.problem = ""
         self.log_problems = log_problems
         self.n_tokens = 0
+        self.namespaces = (FUNCTIONS, *namespaces)  # those whose functions are tool calls
 
     # ------------------------------------------------------------------------------------------ events
     def _start(self, type_: str, out: list[Event], **kw) -> Part:
@@ -246,12 +280,17 @@ class OutputParser:
             return
         if token == MESSAGE:  # the header is complete: a message starts
             p = self._p
-            type_ = part_type(p.current_role, p.current_channel, p.current_recipient)
-            name = p.current_recipient.removeprefix("functions.") if type_ == "tool_call" else None
+            type_ = part_type(p.current_role, p.current_channel, p.current_recipient, self.namespaces)
+            ns, name = (
+                split_recipient(p.current_recipient.split(" ")[0], self.namespaces) or (FUNCTIONS, "")
+                if type_ == "tool_call"
+                else (None, None)
+            )
             self._part = self._start(
                 type_,
                 out,
                 name=name,
+                namespace=ns,
                 channel=p.current_channel,
                 content_type=p.current_content_type,
                 tokens=len(self._header),
@@ -264,9 +303,13 @@ class OutputParser:
             if len(msgs) > self._n_messages:
                 self._n_messages = len(msgs)
                 m = msgs[-1]
+                type_ = part_type(m.author.role, m.channel, m.recipient, self.namespaces)
+                split = split_recipient(m.recipient or "", self.namespaces) if type_ == "tool_call" else None
                 part = self._start(
-                    part_type(m.author.role, m.channel, m.recipient),
+                    type_,
                     out,
+                    name=split and split[1],
+                    namespace=split and split[0],
                     channel=m.channel,
                     tokens=len(self._header),
                 )

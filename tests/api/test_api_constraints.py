@@ -8,6 +8,7 @@ parser) into what the request demands, within max_tokens.
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -41,7 +42,7 @@ def walk(mask: TokenMask, max_tokens: int, rng) -> list[int]:
 
 
 def parsed(tokens):
-    p = OutputParser()
+    p = OutputParser(namespaces=["crm"])
     for t in tokens:
         p.feed(t)
     p.finish()
@@ -160,3 +161,66 @@ def test_forced_tokens():
     f = ForcedTokens([5, 7])
     assert np.flatnonzero(f([])).tolist() == [5] and np.flatnonzero(f([5])).tolist() == [7]
     assert f([5, 7]) is None and f([]).shape == (N_VOCAB,)
+
+
+@pytest.mark.parametrize(
+    "fmt, pattern",
+    [
+        (("regex", "[a-c]{3}/[0-9]{2}"), r"[a-c]{3}/[0-9]{2}"),
+        (("lark", 'start: "*** Begin" NL line line? "*** End"\nline: /[+-][a-z]{1,8}/ NL\nNL: "\\n"'),
+         r"\*\*\* Begin\n([+-][a-z]{1,8}\n){1,2}\*\*\* End"),
+    ],
+)  # fmt: skip
+def test_custom_tool_grammar_is_enforced(fmt, pattern):
+    """A custom tool's input follows its regex or lark grammar; its call has no <|constrain|>json."""
+    rng = np.random.default_rng(7)
+    spec = {"final": False, "calls": {}, "other": [("functions.edit", "text", fmt)]}
+    for _ in range(4):
+        toks = walk(TokenMask(spec, 60), 60, rng)
+        p = parsed(toks)
+        (c,) = p.tool_calls
+        assert c.name == "edit" and c.content_type is None and toks[-1] == CALL
+        assert re.fullmatch(pattern, c.text), c.text
+
+
+def test_constraint_spec_with_namespaces_and_custom_tools():
+    from gptoss_jax.api.protocol import CustomTool
+    from gptoss_jax.harmony import Namespace
+
+    grammar_tool = CustomTool(type="custom", name="pick", format={"type": "grammar", "syntax": "regex",
+                                                                  "definition": "[ab]+"})  # fmt: skip
+    plain = CustomTool(type="custom", name="note")
+    f = FunctionDef(name="f", parameters=SCHEMA, strict=True)
+    ns = {"crm": Namespace("d", {"lookup": f, "note": plain})}
+    g = FunctionDef(name="g")
+    assert (
+        constraint_spec(tools={"g": g, "note": plain}, tool_choice="auto", json_schema=None, namespaces={})
+        is None
+    )
+    spec = constraint_spec(
+        tools={"g": g, "pick": grammar_tool}, tool_choice="auto", json_schema=None, namespaces=ns
+    )
+    assert spec == {
+        "final": None,
+        "calls": {"g": None},
+        "other": [
+            ("functions.pick", "text", ("regex", "[ab]+")),
+            ("crm.lookup", "json", SCHEMA),
+            ("crm.note", "text", None),
+        ],
+    }
+    rng = np.random.default_rng(3)
+    spec["final"] = False  # a call is required: each one the grammar allows parses as a call of its tool
+    seen = set()
+    for _ in range(12):
+        p = parsed(walk(TokenMask(spec, 80), 80, rng))
+        (c,) = p.tool_calls
+        seen.add((c.namespace, c.name))
+        if c.name == "pick":
+            assert re.fullmatch("[ab]+", c.text)
+        if c.name == "lookup":
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    assert (
+        seen <= {("functions", "g"), ("functions", "pick"), ("crm", "lookup"), ("crm", "note")}
+        and len(seen) > 1
+    )

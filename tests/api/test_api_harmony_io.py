@@ -17,6 +17,7 @@ from openai_harmony import (
     Role,
     SystemContent,
     ToolDescription,
+    ToolNamespaceConfig,
 )
 
 from gptoss_jax.api.harmony_io import chat_turn, responses_turn
@@ -39,7 +40,9 @@ CALL = {
 }
 
 
-def expected(messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=None, date="today") -> list[int]:
+def expected(
+    messages, effort=ReasoningEffort.MEDIUM, instructions=None, tools=None, date="today"
+) -> list[int]:
     sys_ = SystemContent.new().with_reasoning_effort(effort)
     if date is not None:
         sys_ = sys_.with_conversation_start_date(dt.date.today().isoformat() if date == "today" else date)
@@ -321,5 +324,174 @@ def test_responses_assistant_phase_and_unknown_call_id():
         responses_turn(parse(ResponsesRequest, bad), None)
     with pytest.raises(APIError, match="input\\[0\\].type: unsupported input item type 'web_search_call'"):
         responses_turn(parse(ResponsesRequest, {"input": [{"type": "web_search_call"}]}), None)
-    with pytest.raises(APIError, match="tools\\[0\\].type: only function tools"):
-        responses_turn(parse(ResponsesRequest, {"input": "x", "tools": [{"type": "web_search"}]}), None)
+    with pytest.raises(APIError, match="tools\\[0\\].type: unknown tool type 'nope'"):
+        responses_turn(parse(ResponsesRequest, {"input": "x", "tools": [{"type": "nope"}]}), None)
+
+
+# ------------------------------------------------------------------------------- namespaces, custom, hosted
+CRM_FUNCTIONS = [
+    {"type": "function", "name": "lookup", "description": "Find a customer",
+     "parameters": {"type": "object", "properties": {"email": {"type": "string"}}, "required": ["email"]}},
+    {"type": "function", "name": "forget", "description": "Forget a customer"},
+]  # fmt: skip
+RTOOL = {"type": "function", **WEATHER["function"]}
+
+
+def expected_dev(messages, dev: DeveloperContent) -> list[int]:
+    sys_ = SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)
+    sys_ = sys_.with_conversation_start_date(dt.date.today().isoformat())
+    head = [
+        Message.from_role_and_content(Role.SYSTEM, sys_),
+        Message.from_role_and_content(Role.DEVELOPER, dev),
+    ]
+    conv = Conversation.from_messages(head + messages)
+    return list(
+        get_harmony_encoding().render_conversation_for_completion(
+            conv, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)
+        )
+    )
+
+
+def test_namespace_tools_render_as_harmony_renders_a_namespace():
+    ns = {"type": "namespace", "name": "crm", "description": "The customer database.", "tools": CRM_FUNCTIONS}
+    body = {"instructions": "Be brief.", "input": "Who?", "tools": [RTOOL, ns]}
+    turn = responses_turn(parse(ResponsesRequest, body), None)
+    crm = ToolNamespaceConfig(
+        name="crm",
+        description="The customer database.",
+        tools=[
+            ToolDescription.new("lookup", "Find a customer", CRM_FUNCTIONS[0]["parameters"]),
+            ToolDescription.new("forget", "Forget a customer", None),
+        ],
+    )
+    dev = DeveloperContent.new().with_instructions("Be brief.").with_function_tools([TOOL]).with_tools(crm)
+    assert turn.prompt_tokens() == expected_dev([user("Who?")], dev)
+    text = decode(turn.prompt_tokens())
+    assert "## crm\n\n// The customer database.\nnamespace crm {" in text and "} // namespace crm" in text
+    # a namespace alone (no function tools) renders too
+    alone = responses_turn(parse(ResponsesRequest, {"input": "Who?", "tools": [ns]}), None)
+    assert alone.prompt_tokens() == expected_dev([user("Who?")], DeveloperContent.new().with_tools(crm))
+
+
+def test_custom_tools_render_as_a_function_of_one_string():
+    grammar = 'start: "*** Begin Patch" /(.|\\n)*/ "*** End Patch"'
+    tools = [
+        {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+         "format": {"type": "grammar", "syntax": "lark", "definition": grammar}},
+        {"type": "custom", "name": "note"},
+    ]  # fmt: skip
+    turn = responses_turn(parse(ResponsesRequest, {"input": "x", "tools": tools}), None)
+    dev = DeveloperContent.new().with_function_tools(
+        [
+            ToolDescription.new(
+                "apply_patch",
+                "Apply a patch\nThe input is free-form text (not JSON) that must match this lark grammar:\n"
+                + grammar,
+                {"type": "string"},
+            ),
+            ToolDescription.new("note", "The input is free-form text (not JSON).", {"type": "string"}),
+        ]
+    )
+    assert turn.prompt_tokens() == expected_dev([user("x")], dev)
+    assert "type note = (_: string) => any;" in decode(turn.prompt_tokens())
+
+
+def test_namespace_and_custom_calls_and_outputs_render_in_their_namespace():
+    ns = {"type": "namespace", "name": "crm", "description": "d", "tools": CRM_FUNCTIONS}
+    items = [
+        {"role": "user", "content": "x"},
+        {"type": "function_call", "call_id": "c1", "name": "lookup", "namespace": "crm", "arguments": "{}"},
+        {"type": "custom_tool_call", "call_id": "c2", "name": "note", "input": "hi"},
+        {"type": "function_call_output", "call_id": "c1", "output": "Ada"},
+        {"type": "custom_tool_call_output", "call_id": "c2", "output": "ok"},
+    ]
+    tools = [ns, {"type": "custom", "name": "note"}]
+    turn = responses_turn(parse(ResponsesRequest, {"input": items, "tools": tools}), None)
+    answer = lambda who, t: (
+        Message.from_author_and_content(Author.new(Role.TOOL, who), t)
+        .with_channel("commentary")
+        .with_recipient("assistant")
+    )
+    assert turn.messages == [
+        user("x"),
+        asst("{}", "commentary").with_recipient("crm.lookup").with_content_type("<|constrain|>json"),
+        asst("hi", "commentary").with_recipient("functions.note"),
+        answer("crm.lookup", "Ada"),
+        answer("functions.note", "ok"),
+    ]
+    # the parser makes tool calls of the offered namespace's functions, with the namespace
+    p = OutputParser(namespaces=list(turn.namespaces))
+    for t in encode(
+        "<|channel|>commentary to=crm.forget <|constrain|>json<|message|>{}<|call|>", allowed_special="all"
+    ):
+        p.feed(t)
+    p.finish()
+    assert [(c.namespace, c.name) for c in p.tool_calls] == [("crm", "forget")]
+    assert parts_to_messages(p.parts) == [
+        asst("{}", "commentary").with_recipient("crm.forget").with_content_type("<|constrain|>json")
+    ]
+
+
+@pytest.mark.parametrize(
+    "tools, param",
+    [
+        ([{"type": "namespace", "name": "a", "tools": [{"type": "web_search"}]}], "tools[0].tools[0].type"),
+        ([{"type": "namespace", "name": "a", "tools": [{"type": "namespace", "name": "b", "tools": []}]}],
+         "tools[0].tools[0].type"),
+        ([{"type": "namespace", "name": "a", "tools": CRM_FUNCTIONS}] * 2, "tools[1].name"),
+        ([{"type": "namespace", "name": "functions", "tools": CRM_FUNCTIONS}], "tools[0].name"),
+        ([{"type": "namespace", "name": "a", "tools": CRM_FUNCTIONS[:1] * 2}], "tools[0].tools[1].name"),
+        ([{"type": "namespace", "name": "a", "tools": []}], "tools[0].tools"),
+        ([{"type": "custom", "name": "bad name!"}], "tools[0].name"),
+        ([{"type": "custom", "name": "x", "format": {"type": "grammar", "syntax": "ebnf"}}], "tools[0].format.syntax"),
+        ([{"type": "frobnicate"}], "tools[0].type"),
+    ],
+)  # fmt: skip
+def test_bad_namespace_and_custom_tools_are_400s_naming_the_field(tools, param):
+    with pytest.raises(APIError) as e:
+        responses_turn(parse(ResponsesRequest, {"input": "x", "tools": tools}), None)
+    assert e.value.param == param and e.value.status == 400, str(e.value)
+
+
+def test_hosted_tools_are_left_out_logged_once_or_refused(caplog):
+    from gptoss_jax.api import hosted
+
+    hosted._logged.discard("file_search")
+    body = {"input": "x", "tools": [RTOOL, {"type": "file_search", "vector_store_ids": ["v"]}]}
+    with caplog.at_level("WARNING", logger="gptoss_jax.api"):
+        for _ in range(2):
+            turn = responses_turn(parse(ResponsesRequest, body), None)
+            assert turn.prompt_tokens() == expected([user("x")], tools=[TOOL])
+    assert sum("'file_search' is not available" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(APIError) as e:
+        responses_turn(parse(ResponsesRequest, body), None, strict_tools=True)
+    assert e.value.param == "tools[1].type" and "file_search" in str(e.value)
+
+
+def test_encrypted_reasoning_is_restored_and_a_bad_blob_is_a_400():
+    from gptoss_jax.api.sealed import ReasoningSealer
+
+    sealer = ReasoningSealer("k1")
+    blob = sealer.seal("The user wants the weather.")
+    assert "weather" not in blob and sealer.open(blob, "x") == "The user wants the weather."
+    items = [
+        {"role": "user", "content": "x"},
+        {"type": "reasoning", "summary": [], "encrypted_content": blob},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+    ]
+    turn = responses_turn(parse(ResponsesRequest, {"input": items, "tools": [RTOOL]}), None, sealer=sealer)
+    assert turn.messages[1] == asst("The user wants the weather.", "analysis")
+    assert asst("The user wants the weather.", "analysis") in turn.harmony_messages()  # kept in the tool loop
+    done = [*items, {"type": "function_call_output", "call_id": "c1", "output": "sun"},
+            {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]  # fmt: skip
+    turn = responses_turn(parse(ResponsesRequest, {"input": done, "tools": [RTOOL]}), None, sealer=sealer)
+    assert turn.messages[1].channel == "analysis"
+    assert all(m.channel != "analysis" for m in turn.harmony_messages())  # dropped after the final answer
+    for bad, other in ((blob[:-6] + "AAAAAA", sealer), (blob, ReasoningSealer("k2")), ("nonsense", sealer)):
+        items[1]["encrypted_content"] = bad
+        with pytest.raises(APIError) as e:
+            responses_turn(parse(ResponsesRequest, {"input": items, "tools": [RTOOL]}), None, sealer=other)
+        assert e.value.param == "input[1].encrypted_content" and e.value.status == 400
+    assert (
+        ReasoningSealer("same").open(ReasoningSealer("same").seal("t"), "x") == "t"
+    )  # a fixed key survives restarts

@@ -87,9 +87,19 @@ CASES = {
         [("preamble", None, "Checking."), ("tool_call", "f", "{}")],
         "tool_calls",
     ),
-    "built-in tool call goes to reasoning": (
+    "built-in tool call nobody offered is a tool call, not an empty answer": (
         '<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>',
-        [("reasoning", None, '{"query": "x"}')],
+        [("tool_call", "search", '{"query": "x"}')],
+        "tool_calls",
+    ),
+    "bare python call": (
+        "<|channel|>analysis to=python<|message|>print(1)<|call|>",
+        [("tool_call", "python", "print(1)")],
+        "tool_calls",
+    ),
+    "message to a recipient that is no tool stays reasoning": (
+        "<|channel|>analysis to=nobody.here<|message|>x<|call|>",
+        [("reasoning", None, "x")],
         "stop",
     ),
     "refusal, message without channel": (
@@ -235,6 +245,22 @@ def test_single_tool_call_stops_after_the_first():
             break
     p.finish()
     assert [q.name for q in p.tool_calls] == ["a"] and ids[n - 1] == END
+
+
+def test_namespaces_and_built_in_tools_are_tool_calls_in_their_namespace():
+    text = (
+        '<|channel|>commentary to=multi_agent_v1.spawn_agent <|constrain|>json<|message|>{"message":"go"}<|end|>'
+        "<|start|>assistant<|channel|>commentary to=container.exec<|message|>ls<|end|>"
+        "<|start|>assistant<|channel|>commentary to=other.spawn_agent<|message|>x<|call|>"
+    )
+    p, _ = run(text, namespaces=["multi_agent_v1"])
+    assert [(q.type, q.namespace, q.name) for q in p.parts] == [
+        ("tool_call", "multi_agent_v1", "spawn_agent"),
+        ("tool_call", "container", "exec"),
+        ("reasoning", None, None),  # a namespace the request did not offer, and no built-in tool
+    ]
+    p, _ = run(text)
+    assert [q.type for q in p.parts] == ["reasoning", "tool_call", "reasoning"]
 
 
 def test_part_type_table():

@@ -27,6 +27,11 @@ settings and key are its own, and token i of a request is drawn with fold_in(its
 gets the tokens `gptoss_jax.generate` gives its prompt alone (bit-for-bit in greedy float32 up to ties
 within rounding; the tests check it), whatever else is batched, cached or preempted.
 
+LoRA adapters (`engine.adapters`): `Engine(model, adapters={name: folder}, max_adapters=N)` keeps them in
+one fixed pool of slots; each request names its adapter (`adapter=`, None for the base), each row of a
+step carries its slot as data, and every token gets its own adapter's low-rank product, so one step mixes
+adapters without recompiling; the prefix cache never shares KV across adapters.
+
 Meshes and hosts: on a mesh the pool's pages are split over `data` (the scheduler's lanes, each with its
 own prefix cache), heads and experts as the model is. With several processes every process builds the
 same engine; process 0 schedules (`submit`, `step`, or the background thread) and sends each step's plan

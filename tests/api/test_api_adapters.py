@@ -65,6 +65,7 @@ def completions(url, models) -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as c:
             rs = await asyncio.gather(*[c.completions.create(model=m, prompt=PROMPT, max_tokens=MAX_NEW,
                                                              temperature=0) for m in models])  # fmt: skip
+            assert [r.model for r in rs] == list(models)  # each answers under the name it was asked by
             return [r.choices[0].text for r in rs]
 
     return asyncio.run(run())
@@ -78,6 +79,8 @@ def test_models_lists_the_base_and_each_adapter(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     assert e.value.code == "model_not_found" and "'all4'" in e.value.message
+    chat = client.chat.completions.create(model="all4", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert chat.model == "all4"
 
 
 def test_each_model_gets_its_own_tokens_in_one_batch(server, serve_ckpt, dirs):

@@ -171,3 +171,19 @@ def test_engine_argument_errors(hf_ckpt, dirs, tiny_cfg, tmp_path):
         4 * cfg.hidden_size + 4 * (cfg.num_attention_heads * cfg.head_dim)
     )  # q: r x D + out x r
     assert bytes_per_adapter(cfg, 4, "q") == per_layer_attn * cfg.num_hidden_layers
+
+
+def test_pooled_decode_path_matches_each_adapter_applied(hf_ckpt, dirs, tiny_cfg):
+    """One token (fewer (token, expert) pairs than experts: the gather path of the experts, as a decode
+    step of one sequence takes) under each adapter's slot: the logits of the model with that adapter applied
+    (merged) to 1e-5."""
+    model = our_model(hf_ckpt)
+    pool = AdapterPool(model.cfg, max_adapters=3, rank=4, targets="all")
+    for name in ADAPTERS:
+        pool.add(name, pool.prepare(name, dirs[name]))
+    tokens, pos = np.array([[417]], np.int32), np.zeros((1, 1), np.int32)
+    for name in ADAPTERS:
+        slot = np.full((1, 1), pool.get(name).slot, np.int32)
+        h, _, _ = forward(model, tokens, pos, hooks=PoolHooks(pool.arrays, model.cfg, slot))
+        want = np.asarray(adapted_model(str(hf_ckpt), str(dirs[name]))(tokens))[0]
+        assert rel_err(np.asarray(logits(model, h))[0], want) < 1e-5, name

@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     engine = Engine(model, adapters=folders, **shape)
     engine.warmup()
-    print(f"engine with {args.adapters} adapters of rank {args.rank}: ready in {time.perf_counter() - t0:.1f} s",
-          flush=True)  # fmt: skip
+    ready = time.perf_counter() - t0
+    print(f"engine with {args.adapters} adapters of rank {args.rank}: ready in {ready:.1f} s", flush=True)
     mixed = decode_step(engine, [names[i % len(names)] for i in range(B)])
     one = decode_step(engine, [names[0]] * B)
     base_in_pool = decode_step(engine, [None] * B)
@@ -108,13 +108,16 @@ def main(argv=None) -> int:
     base_plain = decode_step(plain, [None] * B)
     plain.close()
 
-    print(f"{B} sequences x {prompt_len} prompt + {new} new tokens, decode step (median of {args.reps} runs):")
-    rows = [(f"mixed, {len(names)} adapters", mixed, ""), ("one adapter", one, f"mixed / one {mixed / one:.2f}x"),
+    print(f"{B} sequences x {prompt_len} prompt + {new} new tokens, decode step (median of {args.reps} "
+          f"runs):")  # fmt: skip
+    rows = [(f"mixed, {len(names)} adapters", mixed, ""),
+            ("one adapter", one, f"mixed / one {mixed / one:.2f}x"),
             ("no adapter, pool loaded", base_in_pool, ""),
-            ("engine without adapters", base_plain, f"pool / none {base_in_pool / base_plain:.2f}x")]  # fmt: skip
+            ("engine without adapters", base_plain, f"pool / none {base_in_pool / base_plain:.2f}x")]
     for label, sec, note in rows:
         print(f"  {label:<26}{sec * 1e3:8.2f} ms   {note}")
-    print(f"  {'memory per adapter slot':<26}{allocated / 2**20:8.2f} MiB allocated, {planned / 2**20:.2f} MiB planned")
+    print(f"  {'memory per adapter slot':<26}{allocated / 2**20:8.2f} MiB allocated, "
+          f"{planned / 2**20:.2f} MiB planned")  # fmt: skip
     assert allocated == planned
     return 0
 

@@ -693,8 +693,8 @@ def _bench_adapters(args, model, named: dict[str, str]) -> int:
 
     cases = {"base only": [None] * B, f"one adapter ({names[0]})": [names[0]] * B,
              f"mixed ({len(names)} adapters)": [names[i % len(names)] for i in range(B)]}  # fmt: skip
-    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}), serving engine, batch {B} x {args.prompt_len} prompt "
-          f"+ {args.new} new tokens, adapter pool {engine.pool.max_adapters} x rank {engine.pool.rank} "
+    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}), serving engine, batch {B} x {args.prompt_len} "
+          f"prompt + {args.new} new tokens, adapter pool {engine.pool.max_adapters} x rank {engine.pool.rank} "
           f"({_gib(engine.pool.bytes_per_adapter)} per adapter)")  # fmt: skip
     for label, adapters in cases.items():
         run(adapters)  # once untimed: every path warm

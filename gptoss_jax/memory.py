@@ -263,15 +263,16 @@ def adapter_plan(cfg: Config, args) -> dict | None:
     if slots < len(resident) or slots < 1 or rank < 1:
         raise ValueError(f"--max-adapters ({slots}) must be at least 1 and the --adapters count "
                          f"({len(resident)}); --max-lora-rank at least 1")  # fmt: skip
-    targets = args.lora_targets or sorted({t for r in resident.values() for t in r["targets"]}) or tuple(TARGETS)
+    union = sorted({t for r in resident.values() for t in r["targets"]})
+    targets = args.lora_targets or union or tuple(TARGETS)
     try:
         targets = pool_targets(targets)
     except LoraError as e:
         raise ValueError(f"--lora-targets: {e}") from None
     for name, r in resident.items():
         if r["rank"] > rank or not set(r["targets"]) <= set(targets):
-            raise ValueError(f"--adapters {name}: rank {r['rank']} / targets {','.join(r['targets'])} do not fit "
-                             f"the pool (rank {rank}, targets {','.join(targets)})")  # fmt: skip
+            raise ValueError(f"--adapters {name}: rank {r['rank']} / targets {','.join(r['targets'])} do not "
+                             f"fit the pool (rank {rank}, targets {','.join(targets)})")  # fmt: skip
     per = bytes_per_adapter(cfg, rank, targets)
     return {"max_adapters": slots, "rank": rank, "targets": list(targets), "bytes_per_adapter": per,
             "bytes_total": per * (slots + 1), "resident": resident}  # fmt: skip
@@ -319,7 +320,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serving engine: tokens per page (default 16)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--adapters", action="append", metavar="[NAME=]DIR",
-                        help="plan the serving engine's LoRA adapter pool for these PEFT folders (repeatable)")
+                        help="plan the serving engine's LoRA adapter pool for these PEFT folders "
+                        "(repeatable)")
     parser.add_argument("--max-adapters", type=int, default=None, metavar="N",
                         help="adapter pool slots (default: the --adapters count)")
     parser.add_argument("--max-lora-rank", type=int, default=None, metavar="R",

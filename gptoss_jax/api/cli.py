@@ -100,8 +100,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
     m.add_argument("--adapters", metavar="DIR|NAME=DIR", action="append",
-                   help="LoRA adapters from a PEFT folder (e.g. written by `gptoss-jax finetune`); the experts "
-                   "stay packed. DIR: merged into the base, served under its name. NAME=DIR (repeatable): "
+                   help="LoRA adapters from a PEFT folder (e.g. written by `gptoss-jax finetune`); the "
+                   "experts stay packed. DIR: merged into the base, served under its name. NAME=DIR (repeatable): "
                    "served beside the base as model NAME, all in one batch")  # fmt: skip
     m.add_argument("--max-adapters", type=int, metavar="N",
                    help="adapter slots (NAME=DIR ones and runtime loads; default: the NAME=DIR count, or 4 "

@@ -147,7 +147,7 @@ class AdapterPool:
             elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], LoraConfig):
                 arrays, lcfg = source
             else:
-                raise AdapterError(f"adapter {name!r}: give a PEFT adapter folder or (arrays, LoraConfig), got "
+                raise AdapterError(f"adapter {name!r}: give a PEFT folder or (arrays, LoraConfig), got "
                                    f"{type(source).__name__}")  # fmt: skip
         except LoraError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
@@ -179,8 +179,8 @@ class AdapterPool:
         if name in self.resident:
             raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
         if not self._free:
-            raise AdapterPoolFull(f"adapter {name!r}: the adapter pool is full ({self.max_adapters} adapters, "
-                                  f"max_adapters / --max-adapters); unload one first")  # fmt: skip
+            raise AdapterPoolFull(f"adapter {name!r}: the adapter pool is full ({self.max_adapters} "
+                                  f"adapters, max_adapters / --max-adapters); unload one first")  # fmt: skip
         arrays, lcfg, path = prepared
         slot = self._free.pop()
         self.arrays = _write_slot(self.arrays, jnp.int32(slot), arrays)
@@ -277,7 +277,7 @@ def initial_pool(cfg: Config, adapters: Mapping, max_adapters, rank, targets) ->
         elif isinstance(src, tuple) and len(src) == 2 and isinstance(src[1], LoraConfig):
             lcfgs.append(src[1])
         else:
-            raise AdapterError(f"adapter {name!r}: give a PEFT adapter folder or (arrays, LoraConfig), got "
+            raise AdapterError(f"adapter {name!r}: give a PEFT folder or (arrays, LoraConfig), got "
                                f"{type(src).__name__}")  # fmt: skip
     if max_adapters is None:
         max_adapters = len(adapters)

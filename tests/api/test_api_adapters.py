@@ -79,7 +79,8 @@ def test_models_lists_the_base_and_each_adapter(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     assert e.value.code == "model_not_found" and "'all4'" in e.value.message
-    chat = client.chat.completions.create(model="all4", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model="all4", messages=hi, max_tokens=2)
     assert chat.model == "all4"
 
 

@@ -73,9 +73,20 @@ def test_mixed_batch_equals_each_adapter_alone(engine, hf_ckpt, dirs, tiny_cfg):
         want[name] = greedy + sampled
     order = rng.permutation(len(requests))
     arrivals = sorted(rng.integers(0, 6, len(requests)).tolist())
-    with compiles() as seen:
-        results, _ = drive(engine, [requests[i] for i in order], arrivals)
+    mixes, execute = [], engine._execute
+
+    def watch(calls):  # the adapter slots of each step's rows that feed tokens
+        mixes.extend({int(s) for s, n in zip(a["adapter"], a["n_new"]) if n} for a in calls)
+        return execute(calls)
+
+    engine._execute = watch
+    try:
+        with compiles() as seen:
+            results, _ = drive(engine, [requests[i] for i in order], arrivals)
+    finally:
+        del engine._execute
     assert not seen  # mixing adapters compiles nothing after warmup
+    assert any(len(m) >= 3 and 0 in m for m in mixes)  # steps with several adapters and the base
     got = {}
     for i, r in zip(order, results, strict=True):
         got[(requests[i][1]["adapter"], int(i) % 4)] = r.tokens

@@ -199,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s and memory of a checkpoint")
     _model_args(b)
-    _adapters_arg(b)
+    b.add_argument("--adapters", metavar="DIR | NAME=DIR,NAME=DIR...",
+                   help="DIR: LoRA adapters merged into the base, timed as usual. NAME=DIR,...: the serving "
+                   "engine with these adapters in its pool, timing a batch that mixes them (row i runs "
+                   "adapter i mod N) against the same batch on the base and on one adapter")  # fmt: skip
     b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     b.add_argument("--new", type=int, default=64, help="decoded tokens timed (default 64)")
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -591,6 +594,10 @@ def cmd_bench(args) -> int:
     if args.prompt_len + args.new + 1 > cfg.context_length:
         raise UsageError(f"--prompt-len {args.prompt_len} + --new {args.new} + 1 exceed the model's context "
                          f"length {cfg.context_length}")  # fmt: skip
+    named = _named_adapters(args.adapters)
+    if named:
+        args.adapters = None  # served from the pool, not merged
+        return _bench_adapters(args, _load(args), named)
     model = _load(args)
     cfg = model.cfg
     rng = np.random.default_rng(0)
@@ -636,6 +643,68 @@ def cmd_bench(args) -> int:
           f"moe {impl(args.moe_impl)})")  # fmt: skip
     for name, value, note in rows:
         print(f"  {name:<12} {value:>14}   {note}")
+    return 0
+
+
+def _named_adapters(value: str | None) -> dict[str, str]:
+    """"NAME=DIR,NAME=DIR" -> {NAME: DIR}; a plain DIR (merged into the base) -> {}."""
+    if not value or "=" not in value or os.path.exists(value):
+        return {}
+    out = {}
+    for item in value.split(","):
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapters: {item!r} is not NAME=DIR")
+        if name in out:
+            raise UsageError(f"--adapters: the name {name!r} is given twice")
+        out[name] = os.path.expanduser(folder)
+    return out
+
+
+def _bench_adapters(args, model, named: dict[str, str]) -> int:
+    """The serving engine with `named` in its pool: one batch of --batch sequences (each --prompt-len
+    tokens, --new generated, no prefix reuse) timed three ways on the same engine: every row on the base,
+    every row on the first adapter, and rows cycling through the adapters (a mixed batch)."""
+    import statistics
+
+    import numpy as np
+
+    from .engine import Engine
+
+    cfg = model.cfg
+    B, names = args.batch, list(named)
+    chunk = min(cfg.prefill_chunk, args.prompt_len)  # one prefill chunk per prompt, few shapes to compile
+    engine = Engine(model, max_seqs=B, max_context=args.prompt_len + args.new + 1, adapters=named,
+                    detokenize=False, chunk=chunk, seq_buckets=(B,), token_buckets=(chunk,))  # fmt: skip
+    t0 = time.perf_counter()
+    with _compile_status(args):
+        engine.warmup()
+    compile_s = time.perf_counter() - t0
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+
+    def run(adapters) -> tuple[float, int]:
+        steps0 = engine.metrics().steps
+        t = time.perf_counter()
+        handles = [engine.submit(p, max_tokens=args.new, stop_token_ids=(), reuse=False, adapter=a)
+                   for p, a in zip(prompts, adapters)]  # fmt: skip
+        while not all(h.done for h in handles):
+            engine.step()
+        return time.perf_counter() - t, engine.metrics().steps - steps0
+
+    cases = {"base only": [None] * B, f"one adapter ({names[0]})": [names[0]] * B,
+             f"mixed ({len(names)} adapters)": [names[i % len(names)] for i in range(B)]}  # fmt: skip
+    print(f"{args.path}  ({jax_devices()}, {cfg.dtype}), serving engine, batch {B} x {args.prompt_len} "
+          f"prompt + {args.new} new tokens, adapter pool {engine.pool.max_adapters} x rank {engine.pool.rank} "
+          f"({_gib(engine.pool.bytes_per_adapter)} per adapter)")  # fmt: skip
+    for label, adapters in cases.items():
+        run(adapters)  # once untimed: every path warm
+        times = [run(adapters) for _ in range(args.reps)]
+        sec = statistics.median(t for t, _ in times)
+        steps = times[0][1]
+        print(f"  {label:<28} {B * args.new / sec:>10,.1f} tok/s   {sec * 1e3:.1f} ms for {steps} steps "
+              f"({sec / max(steps, 1) * 1e3:.2f} ms/step)")  # fmt: skip
+    print(f"  {'compile':<28} {compile_s:>10.1f} s")
+    engine.close()
     return 0
 
 

@@ -215,6 +215,15 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
         lines.append(f"  holds per data shard {e['tokens_all_sequences']} tokens over {n} sequences (each "
                      f"with up to {e['sliding_pages']} sliding pages), one sequence up to "
                      f"{e['tokens_one_sequence']}; {shards} data shard{'s' * (shards > 1)}")  # fmt: skip
+    if "adapters" in p:  # serving LoRA adapters beside the base (engine.adapters)
+        a = p["adapters"]
+        lines.append(f"LoRA adapter pool: {a['max_adapters']} slots + 1 zero slot, rank {a['rank']}, targets "
+                     f"{','.join(a['targets'])} (float32, one device)")  # fmt: skip
+        lines.append(f"  {'per resident adapter':<34}{_gib(a['bytes_per_adapter'])}")
+        lines.append(f"  {'pool':<34}{_gib(a['bytes_total'])}")
+        for name, r in a["resident"].items():
+            lines.append(f"  {name}: rank {r['rank']}, {','.join(r['targets'])} (its own arrays "
+                         f"{_gib(r['own_bytes'])})")  # fmt: skip
     if p["replicated_fallback"]:
         lines.append(
             "replicated (size does not divide its mesh axis): " + ", ".join(p["replicated_fallback"])
@@ -228,10 +237,52 @@ def format_plan(p: dict, *, name: str = "", device_memory_gib: float | None = No
     return "\n".join(lines)
 
 
+def adapter_plan(cfg: Config, args) -> dict | None:
+    """The LoRA adapter pool `gptoss-jax serve --adapters NAME=DIR ...` would allocate (`engine.adapters`):
+    every slot is pool-shaped (max_adapters x the pool's rank and targets, float32), whatever it holds."""
+    from .adapters import read_adapter_config
+    from .engine.adapters import DEFAULT_RANK, bytes_per_adapter, pool_targets
+    from .lora import TARGETS, LoraError
+
+    given = getattr(args, "adapters", None) or []
+    if not given and getattr(args, "max_adapters", None) in (None, 0):
+        return None
+    resident = {}
+    for v in given:
+        name, sep, folder = v.partition("=")
+        if not sep or "/" in name or Path(v).expanduser().exists():
+            name, folder = Path(v).name, v
+        try:
+            lcfg = read_adapter_config(Path(folder).expanduser())
+        except LoraError as e:
+            raise ValueError(f"--adapters {v}: {e}") from None
+        resident[name] = {"rank": lcfg.rank, "targets": list(lcfg.targets),
+                          "own_bytes": bytes_per_adapter(cfg, lcfg.rank, lcfg.targets)}  # fmt: skip
+    slots = args.max_adapters if args.max_adapters is not None else len(resident)
+    rank = args.max_lora_rank or max((r["rank"] for r in resident.values()), default=DEFAULT_RANK)
+    if slots < len(resident) or slots < 1 or rank < 1:
+        raise ValueError(f"--max-adapters ({slots}) must be at least 1 and the --adapters count "
+                         f"({len(resident)}); --max-lora-rank at least 1")  # fmt: skip
+    union = sorted({t for r in resident.values() for t in r["targets"]})
+    targets = args.lora_targets or union or tuple(TARGETS)
+    try:
+        targets = pool_targets(targets)
+    except LoraError as e:
+        raise ValueError(f"--lora-targets: {e}") from None
+    for name, r in resident.items():
+        if r["rank"] > rank or not set(r["targets"]) <= set(targets):
+            raise ValueError(f"--adapters {name}: rank {r['rank']} / targets {','.join(r['targets'])} do not "
+                             f"fit the pool (rank {rank}, targets {','.join(targets)})")  # fmt: skip
+    per = bytes_per_adapter(cfg, rank, targets)
+    return {"max_adapters": slots, "rank": rank, "targets": list(targets), "bytes_per_adapter": per,
+            "bytes_total": per * (slots + 1), "resident": resident}  # fmt: skip
+
+
 def held(p: dict) -> int:
     """Bytes one device holds under a plan: the weights and the engine's page pool when the plan has one
     (`--serve`: `generate`'s cache is then not allocated), else the weights and `generate`'s cache."""
-    return p["weights_total"] + p["engine"]["bytes_per_device"] if "engine" in p else p["total"]
+    pool = p["adapters"]["bytes_total"] if "adapters" in p else 0
+    return pool + (p["weights_total"] + p["engine"]["bytes_per_device"] if "engine" in p else p["total"])
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -268,6 +319,15 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16,
                         help="serving engine: tokens per page (default 16)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--adapters", action="append", metavar="[NAME=]DIR",
+                        help="plan the serving engine's LoRA adapter pool for these PEFT folders "
+                        "(repeatable)")
+    parser.add_argument("--max-adapters", type=int, default=None, metavar="N",
+                        help="adapter pool slots (default: the --adapters count)")
+    parser.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                        help="the pool's rank (default: the largest of --adapters, else 16)")
+    parser.add_argument("--lora-targets", default=None, metavar="T[,T...]",
+                        help="the pool's targets (default: the union of --adapters', else all)")
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -301,6 +361,9 @@ def run_info(args: argparse.Namespace) -> int:
                  memory_fraction=args.memory_fraction,
                  device_memory=None if args.device_memory is None
                  else int(args.device_memory * GiB))  # fmt: skip
+        pool = adapter_plan(cfg, args)
+        if pool is not None:
+            p["adapters"] = pool
     except (ValueError, OSError) as e:  # bad input or unreadable checkpoint (CheckpointError: a ValueError)
         print(f"gptoss-jax info: error: {e}", file=sys.stderr)
         return 2

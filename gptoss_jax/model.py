@@ -121,6 +121,8 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
     q = einsum("BTD,DKGH->BTKGH", t, p["q_weight"], dt) + p["q_bias"]
     k = einsum("BTD,DKH->BTKH", t, p["k_weight"], dt) + p["k_bias"]
     v = einsum("BTD,DKH->BTKH", t, p["v_weight"], dt) + p["v_bias"]
+    if hooks is not None:
+        q, k, v = (hooks.project(n, t, y) for n, y in (("q", q), ("k", k), ("v", v)))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if hooks is not None:
         q, k = hooks.site("attention", (q, k))
@@ -135,9 +137,10 @@ def attention_layer(x, p: dict, cos, sin, q_pos, *, window: int, cfg: Config, kv
         o = attend(q, k, v, q_pos, q_pos, T)
     else:
         o, kv = step.attend(kv, r, q, k, v, q_pos, ring=bool(window), attention=attend)
-    if hooks is not None:
-        o = hooks.site("heads", o)
-    return x + einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt) + p["o_bias"], kv
+    if hooks is None:
+        return x + einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt) + p["o_bias"], kv
+    o = hooks.site("heads", o)
+    return x + hooks.project("o", o, einsum("BTKGH,KGHD->BTD", o, p["o_weight"], dt)) + p["o_bias"], kv
 
 
 def attention(q, k, v, sinks, q_pos, k_pos, *, window: int, aligned: int, cfg: Config):
@@ -184,7 +187,7 @@ def moe_layer(x, p: dict, cfg: Config, hooks: LayerHooks | None = None):
     if hooks is None:
         idx, w = route(t, p["gate_weight"], p["gate_bias"], cfg.experts_per_token)
     else:
-        logits = router_logits(t, p["gate_weight"], p["gate_bias"])
+        logits = hooks.project("router", t, router_logits(t, p["gate_weight"], p["gate_bias"]))
         idx, w = choose_experts(logits, cfg.experts_per_token, hooks.site("router", logits))
         idx, w = hooks.site("experts", (idx, w))
     return x + moe_experts(t, idx, w, p, cfg).reshape(B, T, D)
@@ -205,6 +208,11 @@ class LayerHooks:
     def site(self, name: str, value):
         """The value at site `name` (see `Hooks`) -> the value the layer goes on with."""
         return value
+
+    def project(self, name: str, x, y):
+        """The output y of the projection `name` ("q", "k", "v", "o", "router") of its input x (bias added)
+        -> the output the layer goes on with (per-token low-rank adapters: `engine.adapters`)."""
+        return y
 
     def state(self):
         """The state after this layer (what `Hooks.layer` was given, or an update of it)."""
@@ -236,6 +244,10 @@ class Hooks:
                     (the weights stay the softmax of the chosen experts' own logits)
       experts       (experts (B*T,X) int32, weights (B*T,X)) as chosen, tokens flattened
       resid_post    (B,T,D) after the MoE block: the layer's output
+    Projections (`LayerHooks.project(name, x, y)`, x the input, y the output; with its bias but for "o",
+    whose bias comes after, in the residual add's order of the plain path): "q", "k", "v"
+    (x (B,T,D) the normed stream; before RoPE and the "attention" site), "o" (x the heads (B,T,K,G,H),
+    after the "heads" site), "router" (x (B*T,D), y the logits (B*T,E), before the "router" site).
     """
 
     def scanned(self) -> list | None:

@@ -38,6 +38,13 @@ from .sharding import current_mesh, expert_parallel
 # in float32 at full precision (the adapters are float32 and r is small) and is added before the product is
 # rounded, which is what PEFT's merged W + B A gives in float32.
 LORA_LEAVES = ("mlp1_lora_a", "mlp1_lora_b", "mlp2_lora_a", "mlp2_lora_b")
+# Pooled adapters (the serving engine: many adapters in one batch, `engine.adapters`): with this leaf, the
+# (T,) int32 adapter slot of each token, each LORA_LEAVES entry has a leading slot axis S (mlp1_lora_a
+# (S,E,r,D), ...; slot 0 all zeros = no adapter, B scaled per slot), and each (token, expert) pair adds its
+# own slot's low-rank product. Decode gathers the slot's (A, B) per pair; a tile of sorted rows multiplies
+# by every slot's A and keeps each row's own slot (a one-hot over S: the other slots add exact zeros), so
+# the work per row grows with S x r, small next to the expert's own product. Inference only.
+LORA_SLOT = "lora_slot"
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -96,8 +103,18 @@ def has_lora(p: dict) -> bool:
 
 
 def _lora_of(p: dict, e):
-    """Expert e's adapters (A1, B1, A2, B2), or None; `e` may be an index array like in `expert_weight`."""
-    return tuple(p[n][e] for n in LORA_LEAVES) if has_lora(p) else None
+    """Expert e's adapters (A1, B1, A2, B2), or None; `e` may be an index array like in `expert_weight`.
+    Pooled (`LORA_SLOT`): every slot's, (S, ...) each."""
+    if not has_lora(p):
+        return None
+    return tuple(p[n][:, e] if LORA_SLOT in p else p[n][e] for n in LORA_LEAVES)
+
+
+def _pooled_low_rank(spec_a: str, spec_b: str, a, b, x, hot):
+    """`_low_rank` of every slot at once, each row keeping its own slot's: hot (T,S) the rows' one-hot slots;
+    spec_a gives (T,S,R), spec_b takes it."""
+    u = jnp.einsum(spec_a, a, x.astype(F32), precision=HIGHEST) * hot[:, :, None]
+    return jnp.einsum(spec_b, b, u, precision=HIGHEST)
 
 
 def _mm(spec: str, a, b, dtype):
@@ -109,21 +126,26 @@ def _low_rank(spec_a: str, spec_b: str, a, b, x):
     return jnp.einsum(spec_b, b, jnp.einsum(spec_a, a, x.astype(F32), precision=HIGHEST), precision=HIGHEST)
 
 
-def _expert_mlp(xs, w1, b1, w2, b2, alpha, limit, lora=None):
+def _expert_mlp(xs, w1, b1, w2, b2, alpha, limit, lora=None, hot=None):
     """One expert on a tile of its rows: xs (T,D), weights (2F,D)/(D,F) -> (T,D). Each matmul, bias and the
     SwiGLU rounded to xs.dtype. The weights are the LEFT operand of both products ((2F,D) @ xs^T -> (2F,T),
     then (D,F) @ (F,T)), with one small transpose at the end: XLA:CPU's GEMM runs ~1.1x faster this way for a
-    64-row tile than with the rows on the left (benchmarks/cpu_profile.py). `lora`: the expert's adapters.
+    64-row tile than with the rows on the left (benchmarks/cpu_profile.py). `lora`: the expert's adapters;
+    pooled ones (S, ...) with `hot` (T,S) each row's one-hot slot.
     """
     dtype = xs.dtype
     h = _mm("FD,TD->FT", w1, xs, dtype)
-    if lora is not None:
+    if hot is not None:
+        h = h + _pooled_low_rank("SRD,TD->TSR", "SFR,TSR->FT", lora[0], lora[1], xs, hot)
+    elif lora is not None:
         h = h + _low_rank("RD,TD->RT", "FR,RT->FT", lora[0], lora[1], xs)
     h = round_add(h.astype(dtype), b1[:, None], dtype)
     h = h.reshape(h.shape[0] // 2, 2, h.shape[1])  # interleaved rows: gate 2i, linear 2i+1
     a = swiglu(h[:, 0], h[:, 1], alpha, limit)
     o = _mm("DF,FT->DT", w2, a, dtype)
-    if lora is not None:
+    if hot is not None:
+        o = o + _pooled_low_rank("SRF,FT->TSR", "SDR,TSR->DT", lora[2], lora[3], a, hot)
+    elif lora is not None:
         o = o + _low_rank("RF,FT->RT", "DR,RT->DT", lora[2], lora[3], a)
     return round_add(o.astype(dtype), b2[:, None], dtype).T
 
@@ -145,10 +167,13 @@ def moe_experts_gather(x, idx, w, p, *, alpha: float, limit: float):
     local = (idx >= 0) & (idx < E)
     idx, w = jnp.where(local, idx, 0), jnp.where(local, w, 0)
 
+    slot = p.get(LORA_SLOT, jnp.zeros(x.shape[0], jnp.int32))
+
     def one(args):
-        xt, it, wt = args  # (D,), (X,), (X,)
+        xt, it, wt, st = args  # (D,), (X,), (X,), ()
         w1, w2 = _gathered_weights(p, it, dtype)  # (X,2F,D), (X,D,F)
-        lora = _lora_of(p, it)
+        # pooled: the token's own slot's adapters of its experts (a gather)
+        lora = tuple(p[n][st, it] for n in LORA_LEAVES) if LORA_SLOT in p else _lora_of(p, it)
         h = _mm("MD,D->M", w1.reshape(-1, w1.shape[-1]), xt, dtype).reshape(X, -1)
         if lora is not None:
             h = h + _low_rank("XRD,D->XR", "XFR,XR->XF", lora[0], lora[1], xt)
@@ -165,8 +190,8 @@ def moe_experts_gather(x, idx, w, p, *, alpha: float, limit: float):
         return out.astype(dtype)
 
     if x.shape[0] == 1:  # batch-1 decode: no loop at all
-        return one((x[0], idx[0], w[0]))[None]
-    return jax.lax.map(one, (x, idx, w))
+        return one((x[0], idx[0], w[0], slot[0]))[None]
+    return jax.lax.map(one, (x, idx, w, slot))
 
 
 def _tile_rows(m: int, e: int) -> int:
@@ -243,9 +268,15 @@ def _grouped_forward(x, idx, w, p, alpha, limit):
     dtype = x.dtype
     T, X = idx.shape
     order, sizes, starts, tm, xs, wts = _sorted_rows(x, idx, w, num_experts_of(p))
+    hots = None
+    if LORA_SLOT in p:  # each sorted row's one-hot adapter slot, with the tile of slack
+        S = p[LORA_LEAVES[0]].shape[0]
+        hots = jax.nn.one_hot(p[LORA_SLOT][order // X], S, dtype=F32)
+        hots = jnp.concatenate([hots, jnp.zeros((tm, S), F32)])
 
     def body(e, weights, s, keep, out):
-        o = _expert_mlp(jax.lax.dynamic_slice_in_dim(xs, s, tm), *weights[:4], alpha, limit, weights[4])
+        hot = None if hots is None else jax.lax.dynamic_slice_in_dim(hots, s, tm)
+        o = _expert_mlp(jax.lax.dynamic_slice_in_dim(xs, s, tm), *weights[:4], alpha, limit, weights[4], hot)
         cur = jax.lax.dynamic_slice_in_dim(out, s, tm)
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep[:, None], o, cur), s, 0)
 
@@ -279,6 +310,8 @@ def _grouped_bwd(alpha, limit, res, dy):
     (-> x), of the routing weights (<o_k, dy>) and of the expert's own parameters (biases, dense weights,
     adapters) that are being differentiated."""
     x, idx, w, p, need = res
+    if LORA_SLOT in p:
+        raise ValueError("pooled adapters (the serving engine's) are inference only: no gradient")
     none = (None, None, None, {n: None for n in p})
     if isinstance(dy, jax.custom_derivatives.SymbolicZero) or not need:
         return none
@@ -355,7 +388,7 @@ def moe_experts_xla(x, expert_idx, expert_w, params, *, alpha: float, limit: flo
 
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
-                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES)  # fmt: skip
+                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES, LORA_SLOT)  # fmt: skip
 
 
 # ============================================================================================= dispatch
@@ -380,6 +413,14 @@ def moe_experts(x, idx, w, p: dict, cfg: Config):
     repeat index "layer" are dropped)."""
     p = {n: a for n, a in p.items() if n in EXPERT_LEAVES or n == "layer"}
     local = functools.partial(local_experts, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl=cfg.moe_impl)
+    if LORA_SLOT in p:
+        # pooled adapters: only a call with some adapted token pays for them (a base-only call takes the
+        # plain path, kernels included); adding a slot-0 row's zeros changes no bit, so the two agree
+        base = {n: a for n, a in p.items() if n not in (*LORA_LEAVES, LORA_SLOT)}
+        if current_mesh() is not None:
+            raise ValueError("pooled adapters do not run on a mesh yet")
+        adapted = jnp.any(p[LORA_SLOT] > 0)
+        return jax.lax.cond(adapted, lambda: local(x, idx, w, p), lambda: local(x, idx, w, base))
     if current_mesh() is not None:
         return expert_parallel(local, x, idx, w, own_layer(p), cfg)
     return local(x, idx, w, p)

@@ -331,3 +331,45 @@ def test_compile_cache_off_and_unusable(capsys, tmp_path):
     assert cli.setup_compile_cache(str(blocker / "xla")) is None  # cannot be created: warn, run without
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "warning" in err and str(blocker) in err
+
+
+# ------------------------------------------------------------------------------------ LoRA adapter pool
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_cfg, tmp_path_factory):
+    from adaptertools import write_adapters
+
+    return write_adapters(tmp_path_factory.mktemp("adapters"), tiny_cfg, names=("attn2", "experts3"))
+
+
+def test_info_plans_the_adapter_pool(capsys, hf_ckpt, adapter_dirs):
+    """The planned bytes per adapter are those an engine's pool allocates per slot."""
+    from gptoss_jax.engine.adapters import AdapterPool
+
+    a, e = adapter_dirs["attn2"], adapter_dirs["experts3"]
+    rc, out, err = run_main(capsys, "info", hf_ckpt, "--serve", "--adapters", f"a={a}", "--adapters", f"e={e}",
+                            "--max-adapters", 3, "--json")  # fmt: skip
+    assert rc == 0, err
+    plan = json.loads(out)["adapters"]
+    assert (plan["max_adapters"], plan["rank"]) == (3, 3)
+    assert plan["targets"] == ["q", "k", "v", "o", "mlp1", "mlp2"]
+    assert plan["resident"]["e"]["rank"] == 3 and plan["resident"]["a"]["targets"] == ["q", "k", "v", "o"]
+    pool = AdapterPool(our_model(hf_ckpt).cfg, max_adapters=3, rank=3, targets=plan["targets"])
+    allocated = sum(x.nbytes for x in pool.arrays.values())
+    assert plan["bytes_per_adapter"] * 4 == plan["bytes_total"] == allocated
+    rc, out, err = run_main(capsys, "info", hf_ckpt, "--serve", "--adapters", f"a={a}")
+    assert rc == 0 and "per resident adapter" in out and "a: rank 2, q,k,v,o" in out, err
+    rc, _, err = run_main(capsys, "info", hf_ckpt, "--adapters", f"x={hf_ckpt}")
+    assert rc == 2 and "--adapters x=" in err and "adapter_config.json" in err
+
+
+def test_bench_times_a_mixed_batch(capsys, hf_ckpt, adapter_dirs):
+    a, e = adapter_dirs["attn2"], adapter_dirs["experts3"]
+    rc, out, err = run_main(capsys, "bench", hf_ckpt, "--adapters", f"a={a},e={e}", "--batch", 2, "--prompt-len",
+                            8, "--new", 3, "--reps", 1, "--dtype", "float32", "--quiet")  # fmt: skip
+    assert rc == 0, err
+    rows = out.splitlines()
+    assert "adapter pool 2 x rank 3" in rows[0]
+    for label, row in zip(("base only", "one adapter (a)", "mixed (2 adapters)"), rows[1:4], strict=True):
+        assert row.strip().startswith(label) and "tok/s" in row and "ms/step" in row, out
+    rc, _, err = run_main(capsys, "bench", hf_ckpt, "--adapters", "a=")
+    assert rc == 2 and "'a=' is not NAME=DIR" in err

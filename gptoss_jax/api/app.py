@@ -3,6 +3,14 @@ line per request, request counts), and client disconnects.
 
     POST /v1/chat/completions   POST /v1/responses   GET /v1/responses/{id}   POST /v1/completions
     GET /v1/models   GET /v1/models/{id}   GET /health   GET /metrics (Prometheus text)
+    POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter   (only with allow_runtime_adapters)
+
+LoRA adapters (`Engine(adapters=...)`): each is a model of its own name (`parent`: the base) in
+/v1/models, and a request's `model` picks it. With allow_runtime_adapters (`--allow-runtime-adapters`),
+vLLM's endpoints load {"lora_name", "lora_path"} (a PEFT folder on the server's disk) and unload
+{"lora_name"} adapters while serving, behind the API key; without it they do not exist (404). Unloading an
+adapter that requests are using is a 409 (nothing is cut short: retry when they finish); a bad folder is
+a 400 naming the problem, a full pool a 409 naming --max-adapters.
 
 Errors: {"error": {"message", "type", "param", "code"}} with 400 (bad request, context overflow), 401 (missing
 or wrong key when an API key is set), 404 (unknown model, route or stored response), 413 (body over the
@@ -58,6 +66,8 @@ ROUTES = (
     "/metrics",
     "/v1/test/scripts",
     "/v1/test/engine_fault",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
 )
 
 
@@ -264,6 +274,7 @@ def create_app(
     allowed_origins: list[str] | None = None,
     strict_tools: bool = False,
     reasoning_key: str | None = None,
+    allow_runtime_adapters: bool = False,
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
@@ -272,7 +283,8 @@ def create_app(
     it the engine drops it and the client gets a 504 (an error event in a stream). allowed_origins: the
     origins CORS admits (Starlette's CORSMiddleware; None: no CORS headers). strict_tools: hosted tools no
     backend runs are a 400 (`hosted.py`); reasoning_key: the key of reasoning's encrypted_content
-    (`sealed.py`; None: $GPTOSS_JAX_REASONING_KEY or a new one)."""
+    (`sealed.py`; None: $GPTOSS_JAX_REASONING_KEY or a new one). allow_runtime_adapters: serve the LoRA
+    load/unload endpoints (the backend's `load_adapter` / `unload_adapter`)."""
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
                     reasoning_effort=reasoning_effort, strict_tools=strict_tools,
                     sealer=ReasoningSealer(reasoning_key))  # fmt: skip
@@ -417,25 +429,59 @@ def create_app(
     async def completions(request: Request):
         return await generate(request, lambda data: CompletionJob(server, data))
 
-    def model_card() -> dict:
+    def model_card(name: str = model_name) -> dict:
+        """The base model's card, or an adapter's (vLLM's fields: `parent` the base, `root` its folder)."""
+        adapter = server.adapters_info().get(name) if name != model_name else None
         return {
-            "id": model_name,
+            "id": name,
             "object": "model",
             "created": started,
             "owned_by": "gptoss-jax",
+            "root": model_name if adapter is None else (adapter.source or name),
+            "parent": None if adapter is None else model_name,
             "max_model_len": backend.context_length,
         }
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [model_name, *server.adapters()]]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         authorize(request)
         server.check_model(name)
-        return model_card()
+        return model_card(name)
+
+    if allow_runtime_adapters:
+
+        def lora_name(data: dict) -> str:
+            name = data.get("lora_name")
+            if not isinstance(name, str) or not name.strip():
+                raise APIError("lora_name: the adapter's name (a non-empty string) is required",
+                               param="lora_name")
+            if name == model_name:
+                raise APIError(f"lora_name: {name!r} is the base model's name", param="lora_name")
+            return name
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request):
+            check_alive()
+            data = await body(request)
+            name, path = lora_name(data), data.get("lora_path")
+            if not isinstance(path, str) or not path.strip():
+                raise APIError("lora_path: the adapter's folder on the server (a string) is required",
+                               param="lora_path")  # fmt: skip
+            r = await backend.load_adapter(name, path)
+            return {"object": "lora_adapter", "id": name, "parent": model_name, "root": path,
+                    "rank": r.lcfg.rank, "targets": list(r.lcfg.targets), "loaded": True}  # fmt: skip
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request):
+            data = await body(request)
+            name = lora_name(data)
+            await backend.unload_adapter(name)
+            return {"object": "lora_adapter", "id": name, "loaded": False}
 
     @app.get("/health")
     async def health():

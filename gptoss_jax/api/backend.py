@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..engine import RequestOptions
+from ..engine import AdapterBusy, AdapterError, AdapterPoolFull, RequestOptions, UnknownAdapter
 from ..engine.requests import EngineError
 from ..logprobs import chunked_log_probs
 from ..model import forward
@@ -46,6 +46,7 @@ class GenParams:
     stop_tokens: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
     mask: Mask | None = None
+    adapter: str | None = None  # a LoRA adapter of the engine's pool (None: the base model)
 
 
 @dataclasses.dataclass
@@ -67,6 +68,31 @@ class EngineBackend:
 
     def start(self) -> None:
         self.engine.start()
+
+    def adapters(self) -> dict:
+        """The engine's adapters by name (`Engine.adapters`: name, slot, config, source folder)."""
+        return self.engine.adapters
+
+    async def load_adapter(self, name: str, path: str):
+        """Loads a PEFT folder into the engine's pool (off the event loop: it reads files and waits for the
+        step in flight). 400 for a bad folder or name, 409 when the pool is full."""
+        try:
+            return await asyncio.to_thread(self.engine.load_adapter, name, path)
+        except AdapterPoolFull as e:
+            raise APIError(str(e), 409, param="lora_name", code="adapter_pool_full") from None
+        except AdapterError as e:
+            raise APIError(str(e), param="lora_path") from None
+
+    async def unload_adapter(self, name: str):
+        """Frees an adapter's slot: 404 for one not loaded, 409 while requests use it."""
+        try:
+            return await asyncio.to_thread(self.engine.unload_adapter, name)
+        except UnknownAdapter as e:
+            raise APIError(str(e), 404, param="lora_name", code="model_not_found") from None
+        except AdapterBusy as e:
+            raise APIError(str(e), 409, param="lora_name", code="adapter_in_use") from None
+        except AdapterError as e:
+            raise APIError(str(e), param="lora_name") from None
 
     @property
     def failure(self) -> str | None:
@@ -113,11 +139,14 @@ class EngineBackend:
             logprobs=params.logprobs is not None,
             top_logprobs=params.logprobs or 0,
             allowed_tokens=params.mask,
+            adapter=params.adapter,
         )
         if self.failure:
             raise self.dead()
         try:
             handle = self.engine.submit(prompt, opts)
+        except UnknownAdapter as e:  # unloaded since the request was checked
+            raise APIError(str(e), 404, param="model", code="model_not_found") from None
         except ValueError as e:  # what the engine cannot hold (pages): the request's fault, a 400
             raise APIError(str(e)) from None
         except EngineError:

@@ -28,7 +28,7 @@ class ChatJob:
     def __init__(self, server: Server, body: dict):
         req = parse(ChatRequest, body)
         check_unsupported(req)
-        server.check_model(req.model)
+        self.model = server.check_model(req.model) or server.model_name  # an adapter answers as itself
         self.req, self.server = req, server
         turn = chat_turn(req, server.reasoning_effort)
         self.prompt = turn.prompt_tokens(server.start_date)
@@ -86,7 +86,7 @@ class ChatJob:
             "id": self.id,
             "object": obj,
             "created": self.created,
-            "model": self.server.model_name,
+            "model": self.model,
             "system_fingerprint": None,
         }
 

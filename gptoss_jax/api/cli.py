@@ -106,8 +106,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--moe-impl", choices=("auto", "xla", "pallas"), default="auto")
     m.add_argument("--expert-format", choices=("mxfp4", "dequantized"), default="mxfp4")
-    m.add_argument("--adapters", metavar="DIR", help="apply LoRA adapters from a PEFT folder (e.g. written by "
-                   "`gptoss-jax finetune`); the experts stay packed")  # fmt: skip
+    m.add_argument("--adapters", metavar="DIR|NAME=DIR", action="append",
+                   help="LoRA adapters from a PEFT folder (e.g. written by `gptoss-jax finetune`); the "
+                   "experts stay packed. DIR: merged into the base, served under its name. NAME=DIR (repeatable): "
+                   "served beside the base as model NAME, all in one batch")  # fmt: skip
+    m.add_argument("--max-adapters", type=int, metavar="N",
+                   help="adapter slots (NAME=DIR ones and runtime loads; default: the NAME=DIR count, or 4 "
+                   "with --allow-runtime-adapters)")  # fmt: skip
+    m.add_argument("--max-lora-rank", type=int, metavar="R",
+                   help="the adapter pool's rank (default: the largest NAME=DIR rank, else 16)")
+    m.add_argument("--lora-targets", metavar="T[,T...]",
+                   help="the adapter pool's targets (default: the NAME=DIR ones', else all)")
+    m.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
     m.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -138,11 +149,57 @@ def _check(args) -> None:
         raise ValueError("--api-key: empty key")
     if not Path(args.path).exists():
         raise FileNotFoundError(2, "No such file or directory", args.path)
+    split_adapters(args)
     if args.adapters is not None:  # its config is read before minutes of loading the base
         from ..adapters import read_adapter_config
 
         read_adapter_config(Path(args.adapters).expanduser())
+    for name, folder in args.named_adapters.items():
+        from ..adapters import read_adapter_config
+        from ..lora import LoraError
+
+        try:
+            read_adapter_config(folder)
+        except LoraError as e:
+            raise ValueError(f"--adapters {name}: {e}") from None
+    if getattr(args, "lora_targets", None) is not None:
+        from ..lora import parse_targets
+
+        try:
+            parse_targets(args.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--lora-targets: {e}") from None
+    for flag, least in (("max_adapters", 0), ("max_lora_rank", 1)):
+        v = getattr(args, flag, None)
+        if v is not None and v < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {v}")
     args.resolved_prompt = prompt_settings(args)
+
+
+def split_adapters(args) -> None:
+    """--adapters values -> args.adapters (the one DIR merged into the base, or None) and
+    args.named_adapters ({NAME: DIR} served beside it). Idempotent."""
+    if isinstance(args.adapters, str) or args.adapters is None:
+        args.named_adapters = getattr(args, "named_adapters", {})
+        return
+    plain, named = [], {}
+    for v in args.adapters:
+        name, sep, folder = v.partition("=")
+        if sep and name and "/" not in name and not Path(v).expanduser().exists():
+            if name in named:
+                raise ValueError(f"--adapters: the name {name!r} is given twice")
+            if not folder:
+                raise ValueError(f"--adapters {v}: no folder after '='")
+            named[name] = Path(folder).expanduser()
+        else:
+            plain.append(v)
+    if len(plain) > 1:
+        raise ValueError("--adapters: one DIR is merged into the base at most; name the others (NAME=DIR)")
+    if plain and named:
+        raise ValueError("--adapters: give either one DIR (merged into the base) or NAME=DIR adapters "
+                         "(served beside the base), not both")  # fmt: skip
+    args.adapters = plain[0] if plain else None
+    args.named_adapters = named
 
 
 def _origins(value: str | None) -> list[str] | None:
@@ -154,6 +211,7 @@ def prompt_settings(args):
     those the adapters were trained with, else today's date and medium."""
     from ..harmony import resolve_prompt_settings
 
+    split_adapters(args)
     return resolve_prompt_settings(args.adapters, date=args.date, reasoning_effort=args.reasoning_effort,
                                    default_date="today")  # fmt: skip
 
@@ -164,8 +222,15 @@ def make_engine(args, model):
     from ..engine import Engine
 
     kv = None if args.kv_memory is None else int(args.kv_memory * 2**30)
+    split_adapters(args)
+    named = getattr(args, "named_adapters", {})
+    slots = getattr(args, "max_adapters", None)
+    if slots is None and getattr(args, "allow_runtime_adapters", False):
+        slots = max(4, len(named))
     engine = Engine(model, max_seqs=args.max_seqs, max_context=args.max_context, kv_memory=kv,
-                    memory_fraction=args.memory_fraction, detokenize=False)  # fmt: skip
+                    memory_fraction=args.memory_fraction, detokenize=False, adapters=named,
+                    max_adapters=slots, max_lora_rank=getattr(args, "max_lora_rank", None),
+                    lora_targets=getattr(args, "lora_targets", None))  # fmt: skip
     log = logging.getLogger("gptoss_jax.api")
     p = engine.plan
     log.info("KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
@@ -191,7 +256,8 @@ def build_app(args, engine, model):
                       start_date=prompt.date, reasoning_effort=prompt.reasoning_effort,
                       request_timeout=getattr(args, "request_timeout", None),
                       allowed_origins=_origins(getattr(args, "allowed_origins", None)),
-                      strict_tools=args.strict_tools, reasoning_key=args.reasoning_key)  # fmt: skip
+                      strict_tools=args.strict_tools, reasoning_key=args.reasoning_key,
+                      allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False))  # fmt: skip
 
 
 def run_serve(args) -> int:

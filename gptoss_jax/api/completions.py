@@ -86,7 +86,7 @@ class CompletionJob:
     def __init__(self, server: Server, body: dict):
         req = parse(CompletionRequest, body)
         check_unsupported(req)
-        server.check_model(req.model)
+        self.model = server.check_model(req.model) or server.model_name  # an adapter answers as itself
         self.req, self.server = req, server
         self.prompts = _prompts(req.prompt, server.backend.vocab_size)
         self.top = req.logprobs
@@ -141,7 +141,7 @@ class CompletionJob:
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.server.model_name,
+            "model": self.model,
             "system_fingerprint": None,
         }
 

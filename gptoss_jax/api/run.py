@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,9 @@ from .constraints import ForcedTokens, new_mask
 from .protocol import APIError
 
 HARMONY_STOP = (RETURN, CALL)  # an assistant turn ends with <|return|> (answer) or <|call|> (tool call)
+# The LoRA adapter the request's `model` named (None: the base), set by `Server.check_model` and read by
+# `Server.params` in the same request's context, so the three APIs need not pass it along.
+_ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("adapter", default=None)
 
 
 @dataclasses.dataclass
@@ -69,14 +73,29 @@ class Server:
             self.scripts.append(list(ids))
         return len(self.scripts)
 
-    def check_model(self, name: str | None) -> None:
+    def adapters_info(self) -> dict:
+        """The LoRA adapters served beside the base model by name (each a model of its own name)."""
+        return dict(getattr(self.backend, "adapters", dict)())
+
+    def adapters(self) -> list[str]:
+        return sorted(self.adapters_info())
+
+    def check_model(self, name: str | None) -> str | None:
+        """The request's `model`: the base model's name (or none) runs the base, an adapter's name that
+        adapter (returned, and used by this request's `params`); anything else is a 404."""
+        adapter = None
         if name is not None and name != self.model_name:
-            raise APIError(
-                f"model: {name!r} does not exist; this server serves {self.model_name!r}",
-                404,
-                param="model",
-                code="model_not_found",
-            )
+            if name not in self.adapters():
+                served = ", ".join(repr(n) for n in [self.model_name, *self.adapters()])
+                raise APIError(
+                    f"model: {name!r} does not exist; this server serves {served}",
+                    404,
+                    param="model",
+                    code="model_not_found",
+                )
+            adapter = name
+        _ADAPTER.set(adapter)
+        return adapter
 
     def budget(self, prompt_len: int, max_tokens: int | None, field: str, prompt_field: str) -> int:
         """max_tokens checked against the context (a 400 naming the counts), or what is left of it."""
@@ -131,6 +150,7 @@ class Server:
             stop_tokens=tuple(stop_tokens),
             logprobs=logprobs,
             mask=mask,
+            adapter=_ADAPTER.get(),
         )
 
 

@@ -1,9 +1,23 @@
 """Serving: continuous batching over a KV page pool with an exact prefix cache (`Engine`), exact per request.
 See docs/serving.md."""
 
+from .adapters import AdapterBusy, AdapterError, AdapterPoolFull, UnknownAdapter
 from .engine import Engine, Metrics
 from .paged import PagedKVCache, pool_plan
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TokenEvent
 
-__all__ = ["Engine", "EngineError", "Metrics", "PagedKVCache", "RequestHandle", "RequestOptions", "Result",
-           "TokenEvent", "pool_plan"]
+__all__ = [
+    "AdapterBusy",
+    "AdapterError",
+    "AdapterPoolFull",
+    "UnknownAdapter",
+    "Engine",
+    "EngineError",
+    "Metrics",
+    "PagedKVCache",
+    "RequestHandle",
+    "RequestOptions",
+    "Result",
+    "TokenEvent",
+    "pool_plan",
+]

@@ -27,6 +27,11 @@ settings and key are its own, and token i of a request is drawn with fold_in(its
 gets the tokens `gptoss_jax.generate` gives its prompt alone (bit-for-bit in greedy float32 up to ties
 within rounding; the tests check it), whatever else is batched, cached or preempted.
 
+LoRA adapters (`engine.adapters`): `Engine(model, adapters={name: folder}, max_adapters=N)` keeps them in
+one fixed pool of slots; each request names its adapter (`adapter=`, None for the base), each row of a
+step carries its slot as data, and every token gets its own adapter's low-rank product, so one step mixes
+adapters without recompiling; the prefix cache never shares KV across adapters.
+
 Meshes and hosts: on a mesh the pool's pages are split over `data` (the scheduler's lanes, each with its
 own prefix cache), heads and experts as the model is. With several processes every process builds the
 same engine; process 0 schedules (`submit`, `step`, or the background thread) and sends each step's plan
@@ -59,7 +64,8 @@ from ..kernels.paged_attention import BlockSizes
 from ..model import forward, logits
 from ..sampling import SamplingParams, request_key, sample, step_keys, token_logprobs, unpack_mask
 from ..sharding import cache_sharding, mesh_of, to_host
-from .paged import MEMORY_FRACTION, PagedKVCache, cpu_budget, paged_layout, pool_plan
+from .adapters import AdapterBusy, AdapterError, AdapterPool, PoolHooks, Resident, check_name, initial_pool
+from .paged import MEMORY_FRACTION, PagedKVCache, cpu_budget, flat_layout, paged_layout, pool_plan
 from .requests import EngineError, RequestHandle, RequestOptions, Result, TextStream
 from .scheduler import Scheduler, Seq
 
@@ -67,14 +73,22 @@ log = logging.getLogger("gptoss_jax.engine")
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _run(graphdef, n_top, block_sizes, state, kv, a):
+def _run(graphdef, n_top, block_sizes, state, kv, a, lora=None):
     """One step: the call's page copies, one forward pass over each lane's flat row of tokens (decode rows,
     then a prefill chunk: `paged.flat_layout`), then a token sampled from each row's last one -> (kv,
-    tokens, their log-probs, top ids, top log-probs), one per row."""
+    tokens, their log-probs, top ids, top log-probs), one per row. lora: the adapter pool's arrays (each
+    token runs with its row's slot, `a["adapter"]`), or None."""
     model = nnx.merge(graphdef, state)
     cache = PagedKVCache.of(model.cfg, kv, a, block_sizes).copy_pages(a["copy_src"], a["copy_dst"])
     lanes, width = a["tokens"].shape
-    h, cache = forward(model, a["tokens"], cache.positions(lanes, width), cache)
+    if lora is None:
+        h, cache = forward(model, a["tokens"], cache.positions(lanes, width), cache)
+    else:
+        per_lane = a["n_new"].shape[0] // lanes
+        tok_row, _ = flat_layout(per_lane, width)
+        slot = a["adapter"].reshape(lanes, per_lane)[:, tok_row]  # (lanes, width): each token's row's slot
+        hooks = PoolHooks(lora, model.cfg, slot)
+        h, cache, _ = forward(model, a["tokens"], cache.positions(lanes, width), cache, hooks=hooks)
     # a decode-only call has no chunk: its row is padding
     last = jnp.minimum(cache.last_token(lanes, width), width - 1)
     lg = logits(model, jnp.take_along_axis(h, last[..., None], axis=1).reshape(-1, h.shape[-1]))
@@ -143,6 +157,12 @@ class Engine:
     limit; every call is padded to the next one, and `warmup` compiles each reachable combination
     (`Scheduler.shapes`: at most len(seq_buckets) x (1 + len(token_buckets)), whatever the context).
     block_sizes: the paged attention's blocks (`kernels.paged_attention.BlockSizes`).
+    adapters: LoRA adapters served beside the base, {name: PEFT folder or (arrays, LoraConfig)}; a request
+    picks one by name (`adapter=`, None for the base) and one step mixes them (`engine.adapters`).
+    max_adapters: the pool's slots (default: as many as given; 0 or None with none: no pool, no cost);
+    max_lora_rank / lora_targets: the pool's rank and targets (default: the largest rank and the union
+    of the targets given, else 16 and every target). `load_adapter` / `unload_adapter` change the
+    residents while serving, without recompiling.
     """
 
     def __init__(self, model, *, max_seqs: int = 16, max_context: int | None = None, page_size: int = 16,
@@ -150,7 +170,8 @@ class Engine:
                  num_pages: int | None = None, chunk: int | None = None, budget: int | None = None,
                  prefix_cache: bool = True, max_top_logprobs: int = 20, detokenize: bool = True,
                  seq_buckets: Sequence[int] | None = None, token_buckets: Sequence[int] | None = None,
-                 block_sizes: BlockSizes | None = None):  # fmt: skip
+                 block_sizes: BlockSizes | None = None, adapters=None, max_adapters: int | None = None,
+                 max_lora_rank: int | None = None, lora_targets=None):  # fmt: skip
         cfg = model.cfg
         self.cfg = cfg
         self.mesh = mesh_of(model)
@@ -176,6 +197,16 @@ class Engine:
         self.block_sizes = block_sizes
         self._graphdef, self._state = nnx.split(model)
         self._lanes, self._chunk, self._page_size = lanes, chunk, page_size
+        adapters = dict(adapters or {})
+        self.pool: AdapterPool | None = initial_pool(cfg, adapters, max_adapters, max_lora_rank, lora_targets)
+        if self.pool is not None:
+            if self.mesh is not None or jax.process_count() > 1:
+                raise ValueError("adapters: the adapter pool runs on one device and one process for now "
+                                 "(no mesh)")
+            for name, src in adapters.items():
+                self.pool.add(name, self.pool.prepare(name, src))
+        self._pool_lock = threading.Lock()  # the residents and their requests in flight
+        self._in_flight: dict[int, list[RequestHandle]] = {}  # adapter key -> its requests not done
         if num_pages is None and kv_memory is None:
             kv_memory = self._default_budget(max_seqs, max_context, page_size, memory_fraction,
                                              seq_buckets, token_buckets, budget)  # fmt: skip
@@ -246,7 +277,7 @@ class Engine:
                     for k, (sh, dt, ax) in layout.items()}  # fmt: skip
             kv = (tuple(spec[f"k.{e}"] for e in range(n)), tuple(spec[f"v.{e}"] for e in range(n)))
             compiled = _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, kv,
-                                  a).compile()  # fmt: skip
+                                  a, self._lora()).compile()  # fmt: skip
         analysis = compiled.memory_analysis()
         return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
 
@@ -284,11 +315,70 @@ class Engine:
         seq = Seq(handle, next(self._arrivals), list(prompt), len(prompt), key,
                   TextStream(options.stop) if self.detokenize else None)  # fmt: skip
         handle._seq = seq
+        if options.adapter is not None:
+            with self._pool_lock:  # resolved and counted at once: an unload sees this request
+                r = self._resident(options.adapter)
+                seq.adapter, seq.lora_slot = r.key, r.slot
+                live = self._in_flight.setdefault(r.key, [])
+                live[:] = [h for h in live if not h.done]
+                live.append(handle)
         self._inbox.append(("add", seq))
         self._work.set()
         if self.error is not None:  # the thread died meanwhile (it set `error` before failing the inbox)
             self._fail_inbox(self._failure)
         return handle
+
+    # -------------------------------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> dict[str, Resident]:
+        """The adapters served now, by name (empty without a pool)."""
+        with self._pool_lock:
+            return dict(self.pool.resident) if self.pool is not None else {}
+
+    def load_adapter(self, name: str, source) -> Resident:
+        """Loads an adapter (a PEFT folder, or (arrays, LoraConfig)) into a free slot of the pool while
+        serving; nothing recompiles. AdapterError (a ValueError) naming the adapter and the problem: a bad
+        folder, a rank or target the pool lacks, a name in use, a full pool (AdapterPoolFull)."""
+        pool = self._need_pool()
+        check_name(name)
+        with self._pool_lock:
+            if name in pool.resident:
+                raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+        prepared = pool.prepare(name, source)  # file reading, outside the locks
+        with self._lock, self._pool_lock:
+            return pool.add(name, prepared)
+
+    def unload_adapter(self, name: str) -> Resident:
+        """Frees an adapter's slot. AdapterBusy while requests that use it are queued or running (they are
+        not cut short: wait for them, or cancel them, then unload); UnknownAdapter for a name not loaded.
+        Its prefix-cache pages stay until evicted, under a key no later load reuses."""
+        pool = self._need_pool()
+        with self._lock:
+            self._drain()  # cancelled requests leave the schedule first
+            with self._pool_lock:
+                r = pool.get(name)
+                live = [h for h in self._in_flight.get(r.key, []) if not h.done]
+                if live:
+                    raise AdapterBusy(f"adapter {name!r} has {len(live)} request(s) in flight; unload it "
+                                      f"when they finish")  # fmt: skip
+                self._in_flight.pop(r.key, None)
+                return pool.remove(name)
+
+    def _need_pool(self) -> AdapterPool:
+        if self.pool is None:
+            raise AdapterError("this engine serves no adapters: start it with adapters= or max_adapters=")
+        return self.pool
+
+    def _resident(self, name) -> Resident:
+        if self.pool is None:
+            raise ValueError(f"adapter: {name!r} is not loaded (this engine serves no adapters)")
+        try:
+            return self.pool.get(name)
+        except AdapterError as e:
+            raise type(e)(f"adapter: {e}") from None
+
+    def _lora(self):
+        return None if self.pool is None else self.pool.arrays
 
     def generate(self, prompts: Sequence[Sequence[int]], **kw) -> list[Result]:
         """Submits every prompt and waits for all (steps here unless the background thread runs)."""
@@ -456,7 +546,7 @@ class Engine:
                 a.setdefault("mask", self._ones[B])  # every token allowed
                 a.setdefault("seen", self._zeros[B])  # no token seen: no repetition penalty
                 self._kv, *out = _run(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state,
-                                      self._kv, a)  # fmt: skip
+                                      self._kv, a, self._lora())  # fmt: skip
                 outs.append(out)
             return [tuple(to_host(x) for x in out) for out in outs]
 

@@ -48,6 +48,7 @@ class RequestOptions:
       token), the allowed ids, or a (V,) bool mask (constrained decoding).
     reuse: allow this prompt to hit the prefix cache (the KV of the longest prefix it shares with an earlier
       or running sequence); its own pages are cached for others either way.
+    adapter: the name of a LoRA adapter loaded in the engine (`Engine(adapters=...)`), None for the base.
     """
 
     max_tokens: int = 256
@@ -63,6 +64,7 @@ class RequestOptions:
     top_logprobs: int = 0
     allowed_tokens: AllowedTokens | None = None
     reuse: bool = True
+    adapter: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -88,6 +90,8 @@ class RequestOptions:
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= max_top_logprobs:
             raise ValueError(f"top_logprobs must be an integer in [0, {max_top_logprobs}] (the engine's "
                              f"max_top_logprobs), got {self.top_logprobs!r}")  # fmt: skip
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError(f"adapter must be an adapter's name (str) or None, got {self.adapter!r}")
         if self.allowed_tokens is not None and not callable(self.allowed_tokens):
             raise ValueError("allowed_tokens must be a callable(generated tokens) -> ids, mask or None")
 

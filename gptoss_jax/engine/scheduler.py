@@ -133,6 +133,8 @@ class Seq:
     cached: int = 0
     allowed: np.ndarray | None = None  # this step's allowed-token mask (None: any token)
     first_token: float | None = None
+    adapter: int = 0  # the prefix cache's key of its adapter (0: none): trees never mix adapters
+    lora_slot: int = 0  # its adapter's slot in the engine's pool (0: none)
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
 
@@ -151,10 +153,17 @@ class Lane:
     def __init__(self, pages: range, slots: range):
         self.free = list(reversed(pages))  # taken from the end
         self.slots = list(reversed(slots))
-        self.root = Block()
-        self.root.in_tree = True
+        self.roots: dict[int, Block] = {}  # a prefix tree per adapter (0: the base model)
         self.heap: list = []  # (stamp, n, kind, block): eviction candidates, checked when popped
         self.pinned = 0  # pages referenced by running sequences
+
+    def root(self, adapter: int) -> Block:
+        """The root of the prefix tree of `adapter`'s sequences: keys computed with one adapter are never
+        another's (nor the base model's)."""
+        if adapter not in self.roots:
+            self.roots[adapter] = Block()
+            self.roots[adapter].in_tree = True
+        return self.roots[adapter]
 
 
 @dataclasses.dataclass
@@ -302,7 +311,7 @@ class Scheduler:
             if not fits:
                 return
             if len(fits) > 1 and self.prefix_cache and s.handle.options.reuse:  # the lane holding its prefix
-                lane = max(fits, key=lambda ln: (self._full_match(ln, s.tokens), self.available(ln)))
+                lane = max(fits, key=lambda ln: (self._full_match(ln, s), self.available(ln)))
             else:
                 lane = max(fits, key=self.available)
             self.waiting.pop(0)
@@ -314,10 +323,10 @@ class Scheduler:
             self.running[s.slot] = s
 
     # -------------------------------------------------------------------------------- prefix cache
-    def _full_match(self, lane: int, tokens: list[int]) -> int:
-        """Full blocks of `tokens` (all but the last token) on a path of the lane's tree."""
-        ps, node, i = self.page_size, self.lane[lane].root, 0
-        arr = np.asarray(tokens[: len(tokens) - 1], np.int32)
+    def _full_match(self, lane: int, s: Seq) -> int:
+        """Full blocks of the sequence's tokens (all but the last token) on a path of the lane's tree."""
+        ps, node, i = self.page_size, self.lane[lane].root(s.adapter), 0
+        arr = np.asarray(s.tokens[: len(s.tokens) - 1], np.int32)
         while (i + 1) * ps <= len(arr):
             node = node.children.get(arr[i * ps : (i + 1) * ps].tobytes())
             if node is None:
@@ -325,10 +334,10 @@ class Scheduler:
             i += 1
         return i
 
-    def _match(self, lane: int, tokens: list[int]) -> tuple[list[Block], Block | None, int]:
-        """The longest cached prefix of `tokens` but its last token: (path of full blocks, the block a
-        partial extension shares its first tokens with or None, hit length)."""
-        ps, node, path = self.page_size, self.lane[lane].root, []
+    def _match(self, lane: int, tokens: list[int], adapter: int = 0) -> tuple[list[Block], Block | None, int]:
+        """The longest cached prefix of `tokens` but its last token in `adapter`'s tree: (path of full
+        blocks, the block a partial extension shares its first tokens with or None, hit length)."""
+        ps, node, path = self.page_size, self.lane[lane].root(adapter), []
         limit = len(tokens) - 1
         arr = np.asarray(tokens[:limit], np.int32)
         while (len(path) + 1) * ps <= limit:
@@ -371,7 +380,7 @@ class Scheduler:
         if s.detached or not s.handle.options.reuse or s.length != s.hit:
             return
         ps = self.page_size
-        path, donor, p = self._match(s.lane, s.tokens)
+        path, donor, p = self._match(s.lane, s.tokens, s.adapter)
         p = self._usable(path, donor, p)
         if p <= s.length:
             return
@@ -380,7 +389,7 @@ class Scheduler:
         swin = self._hold(path, p)
         cow = None
         if p % ps:
-            parent = path[p // ps - 1] if p >= ps else None
+            parent = path[p // ps - 1] if p >= ps else self.lane[s.lane].root(s.adapter)
             cow = self._copy_block(s.lane, donor, s.tokens[p - p % ps : p], parent)
             if cow is None:  # no room for the copy this step: the hit ends at the page boundary
                 self._let_go(s.lane, path, p, swin)
@@ -422,7 +431,7 @@ class Scheduler:
                 self._drop_sliding(lane, b)
             self._drop(lane, b)
 
-    def _copy_block(self, lane: int, donor: Block, tokens: list[int], parent: Block | None) -> Block | None:
+    def _copy_block(self, lane: int, donor: Block, tokens: list[int], parent: Block) -> Block | None:
         """A copy of `donor`'s pages for a sequence continuing after its first len(tokens) positions (copy on
         write: the copy runs on device before this step's writes), in the tree beside the donor; None when
         no copy fits this step or no page is left."""
@@ -440,7 +449,6 @@ class Scheduler:
         for src, dst in ((donor.full, b.full), (donor.sliding, b.sliding)):
             if dst is not None:
                 self._copies[lane].append((src, dst))
-        parent = parent or self.lane[lane].root
         b.parent, b.in_tree = parent, True
         parent.partials.append(b)
         return b
@@ -502,7 +510,7 @@ class Scheduler:
         else:
             parent.partials.remove(b)
         b.in_tree, b.parent, b.key = False, None, None
-        if parent is not ln.root and parent.users == 0 and parent.leaf():
+        if parent.parent is not None and parent.users == 0 and parent.leaf():  # not a root
             self._push(ln, (1, parent.stamp, next(self._clock), "leaf", parent))
 
     def _free(self, ln: Lane, b: Block) -> int:
@@ -635,7 +643,7 @@ class Scheduler:
         """Puts the blocks the last call filled into the tree: a full block under its parent by its tokens
         (when an equal one is already there, the sequence keeps its own: detached, out of the tree), a tail
         among its parent's partials."""
-        ps, root = self.page_size, self.lane[s.lane].root
+        ps, root = self.page_size, self.lane[s.lane].root(s.adapter)
         while s.settled < len(s.blocks):
             b = s.blocks[s.settled]
             parent = s.blocks[s.settled - 1] if s.settled else root
@@ -680,6 +688,7 @@ class Scheduler:
                 "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
                 "penalty": np.ones(B, np.float32),
                 "keys": np.zeros((B, 2), np.uint32), "index": np.zeros(B, np.int32),
+                "adapter": np.zeros(B, np.int32),
                 "logprobs": np.zeros((), bool)}  # fmt: skip
 
     def shapes(self) -> list[tuple[int, int]]:
@@ -706,6 +715,7 @@ class Scheduler:
             col = row - lane * (n_dec + 1)  # the row's first token in its lane's flat row
             a["tokens"][lane, col : col + n] = s.tokens[s.length : s.length + n]
             a["n_new"][row], a["start"][row] = n, s.length
+            a["adapter"][row] = s.lora_slot
             nb = len(s.blocks)
             if self.has_full:
                 a["full_table"][row, :nb] = s.full_ids[:nb] - base

@@ -562,6 +562,10 @@ def test_models_health_metrics(server, client):
         client.models.retrieve("gpt-5")
     r = httpx.get(f"{url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v1/nothing"
+    # without --allow-runtime-adapters the LoRA endpoints do not exist
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"},
+                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route POST /v1/load_lora_adapter"
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     text = httpx.get(f"{url}/metrics").text
     assert 'gptoss_http_requests_total{route="/v1/chat/completions",status="200"}' in text

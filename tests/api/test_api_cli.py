@@ -24,10 +24,15 @@ from apitools import (
     (["{ckpt}", "--allowed-origins", " , "], "--allowed-origins: no origin given"),
     (["{ckpt}", "--date", "yesterday"], "--date must be today, none or YYYY-MM-DD, got 'yesterday'"),
     (["{ckpt}", "--adapters", "{ckpt}"], "no adapter_config.json (not a PEFT adapter folder)"),
+    (["{ckpt}", "--adapters", "a={ckpt}"], "--adapters a: {ckpt}: no adapter_config.json"),
+    (["{ckpt}", "--adapters", "a=/x", "--adapters", "a=/y"], "--adapters: the name 'a' is given twice"),
+    (["{ckpt}", "--adapters", "{ckpt}", "--adapters", "a=/y"], "--adapters: give either one DIR"),
+    (["{ckpt}", "--max-adapters", "-1"], "--max-adapters must be at least 0, got -1"),
+    (["{ckpt}", "--lora-targets", "qq"], "--lora-targets: unknown LoRA target 'qq'"),
 ])  # fmt: skip
 def test_bad_options_exit_2_with_one_line(args, needle, serve_ckpt):
     args = [a.format(ckpt=serve_ckpt) for a in args]
     r = subprocess.run([*SERVE, *args], check=False, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert needle in lines[0]
+    assert needle.format(ckpt=serve_ckpt) in lines[0]

@@ -87,7 +87,7 @@ def check_pool(sch: Scheduler) -> None:
 
         for page in ln.free:
             own(page, "free")
-        blocks, stack = {}, [ln.root]
+        blocks, stack = {}, list(ln.roots.values())
         while stack:
             b = stack.pop()
             for c in [*b.children.values(), *b.partials]:

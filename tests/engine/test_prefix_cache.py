@@ -132,7 +132,7 @@ def test_several_requests_share_one_prefix_at_the_same_step(engine, model, tiny_
 def path_of(engine, tokens):
     """The blocks of the lane-0 prefix tree on the path of `tokens`' full pages."""
     sch, ps = engine.scheduler, engine.scheduler.page_size
-    node, out = sch.lane[0].root, []
+    node, out = sch.lane[0].root(0), []
     for i in range(len(tokens) // ps):
         node = node.children.get(np.asarray(tokens[i * ps : (i + 1) * ps], np.int32).tobytes())
         if node is None:

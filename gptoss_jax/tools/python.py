@@ -36,7 +36,9 @@ transport (Unix sockets) instead of TCP, so no network is involved at all. The k
 own private tmpfs (/run/kernel), which the server reaches through `/proc/<sandbox pid>/root/run/kernel/`
 (the sandbox's mount namespace seen from outside: allowed to the sandbox's owner, invisible to anyone
 else's sandbox). No host directory is shared with the kernel, writable or not; the connection file (with its
-HMAC key) is copied into the sandbox at start (`bwrap --file`).
+HMAC key) is copied into the sandbox at start (`bwrap --file`). The code can rewrite /run/kernel (a socket
+made a symlink to a host socket would be followed from here): the server connects once, before any code
+runs, and its ZMQ sockets never reconnect (RECONNECT_IVL -1, no heartbeat channel).
 
 What it does not bound: memory across processes (each process may use `memory_bytes`, and there may be
 `max_processes` of them; a cgroup would bound the sum), and the tmpfs mounts (their size counts in the
@@ -211,8 +213,9 @@ class _Kernel:
     def kill(self):
         try:
             self.client.stop_channels()
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 - the kernel goes regardless
+            log.debug("python tool: stopping a kernel's channels: %s", e)
+        self.client.context.destroy(linger=0)
         if self.ns_pid is not None:
             try:
                 os.kill(self.ns_pid, signal.SIGKILL)  # the sandbox's pid 1: every process in it goes
@@ -402,6 +405,7 @@ class PythonTool:
                 "RLIMIT_FSIZE": self.max_file_bytes, "RLIMIT_CORE": 0}
 
     def _start(self) -> _Kernel:
+        import zmq
         from jupyter_client import BlockingKernelClient
 
         key = secrets.token_hex(32)
@@ -451,7 +455,12 @@ class PythonTool:
             if info_r is not None:
                 os.close(info_r)
         drain = _Drain(proc.stderr)
-        client = BlockingKernelClient()
+        # ZMQ never reconnects: a reconnect would resolve the socket's path again, and the code in the
+        # sandbox may by then have made it a symlink to a socket of the host (a path from here resolves
+        # absolute symlinks against the host's root). No heartbeat channel either (it reconnects by design).
+        context = zmq.Context()
+        context.setsockopt(zmq.RECONNECT_IVL, -1)
+        client = BlockingKernelClient(context=context)
         client.load_connection_info(conn | {"ip": f"{host_prefix}{run_dir}/k"})
         kernel = _Kernel(proc, client, ns_pid, workdir, drain)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -461,9 +470,9 @@ class PythonTool:
                 if not kernel.alive() or time.monotonic() > deadline:
                     raise RuntimeError("kernel did not bind its sockets")
                 time.sleep(0.02)
-            client.start_channels()
+            client.start_channels(hb=False)
             client.wait_for_ready(timeout=max(1.0, deadline - time.monotonic()))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever stopped it, the kernel goes and the call is told
             kernel.kill()
             drain.join(timeout=2)
             raise RuntimeError(f"python tool: the kernel did not start ({e}): {drain.text()[-500:]}") from None
@@ -481,7 +490,7 @@ class PythonTool:
         if not isinstance(conversation_id, str) or not conversation_id:
             raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r}")
         if not isinstance(code, str):
-            raise ValueError(f"code must be a string, got {type(code).__name__}")
+            raise ValueError(f"code must be a string, got {type(code).__name__}")  # noqa: TRY004 - one error kind for arguments
         timeout = self.timeout_s if timeout_s is None else _check_positive("timeout_s", timeout_s)
         if self._closed.is_set():
             raise RuntimeError("python tool: shut down")

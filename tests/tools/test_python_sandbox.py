@@ -22,8 +22,8 @@ import pytest
 from gptoss_jax.tools import PythonTool, SandboxUnavailable, python_tool_config
 
 REPO = Path(__file__).resolve().parents[2]
-LIMITS = dict(timeout_s=20, memory_bytes=1 << 30, cpu_time_s=60, max_processes=48, max_file_bytes=8 << 20,
-              data_bytes=16 << 20, max_output_chars=4000)
+LIMITS = {"timeout_s": 20, "memory_bytes": 1 << 30, "cpu_time_s": 60, "max_processes": 48,
+          "max_file_bytes": 8 << 20, "data_bytes": 16 << 20, "max_output_chars": 4000}
 
 
 def _bounded(fn, limit_s: float):
@@ -132,7 +132,7 @@ def test_network_is_contained(tool):
             for s in (listener, abstract):
                 try:
                     accepted.append(s.accept())
-                except (socket.timeout, OSError):
+                except OSError:
                     pass
 
     t = threading.Thread(target=accept_loop, daemon=True)
@@ -163,6 +163,47 @@ for family, address in [(socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_INET
     assert "sys/class/net False" in out
     assert "CONNECTED" not in out and out.count("refused") == 3, out
     assert accepted == []  # the test's listeners saw no connection
+    tool.close(c)
+    assert_healthy(tool)
+
+
+def test_socket_symlinks_are_not_followed(tool, tmp_path):
+    """The code swaps its kernel's sockets for symlinks to a host socket and drops the connections: the
+    server must not reconnect through them (it would land on the host's socket, as root perhaps)."""
+    host_path = str(tmp_path / "host.sock")
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.bind(host_path)
+    host.listen(16)
+    host.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def accept_loop():
+        while not stop.is_set():
+            try:
+                accepted.append(host.accept())
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept_loop, daemon=True)
+    t.start()
+    c = conv()
+    try:
+        out, took = _bounded(lambda: tool.run(c, f"""
+import gc, os, time, zmq
+for i in range(1, 6):
+    os.unlink(f"/run/kernel/k-{{i}}")
+    os.symlink({host_path!r}, f"/run/kernel/k-{{i}}")
+for o in gc.get_objects():
+    if isinstance(o, zmq.Socket) and not o.closed:
+        o.close(linger=0)
+time.sleep(60)
+""", timeout_s=4), 60)
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join()
+        host.close()
+    assert accepted == [] and "[error:" in out, out
     tool.close(c)
     assert_healthy(tool)
 
@@ -298,7 +339,7 @@ def test_endless_loop_times_out_and_the_kernel_restarts(tool):
 
 def test_cpu_time_limit_kills_the_kernel():
     try:
-        t = PythonTool(**(LIMITS | dict(cpu_time_s=3, timeout_s=60)))
+        t = PythonTool(**(LIMITS | {"cpu_time_s": 3, "timeout_s": 60}))
     except SandboxUnavailable as e:
         pytest.skip(f"no sandbox can be set up on this machine: {e}")
     try:
@@ -339,7 +380,7 @@ def test_100_mb_of_output_is_capped(tool):
 
 def test_idle_kernels_end():
     try:
-        t = PythonTool(**(LIMITS | dict(idle_timeout_s=0.5)))
+        t = PythonTool(**(LIMITS | {"idle_timeout_s": 0.5}))
     except SandboxUnavailable as e:
         pytest.skip(f"no sandbox can be set up on this machine: {e}")
     try:

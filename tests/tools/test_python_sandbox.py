@@ -188,7 +188,7 @@ def test_socket_symlinks_are_not_followed(tool, tmp_path):
     t.start()
     c = conv()
     try:
-        out, took = _bounded(lambda: tool.run(c, f"""
+        out, _ = _bounded(lambda: tool.run(c, f"""
 import gc, os, time, zmq
 for i in range(1, 6):
     os.unlink(f"/run/kernel/k-{{i}}")

@@ -478,6 +478,10 @@ class PythonTool:
             raise RuntimeError(f"python tool: the kernel did not start ({e}): {drain.text()[-500:]}") from None
         return kernel
 
+    def tool_config(self):
+        """Harmony's declaration of this tool, with this tool's timeout (`python_tool_config`)."""
+        return python_tool_config(self.timeout_s)
+
     # ---- running code ------------------------------------------------------------------------------
 
     def _conv_lock(self, conversation_id: str) -> threading.Lock:

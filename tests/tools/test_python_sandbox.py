@@ -428,6 +428,7 @@ def test_harmony_declaration():
 
     from gptoss_jax.tokenizer import get_harmony_encoding
 
+    assert PythonTool(sandbox="none", timeout_s=30).tool_config() == python_tool_config(timeout_s=30)
     config = python_tool_config(timeout_s=30)
     assert config.name == "python"
     assert "30.0 seconds" in config.description and "Internet access for this session is disabled." in config.description

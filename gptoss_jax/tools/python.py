@@ -46,10 +46,11 @@ host's memory). `--die-with-parent` ends a sandbox when the server ends (the ker
 parent is the tool's own long-lived thread that starts every sandbox: Linux's parent-death signal follows
 the thread that forked, so a sandbox started from a short-lived worker thread would die with it).
 
-`sandbox="none"` runs the kernel as a plain child process (same limits where the OS applies them to the
-server's user, clean environment, a temporary working directory, ipc sockets) with no isolation of files
-or network: for a machine where bwrap cannot run (a container without user namespaces), chosen explicitly
-(`serve --python-sandbox none`, once it is wired into serve), and logged as a warning.
+`sandbox="none"` runs the kernel as a plain child process (the same limits but the process limit, which
+would count the server's own processes there; a clean environment; a temporary working directory; ipc
+sockets) with no isolation of files or network: for a machine where bwrap cannot run (a container without
+user namespaces), chosen explicitly (`serve --python-sandbox none`, once it is wired into serve), and
+logged as a warning.
 """
 
 from __future__ import annotations
@@ -401,8 +402,11 @@ class PythonTool:
         return self.max_output_chars - min(1000, self.max_output_chars // 4)
 
     def _limits(self) -> dict[str, int]:
-        return {"RLIMIT_CPU": self.cpu_time_s, "RLIMIT_AS": self.memory_bytes, "RLIMIT_NPROC": self.max_processes,
-                "RLIMIT_FSIZE": self.max_file_bytes, "RLIMIT_CORE": 0}
+        limits = {"RLIMIT_CPU": self.cpu_time_s, "RLIMIT_AS": self.memory_bytes,
+                  "RLIMIT_FSIZE": self.max_file_bytes, "RLIMIT_CORE": 0}
+        if self.sandbox == "bwrap":  # without a user namespace it would count every process of the server's user
+            limits["RLIMIT_NPROC"] = self.max_processes
+        return limits
 
     def _start(self) -> _Kernel:
         import zmq

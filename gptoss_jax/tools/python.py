@@ -79,6 +79,7 @@ DATA_DIR = "/mnt/data"  # the kernel's working directory inside the sandbox (har
 _RUN_DIR = "/run/kernel"  # inside the sandbox: connection file and ipc sockets
 _CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_MAX_MESSAGE = 16 << 20
 _NO_OUTPUT = "[no output: print() what you want to see]"
 
 # runs inside the sandbox: set the limits, start the kernel, and stop any cell that prints past the cap (so
@@ -245,7 +246,8 @@ class PythonTool:
     """Stateful python for the model: one sandboxed Jupyter kernel per conversation.
 
     `run` never raises for what the code does (errors, timeouts, a killed kernel, too much output come
-    back as text); it raises ValueError for bad arguments and RuntimeError where a kernel cannot start.
+    back as text, as does a kernel that cannot start, which is logged); it raises ValueError for bad
+    arguments and RuntimeError once the tool is shut down.
     Safe to call from several threads; calls in one conversation run one at a time.
     """
 
@@ -464,6 +466,9 @@ class PythonTool:
         # absolute symlinks against the host's root). No heartbeat channel either (it reconnects by design).
         context = zmq.Context()
         context.setsockopt(zmq.RECONNECT_IVL, -1)
+        # and takes no message over 16 MiB (ZMQ drops the connection instead; the call then times out): a
+        # kernel whose output guard the code removed cannot make the server take in 100 MB at a time
+        context.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE)
         client = BlockingKernelClient(context=context)
         client.load_connection_info(conn | {"ip": f"{host_prefix}{run_dir}/k"})
         kernel = _Kernel(proc, client, ns_pid, workdir, drain)

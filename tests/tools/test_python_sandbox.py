@@ -374,6 +374,9 @@ def test_100_mb_of_output_is_capped(tool):
     assert out.startswith("w" * 1000) and "[output truncated" in out and "timed out" not in out, out[-300:]
     assert "KeyboardInterrupt" not in out[:cap] and took < 20  # interrupted once the cap was reached
     assert run(tool, c, "print(kept)") == "7\n"
+    # one message of 50 MB: the server refuses to take it in (the connection drops; the call times out)
+    out, took = _bounded(lambda: tool.run(c, unguard + "print('v' * 50_000_000)", timeout_s=5), 60)
+    assert out.startswith("[error: timed out after 5 s") and "v" * 100 not in out, out[-300:]
     tool.close(c)
     assert_healthy(tool)
 

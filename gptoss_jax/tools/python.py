@@ -124,17 +124,28 @@ app.start()
 # run as root, before bwrap (in a private mount namespace): each Python directory bound under a fresh /tmp,
 # where nobody can reach it; then bwrap runs as nobody
 _STAGE = """\
-mount -t tmpfs -o size=64k,mode=755 gptoss-python-stage /tmp
+stage="$1"
+shift
+mount -t tmpfs -o size=64k,mode=755 gptoss-python-stage "$stage"
 i=0
 while [ "$1" != "--" ]; do
-    mkdir "/tmp/$i"
-    mount --bind "$1" "/tmp/$i"
+    mkdir "$stage/$i"
+    mount --bind "$1" "$stage/$i"
     i=$((i + 1))
     shift
 done
 shift
 exec "$@"
 """
+
+
+def _stage_dir(paths: list[str]) -> str:
+    """Where to mount the staging tmpfs (in root's private mount namespace): a directory that holds none of
+    the paths to stage, which the tmpfs would hide."""
+    for d in ("/tmp", "/mnt", "/media", "/srv", "/opt", "/run"):
+        if os.path.isdir(d) and not os.path.islink(d) and not any(p.startswith(d + "/") for p in paths):
+            return d
+    raise SandboxUnavailable(f"python tool: no directory to stage the Python installation ({paths}) in")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -318,14 +329,16 @@ class PythonTool:
         Run as root, bwrap itself runs as `nobody` (uid 65534): Linux does not apply the process limit to
         processes of the host's root, whatever their namespace, so the sandbox must not be root there. The
         Python installation may be where nobody cannot walk (/root/.pyenv): a private mount namespace
-        (`unshare --mount`, root's) shows it to nobody under a fresh tmpfs at /tmp, whence bwrap binds it."""
+        (`unshare --mount`, root's) shows it to nobody under a fresh tmpfs (at /tmp, or another directory
+        that holds none of it), whence bwrap binds it."""
         python = _python_paths()
         prefix: list[str] = []
         sources = python
         if os.geteuid() == 0:
-            sources = [f"/tmp/{i}" for i in range(len(python))]
+            stage = _stage_dir(python)
+            sources = [f"{stage}/{i}" for i in range(len(python))]
             prefix = [self._unshare_path, "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
-                      _STAGE, "stage", *python, "--", self._setpriv_path, "--reuid=65534", "--regid=65534",
+                      _STAGE, "stage", stage, *python, "--", self._setpriv_path, "--reuid=65534", "--regid=65534",
                       "--clear-groups"]
         args = [self._bwrap_path, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
                 "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
@@ -334,12 +347,12 @@ class PythonTool:
                 args += ["--symlink", os.readlink(d), d]
             elif os.path.isdir(d):
                 args += ["--ro-bind", d, d]
-        for src, dest in zip(sources, python):
-            args += ["--ro-bind", src, dest]
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(self.data_bytes), "--tmpfs", DATA_DIR,
                  "--size", str(self.data_bytes), "--tmpfs", "/tmp",
                  "--size", str(1 << 20), "--tmpfs", _RUN_DIR]
+        for src, dest in zip(sources, python):  # after the tmpfs mounts: a venv in /tmp stays visible
+            args += ["--ro-bind", src, dest]
         for dest, fd in files.items():
             args += ["--file", str(fd), dest]
         args += ["--remount-ro", "/", "--chdir", DATA_DIR, "--clearenv"]

@@ -440,3 +440,11 @@ def test_harmony_declaration():
     system = Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_tools(config))
     text = enc.decode(enc.render_conversation(Conversation.from_messages([system])))
     assert "# Tools" in text and "## python" in text and "30.0 seconds" in text
+
+
+def test_staging_directory_never_hides_the_python_installation():
+    from gptoss_jax.tools.python import _stage_dir
+
+    assert _stage_dir(["/root/.pyenv/versions/3.11.7", "/work/main/.venv"]) == "/tmp"
+    stage = _stage_dir(["/tmp/ci/.venv"])  # a venv in /tmp: the staging tmpfs must go elsewhere
+    assert stage != "/tmp" and os.path.isdir(stage)

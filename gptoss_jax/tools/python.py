@@ -217,6 +217,7 @@ class _Kernel:
     ns_pid: int | None  # the sandbox's pid 1, seen from here (None without a sandbox)
     workdir: str | None  # the host directory of a kernel without a sandbox
     stderr: _Drain
+    pidfd: int | None = None  # ns_pid's pidfd: a signal never reaches a later process that reuses the pid
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -230,10 +231,16 @@ class _Kernel:
             log.debug("python tool: stopping a kernel's channels: %s", e)
         self.client.context.destroy(linger=0)
         if self.ns_pid is not None:
-            try:
-                os.kill(self.ns_pid, signal.SIGKILL)  # the sandbox's pid 1: every process in it goes
+            try:  # the sandbox's pid 1: every process in it goes
+                if self.pidfd is not None:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                elif self.proc.poll() is None:  # bwrap has not reaped it: the pid is still the sandbox's
+                    os.kill(self.ns_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
             try:
                 self.proc.wait(timeout=5)  # bwrap reaps its pid 1, then exits
             except subprocess.TimeoutExpired:
@@ -460,6 +467,10 @@ class PythonTool:
                     proc.wait()
                     raise RuntimeError(f"python tool: the sandbox did not start: {err[-500:]}")
                 ns_pid = int(json.loads(text)["child-pid"])
+                try:  # bwrap is alive and has just named it: the pid is the sandbox's
+                    pidfd = os.pidfd_open(ns_pid)
+                except (AttributeError, OSError):
+                    pidfd = None
                 host_prefix = f"/proc/{ns_pid}/root"
             else:
                 with open(os.open(conn_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
@@ -469,7 +480,7 @@ class PythonTool:
                 proc = subprocess.Popen([_interpreter(), "-c", launch], cwd=workdir, env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, start_new_session=True)
-                ns_pid, host_prefix = None, ""
+                ns_pid, host_prefix, pidfd = None, "", None
         finally:
             if info_r is not None:
                 os.close(info_r)
@@ -484,7 +495,7 @@ class PythonTool:
         context.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE)
         client = BlockingKernelClient(context=context)
         client.load_connection_info(conn | {"ip": f"{host_prefix}{run_dir}/k"})
-        kernel = _Kernel(proc, client, ns_pid, workdir, drain)
+        kernel = _Kernel(proc, client, ns_pid, workdir, drain, pidfd)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             # the sockets exist once the kernel has bound them

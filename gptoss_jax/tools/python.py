@@ -22,20 +22,28 @@ Each kernel runs in its own user, pid, net, ipc, uts and mount namespaces, as ui
   harmony's description says) and /tmp are private tmpfs mounts capped in size (`data_bytes`), gone when the
   kernel ends.
 * no environment: the kernel starts from an empty environment (`--clearenv`) plus PATH, HOME, LANG and a
-  few directories of its own; no API key or server variable reaches it.
+  few directories of its own; no API key or server variable reaches it, and bwrap itself (the sandbox's
+  pid 1, whose /proc/1/environ the code can read) is started with none either.
 * limits, set inside the sandbox just before `ipykernel` starts (setrlimit): CPU seconds over the kernel's
   life (`cpu_time_s`; past it the kernel is killed and the next call starts a fresh one), address space per
   process (`memory_bytes`: allocating 10 GB raises MemoryError), processes and threads
   (`max_processes`, counted in the sandbox's own user namespace, so a fork bomb meets it without touching
   the server's processes), file size (`max_file_bytes`), no core files. Each call has a wall-clock limit
   (`timeout_s`): past it the kernel is killed (its whole pid namespace) and the next call gets a fresh one.
-  Output is collected up to `max_output_chars`; past that the cell is interrupted and the rest dropped.
+* output: inside the kernel, a cell that prints past `max_output_chars` (less room for the error) is
+  stopped (`OutputLimitExceeded`) and the rest dropped, so 100 MB printed never leaves the sandbox; the
+  server keeps at most `max_output_chars` of whatever comes (interrupting the cell past it, should the code
+  have removed the kernel's guard) and takes no ZMQ message over 16 MiB.
+* identity: uid 65534 in its own user namespace, mapped to the server's user. Run as root, the server
+  starts bwrap as `nobody` instead (Linux exempts the host's root from RLIMIT_NPROC whatever the
+  namespace), in a private mount namespace of root's where the Python installation is bound somewhere
+  nobody may walk (unshare, mount, setpriv: util-linux).
 
 How the server talks to a kernel it cannot reach by network: Jupyter's ZMQ sockets use the `ipc`
 transport (Unix sockets) instead of TCP, so no network is involved at all. The kernel binds them in its
 own private tmpfs (/run/kernel), which the server reaches through `/proc/<sandbox pid>/root/run/kernel/`
-(the sandbox's mount namespace seen from outside: allowed to the sandbox's owner, invisible to anyone
-else's sandbox). No host directory is shared with the kernel, writable or not; the connection file (with its
+(the sandbox's mount namespace seen from outside: allowed to the sandbox's owner and root, invisible from
+any other sandbox, which has its own pid namespace). No host directory is shared with the kernel, writable or not; the connection file (with its
 HMAC key) is copied into the sandbox at start (`bwrap --file`). The code can rewrite /run/kernel (a socket
 made a symlink to a host socket would be followed from here): the server connects once, before any code
 runs, and its ZMQ sockets never reconnect (RECONNECT_IVL -1, no heartbeat channel).

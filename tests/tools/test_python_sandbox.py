@@ -448,3 +448,34 @@ def test_staging_directory_never_hides_the_python_installation():
     assert _stage_dir(["/root/.pyenv/versions/3.11.7", "/work/main/.venv"]) == "/tmp"
     stage = _stage_dir(["/tmp/ci/.venv"])  # a venv in /tmp: the staging tmpfs must go elsewhere
     assert stage != "/tmp" and os.path.isdir(stage)
+
+
+def test_conversations_run_side_by_side(tool):
+    """A slow call in one conversation does not hold up another's."""
+    a, b = conv(), conv()
+    run(tool, a, "import time")
+    run(tool, b, "import time")
+    results = {}
+    slow = threading.Thread(target=lambda: results.setdefault("a", tool.run(a, "time.sleep(3)\nprint('slow')")))
+    slow.start()
+    time.sleep(0.3)
+    out, took = _bounded(lambda: tool.run(b, "print('quick')"), 30)
+    assert out == "quick\n" and took < 2.5 and slow.is_alive()
+    slow.join(30)
+    assert results["a"] == "slow\n"
+    tool.close(a)
+    tool.close(b)
+
+
+def test_kernels_are_counted():
+    try:
+        t = PythonTool(**(LIMITS | {"max_kernels": 1}))
+    except SandboxUnavailable as e:
+        pytest.skip(f"no sandbox can be set up on this machine: {e}")
+    try:
+        assert run(t, "one", "print(1)") == "1\n"
+        assert run(t, "two", "print(2)").startswith("[error: too many python sessions at once (1)")
+        t.close("one")
+        assert run(t, "two", "print(2)") == "2\n"
+    finally:
+        t.shutdown()

@@ -342,19 +342,20 @@ class PythonTool:
         writes the sandbox's pids to `info_fd`.
 
         Run as root, bwrap itself runs as `nobody` (uid 65534): Linux does not apply the process limit to
-        processes of the host's root, whatever their namespace, so the sandbox must not be root there. The
-        Python installation may be where nobody cannot walk (/root/.pyenv): a private mount namespace
+        processes of the host's root, whatever their namespace, so the sandbox must not be root there. Where
+        the Python installation is where nobody cannot walk (/root/.pyenv), a private mount namespace
         (`unshare --mount`, root's) shows it to nobody under a fresh tmpfs (at /tmp, or another directory
         that holds none of it), whence bwrap binds it."""
         python = _python_paths()
         prefix: list[str] = []
         sources = python
-        if os.geteuid() == 0:
+        if self._root:
+            prefix = [self._setpriv_path, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        if self._stage:
             stage = _stage_dir(python)
             sources = [f"{stage}/{i}" for i in range(len(python))]
             prefix = [self._unshare_path, "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
-                      _STAGE, "stage", stage, *python, "--", self._setpriv_path, "--reuid=65534", "--regid=65534",
-                      "--clear-groups"]
+                      _STAGE, "stage", stage, *python, "--", *prefix]
         args = [self._bwrap_path, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
                 "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
         for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -397,10 +398,22 @@ class PythonTool:
         self._bwrap_path = shutil.which("bwrap")
         if self._bwrap_path is None:
             return "bwrap is not installed"
-        if os.geteuid() == 0:
-            self._unshare_path, self._setpriv_path = shutil.which("unshare"), shutil.which("setpriv")
-            if not (self._unshare_path and self._setpriv_path):
-                return "run as root, the sandbox needs util-linux's unshare and setpriv"
+        self._root, self._stage = os.geteuid() == 0, False
+        if not self._root:
+            return self._probe_once()
+        self._unshare_path, self._setpriv_path = shutil.which("unshare"), shutil.which("setpriv")
+        if not (self._unshare_path and self._setpriv_path):
+            return "run as root, the sandbox needs util-linux's unshare and setpriv"
+        # as nobody straight away where it may read the Python installation, else staged for it
+        problem = self._probe_once()
+        if problem:
+            self._stage = True
+            staged = self._probe_once()
+            if staged:
+                return f"{problem}; staged: {staged}"
+        return None
+
+    def _probe_once(self) -> str | None:
         try:
             proc = self._bwrap([_interpreter(), "-c", "import socket; print(len(socket.if_nameindex()))"], {},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -251,7 +252,7 @@ def attempt(label, fn):
         print(label, "DENIED", type(e).__name__)
 attempt("read-secret", lambda: print(open({str(secret_file)!r}).read()))
 attempt("read-repo", lambda: print(open({str(REPO / "pyproject.toml")!r}).read()[:20]))
-attempt("list-repo", lambda: print(os.listdir({str(REPO)!r})))
+attempt("list-repo", lambda: print("listing", sorted(os.listdir({str(REPO)!r}))))
 attempt("read-passwd", lambda: print(open("/etc/passwd").read()[:20]))
 attempt("read-root", lambda: print(os.listdir("/root/.ssh")))
 attempt("write-repo", lambda: open({str(REPO / marker)!r}, "w").write("x"))
@@ -264,9 +265,16 @@ attempt("fill-data", lambda: [open(f"/mnt/data/fill{{i}}", "wb").write(b"x" * (4
 attempt("big-file", lambda: open("/tmp/big", "wb").write(b"x" * (12 << 20)))
 """)
     lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0].count("-") == 1)
-    for label in ("read-secret", "read-repo", "list-repo", "read-passwd", "read-root", "write-repo",
+    for label in ("read-secret", "read-repo", "read-passwd", "read-root", "write-repo",
                   "write-python", "write-usr", "write-root", "fill-data", "big-file"):
         assert lines.get(label, "").startswith("DENIED"), (label, out)
+    # The repo's folder may exist inside only as the mount point of a Python installation under it (a venv in
+    # the clone, as CI makes it): then it lists that one entry, and none of the repo's own files.
+    prefix = Path(sys.prefix).resolve()
+    inside = [prefix.relative_to(REPO).parts[0]] if prefix.is_relative_to(REPO) else []
+    listed = [line for line in out.splitlines() if line.startswith("listing ")]
+    if not lines.get("list-repo", "").startswith("DENIED"):
+        assert inside and listed == [f"listing {inside!r}"], (listed, out)
     assert lines["write-tmp"] == "OK" and lines["write-data"] == "OK"  # its own private tmpfs mounts
     assert "top secret" not in out
     for leaked in (REPO / marker, Path("/tmp") / marker, Path(os.sys.prefix) / marker, Path("/usr") / marker,
@@ -362,7 +370,7 @@ def test_100_mb_of_output_is_capped(tool):
     assert "OutputLimitExceeded: more than 3,000 characters printed" in out and len(out) <= cap + 200
     out, took = _bounded(lambda: tool.run(c, "while True:\n    print('y' * 1000)"), 60)
     assert out.startswith("y" * 1000) and "OutputLimitExceeded" in out and "timed out" not in out, out[-300:]
-    assert len(out) <= cap + 200 and took < 15
+    assert len(out) <= cap + 200 and took < 40  # (well before the 120 s call timeout; generous for a busy CI)
     assert run(tool, c, "print(kept)") == "7\n"  # the kernel kept its state
     # the code may undo the kernel's guard: the server's own cap still holds, and it stops the cell
     unguard = "import sys\nfor s in (sys.stdout, sys.stderr):\n    s.write = type(s).write.__get__(s)\n"
@@ -372,7 +380,7 @@ def test_100_mb_of_output_is_capped(tool):
     out, took = _bounded(lambda: tool.run(c, unguard + "import time\nwhile True:\n    print('w' * 1000)\n"
                                             "    time.sleep(0.001)", timeout_s=30), 60)
     assert out.startswith("w" * 1000) and "[output truncated" in out and "timed out" not in out, out[-300:]
-    assert "KeyboardInterrupt" not in out[:cap] and took < 20  # interrupted once the cap was reached
+    assert "KeyboardInterrupt" not in out[:cap] and took < 25  # interrupted once the cap was reached (timeout 30)
     assert run(tool, c, "print(kept)") == "7\n"
     # one message of 50 MB: the server refuses to take it in (the connection drops; the call times out)
     out, took = _bounded(lambda: tool.run(c, unguard + "print('v' * 50_000_000)", timeout_s=5), 60)

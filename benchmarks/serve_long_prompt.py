@@ -5,7 +5,8 @@ MXFP4 layout). The server is started as a user would: `gptoss-jax serve CKPT --p
 context, the CPU default KV budget, the warm-up). Measured over real HTTP with the official `openai` client,
 on `/v1/completions` with the prompt as token ids:
 
-  ready     from the process start to /health answering 200 (load, pool, warm-up)
+  ready     from the process start to /health answering 200 (load, pool, warm-up), with an empty
+            compilation cache (a new folder in $GPTOSS_JAX_COMPILE_CACHE)
   32k       a 32768-token prompt, 1 output token: the request's time (prefill dominates; the full layers'
             attention is quadratic on the CPU)
   100k      a 100000-token prompt, streamed: admitted (the engine runs it: /metrics shows it running and
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "gptoss_jax", "serve", str(ckpt), "--port", str(port)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # an empty compilation cache, as on a new machine (the server's default cache folder is left alone)
+    env = os.environ | {"GPTOSS_JAX_COMPILE_CACHE": str(Path(tmp.name) / "compile-cache")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         while True:
             if proc.poll() is not None:

@@ -265,8 +265,13 @@ attempt("fill-data", lambda: [open(f"/mnt/data/fill{{i}}", "wb").write(b"x" * (4
 attempt("big-file", lambda: open("/tmp/big", "wb").write(b"x" * (12 << 20)))
 """)
     lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0].count("-") == 1)
+    # A repo under /tmp (a CI clone) lies, inside, on the sandbox's own private /tmp: a write there succeeds
+    # in the sandbox and never reaches the host (checked below, with the other paths).
+    private = REPO.resolve().is_relative_to("/tmp")
     for label in ("read-secret", "read-repo", "read-passwd", "read-root", "write-repo",
                   "write-python", "write-usr", "write-root", "fill-data", "big-file"):
+        if label == "write-repo" and private and lines.get(label) == "OK":
+            continue
         assert lines.get(label, "").startswith("DENIED"), (label, out)
     # The repo's folder may exist inside only as the mount point of a Python installation under it (a venv in
     # the clone, as CI makes it): then it lists that one entry, and none of the repo's own files.
@@ -401,8 +406,8 @@ def test_idle_kernels_end():
         pids = sandbox_processes(ns_pid)
         assert len(pids) >= 2  # bwrap's pid 1 and the kernel
         deadline = time.monotonic() + 10
-        while t.sessions() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while (t.sessions() or not all(gone(p) for p in [ns_pid, *pids])) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the session is dropped, then its processes end (a kill is not instant)
         assert t.sessions() == [] and gone(ns_pid) and all(gone(p) for p in pids)
         assert "NameError" in run(t, c, "print(v)")
     finally:

@@ -13,6 +13,7 @@ import pytest
 from clitools import cli_env, free_port
 
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}  # the header of an authorized request
 MODEL = "gpt-oss-tiny"
 SERVE = [sys.executable, "-m", "gptoss_jax", "serve"]  # the real entry point
 

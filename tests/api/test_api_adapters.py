@@ -14,6 +14,7 @@ import openai
 import pytest
 from adaptertools import adapted_model, write_adapters
 from apitools import (
+    AUTH,
     KEY,
     MODEL,
     script,
@@ -27,7 +28,6 @@ from gptoss_jax.api.completions import STOP_TOKENS
 from gptoss_jax.config import Config
 from gptoss_jax.tokenizer import get_encoding
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = [1000 + 37 * i for i in range(23)]
 MAX_NEW = 8
 

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 from apitools import (
+    AUTH,
     KEY,
     MODEL,
     metric,
@@ -23,7 +24,6 @@ from apitools import (
 )
 from openai.types.responses import ResponseErrorEvent, ResponseFailedEvent
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 5.0
 ORIGIN = "http://allowed.example"
 # 1900 tokens at ~200 tokens/s on the tiny model: far past the deadline

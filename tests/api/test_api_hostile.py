@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from apitools import (
+    AUTH,
     KEY,
     MODEL,
     script,
@@ -31,7 +32,6 @@ from hypothesis import strategies as st
 from gptoss_jax.api.protocol import MAX_MESSAGES, MAX_SCHEMA_BYTES, MAX_TOOLS
 from gptoss_jax.tokenizer import get_encoding
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "x"}]
 FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from apitools import (
-    KEY,
+    AUTH,
     MODEL,
     metric,
     script,
@@ -20,7 +20,6 @@ from apitools import (
     stop_server,
 )
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Tell me a long story."}],

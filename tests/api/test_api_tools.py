@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 from apitools import (
+    AUTH,
     KEY,
     MODEL,
     script,
@@ -34,7 +35,6 @@ from apitools import (
 REPO = Path(__file__).resolve().parents[2]
 CODEX = REPO / ".ci" / "node" / "node_modules" / ".bin" / "codex"
 CODEX_VERSION = (REPO / ".ci" / "codex-version").read_text().strip()
-AUTH = {"Authorization": f"Bearer {KEY}"}
 WEATHER = {
     "type": "function",
     "name": "get_weather",

@@ -54,3 +54,37 @@ class Tool(Protocol):
     def close(self, conversation: str) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+# ---- the browser's backends (gptoss_jax/tools/browser.py: a local index, an HTTP search service; and an
+# MCP server's search and fetch tools, gptoss_jax/tools/mcp.py) --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchHit:
+    url: str
+    title: str
+    snippet: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    url: str
+    title: str
+    text: str  # plain text (HTML already turned into text), split into numbered lines by the browser
+
+
+@runtime_checkable
+class BrowserBackend(Protocol):
+    """Where the browser searches and what it opens. Errors the model should see (no such page, a refused
+    address, a timeout) are raised as `ToolError`, with a message meant for the model."""
+
+    name: str
+
+    async def search(self, query: str, topn: int) -> list[SearchHit]: ...
+
+    async def fetch(self, url: str) -> Document: ...
+
+
+class ToolError(Exception):
+    """A failure the model is told about in the tool's message (not a server error)."""

@@ -23,7 +23,7 @@ What the model sees (the behaviour of OpenAI's reference browser, gpt_oss/tools/
   `* 【i†title†domain】 snippet`; `topn` is capped at `max_results`.
 * `open(id, cursor=-1, loc=-1, num_lines=-1)`: an integer `id` follows the link `【id†...】` of the page at
   `cursor` (the last page by default); a string `id` is a URL to open; no `id` scrolls the page at `cursor`
-  to `loc`. Links inside pages are numbered the same way, `【id†text】` (`【id†text†domain】` for another
+  to `loc` (`view_source` and `source` are accepted and ignored). Links inside pages are numbered the same way, `【id†text】` (`【id†text†domain】` for another
   site); a page already opened in the conversation is not fetched again unless opened by URL.
 * `find(pattern, cursor=-1)` lists the lines of a page that contain `pattern` (case-insensitive), four lines
   each, as links `【k†match at Ln】` that `open` shows in place; not on a result page.
@@ -422,6 +422,8 @@ class BrowserTool:
     # ---- the functions ---------------------------------------------------------------------------------
 
     def _arguments(self, function: str, text: str) -> dict:
+        if not isinstance(text, str):
+            raise _CallError(f"Invalid function arguments: expected JSON text, got {type(text).__name__}")
         if not text.strip():
             args = {}
         else:

@@ -390,6 +390,7 @@ def stub_dns(monkeypatch):
     """The fetcher's resolver answers from a table; the system resolver fails the test for any name."""
     table = {
         "docs.test": ["127.0.0.1"],
+        "other.test": ["127.0.0.1"],
         "metadata.test": ["169.254.169.254"],
         "intranet.test": ["10.0.0.1"],
         "mapped.test": ["::ffff:127.0.0.1"],
@@ -539,6 +540,58 @@ def test_fetch_connects_to_the_checked_address(server, stub_dns):
     assert doc.text == f"docs.test:{server.port}" and stub_dns == ["docs.test"]
     with pytest.raises(ToolError, match="a loopback address"):  # the name's permission is not the address's
         run(SafeFetcher(allow=["docs.test"]).fetch(f"http://127.0.0.1:{server.port}/host"))
+
+
+def _self_signed(name: str) -> tuple[bytes, bytes]:
+    """(certificate, key) in PEM for `name`, self-signed."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_fetch_https_checks_the_certificate_of_the_name(tmp_path, stub_dns):
+    """https to the checked address: the TLS server name and the certificate check are the URL's host's."""
+    import ssl
+
+    cert, key = _self_signed("docs.test")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    tls = _Server(_Handler)
+    tls.socket = server_ctx.wrap_socket(tls.socket, server_side=True)
+    try:
+        trust = ssl.create_default_context(cadata=cert.decode())
+        fetcher = SafeFetcher(allow=["docs.test", "other.test"], verify=trust, timeout_s=10)
+        doc = run(fetcher.fetch(f"https://docs.test:{tls.port}/host"))
+        assert doc.text == f"docs.test:{tls.port}"
+        with pytest.raises(ToolError, match="cannot connect to `other.test`.*CERTIFICATE_VERIFY_FAILED"):
+            run(fetcher.fetch(f"https://other.test:{tls.port}/host"))  # the certificate is not other.test's
+    finally:
+        tls.stop()
 
 
 def test_html_to_text_links_and_title():

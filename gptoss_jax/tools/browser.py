@@ -407,6 +407,10 @@ class BrowserTool:
         title = _label(doc.title) or doc.url
         return _Page("page", doc.url, title, _wrap(text, self.line_width), links, doc.url, title)
 
+    async def _open_document(self, url: str) -> _Page:
+        doc = await self._fetch(url)
+        return await asyncio.to_thread(self._document_page, doc)  # wrapping a long page takes a while
+
     async def _fetch(self, url: str) -> Document:
         try:
             doc = await self.backend.fetch(url)
@@ -479,7 +483,7 @@ class BrowserTool:
         if isinstance(link, str) and not re.fullmatch(r"\s*-?\d+\s*", link):
             url = link.strip()
             action["url"] = url
-            page = self._document_page(await self._fetch(url))
+            page = await self._open_document(url)
         else:
             link = _int_arg(args, "id", -1)
             _, base = self._page(conversation, cursor)
@@ -493,7 +497,7 @@ class BrowserTool:
                     raise _CallError(f"Invalid link id `{link}`. Valid link ids on this page: {valid}.")
                 url, line = base.links[link]
                 action["url"] = url
-                page = conversation.cache.get(url) or self._document_page(await self._fetch(url))
+                page = conversation.cache.get(url) or await self._open_document(url)
                 if loc < 0 and line is not None:
                     loc = line - 4 if line > 4 else line
             if page.url:

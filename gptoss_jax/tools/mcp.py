@@ -574,9 +574,6 @@ class MCPTool:
         """{harmony name: MCP name} for the declared (allowed) tools."""
         return {h: t.name for h, t in self._declared.items()}
 
-    def _rename(self, name: str) -> None:
-        self.name = name
-
     # -- base.Tool -------------------------------------------------------------------------------------------
 
     def config(self) -> openai_harmony.ToolNamespaceConfig:
@@ -607,12 +604,12 @@ class MCPTool:
 
     async def call(self, call: ToolCall) -> ToolResult:
         fn = call.function or ""
-        tool = self._declared.get(fn)
+        tool = self._declared.get(fn) or next((t for t in self._declared.values() if t.name == fn), None)
         item = {
             "type": "mcp_call",
             "server_label": self.server_label,
             "name": tool.name if tool else fn,
-            "arguments": call.arguments,
+            "arguments": call.arguments if call.arguments.strip() else "{}",
             "output": None,
             "error": None,
         }
@@ -758,12 +755,14 @@ class MCPServers:
         failed = [r for r in results if not isinstance(r, MCPTool)]
         if failed:
             await asyncio.gather(*(t.aclose() for t in tools))
-            raise failed[0]
+            if len(failed) == 1 or not all(isinstance(f, MCPConnectError) for f in failed):
+                raise failed[0]
+            raise MCPConnectError("; ".join(str(f) for f in failed))
         used = set(RESERVED_NAMESPACES)
         for tool in tools:
             base, n = tool.name, 2
             while tool.name in used:
-                tool._rename(f"{base}_{n}")
+                tool.name = f"{base}_{n}"
                 n += 1
             used.add(tool.name)
         self.tools = tools
@@ -863,8 +862,8 @@ class MCPBrowserBackend:
     Calls: `search` with the query under its schema's `query`, `q`, `search` or `text` property, or its first
     required one (and the result count, when its schema has a property named topn,
     limit, max_results, num_results, count, k or n); `fetch` with the URL under its schema's `url`, `id` or
-    `uri` property (OpenAI's connector convention is `fetch(id)`, with the search hits' ids), or its only
-    required property.
+    `uri` property, or its only required property. OpenAI's convention for connectors (hits {"id", "title",
+    "url"}, `fetch(id)`) works too: a hit is shown by its url, and fetching that url sends the hit's id.
 
     Accepted search results, in order: structured content or a JSON text part that is a list of hits, or an
     object holding one under results/hits/items/documents/data; each hit an object with the URL under
@@ -899,6 +898,7 @@ class MCPBrowserBackend:
         self._url_key = next((k for k in ("url", "id", "uri") if k in props), None)
         if self._url_key is None:
             self._url_key = required[0] if len(required) == 1 else "url"
+        self._ids: dict[str, str] = {}  # url -> id, for hits that carry both and a fetch that takes the id
 
     async def _call(self, tool: Any, arguments: dict) -> Any:
         result = await self.tool.call_tool(tool.name, arguments)
@@ -916,6 +916,14 @@ class MCPBrowserBackend:
             if isinstance(payload, dict):
                 hits = next((payload[k] for k in _LIST_KEYS if isinstance(payload.get(k), list)), None)
             if isinstance(hits, list):
+                hits = [h for h in hits if isinstance(h, dict) and _first(h, _URL_KEYS)][:topn]
+                for h in hits:
+                    if (
+                        self._url_key == "id"
+                        and isinstance(h.get("id"), str)
+                        and _first(h, _URL_KEYS) != h["id"]
+                    ):
+                        self._ids[_first(h, _URL_KEYS)] = h["id"]
                 return [
                     SearchHit(
                         url=_first(h, _URL_KEYS),
@@ -923,8 +931,7 @@ class MCPBrowserBackend:
                         snippet=_first(h, _SNIPPET_KEYS),
                     )
                     for h in hits
-                    if isinstance(h, dict) and _first(h, _URL_KEYS)
-                ][:topn]
+                ]
         links = [p for p in result.content or [] if getattr(p, "type", None) == "resource_link"]
         if links:
             return [
@@ -939,7 +946,7 @@ class MCPBrowserBackend:
         return hits[:topn]
 
     async def fetch(self, url: str) -> Document:
-        result = await self._call(self._fetch, {self._url_key: url})
+        result = await self._call(self._fetch, {self._url_key: self._ids.get(url, url)})
         for payload in _payloads(result):
             if isinstance(payload, dict) and _first(payload, _TEXT_KEYS):
                 return Document(

@@ -85,6 +85,26 @@ def build_server(name: str = "Test Tools") -> MCPServer:
         title, text = DOCUMENTS[url]
         return json.dumps({"url": url, "title": title, "text": text})
 
+    # OpenAI's convention for connectors: hits carry an id (and a url), and fetch takes the id
+    ids = {url.rsplit("/", 1)[1]: url for url in DOCUMENTS}
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def search_by_id(query: str) -> str:
+        """Search; JSON {"results": [{"id", "title", "url"}]}."""
+        hits = json.loads(search(query))["results"]
+        by_url = {u: i for i, u in ids.items()}
+        return json.dumps(
+            {"results": [{"id": by_url[h["url"]], "title": h["title"], "url": h["url"]} for h in hits]}
+        )
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def fetch_by_id(id: str) -> str:
+        """Fetch by id; JSON {"id", "title", "text", "url", "metadata"}."""
+        if id not in ids:
+            raise ToolError(f"no such id: {id}")
+        title, text = DOCUMENTS[ids[id]]
+        return json.dumps({"id": id, "title": title, "text": text, "url": ids[id], "metadata": None})
+
     return server
 
 

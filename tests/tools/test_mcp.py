@@ -81,6 +81,7 @@ class Loop:
     def close(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,8 @@ def test_tools_become_a_harmony_namespace(servers):
     assert isinstance(cfg, oh.ToolNamespaceConfig)
     assert cfg.name == "test_tools" and cfg.description == INSTRUCTIONS
     by_name = {t.name: t for t in cfg.tools}
-    assert set(by_name) == {"add", "echo_v2", "fail", "sleep", "crash", "search", "fetch"}
+    assert set(by_name) == {"add", "echo_v2", "fail", "sleep", "crash", "search", "fetch", "search_by_id",
+                            "fetch_by_id"}  # fmt: skip
     assert by_name["add"].description == "Add two integers."
     assert by_name["add"].parameters == {
         "type": "object",
@@ -257,6 +259,8 @@ def test_calls(loop, servers, transport):
 
     result = call(loop, tool, f"{tool.name}.echo_v2", {"text": "hi", "times": 3})
     assert result.text == "hi hi hi" and result.item["name"] == "echo.v2"
+    result = call(loop, tool, f"{tool.name}.echo.v2", {"text": "hi"})  # the MCP name is understood too
+    assert result.text == "hi" and result.item["name"] == "echo.v2"
 
 
 def test_concurrent_calls(loop, servers):
@@ -338,7 +342,7 @@ def test_allowed_tools_and_headers(loop, http_url):
     assert names == ["add", "fetch"] and [t["name"] for t in item["tools"]] == ["add", "fetch"]
     assert ok.text == "42" and ok.item["server_label"] == "docs"
     assert refused.error and "no tool 'echo_v2'" in refused.error and "docs.add, docs.fetch" in refused.text
-    assert read_only == ["add", "echo_v2", "fetch", "search"]
+    assert read_only == ["add", "echo_v2", "fetch", "fetch_by_id", "search", "search_by_id"]
     assert described == ("docs_server", "Three documents.")
 
     with pytest.raises(MCPConnectError) as e:  # no token: the server's 401, at connect
@@ -363,6 +367,13 @@ def test_browser_backend(loop, servers):
     assert loop.run(backend.search("zebra", 5)) == []
     with pytest.raises(ValueError, match="no fetch tool 'open'.*its tools: add, echo.v2"):
         MCPBrowserBackend(servers["http"], fetch="open")
+
+    # OpenAI's connector convention: hits carry ids, fetch takes the id; the browser still sees urls
+    by_id = MCPBrowserBackend(servers["stdio"], search="search_by_id", fetch="fetch_by_id")
+    hits = loop.run(by_id.search("harmony format", 1))
+    assert [(h.url, h.title) for h in hits] == [("https://docs.example/harmony", "Harmony format")]
+    doc = loop.run(by_id.fetch("https://docs.example/harmony"))
+    assert (doc.url, doc.title, doc.text) == ("https://docs.example/harmony", *DOCUMENTS[doc.url])
 
 
 def test_browser_backend_plain_text_results(loop, tmp_path):
@@ -413,6 +424,7 @@ def test_a_server_that_dies(loop):
     first, died, after, alive = loop.run(scenario())
     assert first.text == "3"
     assert "closed the connection" in died.error and valid_mcp_call(died.item).error.code == -32000
+    assert died.item["arguments"] == "{}"  # no arguments: an empty object
     assert after.error and "not connected" in after.error
     assert not alive
 

@@ -35,8 +35,10 @@ message declares it as a TypeScript-like `namespace docs { type search = ... }`.
 identifiers: every run of characters outside `[A-Za-z0-9_]` becomes one `_`, leading and trailing `_` are
 dropped, a name starting with a digit (or empty) gets a `mcp_` prefix, and names are cut to 64 characters.
 Namespaces are lower case, as harmony's own are ("Test Tools" -> `test_tools`), and one that would shadow
-them (`functions`, `browser`, `python`, `container`, `multi_tool_use`) gets the `mcp_` prefix too. Tool names follow the same rule (`echo.v2` is declared as `echo_v2`); the call
-still reaches the tool under its MCP name, and the Responses items carry the MCP name and the label as given.
+them (`functions`, `browser`, `python`, `container`, `multi_tool_use`) gets the `mcp_` prefix too. Tool names
+follow the same rule but keep their case (`echo.v2` is declared as `echo_v2`; a call by the MCP name is
+understood too); the call reaches the tool under its MCP name, and the Responses items carry the MCP name and
+the label as given.
 The label is the `name` given, else the server's own name (its `serverInfo.name`); `MCPServers` numbers
 duplicates (`docs`, `docs_2`).
 
@@ -51,7 +53,9 @@ the caller's task structure: `MCPServers` may be entered in a FastAPI lifespan a
 the context's exit signals it and waits at most `_CLOSE_WAIT_S`). A connection that dies (the child exits, the
 HTTP server goes away) takes only its own task down: every later call on it answers with an error, and the
 server's event loop is never cancelled by it. `tool.shutdown()` (the Tool protocol's synchronous close) signals
-the stop without waiting; `await tool.aclose()` waits until the child process is gone.
+the stop without waiting; `await tool.aclose()` waits until the child process is gone. A connection belongs to
+the event loop that made it: a synchronous caller (the chat CLI) keeps one loop running in a thread and submits
+coroutines to it (`asyncio.run_coroutine_threadsafe`), as tests/tools/test_mcp.py does.
 
 Calls (`MCPTool.call`) never raise: the model's bad JSON, a tool not declared (or filtered out by
 `allowed_tools`), the tool's own error result (`isError`), a timeout (`timeout_s`, per call) and a dead

@@ -45,6 +45,10 @@ LORA_LEAVES = ("mlp1_lora_a", "mlp1_lora_b", "mlp2_lora_a", "mlp2_lora_b")
 # by every slot's A and keeps each row's own slot (a one-hot over S: the other slots add exact zeros), so
 # the work per row grows with S x r, small next to the expert's own product. Inference only.
 LORA_SLOT = "lora_slot"
+# With this leaf too (the layer's repeat r, inside the layer scan), the pooled leaves are whole stacks
+# (R,S,E,r,D), ...: a call with no adapted token never slices them (slicing a layer's pool out copies all
+# of its slots every call: a base-only step would pay for the pool it skips).
+LORA_REPEAT = "lora_repeat"
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -388,7 +392,7 @@ def moe_experts_xla(x, expert_idx, expert_w, params, *, alpha: float, limit: flo
 
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
-                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES, LORA_SLOT)  # fmt: skip
+                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES, LORA_SLOT, LORA_REPEAT)  # fmt: skip
 
 
 # ============================================================================================= dispatch
@@ -416,11 +420,17 @@ def moe_experts(x, idx, w, p: dict, cfg: Config):
     if LORA_SLOT in p:
         # pooled adapters: only a call with some adapted token pays for them (a base-only call takes the
         # plain path, kernels included); adding a slot-0 row's zeros changes no bit, so the two agree
-        base = {n: a for n, a in p.items() if n not in (*LORA_LEAVES, LORA_SLOT)}
+        base = {n: a for n, a in p.items() if n not in (*LORA_LEAVES, LORA_SLOT, LORA_REPEAT)}
         if current_mesh() is not None:
             raise ValueError("pooled adapters do not run on a mesh yet")
-        adapted = jnp.any(p[LORA_SLOT] > 0)
-        return jax.lax.cond(adapted, lambda: local(x, idx, w, p), lambda: local(x, idx, w, base))
+
+        def adapted():  # whole stacks: this layer's slots sliced here only (`LORA_REPEAT`)
+            r = p.get(LORA_REPEAT)
+            own = {n: a[r] if r is not None and n in LORA_LEAVES else a for n, a in p.items()}
+            own.pop(LORA_REPEAT, None)
+            return local(x, idx, w, own)
+
+        return jax.lax.cond(jnp.any(p[LORA_SLOT] > 0), adapted, lambda: local(x, idx, w, base))
     if current_mesh() is not None:
         return expert_parallel(local, x, idx, w, own_layer(p), cfg)
     return local(x, idx, w, p)

@@ -9,6 +9,7 @@ full. One extra 2-layer checkpoint uses the real window of 128 on a 400-token se
 
 from __future__ import annotations
 
+import functools
 import sys
 from functools import partial
 
@@ -367,8 +368,18 @@ def test_attention_over_many_keys_visits_only_the_blocks_it_sees(window, monkeyp
     want = attention_reference(q, k, v, sinks, q_pos, k_pos, **kw)
     nan = jnp.arange(S)[None, :, None, None] >= 64
     got = attention_xla(q, jnp.where(nan, jnp.nan, k), jnp.where(nan, jnp.nan, v), sinks, q_pos, k_pos, **kw)
-    assert "while" in str(jax.make_jaxpr(lambda q: attention_xla(q, k, v, sinks, q_pos, k_pos, **kw))(q))
+    assert "cond" in str(jax.make_jaxpr(lambda q: attention_xla(q, k, v, sinks, q_pos, k_pos, **kw))(q))
     assert rel_err(got, want) <= 1e-6
+    # and it has a gradient (fine-tuning takes this path from 1024 tokens): the reference's
+    real = (q_pos >= 0)[:, :, None, None, None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(real, fn(q, k, v, sinks, q_pos, k_pos, **kw), 0.0) ** 2)
+
+    g_want = jax.grad(functools.partial(loss, attention_reference), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.jit(jax.grad(functools.partial(loss, attention_xla), argnums=(0, 1, 2)))(q, k, v)
+    for got_, want_ in zip(g_got, g_want):
+        assert rel_err(got_, want_) <= 1e-5
 
 
 @pytest.mark.parametrize("ctx", [0, 8], ids=["no-cache", "ring"])

@@ -10,6 +10,11 @@ and kernels idle for `idle_timeout_s` end by themselves. `python_tool_config()` 
     tool.run("conv-1", "print(x)")                        # -> "42\\n"
     tool.close("conv-1")
 
+It is a `tools.base.Tool` (name "python"): the server's tool loop awaits `call(ToolCall("python", code,
+conversation))`, which runs `run` in a worker thread and returns the text with the Responses item it becomes
+(`code_interpreter_call`: the code, the container, the text as its logs). Cancelling that await (the client
+went away, the request timed out) interrupts the running cell; the kernel and its state stay.
+
 The sandbox (bubblewrap, `bwrap`, which runs as an ordinary user through user namespaces)
 ------------------------------------------------------------------------------------------
 Each kernel runs in its own user, pid, net, ipc, uts and mount namespaces, as uid 65534 there:
@@ -63,6 +68,7 @@ logged as a warning.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -79,6 +85,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from .base import ToolCall, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -269,13 +277,15 @@ class _Kernel:
 
 
 class PythonTool:
-    """Stateful python for the model: one sandboxed Jupyter kernel per conversation.
+    """Stateful python for the model: one sandboxed Jupyter kernel per conversation (a `base.Tool`).
 
     `run` never raises for what the code does (errors, timeouts, a killed kernel, too much output come
     back as text, as does a kernel that cannot start, which is logged); it raises ValueError for bad
     arguments and RuntimeError once the tool is shut down.
     Safe to call from several threads; calls in one conversation run one at a time.
     """
+
+    name = "python"
 
     def __init__(
         self,
@@ -536,15 +546,40 @@ class PythonTool:
         """Harmony's declaration of this tool, with this tool's timeout (`python_tool_config`)."""
         return python_tool_config(self.timeout_s)
 
+    # ---- the Tool interface (gptoss_jax/tools/base.py) -----------------------------------------------
+
+    def config(self):
+        return self.tool_config()
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        """Runs the call's text (the code) in its conversation's kernel, in a worker thread."""
+        cancel = threading.Event()
+        item = {"type": "code_interpreter_call", "code": call.arguments,
+                "container_id": f"cntr_{call.conversation}", "outputs": []}  # fmt: skip
+        try:
+            text = await asyncio.to_thread(self.run, call.conversation, call.arguments, cancel=cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread goes on until the kernel has stopped the cell
+            raise
+        except RuntimeError as e:  # shut down
+            return ToolResult(f"[error: {e}]", item, error=str(e))
+        item["outputs"] = [{"type": "logs", "logs": text}]
+        return ToolResult(text, item)
+
+    def annotate(self, conversation: str, text: str) -> list[dict]:
+        return []
+
     # ---- running code ------------------------------------------------------------------------------
 
     def _conv_lock(self, conversation_id: str) -> threading.Lock:
         with self._lock:
             return self._conv_locks.setdefault(conversation_id, threading.Lock())
 
-    def run(self, conversation_id: str, code: str, *, timeout_s: float | None = None) -> str:
+    def run(self, conversation_id: str, code: str, *, timeout_s: float | None = None,
+            cancel: threading.Event | None = None) -> str:
         """Runs `code` in the conversation's kernel (started if it has none) and returns the tool's text:
-        stdout and stderr as they came, then results and displays as text, then the error if any."""
+        stdout and stderr as they came, then results and displays as text, then the error if any. `cancel`,
+        once set, interrupts the cell (the kernel and its state stay)."""
         if not isinstance(conversation_id, str) or not conversation_id:
             raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r}")
         if not isinstance(code, str):
@@ -570,11 +605,12 @@ class PythonTool:
                 with self._lock:
                     self._kernels[conversation_id] = kernel
             with kernel.lock:
-                text = self._execute(conversation_id, kernel, code, timeout)
+                text = self._execute(conversation_id, kernel, code, timeout, cancel)
                 kernel.last_used = time.monotonic()
             return lost + text
 
-    def _execute(self, conversation_id: str, kernel: _Kernel, code: str, timeout: float) -> str:
+    def _execute(self, conversation_id: str, kernel: _Kernel, code: str, timeout: float,
+                 cancel: threading.Event | None = None) -> str:
         from queue import Empty
 
         client = kernel.client
@@ -626,8 +662,8 @@ class PythonTool:
                 add(_ANSI.sub("", tb) + "\n")
             elif kind == "status" and content.get("execution_state") == "idle":
                 break
-            if truncated and not interrupted:
-                interrupted = True  # stop the cell: the rest would be dropped anyway
+            if (truncated or (cancel is not None and cancel.is_set())) and not interrupted:
+                interrupted = True  # stop the cell: the rest would be dropped anyway, or nobody waits for it
                 client.control_channel.send(client.session.msg("interrupt_request", {}))
         text = "".join(out)
         if truncated:

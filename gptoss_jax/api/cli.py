@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+BUILTIN_TOOLS = ("python",)  # --builtin-tools choices
 TEST_HOOKS_ENV = "GPTOSS_JAX_SERVE_TEST_HOOKS"  # "1": the test-only script endpoint (see run.py)
 API_KEY_ENV = "GPTOSS_JAX_API_KEY"
 
@@ -95,6 +96,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "default: $GPTOSS_JAX_REASONING_KEY, else one made at start (then blobs do not survive a "
                    "restart)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    t = p.add_argument_group("tools the server runs itself (docs/tools.md)")
+    t.add_argument("--builtin-tools", metavar="TOOL[,TOOL...]",
+                   help=f"gpt-oss's built-in tools to declare on every request and run within it: "
+                   f"{', '.join(BUILTIN_TOOLS)} (Responses requests may also name them as the hosted tool "
+                   "code_interpreter); default: none")  # fmt: skip
+    t.add_argument("--python-sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                   help="how python's kernels are isolated: bwrap (bubblewrap: no network, no view of the "
+                   "server's files or environment, limits), auto (bwrap, else refuse to start), or none (plain "
+                   "processes with limits only; prints a warning)")  # fmt: skip
+    t.add_argument("--python-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="wall-clock limit of one python call (default 120); past it the kernel restarts")  # fmt: skip
+    t.add_argument("--python-memory", type=float, default=2.0, metavar="GIB",
+                   help="address space of each process in a python kernel (default 2 GiB)")  # fmt: skip
+    t.add_argument("--python-idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a conversation's kernel idle this long ends, and its state with it (default 600)")  # fmt: skip
+    t.add_argument("--max-tool-calls", type=int, default=16, metavar="N",
+                   help="calls of these tools per request (default 16; a Responses request's max_tool_calls "
+                   "may lower it)")  # fmt: skip
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
     m.add_argument(
@@ -113,12 +132,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-adapters", type=int, metavar="N",
                    help="adapter slots (NAME=DIR ones and runtime loads; default: the NAME=DIR count, or 4 "
                    "with --allow-runtime-adapters)")  # fmt: skip
-    m.add_argument("--max-lora-rank", type=int, metavar="R",
-                   help="the adapter pool's rank (default: the largest NAME=DIR rank, else 16)")
-    m.add_argument("--lora-targets", metavar="T[,T...]",
-                   help="the adapter pool's targets (default: the NAME=DIR ones', else all)")
-    m.add_argument("--allow-runtime-adapters", action="store_true",
-                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
+    m.add_argument(
+        "--max-lora-rank",
+        type=int,
+        metavar="R",
+        help="the adapter pool's rank (default: the largest NAME=DIR rank, else 16)",
+    )
+    m.add_argument(
+        "--lora-targets",
+        metavar="T[,T...]",
+        help="the adapter pool's targets (default: the NAME=DIR ones', else all)",
+    )
+    m.add_argument(
+        "--allow-runtime-adapters",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)",
+    )
     m.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -174,6 +203,46 @@ def _check(args) -> None:
         if v is not None and v < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {v}")
     args.resolved_prompt = prompt_settings(args)
+    args.tool_names = builtin_tool_names(args)
+    if getattr(args, "max_tool_calls", 16) < 0:
+        raise ValueError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
+    for flag in ("python_timeout", "python_memory", "python_idle_timeout"):
+        v = getattr(args, flag, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
+
+
+def builtin_tool_names(args) -> list[str]:
+    """--builtin-tools as a list of tool names (a ValueError naming an unknown one)."""
+    value = getattr(args, "builtin_tools", None)
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    for n in names:
+        if n not in BUILTIN_TOOLS:
+            raise ValueError(f"--builtin-tools: unknown tool {n!r} (available: {', '.join(BUILTIN_TOOLS)})")
+    if value is not None and not names:
+        raise ValueError("--builtin-tools: no tool given")
+    return list(dict.fromkeys(names))
+
+
+def make_tools(args) -> dict:
+    """The tools the server runs (name -> `tools.base.Tool`), set up before the model loads, so that a
+    sandbox that cannot be set up stops the command at once (a ValueError: exit code 2)."""
+    tools = {}
+    names = getattr(args, "tool_names", None)
+    names = builtin_tool_names(args) if names is None else names
+    if "python" in names:
+        from ..tools import PythonTool, SandboxUnavailable
+
+        try:
+            tools["python"] = PythonTool(
+                sandbox=args.python_sandbox,
+                timeout_s=args.python_timeout,
+                memory_bytes=int(args.python_memory * 2**30),
+                idle_timeout_s=args.python_idle_timeout,
+            )
+        except SandboxUnavailable as e:
+            raise ValueError(f"--builtin-tools python: {e}") from None
+    return tools
 
 
 def split_adapters(args) -> None:
@@ -233,16 +302,21 @@ def make_engine(args, model):
                     lora_targets=getattr(args, "lora_targets", None))  # fmt: skip
     log = logging.getLogger("gptoss_jax.api")
     p = engine.plan
-    log.info("KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
-             p["pages_per_lane"], p["page_size"], p["bytes_per_device"] / 2**30, engine.scheduler.max_context)
+    log.info(
+        "KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
+        p["pages_per_lane"],
+        p["page_size"],
+        p["bytes_per_device"] / 2**30,
+        engine.scheduler.max_context,
+    )
     if not args.no_warmup:
         log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
         log.info("compiled in %.1f s", engine.warmup())
     return engine
 
 
-def build_app(args, engine, model):
-    """The ASGI app serving `engine` with the command's options."""
+def build_app(args, engine, model, tools: dict | None = None):
+    """The ASGI app serving `engine` with the command's options (`tools`: `make_tools(args)`)."""
     from .app import create_app
     from .backend import EngineBackend
     from .constraints import ll_tokenizer
@@ -257,7 +331,8 @@ def build_app(args, engine, model):
                       request_timeout=getattr(args, "request_timeout", None),
                       allowed_origins=_origins(getattr(args, "allowed_origins", None)),
                       strict_tools=args.strict_tools, reasoning_key=args.reasoning_key,
-                      allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False))  # fmt: skip
+                      allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False),
+                      tools=tools, max_tool_calls=getattr(args, "max_tool_calls", 16))  # fmt: skip
 
 
 def run_serve(args) -> int:
@@ -277,6 +352,7 @@ def run_serve(args) -> int:
     for line in args.resolved_prompt.warnings:
         log.warning("%s", line)
     maybe_initialize_distributed()  # before anything touches a device
+    tools = make_tools(args) if jax.process_index() == 0 else {}  # before minutes of loading
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = (
         args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -291,7 +367,7 @@ def run_serve(args) -> int:
     if jax.process_index() != 0:
         engine.follow()  # until process 0 closes its engine
         return 0
-    app = build_app(args, engine, model)
+    app = build_app(args, engine, model, tools)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=None, lifespan="on")  # fmt: skip
     log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,

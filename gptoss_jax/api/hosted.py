@@ -1,11 +1,12 @@
 """Hosted tools of the Responses API (`web_search`, `code_interpreter`, `file_search`, `mcp`, ...): tools that
 OpenAI's servers run themselves, which a client offers by type alone.
 
-This server runs none of them yet: `hosted_tool` is the one place a backend plugs in (for a type it serves,
-it would return what the model is shown, a harmony `ToolNamespaceConfig` such as
-`ToolNamespaceConfig.browser()` for the system message, and run the calls). Until then the tool is left out
-of what the model sees, and the first request of each type logs it once per process. With
-`serve --strict-tools` such a tool is refused instead: a 400 naming `tools[i].type`.
+`hosted_tool` is the one place where a type meets the tools this server runs itself (`serve --builtin-tools`,
+api/toolloop.py): `code_interpreter` is the `python` tool, `web_search` (and `web_search_preview` and their
+dated names) the `browser` tool. A type whose tool the server runs is accepted (the tool is declared in the
+system message of every request anyway); any other is left out of what the model sees, and the first request
+of each type logs it once per process. With `serve --strict-tools` such a tool is refused instead: a 400
+naming `tools[i].type`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ HOSTED_TYPES = frozenset(
     }
 )
 
+# hosted type -> the built-in tool that serves it
+SERVED_BY = {
+    "code_interpreter": "python",
+    "web_search": "browser",
+    "web_search_preview": "browser",
+    "web_search_2025_08_26": "browser",
+    "web_search_preview_2025_03_11": "browser",
+}
+
 _logged: set[str] = set()
 
 
-def hosted_tool(i: int, tool: dict, strict: bool) -> None:
-    """Hosted tool `tools[i]`, which no backend serves: None (left out, logged once per type) or, with
-    `strict`, a 400. A backend for a type is dispatched here, before the refusal."""
+def hosted_tool(i: int, tool: dict, strict: bool, available=()) -> str | None:
+    """Hosted tool `tools[i]`: the name of the tool this server runs for it (among `available`), else None
+    (left out, logged once per type) or, with `strict`, a 400."""
     kind = tool["type"]
     if kind not in HOSTED_TYPES:
         raise APIError(
@@ -49,6 +59,9 @@ def hosted_tool(i: int, tool: dict, strict: bool) -> None:
             "types are accepted and left out)",
             param=f"tools[{i}].type",
         )
+    served = SERVED_BY.get(kind)
+    if served is not None and served in available:
+        return served
     if strict:
         raise APIError(
             f"tools[{i}].type: the hosted tool {kind!r} is not available on this server (it runs with "
@@ -62,3 +75,4 @@ def hosted_tool(i: int, tool: dict, strict: bool) -> None:
             "(logged once; serve --strict-tools refuses it instead)",
             kind,
         )
+    return None

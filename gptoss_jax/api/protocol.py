@@ -287,7 +287,9 @@ class ResponsesRequest(_Sampling):
     text: TextConfig | None = None
     metadata: dict[str, Any] | None = None
     include: list[str] | None = None  # "message.output_text.logprobs": log-probs on output_text parts
-    max_tool_calls: int | None = Field(None, ge=0)  # calls of the tools the server runs (at most the server's)
+    max_tool_calls: int | None = Field(
+        None, ge=0
+    )  # calls of the tools the server runs (at most the server's)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("input")

@@ -45,9 +45,9 @@ from .conversation import (
     user_message,
 )
 from .parser import (
+    BUILTIN_NAMESPACES,
     Event,
     OutputParser,
-    BUILTIN_NAMESPACES,
     Part,
     message_text,
     new_id,

@@ -530,7 +530,9 @@ def builtin_call_messages(item: Any) -> list[Message]:
     if kind == "code_interpreter_call":
         logs = [_field(o, "logs") or "" for o in _field(item, "outputs") or [] if _field(o, "type") == "logs"]
         out = [builtin_call("python", _field(item, "code") or "")]
-        return out + ([builtin_result("python", "".join(logs))] if _field(item, "outputs") is not None else [])
+        return out + (
+            [builtin_result("python", "".join(logs))] if _field(item, "outputs") is not None else []
+        )
     if kind == "mcp_call":
         to = recipient(_field(item, "server_label"), _field(item, "name"))
         out = [builtin_call(to, arguments_text(_field(item, "arguments")))]

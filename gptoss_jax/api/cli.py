@@ -203,7 +203,7 @@ def _check(args) -> None:
         if v is not None and v < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {v}")
     args.resolved_prompt = prompt_settings(args)
-    args.tool_names = builtin_tool_names(args)
+    args.tool_names = builtin_tool_names(args.builtin_tools, "--builtin-tools")
     if getattr(args, "max_tool_calls", 16) < 0:
         raise ValueError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
     for flag in ("python_timeout", "python_memory", "python_idle_timeout"):
@@ -212,36 +212,38 @@ def _check(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
 
 
-def builtin_tool_names(args) -> list[str]:
-    """--builtin-tools as a list of tool names (a ValueError naming an unknown one)."""
-    value = getattr(args, "builtin_tools", None)
+def builtin_tool_names(value: str | None, flag: str = "--builtin-tools") -> list[str]:
+    """A TOOL[,TOOL...] flag as a list of tool names (a ValueError naming an unknown one)."""
     names = [n.strip() for n in (value or "").split(",") if n.strip()]
     for n in names:
         if n not in BUILTIN_TOOLS:
-            raise ValueError(f"--builtin-tools: unknown tool {n!r} (available: {', '.join(BUILTIN_TOOLS)})")
+            raise ValueError(f"{flag}: unknown tool {n!r} (available: {', '.join(BUILTIN_TOOLS)})")
     if value is not None and not names:
-        raise ValueError("--builtin-tools: no tool given")
+        raise ValueError(f"{flag}: no tool given")
     return list(dict.fromkeys(names))
 
 
-def make_tools(args) -> dict:
-    """The tools the server runs (name -> `tools.base.Tool`), set up before the model loads, so that a
-    sandbox that cannot be set up stops the command at once (a ValueError: exit code 2)."""
+def make_tools(args, names: list[str] | None = None, flag: str = "--builtin-tools") -> dict:
+    """The tools to run (name -> `tools.base.Tool`): `names`, else the command's --builtin-tools, with
+    its --python-* settings (defaults where the command has none). Called before the model loads, so that
+    a sandbox that cannot be set up stops the command at once (a ValueError: exit code 2)."""
     tools = {}
-    names = getattr(args, "tool_names", None)
-    names = builtin_tool_names(args) if names is None else names
+    if names is None:
+        names = getattr(args, "tool_names", None)
+    if names is None:
+        names = builtin_tool_names(getattr(args, "builtin_tools", None), flag)
     if "python" in names:
         from ..tools import PythonTool, SandboxUnavailable
 
         try:
             tools["python"] = PythonTool(
-                sandbox=args.python_sandbox,
-                timeout_s=args.python_timeout,
-                memory_bytes=int(args.python_memory * 2**30),
-                idle_timeout_s=args.python_idle_timeout,
+                sandbox=getattr(args, "python_sandbox", "auto"),
+                timeout_s=getattr(args, "python_timeout", 120.0),
+                memory_bytes=int(getattr(args, "python_memory", 2.0) * 2**30),
+                idle_timeout_s=getattr(args, "python_idle_timeout", 600.0),
             )
         except SandboxUnavailable as e:
-            raise ValueError(f"--builtin-tools python: {e}") from None
+            raise ValueError(f"{flag} python: {e}") from None
     return tools
 
 

@@ -329,7 +329,7 @@ class ResponseJob:
             for part in self.choice.parser.parts:
                 if id(part) in self._index and (value is None or part is not value.part):
                     item = self.items[self._index[id(part)]]
-                    if item["status"] == "in_progress" and item["type"] in TOOL_ITEMS:
+                    if item["type"] in TOOL_ITEMS and item["status"] == "in_progress":
                         item["status"] = "incomplete"
                         out.append(self._ev("response.output_item.done", output_index=self._index[id(part)],
                                             item=copy.deepcopy(item)))  # fmt: skip

@@ -255,3 +255,19 @@ def test_python_is_refused_without_a_sandbox_unless_none_is_asked(serve_ckpt, tm
         tools["python"].shutdown()
     with pytest.raises(ValueError, match="--builtin-tools: unknown tool 'shell'"):
         make_tools(build_parser().parse_args(["serve", str(serve_ckpt), "--builtin-tools", "shell"]))
+
+
+def test_a_function_the_client_offered_still_comes_back_to_it(server, client):
+    """In one turn: python (run by the server), then the client's function (returned); the client answers
+    it on the chain, where the kernel still holds the state."""
+    url, _ = server
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    script(url, call("city = 'Paris'"), "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+           '<|message|>{"city":"Paris"}<|call|>', call("print(city)"), final("Sunny in Paris."))  # fmt: skip
+    r = client.responses.create(model=MODEL, input="Weather?", tools=[weather])
+    assert [i.type for i in r.output] == ["reasoning", "code_interpreter_call", "function_call"]
+    assert r.status == "completed" and r.output[2].name == "get_weather"
+    out = {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}
+    r2 = client.responses.create(model=MODEL, previous_response_id=r.id, input=[out], tools=[weather])
+    ci = next(i for i in r2.output if i.type == "code_interpreter_call")
+    assert ci.outputs[0].logs == "Paris\n" and r2.output_text == "Sunny in Paris."

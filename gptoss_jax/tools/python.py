@@ -725,6 +725,9 @@ class PythonTool:
             size += len(text)
 
         while True:
+            if cancel is not None and cancel.is_set() and not interrupted:
+                interrupted = True  # nobody waits for the result: stop the cell, keep the kernel
+                client.control_channel.send(client.session.msg("interrupt_request", {}))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._end(conversation_id)
@@ -762,8 +765,8 @@ class PythonTool:
                 add(_ANSI.sub("", tb) + "\n")
             elif kind == "status" and content.get("execution_state") == "idle":
                 break
-            if (truncated or (cancel is not None and cancel.is_set())) and not interrupted:
-                interrupted = True  # stop the cell: the rest would be dropped anyway, or nobody waits for it
+            if truncated and not interrupted:
+                interrupted = True  # stop the cell: the rest would be dropped anyway
                 client.control_channel.send(client.session.msg("interrupt_request", {}))
         text = "".join(out)
         if truncated:

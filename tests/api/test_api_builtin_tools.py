@@ -19,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from apitools import (
+    AUTH,
     KEY,
     MODEL,
     metric,
@@ -427,3 +429,25 @@ def test_a_responses_mcp_tool_over_http_streams_its_events(server, client, mcp_h
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model=MODEL, input="x", tools=[bad_tool])
         assert e.value.body["param"] == param
+
+
+def test_a_client_that_goes_away_interrupts_the_running_call(server, client):
+    """The stream is closed while python runs a 30 s cell: the cell is interrupted (the next call in the
+    same conversation runs at once) and the kernel keeps its state."""
+    url, log = server
+    script(url, call("x = 1"), final("ok"))
+    r1 = client.responses.create(model=MODEL, input="Set x.")
+    script(url, call("import time\ntime.sleep(30)"))
+    body = {"model": MODEL, "previous_response_id": r1.id, "input": "Wait.", "stream": True}
+    with httpx.stream("POST", f"{url}/v1/responses", json=body, headers=AUTH, timeout=60) as s:
+        for line in s.iter_lines():
+            if "response.code_interpreter_call.interpreting" in line:
+                time.sleep(3)  # the cell is running (the kernel starts in about a second)
+                break  # leaving the block closes the connection while the cell runs
+    t0 = time.monotonic()
+    script(url, call("print(x)"), final("1."))
+    r3 = client.responses.create(model=MODEL, previous_response_id=r1.id, input="x?")
+    took = time.monotonic() - t0
+    ci = next(i for i in r3.output if i.type == "code_interpreter_call")
+    assert ci.outputs[0].logs == "1\n" and took < 15, took
+    assert " 499 " in log.read_text()  # the request was logged as the client's close

@@ -447,11 +447,13 @@ def run_serve(args) -> int:
     server = uvicorn.Server(config)
     try:
         server.run()
+    except SystemExit:  # uvicorn's exit when the startup failed
+        failed = getattr(app, "startup_error", None)
+        if failed is not None:  # an MCP server that did not connect, named: exit code 2
+            raise ValueError(str(failed)) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    failed = getattr(app, "startup_error", None)
-    if not server.started and failed is not None:  # an MCP server that did not connect, named
-        raise ValueError(str(failed))
     return 0
 
 

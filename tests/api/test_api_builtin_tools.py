@@ -451,3 +451,27 @@ def test_a_client_that_goes_away_interrupts_the_running_call(server, client):
     ci = next(i for i in r3.output if i.type == "code_interpreter_call")
     assert ci.outputs[0].logs == "1\n" and took < 15, took
     assert " 499 " in log.read_text()  # the request was logged as the client's close
+
+
+def test_tool_flags_are_checked_and_a_server_that_does_not_connect_stops_the_start(serve_ckpt, tmp_path):
+    def serve(*flags) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "gptoss_jax",
+            "serve",
+            str(serve_ckpt),
+            "--port",
+            "0",
+            "--no-warmup",
+            *flags,
+        ]
+        return subprocess.run(cmd, check=False, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+    r = serve("--browser-index", str(tmp_path))
+    assert r.returncode == 2 and "--browser-index: needs --builtin-tools browser" in r.stderr, r.stderr
+    r = serve("--builtin-tools", "browser", "--browser-index", str(tmp_path))
+    assert r.returncode == 2 and "holds no .txt, .md or .html file" in r.stderr, r.stderr[-2000:]
+    r = serve("--tool-server", "tt=false")  # no MCP server: it exits at once
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: MCP server 'false': the process exited or closed its stdout" in r.stderr

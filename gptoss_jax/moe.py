@@ -45,6 +45,10 @@ LORA_LEAVES = ("mlp1_lora_a", "mlp1_lora_b", "mlp2_lora_a", "mlp2_lora_b")
 # by every slot's A and keeps each row's own slot (a one-hot over S: the other slots add exact zeros), so
 # the work per row grows with S x r, small next to the expert's own product. Inference only.
 LORA_SLOT = "lora_slot"
+# With this leaf too (the layer's repeat r, inside the layer scan), the pooled leaves are whole stacks
+# (R,S,E,r,D), ...: a call with no adapted token never slices them (slicing a layer's pool out copies all
+# of its slots every call: a base-only step would pay for the pool it skips).
+LORA_REPEAT = "lora_repeat"
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -88,9 +92,7 @@ def _gathered_weights(p: dict, it, dtype):
     slice of the layer's stacked experts) runs several times slower on XLA:CPU, as in `_over_tiles`."""
     if "mlp1_weight" in p:
         return expert_weight(p, "mlp1", it, dtype), expert_weight(p, "mlp2", it, dtype)
-    b1, s1, b2, s2 = jax.lax.optimization_barrier(
-        tuple(expert_leaf(p, n, it) for n in PACKED_LEAVES)
-    )
+    b1, s1, b2, s2 = jax.lax.optimization_barrier(tuple(expert_leaf(p, n, it) for n in PACKED_LEAVES))
     return dequantize(b1, s1, dtype), dequantize(b2, s2, dtype)
 
 
@@ -341,17 +343,20 @@ def _grouped_bwd(alpha, limit, res, dy):
         (g,) = pull(jnp.where(keep[:, None], dyt * wt[:, None], 0).astype(o.dtype))
         dw = jnp.sum(o.astype(F32) * dyt, axis=1)
         dws = jax.lax.dynamic_update_slice_in_dim(
-            dws, jnp.where(keep, dw, jax.lax.dynamic_slice_in_dim(dws, s, tm)), s, 0)
+            dws, jnp.where(keep, dw, jax.lax.dynamic_slice_in_dim(dws, s, tm)), s, 0
+        )
         if "x" in g:
             cur = jax.lax.dynamic_slice_in_dim(dxs, s, tm)
-            dxs = jax.lax.dynamic_update_slice_in_dim(dxs, jnp.where(keep[:, None], g["x"].astype(F32), cur),
-                                                      s, 0)
+            dxs = jax.lax.dynamic_update_slice_in_dim(
+                dxs, jnp.where(keep[:, None], g["x"].astype(F32), cur), s, 0
+            )
         grads = {n: a.at[_at(p, n, e)].add(g[n].astype(F32)) for n, a in grads.items()}
         return dxs, dws, grads
 
     grads0 = {n: jnp.zeros(p[n].shape, F32) for n in trained}
-    dxs, dws, grads = _over_tiles(p, sizes, starts, tm, dtype, body, (jnp.zeros(xs.shape, F32),
-                                                                      jnp.zeros(wts.shape, F32), grads0))
+    dxs, dws, grads = _over_tiles(
+        p, sizes, starts, tm, dtype, body, (jnp.zeros(xs.shape, F32), jnp.zeros(wts.shape, F32), grads0)
+    )
     dx = jnp.zeros(x.shape, F32).at[order // X].add(dxs[:M]).astype(x.dtype) if "x" in need else None
     dw = jnp.zeros((M,), F32).at[order].set(dws[:M]).reshape(T, X).astype(w.dtype) if "w" in need else None
     return dx, None, dw, {n: grads[n].astype(p[n].dtype) if n in grads else None for n in p}
@@ -388,12 +393,21 @@ def moe_experts_xla(x, expert_idx, expert_w, params, *, alpha: float, limit: flo
 
 
 EXPERT_LEAVES = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales", "mlp1_weight", "mlp2_weight",
-                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES, LORA_SLOT)  # fmt: skip
+                 "mlp1_bias", "mlp2_bias", *LORA_LEAVES, LORA_SLOT, LORA_REPEAT)  # fmt: skip
 
 
 # ============================================================================================= dispatch
-def local_experts(x, expert_idx, expert_w, params, *, alpha: float, limit: float, impl: str = "xla",
-                  interpret: bool | None = None) -> jax.Array:
+def local_experts(
+    x,
+    expert_idx,
+    expert_w,
+    params,
+    *,
+    alpha: float,
+    limit: float,
+    impl: str = "xla",
+    interpret: bool | None = None,
+) -> jax.Array:
     """The experts of (T, D) activations on one device; impl "xla", "pallas" (kernels) or "auto". The
     kernels read packed weights only and have no low-rank term: dense experts and experts with adapters
     (`LORA_LEAVES`) take the XLA path, and so do shapes the kernels cannot tile."""
@@ -401,8 +415,9 @@ def local_experts(x, expert_idx, expert_w, params, *, alpha: float, limit: float
         return moe_experts_xla(x, expert_idx, expert_w, params, alpha=alpha, limit=limit)
     params = own_layer(params)
     try:
-        return moe_experts_pallas(x, expert_idx, expert_w, params, alpha=alpha, limit=limit,
-                                  interpret=interpret)
+        return moe_experts_pallas(
+            x, expert_idx, expert_w, params, alpha=alpha, limit=limit, interpret=interpret
+        )
     except KernelNotApplicable:  # shapes the kernel cannot tile (checked at trace time)
         return moe_experts_xla(x, expert_idx, expert_w, params, alpha=alpha, limit=limit)
 
@@ -412,15 +427,23 @@ def moe_experts(x, idx, w, p: dict, cfg: Config):
     own experts under a mesh. p: the layer's parameters (the entries other than `EXPERT_LEAVES` and the
     repeat index "layer" are dropped)."""
     p = {n: a for n, a in p.items() if n in EXPERT_LEAVES or n == "layer"}
-    local = functools.partial(local_experts, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl=cfg.moe_impl)
+    local = functools.partial(
+        local_experts, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, impl=cfg.moe_impl
+    )
     if LORA_SLOT in p:
         # pooled adapters: only a call with some adapted token pays for them (a base-only call takes the
         # plain path, kernels included); adding a slot-0 row's zeros changes no bit, so the two agree
-        base = {n: a for n, a in p.items() if n not in (*LORA_LEAVES, LORA_SLOT)}
+        base = {n: a for n, a in p.items() if n not in (*LORA_LEAVES, LORA_SLOT, LORA_REPEAT)}
         if current_mesh() is not None:
             raise ValueError("pooled adapters do not run on a mesh yet")
-        adapted = jnp.any(p[LORA_SLOT] > 0)
-        return jax.lax.cond(adapted, lambda: local(x, idx, w, p), lambda: local(x, idx, w, base))
+
+        def adapted():  # whole stacks: this layer's slots sliced here only (`LORA_REPEAT`)
+            r = p.get(LORA_REPEAT)
+            own = {n: a[r] if r is not None and n in LORA_LEAVES else a for n, a in p.items()}
+            own.pop(LORA_REPEAT, None)
+            return local(x, idx, w, own)
+
+        return jax.lax.cond(jnp.any(p[LORA_SLOT] > 0), adapted, lambda: local(x, idx, w, base))
     if current_mesh() is not None:
         return expert_parallel(local, x, idx, w, own_layer(p), cfg)
     return local(x, idx, w, p)

@@ -10,7 +10,8 @@ LoRA adapters (`Engine(adapters=...)`): each is a model of its own name (`parent
 vLLM's endpoints load {"lora_name", "lora_path"} (a PEFT folder on the server's disk) and unload
 {"lora_name"} adapters while serving, behind the API key; without it they do not exist (404). Unloading an
 adapter that requests are using is a 409 (nothing is cut short: retry when they finish); a bad folder is
-a 400 naming the problem, a full pool a 409 naming --max-adapters.
+a 400 naming the problem, a full pool a 409 naming --max-adapters. /metrics counts each adapter's requests
+and generated tokens (`gptoss_engine_adapter_requests_total{adapter="NAME"}`, `..._adapter_tokens_total`).
 
 Errors: {"error": {"message", "type", "param", "code"}} with 400 (bad request, context overflow), 401 (missing
 or wrong key when an API key is set), 404 (unknown model, route or stored response), 413 (body over the
@@ -545,12 +546,14 @@ def create_app(
             "# TYPE gptoss_server_pending_sequences gauge",
             f"gptoss_server_pending_sequences {server.pending}",
         ]
+        typed = set()
         for name, value in sorted((await backend.metrics()).items()):
             metric = f"gptoss_engine_{name}"
-            lines += [
-                f"# TYPE {metric} {'counter' if name.endswith('_total') else 'gauge'}",
-                f"{metric} {value}",
-            ]
+            family = metric.split("{")[0]  # one TYPE line per family, whatever its labels
+            if family not in typed:
+                typed.add(family)
+                lines.append(f"# TYPE {family} {'counter' if family.endswith('_total') else 'gauge'}")
+            lines.append(f"{metric} {value}")
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     if test_hooks:

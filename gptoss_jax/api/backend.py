@@ -2,7 +2,8 @@
 
     backend.generate(prompt_ids, GenParams, info) -> async iterator of Generated(token, logprob, top)
     backend.score(token_ids, top) -> log-probabilities of each token given the ones before it
-    await backend.metrics() -> {name: value}, backend.context_length, backend.start() / stop()
+    await backend.metrics() -> {name: value} (a name may end in Prometheus labels: `x{adapter="a"}`),
+      backend.context_length, backend.start() / stop()
     backend.failure -> None, or why the backend cannot generate any more (the engine thread died): the
       server then answers 503 to everything but /metrics (`getattr`: a backend without it never fails)
 
@@ -118,9 +119,13 @@ class EngineBackend:
     async def metrics(self) -> dict[str, float]:
         """The engine's metrics (taken off the event loop: the engine snapshots them between steps)."""
         m = await asyncio.to_thread(self.engine.metrics)
-        return {
+        out = {
             k: v for k, v in m.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
+        for what in ("requests", "tokens"):  # per adapter: one labelled sample each
+            for name, n in getattr(m, f"adapter_{what}").items():
+                out[f'adapter_{what}_total{{adapter="{label_value(name)}"}}'] = n
+        return out
 
     async def generate(
         self, prompt: list[int], params: GenParams, info: dict | None = None
@@ -182,6 +187,11 @@ class EngineBackend:
             Generated(tokens[i + 1], float(chosen[i]), [(int(t), float(v)) for t, v in zip(ids[i], lps[i])])
             for i in range(len(tokens) - 1)
         ]
+
+
+def label_value(v: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline)."""
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 SCORE_CHUNK = 256  # positions whose (V,) logits exist at once while scoring a prompt

@@ -98,7 +98,7 @@ class ResponseJob:
     def __init__(self, server: Server, store: ResponseStore, body: dict):
         req = parse(ResponsesRequest, body)
         check_unsupported(req)
-        server.check_model(req.model)
+        self.model = server.check_model(req.model) or server.model_name  # an adapter answers as itself
         self.req, self.server, self.store = req, server, store
         self.id, self.created = new_id("resp"), int(time.time())
         previous = store.get(req.previous_response_id)[0] if req.previous_response_id else None
@@ -208,7 +208,7 @@ class ResponseJob:
             "object": "response",
             "created_at": self.created,
             "status": status,
-            "model": self.server.model_name,
+            "model": self.model,
             "output": copy.deepcopy(self.items),
             "usage": usage,
             "error": None,

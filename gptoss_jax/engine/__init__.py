@@ -10,7 +10,6 @@ __all__ = [
     "AdapterBusy",
     "AdapterError",
     "AdapterPoolFull",
-    "UnknownAdapter",
     "Engine",
     "EngineError",
     "Metrics",
@@ -19,5 +18,6 @@ __all__ = [
     "RequestOptions",
     "Result",
     "TokenEvent",
+    "UnknownAdapter",
     "pool_plan",
 ]

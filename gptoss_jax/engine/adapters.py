@@ -23,7 +23,10 @@ is a `model.Hooks` (`PoolHooks`) whose layer hooks add, per token, its own slot'
   (token, expert) pair adds its slot's product for that expert (decode gathers the pair's (A, B); prefill
   tiles use the one-hot as above).
 A call in which no token has an adapter skips all of it (`lax.cond`), and adding a slot-0 token's zeros
-changes no bit, so base requests get the same tokens with or without adapters beside them.
+changes no bit, so base requests get the same tokens with or without adapters beside them. The layers get
+the pool's whole stacks (R, S, ...) and slice their own repeat inside the adapted branch only (`LORA_REPEAT`
+for the experts): scanned slices would be copied into every layer's conditionals, all slots of every target,
+on base-only steps too.
 
 Versus `adapters.apply_adapters` (one adapter merged into the weights, what `generate` runs): the same
 products, unmerged; the logits agree to float32 rounding (the tests: the engine's tokens equal
@@ -48,7 +51,7 @@ import numpy as np
 from ..config import Config
 from ..lora import EXPERT_TARGETS, TARGETS, LoraConfig, LoraError, adapter_layout, parse_targets, target_of
 from ..model import Hooks, LayerHooks, unit_params
-from ..moe import LORA_LEAVES, LORA_SLOT
+from ..moe import LORA_LEAVES, LORA_REPEAT, LORA_SLOT
 from ..ops import F32
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -227,33 +230,33 @@ class PoolHooks(Hooks):
         self.active = jnp.any(self.slot > 0)
         self.targets = sorted({target_of(n) for n in arrays})
 
-    def scanned(self) -> list[dict]:
-        return [unit_params(self.arrays, j) for j in range(self.units)]
-
+    # Nothing is scanned: each layer gets the whole stacks (R, S, ...) of its unit position and takes its
+    # own repeat's slice inside the branch that adds the products. Scanned slices would be copied in and
+    # out of every layer's conditional, all slots of every target, on base-only steps too.
     def layer(self, j: int, r, xs, state) -> LayerHooks:
-        return _PoolLayer(xs, self)
+        return _PoolLayer(unit_params(self.arrays, j), r, self)
 
 
 class _PoolLayer(LayerHooks):
-    def __init__(self, xs: dict, pool: PoolHooks):
+    def __init__(self, stacks: dict, r, pool: PoolHooks):
         super().__init__()
-        self.xs, self.pool = xs, pool
+        self.stacks, self.r, self.pool = stacks, r, pool
 
     def params(self, p: dict) -> dict:
         if not any(t in EXPERT_TARGETS for t in self.pool.targets):
             return p
-        mlp = dict(p["mlp"]) | {n: self.xs["mlp"][n] for n in LORA_LEAVES} | {LORA_SLOT: self.pool.slot}
-        return p | {"mlp": mlp}
+        lora = {n: self.stacks["mlp"][n] for n in LORA_LEAVES}
+        return p | {"mlp": dict(p["mlp"]) | lora | {LORA_SLOT: self.pool.slot, LORA_REPEAT: self.r}}
 
     def project(self, name: str, x, y):
         if name not in self.pool.targets:
             return y
         group = TARGETS[name][0]
-        a, b = self.xs[group][f"{name}_lora_a"], self.xs[group][f"{name}_lora_b"]
+        a, b = self.stacks[group][f"{name}_lora_a"], self.stacks[group][f"{name}_lora_b"]
         N = self.pool.slot.shape[0]
 
         def add():
-            d = pooled_delta(x.reshape(N, -1), self.pool.hot, a, b)
+            d = pooled_delta(x.reshape(N, -1), self.pool.hot, a[self.r], b[self.r])
             return (y.astype(F32) + d.reshape(y.shape)).astype(y.dtype)
 
         return jax.lax.cond(self.pool.active, add, lambda: y)

@@ -137,6 +137,10 @@ class Metrics:
     tpot_p50: float | None
     tpot_p99: float | None
     warmup_seconds: float | None
+    # per LoRA adapter name, since the start (an adapter unloaded and loaded again adds up): requests
+    # submitted with it, and the tokens generated with its slot
+    adapter_requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    adapter_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,15 +204,16 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._lanes, self._chunk, self._page_size = lanes, chunk, page_size
         adapters = dict(adapters or {})
+        if adapters or max_adapters:  # checked before any adapter file is read
+            _check_single_device(self.mesh)
         self.pool: AdapterPool | None = initial_pool(cfg, adapters, max_adapters, max_lora_rank, lora_targets)
         if self.pool is not None:
-            if self.mesh is not None or jax.process_count() > 1:
-                raise ValueError("adapters: the adapter pool runs on one device and one process for now "
-                                 "(no mesh)")
             for name, src in adapters.items():
                 self.pool.add(name, self.pool.prepare(name, src))
         self._pool_lock = threading.Lock()  # the residents and their requests in flight
         self._in_flight: dict[int, list[RequestHandle]] = {}  # adapter key -> its requests not done
+        self._key_names = {r.key: n for n, r in self.pool.resident.items()} if self.pool is not None else {}
+        self._adapter_requests: collections.Counter[str] = collections.Counter()
         if num_pages is None and kv_memory is None:
             kv_memory = self._default_budget(max_seqs, max_context, page_size, memory_fraction,
                                              seq_buckets, token_buckets, budget)  # fmt: skip
@@ -255,7 +260,7 @@ class Engine:
         left = free - working
         if left <= 0:
             raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after the "
-                             f"weights, the largest step needs {working / 2**30:.2f} GiB; give kv_memory")
+                             f"weights, the largest step needs {working / 2**30:.2f} GiB; give kv_memory")  # fmt: skip
         return int(fraction * left)
 
     def _working_bytes(self, page_size, max_seqs, max_context, seq_buckets, token_buckets, budget) -> int:
@@ -324,6 +329,7 @@ class Engine:
                 live = self._in_flight.setdefault(r.key, [])
                 live[:] = [h for h in live if not h.done]
                 live.append(handle)
+                self._adapter_requests[options.adapter] += 1
         self._inbox.append(("add", seq))
         self._work.set()
         if self.error is not None:  # the thread died meanwhile (it set `error` before failing the inbox)
@@ -348,7 +354,9 @@ class Engine:
                 raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
         prepared = pool.prepare(name, source)  # file reading, outside the locks
         with self._lock, self._pool_lock:
-            return pool.add(name, prepared)
+            r = pool.add(name, prepared)
+            self._key_names[r.key] = name
+            return r
 
     def unload_adapter(self, name: str) -> Resident:
         """Frees an adapter's slot. AdapterBusy while requests that use it are queued or running (they are
@@ -468,7 +476,8 @@ class Engine:
             generated_tokens=c.generated_tokens,
             preemptions=c.preemptions, finished=c.finished, steps=c.steps, tokens_per_s=rate,
             ttft_mean=tt[0], ttft_p50=tt[1], ttft_p99=tt[2], tpot_mean=tp[0], tpot_p50=tp[1], tpot_p99=tp[2],
-            warmup_seconds=self.warmup_seconds,
+            warmup_seconds=self.warmup_seconds, adapter_requests=dict(self._adapter_requests),
+            adapter_tokens=_by_name(c.adapter_tokens, self._key_names),
         )  # fmt: skip
 
     # --------------------------------------------------------------------------------- background thread
@@ -617,6 +626,25 @@ def _free_device_bytes(mesh) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         raise ValueError("the device does not report its memory: give kv_memory (bytes per device)") from None
+
+
+def _check_single_device(mesh) -> None:
+    """The adapter pool lives on one device (its arrays are not sharded, its updates not broadcast to other
+    processes): an engine with adapters on a mesh, or across processes, is refused."""
+    if mesh is not None:
+        raise ValueError(f"adapters: LoRA adapters are served on one device for now, and this model is on a "
+                         f"mesh {dict(mesh.shape)}; load it without a mesh (serve: no --mesh) to serve "
+                         f"adapters")  # fmt: skip
+    if jax.process_count() > 1:
+        raise ValueError(f"adapters: LoRA adapters are served by one process for now, and this engine runs "
+                         f"in {jax.process_count()}")  # fmt: skip
+
+
+def _by_name(by_key: dict[int, int], names: dict[int, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, n in by_key.items():
+        out[names[key]] = out.get(names[key], 0) + n
+    return out
 
 
 def _stats(xs: list[float]) -> tuple:

@@ -94,8 +94,8 @@ class Block:
     (ids into the pool, None when the model has no such layers or the page was evicted), and the block's
     place in its lane's prefix tree."""
 
-    __slots__ = ("full", "sliding", "tokens", "parent", "children", "partials", "key", "users",
-                 "sliding_users", "stamp", "sliding_stamp", "in_tree")  # fmt: skip
+    __slots__ = ("children", "full", "in_tree", "key", "parent", "partials", "sliding", "sliding_stamp",
+                 "sliding_users", "stamp", "tokens", "users")  # fmt: skip
 
     def __init__(self, full=None, sliding=None, tokens=None):
         self.full, self.sliding = full, sliding
@@ -186,6 +186,7 @@ class Counters:
     preemptions: int = 0
     finished: int = 0
     steps: int = 0
+    adapter_tokens: dict[int, int] = dataclasses.field(default_factory=dict)  # adapter key -> generated
 
 
 class Scheduler:
@@ -782,6 +783,8 @@ class Scheduler:
         o, h = s.handle.options, s.handle
         s.tokens.append(tok)
         self.counters.generated_tokens += 1
+        if s.adapter:
+            self.counters.adapter_tokens[s.adapter] = self.counters.adapter_tokens.get(s.adapter, 0) + 1
         if s.first_token is None:
             s.first_token = now
         if h.done:  # cancelled: the next step frees it

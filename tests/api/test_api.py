@@ -21,6 +21,7 @@ import pytest
 from apitools import (
     KEY,
     MODEL,
+    metric,
     script,
     serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
     start_server,
@@ -567,9 +568,18 @@ def test_models_health_metrics(server, client):
                    headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 404 and r.json()["error"]["message"] == "no route POST /v1/load_lora_adapter"
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    text = httpx.get(f"{url}/metrics").text
-    assert 'gptoss_http_requests_total{route="/v1/chat/completions",status="200"}' in text
-    assert "# TYPE gptoss_http_requests_total counter" in text
+    chats = 'gptoss_http_requests_total{route="/v1/chat/completions",status="200"}'
+
+    def count() -> float:  # this test's own request counted, whatever other tests sent before it
+        try:
+            return metric(url, chats)
+        except KeyError:
+            return 0.0
+
+    before = count()
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert count() == before + 1
+    assert "# TYPE gptoss_http_requests_total counter" in httpx.get(f"{url}/metrics").text
 
 
 # ------------------------------------------------------------------------------------ constrained decoding

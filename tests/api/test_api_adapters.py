@@ -17,6 +17,7 @@ from apitools import (
     AUTH,
     KEY,
     MODEL,
+    metric,
     script,
     serve_ckpt_fixture,  # noqa: F401 - the session's checkpoint fixture
     start_server,
@@ -73,8 +74,10 @@ def completions(url, models) -> list[str]:
 
 def test_models_lists_the_base_and_each_adapter(client):
     cards = {m.id: m for m in client.models.list().data}
-    assert list(cards) == [MODEL, "all4", "attn2"]
-    assert cards[MODEL].parent is None and cards["attn2"].parent == MODEL and cards["all4"].parent == MODEL
+    ids = list(cards)  # the base, then the adapters by name (runtime loads of other tests among them)
+    assert ids[0] == MODEL and ids[1:] == sorted(ids[1:]) and {"all4", "attn2"} <= set(ids[1:])
+    assert cards[MODEL].parent is None and all(cards[n].parent == MODEL for n in ids[1:])
+    assert cards["attn2"].root.endswith("attn2")  # the folder it was loaded from
     assert client.models.retrieve("attn2").parent == MODEL
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
@@ -92,8 +95,67 @@ def test_each_model_gets_its_own_tokens_in_one_batch(server, serve_ckpt, dirs):
     assert completions(url, names * 2) == want * 2
 
 
+def test_responses_answer_under_the_adapters_name(client):
+    """The Responses API reports the model the request named (an adapter's), streamed and stored too."""
+    r = client.responses.create(model="attn2", input="Hi", max_output_tokens=2)
+    assert r.model == "attn2" and client.responses.retrieve(r.id).model == "attn2"
+    with client.responses.create(model="all4", input="Hi", max_output_tokens=2, stream=True) as stream:
+        models = {ev.response.model for ev in stream if hasattr(ev, "response")}
+    assert models == {"all4"}
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).model == MODEL
+
+
+def test_two_agents_on_two_adapters_at_once(server):
+    """The Agents SDK runs two agents at once, one per adapter (one over the Responses API, one over chat
+    completions), against the one server: each request reaches its own adapter (the server's per-adapter
+    counters: one request each, and the scripted answer's tokens generated with that adapter's slot)."""
+    import agents
+
+    url, _ = server
+    agents.set_tracing_disabled(True)  # no traces sent anywhere
+    answer = "<|channel|>final<|message|>Done.<|return|>"
+    n_tokens = len(get_encoding().encode(answer, allowed_special="all"))
+
+    def counters(name) -> list[float]:  # an adapter's series appear with its first request
+        out = []
+        for what in ("requests", "tokens"):
+            try:
+                out.append(metric(url, f'gptoss_engine_adapter_{what}_total{{adapter="{name}"}}'))
+            except KeyError:
+                out.append(0.0)
+        return out
+
+    before = {n: counters(n) for n in ("attn2", "all4")}
+    script(url, answer, answer)
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        settings = agents.ModelSettings(max_tokens=50, temperature=0)
+        sql = agents.Agent(name="sql", instructions="Write SQL.", model_settings=settings,
+                           model=agents.OpenAIResponsesModel("attn2", c))  # fmt: skip
+        chat = agents.Agent(name="chat", instructions="Chat.", model_settings=settings,
+                            model=agents.OpenAIChatCompletionsModel("all4", c))  # fmt: skip
+        async with c:
+            return await asyncio.gather(agents.Runner.run(sql, "rows?"), agents.Runner.run(chat, "hi"))
+
+    sql, chat = asyncio.run(run())
+    assert sql.final_output == chat.final_output == "Done."
+    rid = sql.raw_responses[0].response_id  # the stored response names its adapter
+    assert httpx.get(f"{url}/v1/responses/{rid}", headers=AUTH).json()["model"] == "attn2"
+    for name in ("attn2", "all4"):
+        requests, tokens = counters(name)
+        assert (requests - before[name][0], tokens - before[name][1]) == (1, n_tokens), name
+
+
 def test_runtime_load_and_unload(server, client, serve_ckpt, dirs, tmp_path):
     url, _ = server
+    try:
+        runtime_load_and_unload(url, client, serve_ckpt, dirs, tmp_path)
+    finally:  # the server as the other tests expect it, whatever failed
+        httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "experts3"}, headers=AUTH)
+
+
+def runtime_load_and_unload(url, client, serve_ckpt, dirs, tmp_path):
     load = f"{url}/v1/load_lora_adapter"
     unload = f"{url}/v1/unload_lora_adapter"
     body = {"lora_name": "experts3", "lora_path": str(dirs["experts3"])}

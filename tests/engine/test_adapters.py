@@ -8,6 +8,8 @@ batched; the pooled forward's float32 logits must be PEFT's on transformers for 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from adaptertools import ADAPTERS, adapted_model, peft_logits, write_adapters
@@ -22,10 +24,17 @@ from gptoss_jax.engine.adapters import AdapterPool, PoolHooks, bytes_per_adapter
 from gptoss_jax.lora import LoraConfig, init_adapters
 from gptoss_jax.model import forward, logits
 
-ENGINE = dict(max_seqs=4, max_context=128, page_size=16, chunk=32, seq_buckets=(4,), token_buckets=(32,))
+ENGINE = {
+    "max_seqs": 8,
+    "max_context": 128,
+    "page_size": 16,
+    "chunk": 32,
+    "seq_buckets": (8,),
+    "token_buckets": (32,),
+}
 MAX_NEW = 8
 ROWS = 8  # reference batches padded to one shape
-SAMPLED = dict(temperature=0.8, top_k=50, top_p=0.9)
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,7 @@ def test_mixed_batch_equals_each_adapter_alone(engine, hf_ckpt, dirs, tiny_cfg):
         greedy = reference(hf_ckpt, folder, prompts[:2])
         sampled = reference(hf_ckpt, folder, prompts[2:], seed=seeds, **SAMPLED)
         for i, p in enumerate(prompts):
-            opts = dict(max_tokens=MAX_NEW, adapter=name)
+            opts = {"max_tokens": MAX_NEW, "adapter": name}
             if i >= 2:
                 opts |= dict(seed=seeds[i - 2], **SAMPLED)
             requests.append((p, opts))
@@ -94,6 +103,80 @@ def test_mixed_batch_equals_each_adapter_alone(engine, hf_ckpt, dirs, tiny_cfg):
         assert [got[(name, i)] for i in range(4)] == want[name], name
     # the adapters matter: every adapter's greedy tokens of the shared prompt differ from the base's
     assert all(want[n][0] != want[None][0] for n in ADAPTERS)
+
+
+def test_streamed_cancelled_and_adapters_swapped_mid_run(engine, hf_ckpt, dirs, tiny_cfg):
+    """The base and the three adapters (greedy and seeded sampling) streamed in one batch, beside a fifth
+    request on a fourth adapter ("spare"). Mid-run, with the four still generating: the spare request is
+    cancelled, its adapter unloaded, another ("late", the expert-only folder) loaded into the freed slot,
+    and a request on it joins the batch. Every streamed token sequence equals `generate`'s with its
+    adapter alone; the cancelled request's tokens are a prefix of its own; nothing compiles."""
+    rng = np.random.default_rng(13)
+    v = tiny_cfg.vocab_size
+    p = [rng.integers(0, v, int(n)).tolist() for n in rng.integers(5, 20, 6)]
+    seeds = [int(s) for s in rng.integers(0, 2**31, 2)]
+    all4, want_spare = reference(hf_ckpt, dirs["all4"], [p[2], p[4]])
+    want = {  # name: (prompt, options, reference tokens)
+        "base": (p[0], {"adapter": None}, reference(hf_ckpt, None, p[:1])[0]),
+        "attn2": (p[1], dict(adapter="attn2", seed=seeds[0], **SAMPLED),
+                  reference(hf_ckpt, dirs["attn2"], p[1:2], seed=seeds[:1], **SAMPLED)[0]),
+        "all4": (p[2], {"adapter": "all4"}, all4),
+        "experts3": (p[3], dict(adapter="experts3", seed=seeds[1], **SAMPLED),
+                     reference(hf_ckpt, dirs["experts3"], p[3:4], seed=seeds[1:], **SAMPLED)[0]),
+    }  # fmt: skip
+    want_late = reference(hf_ckpt, dirs["experts3"], p[5:6])[0]
+    mixes, execute = [], engine._execute
+
+    def watch(calls):  # the adapter slots of each step's rows that feed tokens
+        mixes.extend({int(s) for s, n in zip(a["adapter"], a["n_new"]) if n} for a in calls)
+        return execute(calls)
+
+    streams: dict[str, list[int]] = {}
+    threads = []
+
+    def stream(name, handle):  # a consumer per request, reading its tokens as the steps emit them
+        streams[name] = out = []
+        threads.append(threading.Thread(target=lambda: out.extend(ev.token for ev in handle)))
+        threads[-1].start()
+        return handle
+
+    engine._execute = watch
+    try:
+        with compiles() as seen:
+            spare_slot = engine.load_adapter("spare", dirs["all4"]).slot  # the pool's last free slot
+            handles = {
+                n: stream(n, engine.submit(q, max_tokens=MAX_NEW, **o)) for n, (q, o, _) in want.items()
+            }
+            spare = stream("spare", engine.submit(p[4], max_tokens=10 * MAX_NEW, adapter="spare"))
+            while min(len(h._events) for h in [spare, *handles.values()]) < 2:
+                engine.step()
+            assert {0, spare_slot, *(engine.adapters[n].slot for n in ADAPTERS)} in mixes  # one batch
+            # mid-run: cancel, unload, load, submit, while the others run on
+            spare.cancel()
+            engine.unload_adapter("spare")
+            late = engine.load_adapter("late", dirs["experts3"])
+            assert late.slot == spare_slot  # the slot the spare adapter held, overwritten whole
+            mark = len(mixes)
+            handles["late"] = stream("late", engine.submit(p[5], max_tokens=MAX_NEW, adapter="late"))
+            assert not any(handles[n].done for n in want)
+            while not all(h.done for h in handles.values()):
+                engine.step()
+        for t in threads:
+            t.join(30)
+        assert not seen  # loading and unloading compiled nothing
+    finally:
+        del engine._execute
+        for name in ("spare", "late"):
+            if name in engine.adapters:
+                engine.unload_adapter(name)
+    assert any({late.slot, 0} <= m for m in mixes[mark:])  # the late request ran beside the base
+    results = {n: h.result() for n, h in handles.items()}
+    for name, (_, _, tokens) in want.items():
+        assert streams[name] == results[name].tokens == tokens, name
+    assert streams["late"] == results["late"].tokens == want_late
+    r = spare.result()
+    assert r.finish_reason == "cancelled" and 2 <= len(r.tokens) < MAX_NEW
+    assert streams["spare"] == r.tokens == want_spare[: len(r.tokens)]
 
 
 def test_prefix_cache_is_per_adapter(engine, tiny_cfg):
@@ -198,3 +281,18 @@ def test_pooled_decode_path_matches_each_adapter_applied(hf_ckpt, dirs, tiny_cfg
         h, _, _ = forward(model, tokens, pos, hooks=PoolHooks(pool.arrays, model.cfg, slot))
         want = np.asarray(adapted_model(str(hf_ckpt), str(dirs[name]))(tokens))[0]
         assert rel_err(np.asarray(logits(model, h))[0], want) < 1e-5, name
+
+
+def test_adapters_on_a_mesh_are_refused(hf_ckpt, dirs, tmp_path):
+    """The pool lives on one device: an engine with adapters (given, or only slots for runtime loads) over
+    a model on a mesh (8 fake CPU devices, conftest) is refused, before any adapter folder is read."""
+    import jax
+
+    assert len(jax.devices()) == 8
+    model = gptoss_jax.load(str(hf_ckpt), dtype="float32", mesh="data=2,expert=2,model=2", quiet=True)
+    (tmp_path / "empty").mkdir()
+    for kw in ({"adapters": dirs}, {"max_adapters": 2}, {"adapters": {"x": tmp_path / "empty"}}):
+        with pytest.raises(ValueError) as e:
+            Engine(model, **ENGINE, **kw)
+        assert_one_line(e, "adapters", "one device", "mesh {'data': 2, 'expert': 2, 'model': 2}", "--mesh")
+    assert Engine(model, **ENGINE, max_adapters=0).pool is None  # no adapters: the mesh serves as before

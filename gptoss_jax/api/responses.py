@@ -223,7 +223,7 @@ class ResponseJob:
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "text": {"format": fmt},
             "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else (choice or "auto"),
-            "tools": [{"strict": None, "description": None, **t} for t in req.tools or []],
+            "tools": [{"strict": None, "description": None, **redacted(t)} for t in req.tools or []],
             "truncation": "disabled",
             "metadata": req.metadata or {},
             "background": False,
@@ -490,6 +490,15 @@ class ResponseJob:
         return (
             f"prompt={loop.input_tokens} completion={loop.output_tokens} finish={loop.finish_reason}{calls}"
         )
+
+
+def redacted(tool: dict) -> dict:
+    """A request's tool as the response echoes it: an `mcp` tool's credentials are not (as in OpenAI's API)."""
+    if tool.get("type") != "mcp":
+        return tool
+    return {k: v for k, v in tool.items() if k != "authorization"} | (
+        {"headers": None} if "headers" in tool else {}
+    )
 
 
 TOOL_ITEMS = ("code_interpreter_call", "web_search_call", "mcp_call")

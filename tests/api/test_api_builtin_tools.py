@@ -421,6 +421,11 @@ def test_a_responses_mcp_tool_over_http_streams_its_events(server, client, mcp_h
         assert deltas >= 1 and seq == [added, "response.mcp_call.in_progress",
                                        *["response.mcp_call_arguments.delta"] * deltas,
                                        "response.mcp_call_arguments.done", f"response.mcp_call.{end}", done]  # fmt: skip
+    # the response echoes the tool without its credentials
+    script(url, final("ok"))
+    secret = dict(tool, authorization="sk-secret", headers={"X-Key": "sk-secret"})
+    r = client.responses.create(model=MODEL, input="x", tools=[secret])
+    assert "sk-secret" not in r.model_dump_json()
     # a URL the operator did not allow, and an approval this server does not ask for: 400s naming them
     for bad_tool, param in (
         (dict(tool, server_url="http://127.0.0.1:9/mcp"), "tools[0].server_url"),
@@ -475,3 +480,16 @@ def test_tool_flags_are_checked_and_a_server_that_does_not_connect_stops_the_sta
     r = serve("--tool-server", "tt=false")  # no MCP server: it exits at once
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: MCP server 'false': the process exited or closed its stdout" in r.stderr
+
+
+def test_evicted_conversations_close_their_tools_state():
+    from gptoss_jax.api.responses import ResponseStore
+
+    closed = []
+    store = ResponseStore(2, on_close=closed.append)
+    store.put("r1", Chat(), {}, "conv-a")
+    store.put("r2", Chat(), {}, "conv-a")  # the chain's second response
+    store.put("r3", Chat(), {}, "conv-b")  # r1 evicted: conv-a still has r2
+    assert closed == [] and store.conversation("r2") == "conv-a"
+    store.put("r4", Chat(), {}, None)  # r2 evicted: conv-a has no stored response left
+    assert closed == ["conv-a"] and store.conversation("r2") is None

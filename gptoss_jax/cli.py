@@ -82,10 +82,13 @@ def _impl_args(g) -> None:
 
 
 def _cache_arg(g) -> None:
-    g.add_argument("--compile-cache", metavar="DIR", default=None,
-                   help="persistent XLA compilation cache, so that later runs skip most of the compile time "
-                        f"(default: ${CACHE_ENV}, else {_default_cache_dir()}; 'off' disables it)",
-                   )
+    g.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="persistent XLA compilation cache, so that later runs skip most of the compile time "
+        f"(default: ${CACHE_ENV}, else {_default_cache_dir()}; 'off' disables it)",
+    )
 
 
 def _adapters_arg(p) -> None:
@@ -126,8 +129,10 @@ def setup_compile_cache(choice: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default is unbounded: keep the newest 4 GiB
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    if (jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
-            and jax.config.jax_persistent_cache_min_entry_size_bytes == 0):  # JAX's defaults: not the user's
+    if (
+        jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+        and jax.config.jax_persistent_cache_min_entry_size_bytes == 0
+    ):  # JAX's defaults: not the user's
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", CACHE_MIN_ENTRY_BYTES)
     return path
@@ -161,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     d = sub.add_parser("demo", help="write a tiny random checkpoint in the real layout, load it, generate")
-    d.add_argument("--out", help="write the checkpoint here (a new folder) and keep it; default: a temp folder")
+    d.add_argument(
+        "--out", help="write the checkpoint here (a new folder) and keep it; default: a temp folder"
+    )
     d.add_argument("--prompt", default=None, help="text prompt (default: 'The capital of France is')")
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
     d.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
@@ -195,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "message, e.g. 2025-08-05 (default: the one --adapters were trained with, else none)")  # fmt: skip
     c.add_argument("--show-prompt", action="store_true", help="print each turn's rendered prompt token ids")
     c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")
+    c.add_argument("--tools", metavar="TOOL[,TOOL...]",
+                   help="gpt-oss's built-in tools to declare and run in the chat (python, browser); each call and its "
+                   "result are shown (docs/tools.md)")  # fmt: skip
+    c.add_argument("--python-sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                   help="python's isolation: bwrap (default where it works), or none (a warning: no "
+                   "isolation of files or network)")  # fmt: skip
+    c.add_argument(
+        "--max-tool-calls", type=int, default=16, metavar="N", help="tool calls per user message (default 16)"
+    )
+    from .api.cli import add_browser_arguments
+
+    add_browser_arguments(c)
     _sampling_args(c, temperature=1.0)
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s and memory of a checkpoint")
@@ -225,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read a converted (Orbax) checkpoint and check every array against "
                        "the crc32c recorded when it was converted; exit 1 naming the damaged array and file")  # fmt: skip
     v.add_argument("path", help="a checkpoint folder written by gptoss-convert")
-    v.add_argument("--quiet", action="store_true", help="no progress bar (the one-line result is still printed)")
+    v.add_argument(
+        "--quiet", action="store_true", help="no progress bar (the one-line result is still printed)"
+    )
 
     from .api.cli import add_serve_arguments
 
@@ -339,8 +360,8 @@ def _config(args):
 
 
 def _sample_kw(args) -> dict:
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, cache_length=args.max_context)  # fmt: skip
+    kw = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed, "cache_length": args.max_context}  # fmt: skip
     # passed only when set, so generate() keeps its own defaults (off)
     kw.update({k: v for k in ("min_p", "repetition_penalty") if (v := getattr(args, k)) is not None})
     return kw
@@ -439,13 +460,13 @@ def cmd_generate(args) -> int:
         else:  # print what the new token adds to the decoded text (a multi-byte character may span tokens)
             text = tokenizer.decode(out)
             if not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
+                print(text[len(shown) :], end="", flush=True)
                 shown = text
 
     with _compile_status(args) as status:
         generate(model, ids, callback=on_token, **kw)
     if not raw and len(shown) < len(text := tokenizer.decode(out)):
-        print(text[len(shown):], end="")
+        print(text[len(shown) :], end="")
     print(flush=True)
     # the steady rate counts from the second token: the first decode step compiles too
     rate = f", then {(len(out) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s" if len(out) > 2 else ""
@@ -456,7 +477,8 @@ def cmd_generate(args) -> int:
 
 # the parser's part types (harmony/parser.py) -> label and terminal style
 _LABELS = {"reasoning": ("[analysis] ", "\033[2m"), "content": ("[final] ", "\033[1m"),
-           "preamble": ("[commentary] ", "\033[36m"), "tool_call": ("[call {name}] ", "\033[35m")}  # fmt: skip
+           "preamble": ("[commentary] ", "\033[36m"), "tool_call": ("[call {name}] ", "\033[35m"),
+           "tool_result": ("[result {name}] ", "\033[33m")}  # fmt: skip
 CHAT_HELP = "type a message and press Enter; /reset starts a new conversation; /exit or Ctrl-D leaves"
 
 
@@ -503,77 +525,144 @@ def _prompt_settings(args, note: str = ""):
 def cmd_chat(args) -> int:
     """Each turn is parsed once, as it streams, by the server's parser (`harmony.OutputParser`: one harmony
     parser per turn, non-strict, what does not parse shown as final text); its parts go into the history
-    (`harmony.ChatSession`), which renders the next prompt as `serve` renders the same conversation."""
+    (`harmony.ChatSession`), which renders the next prompt as `serve` renders the same conversation.
+
+    With --tools, the tools are declared in the system message; a reply that calls one (`to=python`, ended by
+    <|call|>) is run, its result shown and added as the tool's message, and the model goes on, as in the
+    server's tool loop (api/toolloop.py). The tools' conversation is the chat session (/reset starts a new
+    one)."""
+    import uuid
+
     from . import harmony, tokenizer
-    from .generate import generate
+    from .api.cli import builtin_tool_names, make_tools
 
     _check_args(args)
+    if args.max_tool_calls < 0:
+        raise UsageError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
+    names = builtin_tool_names(args.tools, "--tools") if args.tools is not None else []
     cfg = _config(args)
     _check_fit(args, cfg)
     if cfg.vocab_size != tokenizer.N_VOCAB:
         raise UsageError(f"{args.path}: chat needs the o200k_harmony vocabulary ({tokenizer.N_VOCAB} "
                          f"tokens), this model has {cfg.vocab_size}")  # fmt: skip
     settings = _prompt_settings(args)
-    model = _load(args)
+    tools = make_tools(args, names, "--tools")  # before loading: a missing sandbox stops the command now
 
     def new_session():
-        return harmony.ChatSession(reasoning_effort=settings.reasoning_effort,
-                                   developer_instructions=args.developer,
-                                   conversation_start_date=settings.date)  # fmt: skip
+        session = harmony.ChatSession(reasoning_effort=settings.reasoning_effort,
+                                      developer_instructions=args.developer,
+                                      conversation_start_date=settings.date)  # fmt: skip
+        session.chat.system_tools = [t.config() for t in tools.values()]
+        session.conversation = f"chat-{uuid.uuid4().hex[:12]}"  # the tools' state (python's kernel)
+        return session
 
-    session = new_session()
-    stop = tokenizer.stop_tokens_for_assistant_actions()
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    turn = 0
-    for text in _chat_lines(args, interactive=args.message is None and sys.stdin.isatty()):
-        command = text.strip().lower()
-        if command == "/exit":
-            break
-        if command == "/reset":
-            session = new_session()
-            _say(args, "(new conversation)")
-            continue
-        turn += 1
-        prompt = session.prompt_tokens(text)
-        if args.show_prompt:
-            print(f"[prompt {turn}] {' '.join(map(str, prompt))}", flush=True)
-        parser = harmony.OutputParser()
-        out: list[int] = []
-        shown = [None]  # the part being printed
-
-        def show(events):
-            for kind, part, piece in events:
-                if args.hide_analysis and part.type == "reasoning":
-                    continue
-                if kind == "start" or part is not shown[0]:
-                    label, style = _LABELS[part.type]
-                    if shown[0] is not None:
-                        print("\033[0m" if color else "", flush=True)  # end the previous part's line and style
-                    label = label.format(name=part.name)
-                    print(f"{style}{label}" if color else label, end="", flush=True)
-                    shown[0] = part
-                print(piece, end="", flush=True)
-
-        def on_token(step):
-            status.done()
-            out.append(step[0])
-            show(parser.feed(step[0]))
-
-        with _compile_status(args) as status:
-            generate(model, prompt, stop_tokens=stop, callback=on_token, **_sample_kw(args))
-        show(parser.finish())
-        if color and shown[0] is not None:
-            print("\033[0m", end="")
-        if shown[0] is not None:
-            print(flush=True)
-        if parser.warned:  # keep the history valid harmony
-            _say(args, "(the reply is not valid harmony, as expected from random weights; it is left out of the "
-                       "history)")  # fmt: skip
-        else:
-            session.add_parts(parser.parts)
-        if out and out[-1] not in stop:
-            _say(args, f"(stopped after --max-new-tokens {args.max_new_tokens})")
+    try:
+        model = _load(args)
+        session = new_session()
+        turn = 0
+        for text in _chat_lines(args, interactive=args.message is None and sys.stdin.isatty()):
+            command = text.strip().lower()
+            if command == "/exit":
+                break
+            if command == "/reset":
+                for t in tools.values():
+                    t.close(session.conversation)
+                session = new_session()
+                _say(args, "(new conversation)")
+                continue
+            turn += 1
+            _chat_turn(args, model, session, session.prompt_tokens(text), turn, tools)
+    finally:
+        for t in tools.values():
+            t.shutdown()
     return 0
+
+
+def _chat_turn(args, model, session, prompt: list[int], turn: int, tools: dict) -> None:
+    """One user message's answer: generations, and between them the calls of --tools, each shown."""
+    import asyncio
+
+    from . import harmony
+    from .api.toolloop import call_recipient
+    from .tools import ToolCall
+
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    calls = 0
+    while True:
+        call = _chat_generate(args, model, session, prompt, turn, color, tools)
+        if call is None:
+            return
+        if calls >= args.max_tool_calls:
+            _say(args, f"(the call is not run: --max-tool-calls {args.max_tool_calls} reached)")
+            return
+        calls += 1
+        part, tool = call
+        to = call_recipient(part)
+        result = asyncio.run(tool.call(ToolCall(to, part.text, session.conversation)))
+        label, style = _LABELS["tool_result"]
+        label = label.format(name=to)
+        print(f"{style}{label}" if color else label, end="", flush=True)
+        print(result.text.rstrip("\n") + ("\033[0m" if color else ""), flush=True)
+        session.chat.messages.append(harmony.builtin_result(to, result.text, part.channel or "commentary"))
+        prompt = session.prompt_tokens()
+
+
+def _chat_generate(args, model, session, prompt: list[int], turn: int, color: bool, tools: dict):
+    """One generation, shown as it streams and added to the history -> (part, tool) of a call of --tools
+    to run (the reply's last message, ended by <|call|>), else None."""
+    from . import harmony, tokenizer
+    from .api.toolloop import call_recipient, tool_of
+    from .generate import generate
+
+    stop = tokenizer.stop_tokens_for_assistant_actions()
+    if args.show_prompt:
+        print(f"[prompt {turn}] {' '.join(map(str, prompt))}", flush=True)
+    parser = harmony.OutputParser(namespaces=list(tools))
+    out: list[int] = []
+    shown = [None]  # the part being printed
+
+    def show(events):
+        for kind, part, piece in events:
+            if args.hide_analysis and part.type == "reasoning":
+                continue
+            if kind == "start" or part is not shown[0]:
+                label, style = _LABELS[part.type]
+                if shown[0] is not None:
+                    print("\033[0m" if color else "", flush=True)  # end the previous part's line and style
+                name = part.name if part.namespace in (harmony.FUNCTIONS, None) else call_recipient(part)
+                label = label.format(name=name)
+                print(f"{style}{label}" if color else label, end="", flush=True)
+                shown[0] = part
+            print(piece, end="", flush=True)
+
+    def on_token(step):
+        status.done()
+        out.append(step[0])
+        show(parser.feed(step[0]))
+
+    with _compile_status(args) as status:
+        generate(model, prompt, stop_tokens=stop, callback=on_token, **_sample_kw(args))
+    show(parser.finish())
+    if color and shown[0] is not None:
+        print("\033[0m", end="")
+    if shown[0] is not None:
+        print(flush=True)
+    if out and out[-1] not in stop:
+        _say(args, f"(stopped after --max-new-tokens {args.max_new_tokens})")
+    if parser.warned:  # keep the history valid harmony
+        _say(args, "(the reply is not valid harmony, as expected from random weights; it is left out of the "
+                   "history)")  # fmt: skip
+        return None
+    last = parser.parts[-1] if parser.parts else None
+    tool = tool_of(last, tools) if last is not None and out and out[-1] == tokenizer.CALL else None
+    # the call as the model wrote it (its channel kept), the rest as the server stores it
+    for p in parser.parts:
+        if tool is not None and p is last:
+            session.chat.messages.append(harmony.builtin_call(call_recipient(p), p.text, p.channel or "commentary",
+                                                              p.content_type))  # fmt: skip
+        else:
+            session.add_parts([p])
+    return (last, tool) if tool is not None else None
 
 
 def cmd_bench(args) -> int:
@@ -616,13 +705,13 @@ def cmd_bench(args) -> int:
     tn = statistics.median(run(args.new + 1) for _ in range(args.reps))
     B = args.batch
     rows = [
-        ("prefill", f"{B * args.prompt_len / t1:,.0f} tok/s", f"{B}x{args.prompt_len} tokens in {t1 * 1e3:.1f} ms "
-                                                              "(incl. first token)"),
+        ("prefill", f"{B * args.prompt_len / t1:,.0f} tok/s", (f"{B}x{args.prompt_len} tokens in {t1 * 1e3:.1f} ms "
+                                                              "(incl. first token)")),
         ("decode", f"{B * args.new / max(tn - t1, 1e-9):,.1f} tok/s",
          f"{B}x{args.new} tokens in {(tn - t1) * 1e3:.1f} ms ({(tn - t1) / args.new * 1e3:.2f} ms/step)"),
         ("compile", f"{compile_s:.1f} s", "first calls (prefill + decode loop)"),
-        ("weights", _gib(param_bytes(cfg)), f"experts {_gib(param_bytes(cfg, experts_only=True))} "
-                                            f"({cfg.expert_format})"),
+        ("weights", _gib(param_bytes(cfg)), (f"experts {_gib(param_bytes(cfg, experts_only=True))} "
+                                            f"({cfg.expert_format})")),
         ("kv cache", _gib(cache_bytes(cfg, B, args.prompt_len + args.new + 1)),
          f"batch {B}, {args.prompt_len + args.new + 1} positions, {cfg.dtype}"),
     ]  # fmt: skip
@@ -647,7 +736,7 @@ def cmd_bench(args) -> int:
 
 
 def _named_adapters(value: str | None) -> dict[str, str]:
-    """"NAME=DIR,NAME=DIR" -> {NAME: DIR}; a plain DIR (merged into the base) -> {}."""
+    """ "NAME=DIR,NAME=DIR" -> {NAME: DIR}; a plain DIR (merged into the base) -> {}."""
     if not value or "=" not in value or os.path.exists(value):
         return {}
     out = {}

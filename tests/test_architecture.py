@@ -55,6 +55,7 @@ LAYERS = [
     ["api.constraints"],
     ["api.harmony_io", "api.backend"],
     ["api.run"],
+    ["api.toolloop"],
     ["api.chat"],
     ["api.responses", "api.completions"],
     ["api.app"],
@@ -149,7 +150,9 @@ def test_the_checker_sees_cycles_and_function_local_imports(tmp_path):
     assert "gptoss_jax.loading" in imports(ROOT / "gptoss_jax" / "cli.py")  # imported inside a function
     src = tmp_path / "gptoss_jax" / "checkpoint" / "x.py"
     src.parent.mkdir(parents=True)
-    src.write_text("def f():\n    from ..generate import generate\n    from . import keys\n    import conversion.cli\n")
+    src.write_text(
+        "def f():\n    from ..generate import generate\n    from . import keys\n    import conversion.cli\n"
+    )
     got = imports(src, tmp_path)
     assert {"gptoss_jax.generate", "gptoss_jax.checkpoint.keys", "conversion.cli"} <= got
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]

@@ -6,6 +6,13 @@ after another, separated by a blank line; `tool_calls` carry the calls to functi
 arguments as the model wrote them. A streamed answer is made of the same deltas the non-streamed message
 is folded from, so the two are identical (a tool call's first delta has its id, name and empty arguments;
 later ones carry argument pieces at the call's `index`).
+
+Tools the server runs itself (`serve --builtin-tools`, `toolloop.py`) run in the same request: each call and
+its result are shown in `reasoning`, in order among the reasoning, as blocks of their own:
+`[call RECIPIENT]` and the call's text on the next line (python's code, the browser's JSON arguments), then
+`[result RECIPIENT]` and the tool's answer as the model read it. `tool_calls` and finish_reason
+"tool_calls" are left to the functions the client offered. The tools' conversation (python's kernel) is
+the request's own (one per choice), closed when the request ends.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from ..tokenizer import get_encoding
 from .constraints import check_schemas, constraint_spec
 from .harmony_io import chat_turn
 from .protocol import ChatRequest, check_unsupported, parse
-from .run import Choice, Server, merged, run_choice
+from .run import Choice, Server, merged
+from .toolloop import ToolLoop, ToolRun, close_later, tool_of
 
 REASONING_SEP = "\n\n"
 
@@ -30,7 +38,7 @@ class ChatJob:
         check_unsupported(req)
         self.model = server.check_model(req.model) or server.model_name  # an adapter answers as itself
         self.req, self.server = req, server
-        turn = chat_turn(req, server.reasoning_effort)
+        self.turn = turn = chat_turn(req, server.reasoning_effort, server.tools)
         self.prompt = turn.prompt_tokens(server.start_date)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = server.budget(
@@ -46,37 +54,49 @@ class ChatJob:
         where = {t.function.name: f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])}
         check_schemas(spec, where | {"": "response_format.json_schema.schema"})
         self.top = (req.top_logprobs or 0) if req.logprobs else None
-        self.choices = [
-            Choice(
-                i,
-                server.params(
-                    max_tokens=max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    seed=req.seed,
-                    index=i,
-                    logprobs=self.top,
-                    spec=spec,
-                    **req.sampling(),
-                ),
-                OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls),
-            )
-            for i in range(req.n)
-        ]
+
+        def maker(i: int):
+            def make_choice(n: int) -> Choice:
+                params = server.params(max_tokens=n, temperature=req.temperature, top_p=req.top_p,
+                                       seed=req.seed, index=i, logprobs=self.top, spec=spec,
+                                       **req.sampling())  # fmt: skip
+                return Choice(i, params, OutputParser(stop=req.stop, single_tool_call=not req.parallel_tool_calls,
+                                                      namespaces=list(turn.run_tools)))  # fmt: skip
+
+            return make_choice
+
+        self.choices = [maker(i)(max_tokens) for i in range(req.n)]
         self.id, self.created = new_id("chatcmpl", "-"), int(time.time())
-        self.views = [ChatView(self.top) for _ in self.choices]
+        ctx = server.backend.context_length
+        self.loops = [ToolLoop(server.backend, self.prompt, c, maker(c.index), tools=turn.run_tools,
+                               conversation=f"{self.id}-{c.index}", budget=max_tokens, context=ctx,
+                               max_calls=server.max_tool_calls) for c in self.choices]  # fmt: skip
+        self.views = [ChatView(self.top, turn.run_tools) for _ in self.choices]
+
+    async def _run(self, loop: ToolLoop):
+        """One choice's tool loop; its tools' state (the request's own conversation) closed at the end."""
+        try:
+            async for step in loop.run():
+                yield step
+        finally:
+            if loop.runs:
+                close_later(self.turn.run_tools, loop.conversation)
 
     def _streams(self):
-        return [run_choice(self.server.backend, self.prompt, c) for c in self.choices]
+        return [self._run(loop) for loop in self.loops]
 
     def usage(self) -> dict:
-        done = sum(len(c.tokens) for c in self.choices)
-        cached = max(c.info.get("cached_tokens", 0) for c in self.choices)
-        reasoning = sum(c.parser.reasoning_tokens for c in self.choices)
+        loops = self.loops
+        done = sum(lp.output_tokens for lp in loops)
+        prompt = len(self.prompt) + sum(lp.input_tokens - len(self.prompt) for lp in loops)
+        cached = max(lp.choices[0].info.get("cached_tokens", 0) for lp in loops) + sum(
+            c.info.get("cached_tokens", 0) for lp in loops for c in lp.choices[1:]
+        )
+        reasoning = sum(lp.reasoning_tokens for lp in loops)
         return {
-            "prompt_tokens": len(self.prompt),
+            "prompt_tokens": prompt,
             "completion_tokens": done,
-            "total_tokens": len(self.prompt) + done,
+            "total_tokens": prompt + done,
             "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": reasoning},
         }
@@ -91,16 +111,16 @@ class ChatJob:
         }
 
     async def response(self) -> dict:
-        async for i, events in merged(self._streams()):
-            self.views[i].deltas(events)
+        async for i, (what, value) in merged(self._streams()):
+            self.views[i].step(what, value)
         choices = [
             {
-                "index": c.index,
+                "index": lp.choice.index,
                 "message": v.message(),
                 "logprobs": v.logprobs_json(),
-                "finish_reason": c.finish_reason,
+                "finish_reason": lp.finish_reason,
             }
-            for c, v in zip(self.choices, self.views, strict=True)
+            for lp, v in zip(self.loops, self.views, strict=True)
         ]
         return self._head("chat.completion") | {"choices": choices, "usage": self.usage()}
 
@@ -119,11 +139,11 @@ class ChatJob:
 
         for c in self.choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for i, events in merged(self._streams()):
-            for delta, lp in self.views[i].deltas(events):
+        async for i, (what, value) in merged(self._streams()):
+            for delta, lp in self.views[i].step(what, value):
                 yield chunk(i, delta, lp)
-        for c in self.choices:
-            yield chunk(c.index, {}, finish=c.finish_reason)
+        for lp in self.loops:
+            yield chunk(lp.choice.index, {}, finish=lp.finish_reason)
         if usage:
             yield sse(self._head("chat.completion.chunk") | {"choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
@@ -134,17 +154,21 @@ class ChatJob:
         return [sse(e.body())]
 
     def summary(self) -> str:
+        u = self.usage()
+        calls = sum(len(lp.runs) for lp in self.loops)
         return (
-            f"prompt={len(self.prompt)} completion={sum(len(c.tokens) for c in self.choices)} "
-            f"finish={','.join(c.finish_reason for c in self.choices)}"
+            f"prompt={u['prompt_tokens']} completion={u['completion_tokens']} "
+            f"finish={','.join(lp.finish_reason for lp in self.loops)}"
+            + (f" tool_calls={calls}" if calls else "")
         )
 
 
 class ChatView:
     """One choice's events -> chat-completions deltas, and the message folded from those same deltas."""
 
-    def __init__(self, top: int | None):
+    def __init__(self, top: int | None, run_tools: dict | None = None):
         self.top = top
+        self.run_tools = run_tools or {}
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.calls: list[dict] = []
@@ -152,10 +176,33 @@ class ChatView:
         self._lp_seen: dict[int, int] = {}  # id(part) -> log-prob entries already sent
         self._open_reasoning = None
 
+    def step(self, what: str, value) -> list[tuple[dict, list | None]]:
+        """A step of the tool loop: parser events, or a tool's result (shown in reasoning)."""
+        if what == "events":
+            return self.deltas(value)
+        if what == "result":
+            run: ToolRun = value
+            return [self._reason(run, f"[result {run.recipient}]\n{run.result.text}")]
+        return []
+
+    def _reason(self, part, text: str) -> tuple[dict, None]:
+        """`text` added to reasoning, as a block of its own when `part` starts one."""
+        if self._open_reasoning is not part:
+            if self.reasoning:
+                text = REASONING_SEP + text
+            self._open_reasoning = part
+        self.reasoning.append(text)
+        return {"reasoning": text, "reasoning_content": text}, None
+
     def deltas(self, events: list[Event]) -> list[tuple[dict, list | None]]:
         out = []
         for kind, part, text in events:
-            if part.type == "tool_call":
+            if tool_of(part, self.run_tools) is not None:  # a call the server runs: shown in reasoning
+                if kind == "start":
+                    out.append(self._reason(part, f"[call {recipient(part.namespace or None, part.name)}]\n"))
+                elif kind == "delta" and text:
+                    out.append(self._reason(part, text))
+            elif part.type == "tool_call":
                 if kind == "start":
                     # a built-in tool the model called unoffered keeps its address: browser.search, python
                     name = (
@@ -193,12 +240,7 @@ class ChatView:
                     self.content.append(text)
                     out.append(({"content": text}, lp))
             elif part.type in ("reasoning", "preamble") and kind == "delta" and text:
-                if self._open_reasoning is not part:
-                    if self.reasoning:
-                        text = REASONING_SEP + text
-                    self._open_reasoning = part
-                self.reasoning.append(text)
-                out.append(({"reasoning": text, "reasoning_content": text}, None))
+                out.append(self._reason(part, text))
         return out
 
     def message(self) -> dict:

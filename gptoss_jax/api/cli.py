@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+BUILTIN_TOOLS = ("python", "browser")  # --builtin-tools choices
 TEST_HOOKS_ENV = "GPTOSS_JAX_SERVE_TEST_HOOKS"  # "1": the test-only script endpoint (see run.py)
 API_KEY_ENV = "GPTOSS_JAX_API_KEY"
 
@@ -95,6 +96,36 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "default: $GPTOSS_JAX_REASONING_KEY, else one made at start (then blobs do not survive a "
                    "restart)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    t = p.add_argument_group("tools the server runs itself (docs/tools.md)")
+    t.add_argument("--builtin-tools", metavar="TOOL[,TOOL...]",
+                   help=f"gpt-oss's built-in tools to declare on every request and run within it: "
+                   f"{', '.join(BUILTIN_TOOLS)} (Responses requests may also name them as the hosted tools "
+                   "code_interpreter and web_search); default: none")  # fmt: skip
+    t.add_argument("--python-sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                   help="how python's kernels are isolated: bwrap (bubblewrap: no network, no view of the "
+                   "server's files or environment, limits), auto (bwrap, else refuse to start), or none (plain "
+                   "processes with limits only; prints a warning)")  # fmt: skip
+    t.add_argument("--python-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="wall-clock limit of one python call (default 120); past it the kernel restarts")  # fmt: skip
+    t.add_argument("--python-memory", type=float, default=2.0, metavar="GIB",
+                   help="address space of each process in a python kernel (default 2 GiB)")  # fmt: skip
+    t.add_argument("--python-idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a conversation's kernel idle this long ends, and its state with it (default 600)")  # fmt: skip
+    add_browser_arguments(t)
+    t.add_argument("--browser-mcp", metavar="SPEC",
+                   help="the browser's backend: an MCP server's search and fetch tools (a command line or an "
+                   "http(s) URL, as for --tool-server)")  # fmt: skip
+    t.add_argument("--tool-server", metavar="[LABEL=]SPEC", action="append",
+                   help="an MCP server whose tools are declared on every request (a harmony namespace, LABEL or "
+                   "the server's name) and run by the server: a command line (stdio) or an http(s) URL "
+                   "(streamable HTTP); repeatable")  # fmt: skip
+    t.add_argument("--allow-mcp-url", metavar="PREFIX", action="append",
+                   help="Responses requests may connect `mcp` tools whose server_url is under PREFIX "
+                   "(scheme, host and port equal, path a parent); repeatable; default: none (mcp tools are "
+                   "left out, or refused with --strict-tools)")  # fmt: skip
+    t.add_argument("--max-tool-calls", type=int, default=16, metavar="N",
+                   help="calls of these tools per request (default 16; a Responses request's max_tool_calls "
+                   "may lower it)")  # fmt: skip
     m = p.add_argument_group("model")
     m.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,model=2 (default: one device)")
     m.add_argument(
@@ -113,18 +144,41 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-adapters", type=int, metavar="N",
                    help="adapter slots (NAME=DIR ones and runtime loads; default: the NAME=DIR count, or 4 "
                    "with --allow-runtime-adapters)")  # fmt: skip
-    m.add_argument("--max-lora-rank", type=int, metavar="R",
-                   help="the adapter pool's rank (default: the largest NAME=DIR rank, else 16)")
-    m.add_argument("--lora-targets", metavar="T[,T...]",
-                   help="the adapter pool's targets (default: the NAME=DIR ones', else all)")
-    m.add_argument("--allow-runtime-adapters", action="store_true",
-                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
+    m.add_argument(
+        "--max-lora-rank",
+        type=int,
+        metavar="R",
+        help="the adapter pool's rank (default: the largest NAME=DIR rank, else 16)",
+    )
+    m.add_argument(
+        "--lora-targets",
+        metavar="T[,T...]",
+        help="the adapter pool's targets (default: the NAME=DIR ones', else all)",
+    )
+    m.add_argument(
+        "--allow-runtime-adapters",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)",
+    )
     m.add_argument(
         "--compile-cache",
         metavar="DIR",
         default=None,
         help="persistent XLA compilation cache ('off' disables it; see `gptoss-jax generate -h`)",
     )
+
+
+def add_browser_arguments(p) -> None:
+    """The browser's backend flags (serve and chat): a local index, or a search service and its fetcher."""
+    p.add_argument("--browser-index", metavar="DIR",
+                   help="the browser's backend: the .txt, .md and .html files under DIR, searched with SQLite "
+                   "FTS5's BM25 (offline)")  # fmt: skip
+    p.add_argument("--browser-search-url", metavar="URL",
+                   help="the browser's backend: a SearXNG instance's JSON API (pages fetched by a fetcher that "
+                   "refuses private networks)")  # fmt: skip
+    p.add_argument("--browser-allow", metavar="HOST[:PORT]", action="append",
+                   help="a host the browser's fetcher may reach although its address is private (loopback, "
+                   "link-local, ...); repeatable")  # fmt: skip
 
 
 def _check(args) -> None:
@@ -174,6 +228,87 @@ def _check(args) -> None:
         if v is not None and v < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {v}")
     args.resolved_prompt = prompt_settings(args)
+    args.tool_names = builtin_tool_names(args.builtin_tools, "--builtin-tools")
+    browser_flags = [f for f in ("browser_index", "browser_search_url", "browser_mcp", "browser_allow")
+                     if getattr(args, f, None)]  # fmt: skip
+    if browser_flags and "browser" not in args.tool_names:
+        raise ValueError(f"--{browser_flags[0].replace('_', '-')}: needs --builtin-tools browser")
+    from ..tools import parse_tool_server, url_allowed
+
+    for spec in getattr(args, "tool_server", None) or []:
+        if not parse_tool_server(spec)[1]:
+            raise ValueError(f"--tool-server {spec!r}: empty (a command line, or an http(s) URL)")
+    for prefix in getattr(args, "allow_mcp_url", None) or []:
+        if not url_allowed(prefix, [prefix]):
+            raise ValueError(f"--allow-mcp-url {prefix!r}: an http(s) URL prefix such as https://host/mcp")
+    if getattr(args, "max_tool_calls", 16) < 0:
+        raise ValueError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
+    for flag in ("python_timeout", "python_memory", "python_idle_timeout"):
+        v = getattr(args, flag, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
+
+
+def builtin_tool_names(value: str | None, flag: str = "--builtin-tools") -> list[str]:
+    """A TOOL[,TOOL...] flag as a list of tool names (a ValueError naming an unknown one)."""
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    for n in names:
+        if n not in BUILTIN_TOOLS:
+            raise ValueError(f"{flag}: unknown tool {n!r} (available: {', '.join(BUILTIN_TOOLS)})")
+    if value is not None and not names:
+        raise ValueError(f"{flag}: no tool given")
+    return list(dict.fromkeys(names))
+
+
+def browser_backend(args, flag: str = "--builtin-tools"):
+    """The browser's backend from --browser-index or --browser-search-url (with --browser-allow); None for
+    --browser-mcp (connected once the server's event loop runs). A ValueError when none or two are given."""
+    from ..tools import LocalIndex, SafeFetcher, SearxngBackend
+
+    index, url, mcp = (getattr(args, k, None) for k in ("browser_index", "browser_search_url", "browser_mcp"))
+    given = [
+        f for f, v in (("--browser-index", index), ("--browser-search-url", url), ("--browser-mcp", mcp)) if v
+    ]
+    if len(given) != 1:
+        raise ValueError(f"{flag} browser: give one backend, --browser-index DIR, --browser-search-url URL"
+                         + (" or --browser-mcp SPEC" if hasattr(args, "browser_mcp") else "")
+                         + (f" (got {' and '.join(given)})" if given else ""))  # fmt: skip
+    fetcher = SafeFetcher(allow=getattr(args, "browser_allow", None) or ())
+    if index:
+        return LocalIndex(index, fetcher=fetcher)
+    if url:
+        return SearxngBackend(url, fetcher)
+    return None
+
+
+def make_tools(args, names: list[str] | None = None, flag: str = "--builtin-tools") -> dict:
+    """The tools to run (name -> `tools.base.Tool`): `names`, else the command's --builtin-tools, with
+    its --python-* settings (defaults where the command has none). Called before the model loads, so that
+    a sandbox that cannot be set up stops the command at once (a ValueError: exit code 2)."""
+    tools = {}
+    if names is None:
+        names = getattr(args, "tool_names", None)
+    if names is None:
+        names = builtin_tool_names(getattr(args, "builtin_tools", None), flag)
+    if "python" in names:
+        from ..tools import PythonTool, SandboxUnavailable
+
+        try:
+            tools["python"] = PythonTool(
+                sandbox=getattr(args, "python_sandbox", "auto"),
+                timeout_s=getattr(args, "python_timeout", 120.0),
+                memory_bytes=int(getattr(args, "python_memory", 2.0) * 2**30),
+                idle_timeout_s=getattr(args, "python_idle_timeout", 600.0),
+            )
+        except SandboxUnavailable as e:
+            raise ValueError(f"{flag} python: {e}") from None
+    if "browser" in names:
+        from ..tools import BrowserTool
+
+        backend = browser_backend(args, flag)
+        if backend is not None:
+            tools["browser"] = BrowserTool(backend)
+    return tools
 
 
 def split_adapters(args) -> None:
@@ -233,16 +368,21 @@ def make_engine(args, model):
                     lora_targets=getattr(args, "lora_targets", None))  # fmt: skip
     log = logging.getLogger("gptoss_jax.api")
     p = engine.plan
-    log.info("KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
-             p["pages_per_lane"], p["page_size"], p["bytes_per_device"] / 2**30, engine.scheduler.max_context)
+    log.info(
+        "KV pool: %d pages of %d tokens per data shard, %.2f GiB per device; context %d",
+        p["pages_per_lane"],
+        p["page_size"],
+        p["bytes_per_device"] / 2**30,
+        engine.scheduler.max_context,
+    )
     if not args.no_warmup:
         log.info("compiling the engine's call shapes (--no-warmup skips this) ...")
         log.info("compiled in %.1f s", engine.warmup())
     return engine
 
 
-def build_app(args, engine, model):
-    """The ASGI app serving `engine` with the command's options."""
+def build_app(args, engine, model, tools: dict | None = None):
+    """The ASGI app serving `engine` with the command's options (`tools`: `make_tools(args)`)."""
     from .app import create_app
     from .backend import EngineBackend
     from .constraints import ll_tokenizer
@@ -257,7 +397,11 @@ def build_app(args, engine, model):
                       request_timeout=getattr(args, "request_timeout", None),
                       allowed_origins=_origins(getattr(args, "allowed_origins", None)),
                       strict_tools=args.strict_tools, reasoning_key=args.reasoning_key,
-                      allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False))  # fmt: skip
+                      allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False),
+                      tools=tools, max_tool_calls=getattr(args, "max_tool_calls", 16),
+                      tool_servers=getattr(args, "tool_server", None) or [],
+                      browser_mcp=getattr(args, "browser_mcp", None),
+                      allow_mcp_urls=getattr(args, "allow_mcp_url", None) or [])  # fmt: skip
 
 
 def run_serve(args) -> int:
@@ -277,6 +421,7 @@ def run_serve(args) -> int:
     for line in args.resolved_prompt.warnings:
         log.warning("%s", line)
     maybe_initialize_distributed()  # before anything touches a device
+    tools = make_tools(args) if jax.process_index() == 0 else {}  # before minutes of loading
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = (
         args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -291,7 +436,7 @@ def run_serve(args) -> int:
     if jax.process_index() != 0:
         engine.follow()  # until process 0 closes its engine
         return 0
-    app = build_app(args, engine, model)
+    app = build_app(args, engine, model, tools)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=None, lifespan="on")  # fmt: skip
     log.info("serving %s on http://%s:%d (max %d sequences + %d queued)", args.path, args.host, args.port,
@@ -299,8 +444,14 @@ def run_serve(args) -> int:
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
     # one in place, that ends `run()` normally and the command exits 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run()
+        server.run()
+    except SystemExit:  # uvicorn's exit when the startup failed
+        failed = getattr(app, "startup_error", None)
+        if failed is not None:  # an MCP server that did not connect, named: exit code 2
+            raise ValueError(str(failed)) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -287,6 +287,9 @@ class ResponsesRequest(_Sampling):
     text: TextConfig | None = None
     metadata: dict[str, Any] | None = None
     include: list[str] | None = None  # "message.output_text.logprobs": log-probs on output_text parts
+    max_tool_calls: int | None = Field(
+        None, ge=0
+    )  # calls of the tools the server runs (at most the server's)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("input")
@@ -343,7 +346,37 @@ class ReasoningItem(_Base):
     encrypted_content: str | None = None
 
 
+class CodeInterpreterCallItem(_Base):
+    """A python call the server ran (code_interpreter_call), sent back: the code and its logs."""
+
+    type: Literal["code_interpreter_call"]
+    code: str | None = None
+    outputs: list[dict[str, Any]] | None = None
+
+
+class WebSearchCallItem(_Base):
+    type: Literal["web_search_call"]
+    action: dict[str, Any] | None = None
+
+
+class McpCallItem(_Base):
+    type: Literal["mcp_call"]
+    server_label: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = ""
+    output: str | None = None
+    error: str | dict[str, Any] | None = None
+
+
+class McpListToolsItem(_Base):
+    type: Literal["mcp_list_tools"]
+
+
 INPUT_ITEMS = {
+    "code_interpreter_call": CodeInterpreterCallItem,
+    "web_search_call": WebSearchCallItem,
+    "mcp_call": McpCallItem,
+    "mcp_list_tools": McpListToolsItem,
     "message": InputMessage,
     "function_call": FunctionCallItem,
     "function_call_output": FunctionCallOutputItem,
@@ -426,7 +459,6 @@ REFUSED: dict[str, dict[str, tuple]] = {
         "truncation": (None, "disabled"),
         "conversation": _NONE,
         "prompt": _NONE,
-        "max_tool_calls": _NONE,
         "context_management": _NONE,
         "background_options": _NONE,
         "image": _NONE,

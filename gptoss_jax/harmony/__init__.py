@@ -26,6 +26,8 @@ from .conversation import (
     assistant_message,
     assistant_turn,
     build_conversation,
+    builtin_call,
+    builtin_result,
     date_setting,
     developer_message,
     drop_finished_reasoning,
@@ -43,6 +45,7 @@ from .conversation import (
     user_message,
 )
 from .parser import (
+    BUILTIN_NAMESPACES,
     Event,
     OutputParser,
     Part,
@@ -66,6 +69,7 @@ from .settings import (
 from .stops import StopStrings
 
 __all__ = [
+    "BUILTIN_NAMESPACES",
     "CONSTRAIN_JSON",
     "EFFORTS",
     "FUNCTIONS",
@@ -83,6 +87,8 @@ __all__ = [
     "assistant_message",
     "assistant_turn",
     "build_conversation",
+    "builtin_call",
+    "builtin_result",
     "date_setting",
     "developer_message",
     "drop_finished_reasoning",

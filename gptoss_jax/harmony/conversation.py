@@ -111,15 +111,19 @@ def resolve_date(value: Any) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ head
-def system_message(effort: Any = "medium", date: Any = None) -> Message:
+def system_message(effort: Any = "medium", date: Any = None, tools: Sequence[Any] = ()) -> Message:
     """harmony's system message: its default text, the reasoning effort and the conversation start date
-    (`date`: see `date_setting`; None renders no date)."""
+    (`date`: see `date_setting`; None renders no date), and the built-in tools the model may call (`tools`:
+    `ToolNamespaceConfig`s such as `ToolNamespaceConfig.python()`, under `# Tools`, as harmony defines
+    them)."""
     content = SystemContent.new().with_reasoning_effort(
         ReasoningEffort(reasoning_effort(effort).capitalize())
     )
     day = resolve_date(date)
     if day is not None:
         content = content.with_conversation_start_date(day)
+    for config in tools:
+        content = content.with_tools(config)
     return Message.from_role_and_content(Role.SYSTEM, content)
 
 
@@ -333,11 +337,15 @@ class Chat:
     namespaces: dict[str, Namespace] = dataclasses.field(default_factory=dict)
     # call id -> its namespace, where that is not `functions` ("" for a recipient without one: `python`)
     call_namespaces: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the built-in tools declared in the system message (harmony `ToolNamespaceConfig`s: python, browser, an
+    # MCP server's tools), which the server or the chat CLI runs itself
+    system_tools: list[Any] = dataclasses.field(default_factory=list)
 
     def head(self, date: Any = None) -> list[Message]:
         """The system message, then the developer message when there are instructions or tools."""
         dev = developer_message(self.instructions, self.tools, self.namespaces)
-        return [system_message(self.reasoning_effort, date)] + ([dev] if dev is not None else [])
+        system = system_message(self.reasoning_effort, date, self.system_tools)
+        return [system] + ([dev] if dev is not None else [])
 
     def harmony_messages(self, date: Any = None) -> list[Message]:
         """Everything the prompt renders: the head, then the messages with finished reasoning dropped."""
@@ -468,6 +476,10 @@ class Chat:
                 text = text_of(_field(it, "content") or _field(it, "summary") or [], f"{w}.content")
                 if text:
                     chat._add(i, [assistant_message(text, "analysis")])
+            elif kind in BUILTIN_ITEMS:
+                chat._add(i, builtin_call_messages(it))
+            elif kind == "mcp_list_tools":
+                pass  # a record of what an MCP server offered: the system message declares it
             else:
                 raise ConversationError(f"{w}.type: unsupported input item type {kind!r}", f"{w}.type")
         chat.instructions = "\n\n".join(texts) or None
@@ -489,6 +501,57 @@ class Chat:
                 f"{where}: {call_id!r} matches no tool call of an earlier assistant message", where
             )
         return self.call_names[call_id]
+
+
+BUILTIN_ITEMS = ("code_interpreter_call", "web_search_call", "mcp_call")  # Responses items of run tools
+
+
+def builtin_call(recipient_: str, arguments: str, channel: str = "analysis", content_type: str | None = None):
+    """A call of a tool the server runs (`python`, `browser.search`, `SERVER.TOOL`), on the channel the model
+    wrote it on (analysis, where gpt-oss calls its built-in tools, unless it chose commentary)."""
+    m = assistant_message(arguments, channel).with_recipient(recipient_)
+    return m.with_content_type(content_type) if content_type else m
+
+
+def builtin_result(recipient_: str, text: str, channel: str = "analysis") -> Message:
+    """That tool's answer, as harmony renders tool results: from the tool, to the assistant, on the call's
+    channel."""
+    author = Author.new(Role.TOOL, recipient_)
+    return Message.from_author_and_content(author, text).with_channel(channel).with_recipient("assistant")
+
+
+def builtin_call_messages(item: Any) -> list[Message]:
+    """A Responses item of a tool the server ran, sent back by a client: the call and the tool's answer.
+    `code_interpreter_call`: the code to `python`, its logs as the answer; `mcp_call`: the arguments to
+    `SERVER_LABEL.NAME`, its output (or error) as the answer; `web_search_call`: the call its action
+    describes (search: query; open_page: url; find_in_page: pattern), and no answer, which OpenAI's item does
+    not carry (`previous_response_id` keeps the exact conversation)."""
+    kind = _field(item, "type")
+    if kind == "code_interpreter_call":
+        logs = [_field(o, "logs") or "" for o in _field(item, "outputs") or [] if _field(o, "type") == "logs"]
+        out = [builtin_call("python", _field(item, "code") or "")]
+        return out + (
+            [builtin_result("python", "".join(logs))] if _field(item, "outputs") is not None else []
+        )
+    if kind == "mcp_call":
+        to = recipient(_field(item, "server_label"), _field(item, "name"))
+        out = [builtin_call(to, arguments_text(_field(item, "arguments")))]
+        error, output = _field(item, "error"), _field(item, "output")
+        if error is not None:
+            text = error if isinstance(error, str) else _field(error, "message") or json.dumps(error)
+            return out + [builtin_result(to, f"error: {text}")]
+        return out + ([builtin_result(to, output)] if output is not None else [])
+    action = _field(item, "action") or {}
+    act = _field(action, "type")
+    if act == "search":
+        args, fn = {"query": _field(action, "query") or " ".join(_field(action, "queries") or [])}, "search"
+    elif act == "open_page":
+        args, fn = {"id": _field(action, "url") or ""}, "open"
+    elif act == "find_in_page":
+        args, fn = {"pattern": _field(action, "pattern") or ""}, "find"
+    else:
+        return []
+    return [builtin_call(f"browser.{fn}", json.dumps(args, ensure_ascii=False))]
 
 
 def reasoning_effort_or_default(value: Any) -> str:

@@ -10,6 +10,11 @@ and kernels idle for `idle_timeout_s` end by themselves. `python_tool_config()` 
     tool.run("conv-1", "print(x)")                        # -> "42\\n"
     tool.close("conv-1")
 
+It is a `tools.base.Tool` (name "python"): the server's tool loop awaits `call(ToolCall("python", code,
+conversation))`, which runs `run` in a worker thread and returns the text with the Responses item it becomes
+(`code_interpreter_call`: the code, the container, the text as its logs). Cancelling that await (the client
+went away, the request timed out) interrupts the running cell; the kernel and its state stay.
+
 The sandbox (bubblewrap, `bwrap`, which runs as an ordinary user through user namespaces)
 ------------------------------------------------------------------------------------------
 Each kernel runs in its own user, pid, net, ipc, uts and mount namespaces, as uid 65534 there:
@@ -63,6 +68,7 @@ logged as a warning.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -79,6 +85,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from .base import ToolCall, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +199,11 @@ def _interpreter() -> str:
 
 
 def _check_positive(name: str, value, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-        integer and not isinstance(value, int)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value <= 0
+        or (integer and not isinstance(value, int))
     ):
         kind = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -269,13 +280,15 @@ class _Kernel:
 
 
 class PythonTool:
-    """Stateful python for the model: one sandboxed Jupyter kernel per conversation.
+    """Stateful python for the model: one sandboxed Jupyter kernel per conversation (a `base.Tool`).
 
     `run` never raises for what the code does (errors, timeouts, a killed kernel, too much output come
     back as text, as does a kernel that cannot start, which is logged); it raises ValueError for bad
     arguments and RuntimeError once the tool is shut down.
     Safe to call from several threads; calls in one conversation run one at a time.
     """
+
+    name = "python"
 
     def __init__(
         self,
@@ -336,8 +349,9 @@ class PythonTool:
 
     # ---- the sandbox -------------------------------------------------------------------------------
 
-    def _bwrap(self, command: list[str], files: dict[str, int], info_fd: int | None = None,
-               **popen) -> subprocess.Popen:
+    def _bwrap(
+        self, command: list[str], files: dict[str, int], info_fd: int | None = None, **popen
+    ) -> subprocess.Popen:
         """Starts `command` in a new sandbox; `files` are fds to copy into it (destination: fd); bwrap
         writes the sandbox's pids to `info_fd`.
 
@@ -354,19 +368,58 @@ class PythonTool:
         if self._stage:
             stage = _stage_dir(python)
             sources = [f"{stage}/{i}" for i in range(len(python))]
-            prefix = [self._unshare_path, "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
-                      _STAGE, "stage", stage, *python, "--", *prefix]
-        args = [self._bwrap_path, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-                "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+            prefix = [
+                self._unshare_path,
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "/bin/sh",
+                "-ec",
+                _STAGE,
+                "stage",
+                stage,
+                *python,
+                "--",
+                *prefix,
+            ]
+        args = [
+            self._bwrap_path,
+            "--unshare-all",
+            "--unshare-user",
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--die-with-parent",
+            "--new-session",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+        ]
         for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(d):
                 args += ["--symlink", os.readlink(d), d]
             elif os.path.isdir(d):
                 args += ["--ro-bind", d, d]
-        args += ["--proc", "/proc", "--dev", "/dev",
-                 "--size", str(self.data_bytes), "--tmpfs", DATA_DIR,
-                 "--size", str(self.data_bytes), "--tmpfs", "/tmp",
-                 "--size", str(1 << 20), "--tmpfs", _RUN_DIR]
+        args += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            str(self.data_bytes),
+            "--tmpfs",
+            DATA_DIR,
+            "--size",
+            str(self.data_bytes),
+            "--tmpfs",
+            "/tmp",
+            "--size",
+            str(1 << 20),
+            "--tmpfs",
+            _RUN_DIR,
+        ]
         for src, dest in zip(sources, python):  # after the tmpfs mounts: a venv in /tmp stays visible
             args += ["--ro-bind", src, dest]
         for dest, fd in files.items():
@@ -382,16 +435,26 @@ class PythonTool:
         # environment either. Started from the tool's own thread: --die-with-parent follows the thread that
         # forked.
         return self._spawner.submit(
-            subprocess.Popen, prefix + args + ["--", *command], env={"PATH": "/usr/bin:/bin"}, cwd="/",
-            stdin=subprocess.DEVNULL, **popen,
+            subprocess.Popen,
+            prefix + args + ["--", *command],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            **popen,
         ).result()
 
     def _env(self) -> dict[str, str]:
         return {
             "PATH": f"{os.path.dirname(_interpreter())}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": DATA_DIR, "USER": "sandbox", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-            "IPYTHONDIR": "/tmp/.ipython", "JUPYTER_RUNTIME_DIR": "/tmp/.jupyter", "MPLCONFIGDIR": "/tmp/.mpl",
-            "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": DATA_DIR,
+            "USER": "sandbox",
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "IPYTHONDIR": "/tmp/.ipython",
+            "JUPYTER_RUNTIME_DIR": "/tmp/.jupyter",
+            "MPLCONFIGDIR": "/tmp/.mpl",
+            "MPLBACKEND": "Agg",
+            "PYTHONDONTWRITEBYTECODE": "1",
         }
 
     def _probe_bwrap(self) -> str | None:
@@ -415,8 +478,12 @@ class PythonTool:
 
     def _probe_once(self) -> str | None:
         try:
-            proc = self._bwrap([_interpreter(), "-c", "import socket; print(len(socket.if_nameindex()))"], {},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = self._bwrap(
+                [_interpreter(), "-c", "import socket; print(len(socket.if_nameindex()))"],
+                {},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             out, err = proc.communicate(timeout=30)
         except (OSError, subprocess.SubprocessError) as e:
             return f"bwrap failed: {e}"
@@ -445,9 +512,14 @@ class PythonTool:
         return self.max_output_chars - min(1000, self.max_output_chars // 4)
 
     def _limits(self) -> dict[str, int]:
-        limits = {"RLIMIT_CPU": self.cpu_time_s, "RLIMIT_AS": self.memory_bytes,
-                  "RLIMIT_FSIZE": self.max_file_bytes, "RLIMIT_CORE": 0}
-        if self.sandbox == "bwrap":  # without a user namespace it would count every process of the server's user
+        limits = {
+            "RLIMIT_CPU": self.cpu_time_s,
+            "RLIMIT_AS": self.memory_bytes,
+            "RLIMIT_FSIZE": self.max_file_bytes,
+            "RLIMIT_CORE": 0,
+        }
+        # without a user namespace it would count every process of the server's user
+        if self.sandbox == "bwrap":
             limits["RLIMIT_NPROC"] = self.max_processes
         return limits
 
@@ -472,8 +544,13 @@ class PythonTool:
                 data_r, data_w = os.pipe()
                 info_r, info_w = os.pipe()
                 try:
-                    proc = self._bwrap([_interpreter(), "-c", launch], {conn_path: data_r}, info_w,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    proc = self._bwrap(
+                        [_interpreter(), "-c", launch],
+                        {conn_path: data_r},
+                        info_w,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                    )
                 except BaseException:
                     os.close(data_w)
                     raise
@@ -496,11 +573,22 @@ class PythonTool:
             else:
                 with open(os.open(conn_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                     f.write(json.dumps(conn))
-                env = self._env() | {"HOME": workdir, "TMPDIR": workdir, "IPYTHONDIR": f"{run_dir}/ipython",
-                                     "JUPYTER_RUNTIME_DIR": run_dir, "MPLCONFIGDIR": f"{run_dir}/mpl"}
-                proc = subprocess.Popen([_interpreter(), "-c", launch], cwd=workdir, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                env = self._env() | {
+                    "HOME": workdir,
+                    "TMPDIR": workdir,
+                    "IPYTHONDIR": f"{run_dir}/ipython",
+                    "JUPYTER_RUNTIME_DIR": run_dir,
+                    "MPLCONFIGDIR": f"{run_dir}/mpl",
+                }
+                proc = subprocess.Popen(
+                    [_interpreter(), "-c", launch],
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
                 ns_pid, host_prefix, pidfd = None, "", None
         finally:
             if info_r is not None:
@@ -529,12 +617,37 @@ class PythonTool:
         except Exception as e:  # noqa: BLE001 - whatever stopped it, the kernel goes and the call is told
             kernel.kill()
             drain.join(timeout=2)
-            raise RuntimeError(f"python tool: the kernel did not start ({e}): {drain.text()[-500:]}") from None
+            raise RuntimeError(
+                f"python tool: the kernel did not start ({e}): {drain.text()[-500:]}"
+            ) from None
         return kernel
 
     def tool_config(self):
         """Harmony's declaration of this tool, with this tool's timeout (`python_tool_config`)."""
         return python_tool_config(self.timeout_s)
+
+    # ---- the Tool interface (gptoss_jax/tools/base.py) -----------------------------------------------
+
+    def config(self):
+        return self.tool_config()
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        """Runs the call's text (the code) in its conversation's kernel, in a worker thread."""
+        cancel = threading.Event()
+        item = {"type": "code_interpreter_call", "code": call.arguments,
+                "container_id": f"cntr_{call.conversation}", "outputs": []}  # fmt: skip
+        try:
+            text = await asyncio.to_thread(self.run, call.conversation, call.arguments, cancel=cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread goes on until the kernel has stopped the cell
+            raise
+        except RuntimeError as e:  # shut down
+            return ToolResult(f"[error: {e}]", item, error=str(e))
+        item["outputs"] = [{"type": "logs", "logs": text}]
+        return ToolResult(text, item)
+
+    def annotate(self, conversation: str, text: str) -> list[dict]:
+        return []
 
     # ---- running code ------------------------------------------------------------------------------
 
@@ -542,9 +655,17 @@ class PythonTool:
         with self._lock:
             return self._conv_locks.setdefault(conversation_id, threading.Lock())
 
-    def run(self, conversation_id: str, code: str, *, timeout_s: float | None = None) -> str:
+    def run(
+        self,
+        conversation_id: str,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> str:
         """Runs `code` in the conversation's kernel (started if it has none) and returns the tool's text:
-        stdout and stderr as they came, then results and displays as text, then the error if any."""
+        stdout and stderr as they came, then results and displays as text, then the error if any. `cancel`,
+        once set, interrupts the cell (the kernel and its state stay)."""
         if not isinstance(conversation_id, str) or not conversation_id:
             raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r}")
         if not isinstance(code, str):
@@ -561,7 +682,9 @@ class PythonTool:
             if kernel is None:
                 with self._lock:
                     if len(self._kernels) >= self.max_kernels:
-                        return f"{lost}[error: too many python sessions at once ({self.max_kernels}); try later]"
+                        return (
+                            f"{lost}[error: too many python sessions at once ({self.max_kernels}); try later]"
+                        )
                 try:
                     kernel = self._start()
                 except RuntimeError as e:
@@ -570,11 +693,18 @@ class PythonTool:
                 with self._lock:
                     self._kernels[conversation_id] = kernel
             with kernel.lock:
-                text = self._execute(conversation_id, kernel, code, timeout)
+                text = self._execute(conversation_id, kernel, code, timeout, cancel)
                 kernel.last_used = time.monotonic()
             return lost + text
 
-    def _execute(self, conversation_id: str, kernel: _Kernel, code: str, timeout: float) -> str:
+    def _execute(
+        self,
+        conversation_id: str,
+        kernel: _Kernel,
+        code: str,
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> str:
         from queue import Empty
 
         client = kernel.client
@@ -595,19 +725,26 @@ class PythonTool:
             size += len(text)
 
         while True:
+            if cancel is not None and cancel.is_set() and not interrupted:
+                interrupted = True  # nobody waits for the result: stop the cell, keep the kernel
+                client.control_channel.send(client.session.msg("interrupt_request", {}))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._end(conversation_id)
-                error = (f"[error: timed out after {timeout:g} s; the python kernel was restarted and its "
-                         "state lost]")
+                error = (
+                    f"[error: timed out after {timeout:g} s; the python kernel was restarted and its "
+                    "state lost]"
+                )
                 break
             try:
                 msg = client.get_iopub_msg(timeout=min(remaining, 0.5))
             except Empty:
                 if not kernel.alive():
                     self._end(conversation_id)
-                    error = ("[error: the python kernel died (CPU time, memory or a signal); it will be "
-                             "restarted and its state is lost]")
+                    error = (
+                        "[error: the python kernel died (CPU time, memory or a signal); it will be "
+                        "restarted and its state is lost]"
+                    )
                     break
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -622,7 +759,9 @@ class PythonTool:
                 elif data:
                     add(f"[{', '.join(sorted(data))} output not shown]\n")
             elif kind == "error":
-                tb = "\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"])
+                tb = "\n".join(
+                    content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"]
+                )
                 add(_ANSI.sub("", tb) + "\n")
             elif kind == "status" and content.get("execution_state") == "idle":
                 break
@@ -669,8 +808,11 @@ class PythonTool:
                     try:
                         k = self._kernels.get(c)
                         if k is not None and time.monotonic() - k.last_used > self.idle_timeout_s:
-                            log.info("python tool: conversation %s idle for %.0f s: kernel ended", c,
-                                     self.idle_timeout_s)
+                            log.info(
+                                "python tool: conversation %s idle for %.0f s: kernel ended",
+                                c,
+                                self.idle_timeout_s,
+                            )
                             self._end(c)
                     finally:
                         lock.release()

@@ -322,8 +322,8 @@ def test_responses_assistant_phase_and_unknown_call_id():
     bad = {"input": [{"type": "function_call_output", "call_id": "zz", "output": "x"}]}
     with pytest.raises(APIError, match="input\\[0\\].call_id: 'zz' matches no function_call"):
         responses_turn(parse(ResponsesRequest, bad), None)
-    with pytest.raises(APIError, match="input\\[0\\].type: unsupported input item type 'web_search_call'"):
-        responses_turn(parse(ResponsesRequest, {"input": [{"type": "web_search_call"}]}), None)
+    with pytest.raises(APIError, match="input\\[0\\].type: unsupported input item type 'file_search_call'"):
+        responses_turn(parse(ResponsesRequest, {"input": [{"type": "file_search_call"}]}), None)
     with pytest.raises(APIError, match="tools\\[0\\].type: unknown tool type 'nope'"):
         responses_turn(parse(ResponsesRequest, {"input": "x", "tools": [{"type": "nope"}]}), None)
 

@@ -42,11 +42,13 @@ process 0 `close()`s.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -408,15 +410,33 @@ class Engine:
             self._rate.append((t3, self.scheduler.counters.generated_tokens))
             return True
 
-    def warmup(self) -> float:
+    def warmup(self, workers: int | None = None) -> float:
         """Compiles (and runs once, writing nothing) every call shape the engine can produce; returns the
-        seconds it took (also `warmup_seconds`). Every process calls it (same shapes, same order)."""
+        seconds it took (also `warmup_seconds`). Every process calls it (same shapes, same order).
+
+        The shapes are compiled ahead, `workers` at a time (default: one per CPU core, at most 8): XLA's
+        compiler is mostly single-threaded, each compile fills jit's own cache, and the run that follows
+        only executes. workers=1 compiles them one by one as they run."""
         t0 = time.perf_counter()
+        calls = [self._with_defaults(self.scheduler.empty_call(*shape)) for shape in self.scheduler.shapes()]
+        n = min(len(calls), workers if workers is not None else min(8, os.cpu_count() or 1))
+        if n < 1:
+            raise ValueError(f"workers must be at least 1, got {workers!r}")
         with self._lock:
-            self._execute([self.scheduler.empty_call(*shape) for shape in self.scheduler.shapes()])
+            if n > 1:  # the largest shapes first: the pool ends evenly
+                order = sorted(calls, key=lambda a: -a["tokens"].size)
+                with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="gptoss-compile") as pool:
+                    list(pool.map(self._compile, order))
+            self._execute(calls)
         _base_key(0)  # jax's own small jits behind a request's key
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
+
+    def _compile(self, a: dict) -> None:
+        """Compiles the step for call `a`'s shapes (into jit's cache; nothing runs)."""
+        with self._on_mesh():  # the mesh context is per thread
+            _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, self._kv, a,
+                       self._lora()).compile()  # fmt: skip
 
     def metrics(self) -> Metrics:
         with self._lock:  # a consistent snapshot: waits for a step in flight
@@ -533,18 +553,23 @@ class Engine:
     def _on_mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
+    def _with_defaults(self, a: dict) -> dict:
+        """Call `a` with the masks it left out: every token allowed, none seen (no repetition penalty)."""
+        a = dict(a)
+        B = a["n_new"].shape[0]
+        if B not in self._ones:
+            self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
+            self._zeros[B] = np.zeros_like(self._ones[B])
+        a.setdefault("mask", self._ones[B])
+        a.setdefault("seen", self._zeros[B])
+        return a
+
     def _execute(self, calls: list[dict]) -> list[tuple[np.ndarray, ...]]:
         """Runs the calls in order (each donates the KV buffers to the next) -> each call's host outputs."""
         outs = []
         with self._on_mesh():
             for a in calls:
-                a = dict(a)
-                B = a["n_new"].shape[0]
-                if B not in self._ones:
-                    self._ones[B] = np.full((B, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
-                    self._zeros[B] = np.zeros_like(self._ones[B])
-                a.setdefault("mask", self._ones[B])  # every token allowed
-                a.setdefault("seen", self._zeros[B])  # no token seen: no repetition penalty
+                a = self._with_defaults(a)
                 self._kv, *out = _run(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state,
                                       self._kv, a, self._lora())  # fmt: skip
                 outs.append(out)

@@ -23,8 +23,15 @@ import pytest
 from gptoss_jax.tools import PythonTool, SandboxUnavailable, python_tool_config
 
 REPO = Path(__file__).resolve().parents[2]
-LIMITS = {"timeout_s": 20, "memory_bytes": 1 << 30, "cpu_time_s": 60, "max_processes": 48,
-          "max_file_bytes": 8 << 20, "data_bytes": 16 << 20, "max_output_chars": 4000}
+LIMITS = {
+    "timeout_s": 20,
+    "memory_bytes": 1 << 30,
+    "cpu_time_s": 60,
+    "max_processes": 48,
+    "max_file_bytes": 8 << 20,
+    "data_bytes": 16 << 20,
+    "max_output_chars": 4000,
+}
 
 
 def _bounded(fn, limit_s: float):
@@ -100,12 +107,17 @@ def tool():
 
 def test_state_persists_within_a_conversation_only(tool):
     a, b = conv(), conv()
-    assert run(tool, a, "x = 6 * 7\ndef twice(v):\n    return 2 * v") == "[no output: print() what you want to see]"
+    assert (
+        run(tool, a, "x = 6 * 7\ndef twice(v):\n    return 2 * v")
+        == "[no output: print() what you want to see]"
+    )
     assert run(tool, a, "print(twice(x))") == "84\n"
     assert run(tool, a, "x + 1") == "43\n"  # the cell's value, as Jupyter shows it
     out = run(tool, b, "print(x)")
     assert "NameError" in out and "'x' is not defined" in out  # another conversation: another kernel
-    assert run(tool, a, "open('notes.txt', 'w').write('kept')\nimport os\nprint(os.getcwd())") == "/mnt/data\n"
+    assert (
+        run(tool, a, "open('notes.txt', 'w').write('kept')\nimport os\nprint(os.getcwd())") == "/mnt/data\n"
+    )
     assert run(tool, a, "print(open('/mnt/data/notes.txt').read())") == "kept\n"
     tool.close(a)
     out = run(tool, a, "print(x)")  # closed: a fresh kernel
@@ -140,7 +152,10 @@ def test_network_is_contained(tool):
     t.start()
     c = conv()
     try:
-        out = run(tool, c, f"""
+        out = run(
+            tool,
+            c,
+            f"""
 import os, socket
 print("interfaces", socket.if_nameindex())
 print("sys/class/net", os.path.exists("/sys/class/net"))
@@ -153,7 +168,8 @@ for family, address in [(socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_INET
         print("CONNECTED", address)
     except OSError as e:
         print("refused", type(e).__name__)
-""")
+""",
+        )
     finally:
         time.sleep(0.5)
         stop.set()
@@ -189,7 +205,10 @@ def test_socket_symlinks_are_not_followed(tool, tmp_path):
     t.start()
     c = conv()
     try:
-        out, _ = _bounded(lambda: tool.run(c, f"""
+        out, _ = _bounded(
+            lambda: tool.run(
+                c,
+                f"""
 import gc, os, time, zmq
 for i in range(1, 6):
     os.unlink(f"/run/kernel/k-{{i}}")
@@ -198,7 +217,11 @@ for o in gc.get_objects():
     if isinstance(o, zmq.Socket) and not o.closed:
         o.close(linger=0)
 time.sleep(60)
-""", timeout_s=4), 60)
+""",
+                timeout_s=4,
+            ),
+            60,
+        )
         time.sleep(1)
     finally:
         stop.set()
@@ -215,7 +238,10 @@ def test_server_environment_is_not_visible(tool, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     monkeypatch.setenv("GPTOSS_JAX_SERVER_SECRET", secret)
     c = conv()  # its kernel starts now, with the variables set in this process
-    out = run(tool, c, f"""
+    out = run(
+        tool,
+        c,
+        f"""
 import os, glob
 print(sorted(os.environ))
 print(any({secret!r} in v for v in os.environ.values()))
@@ -227,11 +253,18 @@ for path in glob.glob("/proc/*/environ") + ["/proc/{os.getpid()}/environ", "/pro
     except OSError:
         pass
 print("found", found)
-""")
+""",
+    )
     assert secret not in out.replace(f"{secret!r}", "")  # only in the echoed code, if at all
     assert "\nFalse\n" in out and "found []" in out, out
-    for name in ("GPTOSS_JAX_API_KEY", "OPENAI_API_KEY", "GPTOSS_JAX_SERVER_SECRET", "VIRTUAL_ENV",
-                 "PYTEST_CURRENT_TEST", "XLA_FLAGS"):
+    for name in (
+        "GPTOSS_JAX_API_KEY",
+        "OPENAI_API_KEY",
+        "GPTOSS_JAX_SERVER_SECRET",
+        "VIRTUAL_ENV",
+        "PYTEST_CURRENT_TEST",
+        "XLA_FLAGS",
+    ):
         assert f"'{name}'" not in out
     tool.close(c)
     assert_healthy(tool)
@@ -242,7 +275,10 @@ def test_files_outside_its_directory_are_out_of_reach(tool, tmp_path):
     secret_file.write_text("top secret")
     marker = f"gptoss-sandbox-{uuid.uuid4().hex}"
     c = conv()
-    out = run(tool, c, f"""
+    out = run(
+        tool,
+        c,
+        f"""
 import os, sys
 def attempt(label, fn):
     try:
@@ -263,13 +299,24 @@ attempt("write-tmp", lambda: open("/tmp/{marker}", "w").write("x"))
 attempt("write-data", lambda: open("/mnt/data/{marker}", "w").write("x"))
 attempt("fill-data", lambda: [open(f"/mnt/data/fill{{i}}", "wb").write(b"x" * (4 << 20)) for i in range(8)])
 attempt("big-file", lambda: open("/tmp/big", "wb").write(b"x" * (12 << 20)))
-""")
+""",
+    )
     lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0].count("-") == 1)
     # A repo under /tmp (a CI clone) lies, inside, on the sandbox's own private /tmp: a write there succeeds
     # in the sandbox and never reaches the host (checked below, with the other paths).
     private = REPO.resolve().is_relative_to("/tmp")
-    for label in ("read-secret", "read-repo", "read-passwd", "read-root", "write-repo",
-                  "write-python", "write-usr", "write-root", "fill-data", "big-file"):
+    for label in (
+        "read-secret",
+        "read-repo",
+        "read-passwd",
+        "read-root",
+        "write-repo",
+        "write-python",
+        "write-usr",
+        "write-root",
+        "fill-data",
+        "big-file",
+    ):
         if label == "write-repo" and private and lines.get(label) == "OK":
             continue
         assert lines.get(label, "").startswith("DENIED"), (label, out)
@@ -282,8 +329,14 @@ attempt("big-file", lambda: open("/tmp/big", "wb").write(b"x" * (12 << 20)))
         assert inside and listed == [f"listing {inside!r}"], (listed, out)
     assert lines["write-tmp"] == "OK" and lines["write-data"] == "OK"  # its own private tmpfs mounts
     assert "top secret" not in out
-    for leaked in (REPO / marker, Path("/tmp") / marker, Path(os.sys.prefix) / marker, Path("/usr") / marker,
-                   Path("/") / marker, Path("/mnt/data") / marker):
+    for leaked in (
+        REPO / marker,
+        Path("/tmp") / marker,
+        Path(os.sys.prefix) / marker,
+        Path("/usr") / marker,
+        Path("/") / marker,
+        Path("/mnt/data") / marker,
+    ):
         assert not leaked.exists(), leaked
     tool.close(c)
     assert_healthy(tool)
@@ -291,7 +344,10 @@ attempt("big-file", lambda: open("/tmp/big", "wb").write(b"x" * (12 << 20)))
 
 def test_fork_bomb_meets_the_process_limit(tool):
     c = conv()
-    counted = run(tool, c, """
+    counted = run(
+        tool,
+        c,
+        """
 import os, time
 children = []
 try:
@@ -306,15 +362,22 @@ except OSError as e:
 for pid in children:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-""")
+""",
+    )
     assert counted.startswith("stopped "), counted
     assert 0 < int(counted.split()[1]) < LIMITS["max_processes"]
     ns_pid = tool._kernels[c].ns_pid
     assert ns_pid is not None
     pids = sandbox_processes(ns_pid)
     # a real bomb: every process forks forever; the call's time limit ends the whole pid namespace
-    out, took = _bounded(lambda: tool.run(c, "import os\nwhile True:\n    try:\n        os.fork()\n"
-                                           "    except OSError:\n        pass", timeout_s=4), 60)
+    out, took = _bounded(
+        lambda: tool.run(
+            c,
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+            timeout_s=4,
+        ),
+        60,
+    )
     assert "timed out after 4 s" in out and took < 30, (out, took)
     assert gone(ns_pid) and all(gone(p) for p in pids)
     assert c not in tool.sessions()
@@ -382,10 +445,18 @@ def test_100_mb_of_output_is_capped(tool):
     out, took = _bounded(lambda: tool.run(c, unguard + "print('z' * 10_000_000)"), 120)
     assert out.startswith("z" * cap) and "[output truncated: 10,000,001 characters, the first 4,000" in out
     assert len(out) <= cap + 200, out[-300:]
-    out, took = _bounded(lambda: tool.run(c, unguard + "import time\nwhile True:\n    print('w' * 1000)\n"
-                                            "    time.sleep(0.001)", timeout_s=30), 60)
+    out, took = _bounded(
+        lambda: tool.run(
+            c,
+            unguard + "import time\nwhile True:\n    print('w' * 1000)\n    time.sleep(0.001)",
+            timeout_s=30,
+        ),
+        60,
+    )
     assert out.startswith("w" * 1000) and "[output truncated" in out and "timed out" not in out, out[-300:]
-    assert "KeyboardInterrupt" not in out[:cap] and took < 25  # interrupted once the cap was reached (timeout 30)
+    assert (
+        "KeyboardInterrupt" not in out[:cap] and took < 25
+    )  # interrupted once the cap was reached (timeout 30)
     assert run(tool, c, "print(kept)") == "7\n"
     # one message of 50 MB: the server refuses to take it in (the connection drops; the call times out)
     out, took = _bounded(lambda: tool.run(c, unguard + "print('v' * 50_000_000)", timeout_s=5), 60)
@@ -447,7 +518,10 @@ def test_harmony_declaration():
     assert PythonTool(sandbox="none", timeout_s=30).tool_config() == python_tool_config(timeout_s=30)
     config = python_tool_config(timeout_s=30)
     assert config.name == "python"
-    assert "30.0 seconds" in config.description and "Internet access for this session is disabled." in config.description
+    assert (
+        "30.0 seconds" in config.description
+        and "Internet access for this session is disabled." in config.description
+    )
     assert "UNKNOWN" not in config.description
     enc = get_harmony_encoding()
     system = Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_tools(config))
@@ -469,7 +543,9 @@ def test_conversations_run_side_by_side(tool):
     run(tool, a, "import time")
     run(tool, b, "import time")
     results = {}
-    slow = threading.Thread(target=lambda: results.setdefault("a", tool.run(a, "time.sleep(8)\nprint('slow')")))
+    slow = threading.Thread(
+        target=lambda: results.setdefault("a", tool.run(a, "time.sleep(8)\nprint('slow')"))
+    )
     slow.start()
     time.sleep(0.3)
     out, took = _bounded(lambda: tool.run(b, "print('quick')"), 30)

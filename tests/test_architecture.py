@@ -39,6 +39,10 @@ LAYERS = [
     ["harmony.parser", "harmony.settings"],
     ["harmony.session"],
     ["harmony"],
+    ["tools.base"],
+    ["tools.python", "tools.fetch"],
+    ["tools.browser", "tools.mcp"],
+    ["tools"],
     ["engine.paged", "engine.requests", "engine.adapters"],
     ["engine.scheduler"],
     ["engine.engine"],
@@ -46,10 +50,6 @@ LAYERS = [
     ["training.memory"],
     ["training.loop", "training.merge"],
     ["training", "training.command"],
-    ["tools.base"],
-    ["tools.python", "tools.fetch"],
-    ["tools.browser", "tools.mcp"],
-    ["tools"],
     ["api.protocol"],
     ["api.hosted", "api.sealed"],
     ["api.constraints"],
@@ -149,7 +149,9 @@ def test_the_checker_sees_cycles_and_function_local_imports(tmp_path):
     assert "gptoss_jax.loading" in imports(ROOT / "gptoss_jax" / "cli.py")  # imported inside a function
     src = tmp_path / "gptoss_jax" / "checkpoint" / "x.py"
     src.parent.mkdir(parents=True)
-    src.write_text("def f():\n    from ..generate import generate\n    from . import keys\n    import conversion.cli\n")
+    src.write_text(
+        "def f():\n    from ..generate import generate\n    from . import keys\n    import conversion.cli\n"
+    )
     got = imports(src, tmp_path)
     assert {"gptoss_jax.generate", "gptoss_jax.checkpoint.keys", "conversion.cli"} <= got
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--show-prompt", action="store_true", help="print each turn's rendered prompt token ids")
     c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")
     c.add_argument("--tools", metavar="TOOL[,TOOL...]",
-                   help="gpt-oss's built-in tools to declare and run in the chat (python); each call and its "
+                   help="gpt-oss's built-in tools to declare and run in the chat (python, browser); each call and its "
                    "result are shown (docs/tools.md)")  # fmt: skip
     c.add_argument("--python-sandbox", choices=("auto", "bwrap", "none"), default="auto",
                    help="python's isolation: bwrap (default where it works), or none (a warning: no "
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--max-tool-calls", type=int, default=16, metavar="N", help="tool calls per user message (default 16)"
     )
+    from .api.cli import add_browser_arguments
+
+    add_browser_arguments(c)
     _sampling_args(c, temperature=1.0)
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s and memory of a checkpoint")

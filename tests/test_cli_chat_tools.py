@@ -76,4 +76,25 @@ def test_chat_runs_python_and_shows_each_call_and_result(capsys, replies, serve_
 
 def test_chat_tools_are_checked(capsys, serve_ckpt):
     rc, _, err = run_main(capsys, "chat", serve_ckpt, "--tools", "shell", "-m", "hi")
-    assert rc == 2 and "--tools: unknown tool 'shell' (available: python)" in err
+    assert rc == 2 and "--tools: unknown tool 'shell' (available: python, browser)" in err
+    rc, _, err = run_main(capsys, "chat", serve_ckpt, "--tools", "browser", "-m", "hi")
+    assert (
+        rc == 2 and "--tools browser: give one backend, --browser-index DIR, --browser-search-url URL" in err
+    )
+
+
+def test_chat_browses_a_local_index(capsys, replies, serve_ckpt, tmp_path):
+    (tmp_path / "notes.md").write_text("# Notes\n\nThe launch code is 1234.\n")
+    queue, prompts = replies
+    queue += [
+        '<|channel|>analysis to=browser.search <|constrain|>json<|message|>{"query": "launch code"}<|call|>',
+        "<|channel|>final<|message|>It is 1234 【0†L0】.<|return|>",
+    ]
+    rc, out, err = run_main(capsys, "chat", serve_ckpt, "--tools", "browser", "--browser-index", tmp_path, "-m",
+                            "The launch code?")  # fmt: skip
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == '[call browser.search] {"query": "launch code"}'
+    assert lines[1].startswith("[result browser.search] ") and "# Notes The launch code is 1234." in out
+    assert lines[-1] == "[final] It is 1234 【0†L0】."
+    assert "## browser" in tk.decode(prompts[0]) and "# Search Results" in tk.decode(prompts[1])

@@ -278,6 +278,9 @@ def create_app(
     allow_runtime_adapters: bool = False,
     tools: dict | None = None,
     max_tool_calls: int = 16,
+    tool_servers: list[str] | None = None,
+    browser_mcp: str | None = None,
+    allow_mcp_urls: list[str] | None = None,
 ):
     """The server's ASGI app over `backend` (see `backend.py` for the interface). max_pending: sequences
     admitted at once (running and queued); past it a request gets a 429. start_date: the conversation start
@@ -289,12 +292,15 @@ def create_app(
     (`sealed.py`; None: $GPTOSS_JAX_REASONING_KEY or a new one). allow_runtime_adapters: serve the LoRA
     load/unload endpoints (the backend's `load_adapter` / `unload_adapter`). tools: the tools the server
     runs itself (name -> `tools.base.Tool`, declared on every request; `toolloop.py`), at most
-    max_tool_calls calls per request; they are shut down with the app."""
+    max_tool_calls calls per request; they are shut down with the app. tool_servers: MCP servers
+    (`[LABEL=]SPEC`) connected at startup, each a namespace of tools run likewise; browser_mcp: an MCP server
+    whose search and fetch tools back the `browser` tool; allow_mcp_urls: URL prefixes a Responses `mcp` tool
+    may connect to. A server that does not connect stops the startup (`startup_error` on the app says why)."""
     tools = dict(tools or {})
     server = Server(backend, model_name, test_hooks, max_pending, start_date=start_date,
                     reasoning_effort=reasoning_effort, strict_tools=strict_tools,
-                    sealer=ReasoningSealer(reasoning_key), tools=tools,
-                    max_tool_calls=max_tool_calls)  # fmt: skip
+                    sealer=ReasoningSealer(reasoning_key), tools=tools, max_tool_calls=max_tool_calls,
+                    allow_mcp_urls=list(allow_mcp_urls or []))  # fmt: skip
     if server.sealer.ephemeral:
         log.info("reasoning's encrypted_content is sealed with a key made at start: clients' blobs will not "
                  "open after a restart (--reasoning-key or $GPTOSS_JAX_REASONING_KEY to keep one)")  # fmt: skip
@@ -304,11 +310,33 @@ def create_app(
     counts: Counter = Counter()
     started = int(time.time())
 
+    async def connect_tools(stack: contextlib.AsyncExitStack) -> None:
+        """MCP connections belong to the event loop that makes them: the server's, here."""
+        if tool_servers:
+            from ..tools import MCPServers
+
+            servers = await stack.enter_async_context(MCPServers(tool_servers))
+            for t in servers.tools:
+                tools[t.name] = t
+        if browser_mcp:
+            from ..tools import BrowserTool, MCPBrowserBackend, connect, parse_tool_server
+
+            label, spec = parse_tool_server(browser_mcp)
+            t = await connect(spec, name=label)
+            stack.push_async_callback(t.aclose)
+            tools["browser"] = BrowserTool(MCPBrowserBackend(t))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         backend.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await connect_tools(stack)
+                except Exception as e:
+                    edge.startup_error = e
+                    raise
+                yield
         finally:
             backend.stop()
             for tool in tools.values():
@@ -542,4 +570,6 @@ def create_app(
             backend.inject_fault(str(data.get("message", "injected fault")))
             return {"injected": True}
 
-    return Edge(app, max_body=max_body, counts=counts)
+    edge = Edge(app, max_body=max_body, counts=counts)
+    edge.startup_error = None
+    return edge

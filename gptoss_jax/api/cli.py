@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-BUILTIN_TOOLS = ("python",)  # --builtin-tools choices
+BUILTIN_TOOLS = ("python", "browser")  # --builtin-tools choices
 TEST_HOOKS_ENV = "GPTOSS_JAX_SERVE_TEST_HOOKS"  # "1": the test-only script endpoint (see run.py)
 API_KEY_ENV = "GPTOSS_JAX_API_KEY"
 
@@ -99,8 +99,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tools the server runs itself (docs/tools.md)")
     t.add_argument("--builtin-tools", metavar="TOOL[,TOOL...]",
                    help=f"gpt-oss's built-in tools to declare on every request and run within it: "
-                   f"{', '.join(BUILTIN_TOOLS)} (Responses requests may also name them as the hosted tool "
-                   "code_interpreter); default: none")  # fmt: skip
+                   f"{', '.join(BUILTIN_TOOLS)} (Responses requests may also name them as the hosted tools "
+                   "code_interpreter and web_search); default: none")  # fmt: skip
     t.add_argument("--python-sandbox", choices=("auto", "bwrap", "none"), default="auto",
                    help="how python's kernels are isolated: bwrap (bubblewrap: no network, no view of the "
                    "server's files or environment, limits), auto (bwrap, else refuse to start), or none (plain "
@@ -111,6 +111,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address space of each process in a python kernel (default 2 GiB)")  # fmt: skip
     t.add_argument("--python-idle-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a conversation's kernel idle this long ends, and its state with it (default 600)")  # fmt: skip
+    add_browser_arguments(t)
+    t.add_argument("--browser-mcp", metavar="SPEC",
+                   help="the browser's backend: an MCP server's search and fetch tools (a command line or an "
+                   "http(s) URL, as for --tool-server)")  # fmt: skip
+    t.add_argument("--tool-server", metavar="[LABEL=]SPEC", action="append",
+                   help="an MCP server whose tools are declared on every request (a harmony namespace, LABEL or "
+                   "the server's name) and run by the server: a command line (stdio) or an http(s) URL "
+                   "(streamable HTTP); repeatable")  # fmt: skip
+    t.add_argument("--allow-mcp-url", metavar="PREFIX", action="append",
+                   help="Responses requests may connect `mcp` tools whose server_url is under PREFIX "
+                   "(scheme, host and port equal, path a parent); repeatable; default: none (mcp tools are "
+                   "left out, or refused with --strict-tools)")  # fmt: skip
     t.add_argument("--max-tool-calls", type=int, default=16, metavar="N",
                    help="calls of these tools per request (default 16; a Responses request's max_tool_calls "
                    "may lower it)")  # fmt: skip
@@ -154,6 +166,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="persistent XLA compilation cache ('off' disables it; see `gptoss-jax generate -h`)",
     )
+
+
+def add_browser_arguments(p) -> None:
+    """The browser's backend flags (serve and chat): a local index, or a search service and its fetcher."""
+    p.add_argument("--browser-index", metavar="DIR",
+                   help="the browser's backend: the .txt, .md and .html files under DIR, searched with SQLite "
+                   "FTS5's BM25 (offline)")  # fmt: skip
+    p.add_argument("--browser-search-url", metavar="URL",
+                   help="the browser's backend: a SearXNG instance's JSON API (pages fetched by a fetcher that "
+                   "refuses private networks)")  # fmt: skip
+    p.add_argument("--browser-allow", metavar="HOST[:PORT]", action="append",
+                   help="a host the browser's fetcher may reach although its address is private (loopback, "
+                   "link-local, ...); repeatable")  # fmt: skip
 
 
 def _check(args) -> None:
@@ -204,6 +229,18 @@ def _check(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {v}")
     args.resolved_prompt = prompt_settings(args)
     args.tool_names = builtin_tool_names(args.builtin_tools, "--builtin-tools")
+    browser_flags = [f for f in ("browser_index", "browser_search_url", "browser_mcp", "browser_allow")
+                     if getattr(args, f, None)]  # fmt: skip
+    if browser_flags and "browser" not in args.tool_names:
+        raise ValueError(f"--{browser_flags[0].replace('_', '-')}: needs --builtin-tools browser")
+    from ..tools import parse_tool_server, url_allowed
+
+    for spec in getattr(args, "tool_server", None) or []:
+        if not parse_tool_server(spec)[1]:
+            raise ValueError(f"--tool-server {spec!r}: empty (a command line, or an http(s) URL)")
+    for prefix in getattr(args, "allow_mcp_url", None) or []:
+        if not url_allowed(prefix, [prefix]):
+            raise ValueError(f"--allow-mcp-url {prefix!r}: an http(s) URL prefix such as https://host/mcp")
     if getattr(args, "max_tool_calls", 16) < 0:
         raise ValueError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
     for flag in ("python_timeout", "python_memory", "python_idle_timeout"):
@@ -221,6 +258,27 @@ def builtin_tool_names(value: str | None, flag: str = "--builtin-tools") -> list
     if value is not None and not names:
         raise ValueError(f"{flag}: no tool given")
     return list(dict.fromkeys(names))
+
+
+def browser_backend(args, flag: str = "--builtin-tools"):
+    """The browser's backend from --browser-index or --browser-search-url (with --browser-allow); None for
+    --browser-mcp (connected once the server's event loop runs). A ValueError when none or two are given."""
+    from ..tools import LocalIndex, SafeFetcher, SearxngBackend
+
+    index, url, mcp = (getattr(args, k, None) for k in ("browser_index", "browser_search_url", "browser_mcp"))
+    given = [
+        f for f, v in (("--browser-index", index), ("--browser-search-url", url), ("--browser-mcp", mcp)) if v
+    ]
+    if len(given) != 1:
+        raise ValueError(f"{flag} browser: give one backend, --browser-index DIR, --browser-search-url URL"
+                         + (" or --browser-mcp SPEC" if hasattr(args, "browser_mcp") else "")
+                         + (f" (got {' and '.join(given)})" if given else ""))  # fmt: skip
+    fetcher = SafeFetcher(allow=getattr(args, "browser_allow", None) or ())
+    if index:
+        return LocalIndex(index, fetcher=fetcher)
+    if url:
+        return SearxngBackend(url, fetcher)
+    return None
 
 
 def make_tools(args, names: list[str] | None = None, flag: str = "--builtin-tools") -> dict:
@@ -244,6 +302,12 @@ def make_tools(args, names: list[str] | None = None, flag: str = "--builtin-tool
             )
         except SandboxUnavailable as e:
             raise ValueError(f"{flag} python: {e}") from None
+    if "browser" in names:
+        from ..tools import BrowserTool
+
+        backend = browser_backend(args, flag)
+        if backend is not None:
+            tools["browser"] = BrowserTool(backend)
     return tools
 
 
@@ -334,7 +398,10 @@ def build_app(args, engine, model, tools: dict | None = None):
                       allowed_origins=_origins(getattr(args, "allowed_origins", None)),
                       strict_tools=args.strict_tools, reasoning_key=args.reasoning_key,
                       allow_runtime_adapters=getattr(args, "allow_runtime_adapters", False),
-                      tools=tools, max_tool_calls=getattr(args, "max_tool_calls", 16))  # fmt: skip
+                      tools=tools, max_tool_calls=getattr(args, "max_tool_calls", 16),
+                      tool_servers=getattr(args, "tool_server", None) or [],
+                      browser_mcp=getattr(args, "browser_mcp", None),
+                      allow_mcp_urls=getattr(args, "allow_mcp_url", None) or [])  # fmt: skip
 
 
 def run_serve(args) -> int:
@@ -377,10 +444,14 @@ def run_serve(args) -> int:
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: with this
     # one in place, that ends `run()` normally and the command exits 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    failed = getattr(app, "startup_error", None)
+    if not server.started and failed is not None:  # an MCP server that did not connect, named
+        raise ValueError(str(failed))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Any
 
 from ..harmony import FUNCTIONS, Chat, ConversationError, Namespace, function_tools, is_custom
@@ -43,6 +44,7 @@ class Turn(Chat):
     tool_choice: str = "auto"  # auto | none | required | the name of the function that must be called
     where: dict[str, str] = dataclasses.field(default_factory=dict)  # tool recipient -> its request field
     run_tools: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> a tool the server runs
+    mcp: list[dict] = dataclasses.field(default_factory=list)  # Responses `mcp` tools to connect (hosted.py)
 
     def tool(self, namespace: str | None, name: str | None) -> Any:
         """The definition of the tool a call addresses (None: not offered, e.g. a built-in tool)."""
@@ -135,16 +137,19 @@ def chat_turn(req: ChatRequest, reasoning_effort: str = "medium", run_tools=None
 
 
 def response_tools(
-    raw: list[Any], strict: bool, available=()
+    raw: list[Any], strict: bool, available=(), allow_mcp_urls=(), mcp: list | None = None
 ) -> tuple[list[Any], list[str], dict[str, Namespace], dict]:
     """A Responses request's tools -> the `functions` namespace's tools and their fields, the other
     namespaces, and each tool's field by recipient (`functions.NAME`, `NS.NAME`). Hosted tools: those of
-    the tools the server runs (`available`) are accepted, the others left out or refused (`hosted.py`)."""
+    the tools the server runs (`available`) are accepted, `mcp` tools of allowed URLs appended to `mcp`, the
+    others left out or refused (`hosted.py`)."""
     top, where, namespaces, fields = [], [], {}, {}
     for i, t in enumerate(raw):
         tool = parse_response_tool(i, t)
         if tool is None:
-            hosted_tool(i, t, strict, available)
+            served = hosted_tool(i, t, strict, available, allow_mcp_urls)
+            if isinstance(served, dict) and mcp is not None:
+                mcp.append(served)
         elif tool.type == "namespace":
             w = f"tools[{i}]"
             if tool.name in namespaces or tool.name == FUNCTIONS:
@@ -192,19 +197,29 @@ def responses_turn(
     strict_tools: bool = False,
     sealer: Any = None,
     run_tools=None,
+    allow_mcp_urls=(),
 ) -> Turn:
     """The conversation of a Responses request: the stored one of `previous_response_id` (its messages and
     call ids; its instructions and tools are not inherited, as in OpenAI's API), then this request's input.
     strict_tools: a hosted tool is a 400 rather than left out; sealer: opens encrypted reasoning; run_tools:
     the tools the server runs (name -> `tools.base.Tool`), declared in the system message."""
     run_tools = dict(run_tools or {})
-    top, where, namespaces, fields = response_tools(req.tools or [], strict_tools, run_tools)
+    mcp: list[dict] = []
+    top, where, namespaces, fields = response_tools(
+        req.tools or [], strict_tools, run_tools, allow_mcp_urls, mcp
+    )
     tools, choice = _tools(top, where, req.tool_choice)
     if choice == "none":
         namespaces = {}
     raw = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     items = [parse_input_item(i, x) for i, x in enumerate(raw)]
     open_reasoning(items, sealer)
+    for it in items:  # an MCP call addresses the namespace and the tool by their harmony names
+        if getattr(it, "type", None) == "mcp_call":
+            from ..tools.mcp import namespace_name
+
+            it.server_label = namespace_name(it.server_label)
+            it.name = re.sub(r"[^A-Za-z0-9_]+", "_", it.name).strip("_") or it.name
     effort = (req.reasoning.effort if req.reasoning else None) or reasoning_effort
     with _as_api_error():
         chat = Chat.from_responses_input(
@@ -215,4 +230,6 @@ def responses_turn(
             reasoning_effort=effort,
             namespaces=namespaces,
         )
-    return _turn(chat, tools, choice, fields, run_tools)
+    turn = _turn(chat, tools, choice, fields, run_tools)
+    turn.mcp = [] if choice == "none" else mcp
+    return turn

@@ -361,8 +361,8 @@ class WebSearchCallItem(_Base):
 
 class McpCallItem(_Base):
     type: Literal["mcp_call"]
-    server_label: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
-    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,128}$")
+    server_label: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=256)
     arguments: str = ""
     output: str | None = None
     error: str | dict[str, Any] | None = None

@@ -36,6 +36,7 @@ renders it exactly as the model wrote it) and the response object, in memory, fo
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator
@@ -108,12 +109,11 @@ class ResponseJob:
             strict_tools=server.strict_tools,
             sealer=server.sealer,
             run_tools=server.tools,
+            allow_mcp_urls=server.allow_mcp_urls,
         )
         # the tools' conversation: that of the chain this response continues, else its own
         self.conversation = (store.conversation(req.previous_response_id) if previous else None) or self.id
         self.seal = "reasoning.encrypted_content" in (req.include or [])
-        self.prompt = turn.prompt_tokens(server.start_date)
-        max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
         fmt = req.text.format if req.text else None
         schema = None
         if fmt is not None and fmt.type == "json_object":
@@ -129,26 +129,70 @@ class ResponseJob:
         want_lp = "message.output_text.logprobs" in (req.include or []) or req.top_logprobs is not None
         self.top = (req.top_logprobs or 0) if want_lp else None
         self._lp_seen: dict[int, int] = {}  # id(part) -> log-prob entries already sent
+        self._spec = spec
+        self.items: list[dict] = []
+        self._index: dict[int, int] = {}  # id(part) -> output index
+        self._seq = 0
+        self.choices: list = [None]  # one sequence (what the server admits); the loop's first generation
+        self.loop: ToolLoop | None = None
+        self.prompt: list[int] = []
+        if not turn.mcp:  # else once its MCP servers are connected (`_open`), which declares their tools
+            self._setup()
+
+    def _setup(self) -> None:
+        """The prompt (the tools declared), the budget, the first generation and the tool loop."""
+        req, server, turn = self.req, self.server, self.turn
+        self.prompt = turn.prompt_tokens(server.start_date)
+        max_tokens = server.budget(len(self.prompt), req.max_output_tokens, "max_output_tokens", "input")
 
         def make_choice(n: int) -> Choice:
             params = server.params(max_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                   index=0, spec=spec, logprobs=self.top, **req.sampling())  # fmt: skip
+                                   index=0, spec=self._spec, logprobs=self.top, **req.sampling())  # fmt: skip
             namespaces = [*turn.namespaces, *turn.run_tools]
             return Choice(0, params, OutputParser(single_tool_call=not req.parallel_tool_calls,
                                                   namespaces=namespaces))  # fmt: skip
 
         self.choices = [make_choice(max_tokens)]
-        limit = (
-            server.max_tool_calls
-            if req.max_tool_calls is None
-            else min(req.max_tool_calls, server.max_tool_calls)
-        )
+        limit = server.max_tool_calls
+        if req.max_tool_calls is not None:
+            limit = min(req.max_tool_calls, limit)
         self.loop = ToolLoop(server.backend, self.prompt, self.choices[0], make_choice, tools=turn.run_tools,
                              conversation=self.conversation, budget=max_tokens,
                              context=server.backend.context_length, max_calls=limit)  # fmt: skip
-        self.items: list[dict] = []
-        self._index: dict[int, int] = {}  # id(part) -> output index
-        self._seq = 0
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> list[tuple[str, dict]]:
+        """Connects the request's `mcp` tools (closed with `stack`), each an `mcp_list_tools` item with its
+        events, declares their tools, then sets the loop up. A server that does not connect is an item with
+        its `error` (response.mcp_list_tools.failed), and the response goes on without it."""
+        from ..tools import MCPConnectError, list_tools_error_item, open_mcp
+
+        out = []
+        for m in self.turn.mcp:
+            label = m["server_label"]
+            item = {"id": new_id("mcpl"), "type": "mcp_list_tools", "server_label": label, "tools": []}
+            idx = len(self.items)
+            self.items.append(item)
+            ref = {"item_id": item["id"], "output_index": idx}
+            out.append(self._ev("response.output_item.added", output_index=idx, item=copy.deepcopy(item)))
+            out.append(self._ev("response.mcp_list_tools.in_progress", **ref))
+            try:
+                tool = await stack.enter_async_context(open_mcp(
+                    m["server_url"], server_label=label, allowed_tools=m["allowed_tools"], headers=m["headers"],
+                    authorization=m["authorization"], server_description=m["server_description"]))  # fmt: skip
+            except MCPConnectError as e:
+                item.update(list_tools_error_item(label, str(e)))
+                out.append(self._ev("response.mcp_list_tools.failed", **ref))
+            else:
+                base, n = tool.name, 2
+                while tool.name in self.turn.run_tools or tool.name in RESERVED:
+                    tool.name, n = f"{base}_{n}", n + 1
+                self.turn.run_tools[tool.name] = tool
+                self.turn.system_tools.append(tool.config())
+                item.update(tool.list_tools_item())
+                out.append(self._ev("response.mcp_list_tools.completed", **ref))
+            out.append(self._ev("response.output_item.done", output_index=idx, item=copy.deepcopy(item)))
+        self._setup()
+        return out
 
     def obj(self, status: str, usage: dict | None = None) -> dict:
         req = self.req
@@ -196,6 +240,9 @@ class ResponseJob:
 
     def usage(self) -> dict:
         loop = self.loop
+        if loop is None:  # failed before it started (an MCP server's prompt over the context)
+            return {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}  # fmt: skip
         n, prompt = loop.output_tokens, loop.input_tokens
         return {
             "input_tokens": prompt,
@@ -329,7 +376,7 @@ class ResponseJob:
             for part in self.choice.parser.parts:
                 if id(part) in self._index and (value is None or part is not value.part):
                     item = self.items[self._index[id(part)]]
-                    if item["status"] == "in_progress" and item["type"] in TOOL_ITEMS:
+                    if item["type"] in TOOL_ITEMS and item["status"] == "in_progress":
                         item["status"] = "incomplete"
                         out.append(self._ev("response.output_item.done", output_index=self._index[id(part)],
                                             item=copy.deepcopy(item)))  # fmt: skip
@@ -413,23 +460,32 @@ class ResponseJob:
         return self.events(value) if what == "events" else self.loop_events(what, value)
 
     async def response(self) -> dict:
-        async for what, value in self.loop.run():
-            self._step(what, value)
-        return self._finish()
+        async with contextlib.AsyncExitStack() as stack:
+            if self.loop is None:
+                await self._open(stack)
+            async for what, value in self.loop.run():
+                self._step(what, value)
+            return self._finish()
 
     async def stream(self) -> AsyncIterator[str]:
         yield self._sse("response.created", response=self.obj("in_progress"))
         yield self._sse("response.in_progress", response=self.obj("in_progress"))
-        async for what, value in self.loop.run():
-            for name, ev in self._step(what, value):
-                yield sse(ev, name)
-        obj = self._finish()
+        async with contextlib.AsyncExitStack() as stack:
+            if self.loop is None:
+                for name, ev in await self._open(stack):
+                    yield sse(ev, name)
+            async for what, value in self.loop.run():
+                for name, ev in self._step(what, value):
+                    yield sse(ev, name)
+            obj = self._finish()
         yield self._sse(
             "response.incomplete" if obj["status"] == "incomplete" else "response.completed", response=obj
         )
 
     def summary(self) -> str:
         loop = self.loop
+        if loop is None:
+            return "prompt=0 completion=0"
         calls = f" tool_calls={len(loop.runs)}" if loop.runs else ""
         return (
             f"prompt={loop.input_tokens} completion={loop.output_tokens} finish={loop.finish_reason}{calls}"
@@ -437,6 +493,7 @@ class ResponseJob:
 
 
 TOOL_ITEMS = ("code_interpreter_call", "web_search_call", "mcp_call")
+RESERVED = ("functions", "browser", "python", "container", "multi_tool_use")  # namespaces an MCP tool avoids
 _WEB_ACTIONS = {"search": "search", "open": "open_page", "find": "find_in_page"}
 
 
@@ -449,7 +506,8 @@ def tool_item(part: Part, tool, conversation: str) -> dict:
     if t == "web_search_call":
         return {"id": new_id("ws"), "type": t, "status": "in_progress",
                 "action": {"type": _WEB_ACTIONS.get(part.name or "", "search")}}  # fmt: skip
-    return {"id": new_id("mcp"), "type": "mcp_call", "status": "in_progress", "server_label": tool.name,
+    label = getattr(tool, "server_label", tool.name)
+    return {"id": new_id("mcp"), "type": "mcp_call", "status": "in_progress", "server_label": label,
             "name": part.name, "arguments": "", "output": None, "error": None}  # fmt: skip
 
 

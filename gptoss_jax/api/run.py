@@ -44,6 +44,7 @@ class Server:
     sealer: Any = None  # seals and opens reasoning's encrypted_content (api/sealed.py)
     tools: dict = dataclasses.field(default_factory=dict)  # name -> a tool the server runs (toolloop.py)
     max_tool_calls: int = 16  # calls of those tools per request
+    allow_mcp_urls: list = dataclasses.field(default_factory=list)  # Responses `mcp` tools' allowed URLs
     pending: int = 0
     scripts: collections.deque = dataclasses.field(default_factory=collections.deque)
 

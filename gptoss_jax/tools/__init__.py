@@ -1,6 +1,6 @@
-"""gpt-oss's own tools, run by the server: `python` (a sandboxed, stateful Jupyter kernel per conversation),
-`browser` (search, open and find over a local index or a search service, through a safe fetcher) and MCP
-servers' tools (one harmony namespace per server, over stdio or streamable HTTP)."""
+"""gpt-oss's own tools, run by the server and the chat CLI: `python` (a sandboxed, stateful Jupyter kernel
+per conversation), `browser` (search, open and find over a local index or a search service, through a safe
+fetcher) and MCP servers' tools (one harmony namespace per server, over stdio or streamable HTTP)."""
 
 from .base import BrowserBackend, Document, SearchHit, Tool, ToolCall, ToolError, ToolResult
 from .browser import BrowserTool, LocalIndex, SearxngBackend

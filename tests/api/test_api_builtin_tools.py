@@ -1,15 +1,23 @@
 """Tools the server runs itself (gptoss_jax/api/toolloop.py), end to end over real HTTP on 127.0.0.1 with the
-official `openai` client: `serve --builtin-tools python` runs the model's python calls in the real sandbox
-(bubblewrap) within the request, and generation goes on with the tool's answer.
+official `openai` client: `serve --builtin-tools python,browser` runs the model's python calls in the real
+sandbox (bubblewrap) and its browser calls on a local index, within the request, and generation goes on with
+the tool's answer; `--tool-server` runs an MCP server's tools over stdio, and a Responses `mcp` tool connects
+one over streamable HTTP (the SDK-written test server, tests/tools/mcp_server.py, in a thread).
 
 One server per module; each generation of the loop takes the next script of the test hook (tests/apitools.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import logging
+import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -49,11 +57,51 @@ def final(text: str) -> str:
 NO_OUTPUT = "[no output: print() what you want to see]"
 
 
+MCP_SERVER = Path(__file__).resolve().parents[1] / "tools" / "mcp_server.py"
+ROPE = """# Rotary embeddings
+
+RoPE rotates queries and keys by angles that grow with the position.
+YaRN scaling stretches the angles so that a model reads longer contexts.
+gpt-oss uses YaRN scaling with a factor of 32.
+"""
+
+
 @pytest.fixture(scope="module")
-def server(serve_ckpt, tmp_path_factory):
+def mcp_http():
+    """The test MCP server over streamable HTTP on a free port of 127.0.0.1 -> its base URL."""
+    import uvicorn
+
+    spec = importlib.util.spec_from_file_location("mcp_test_server", MCP_SERVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = module.build_server("Test Tools").streamable_http_app()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test MCP server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(serve_ckpt, tmp_path_factory, mcp_http):
     _sandbox_or_skip()
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    proc, url = start_server(serve_ckpt, log, "--builtin-tools", "python", "--python-timeout", "30")
+    tmp = tmp_path_factory.mktemp("tools")
+    (tmp / "index").mkdir()
+    (tmp / "index" / "rope.md").write_text(ROPE)
+    (tmp / "index" / "cooking.txt").write_text("Pasta\n\nBoil water, add salt, cook the pasta.\n")
+    log = tmp / "server.log"
+    proc, url = start_server(
+        serve_ckpt, log, "--builtin-tools", "python,browser", "--python-timeout", "30",
+        "--browser-index", str(tmp / "index"), "--tool-server", f"tt={sys.executable} {MCP_SERVER}",
+        "--allow-mcp-url", f"{mcp_http}/mcp",
+    )  # fmt: skip
     yield url, log
     assert stop_server(proc) == 0, log.read_text()[-3000:]
 
@@ -215,16 +263,18 @@ def test_chat_completions_show_the_calls_in_reasoning(server, client):
 
 
 # ---------------------------------------------------------------------------------------- hosted types
-def test_code_interpreter_is_the_python_tool_and_web_search_is_left_out(server, client):
+def test_hosted_code_interpreter_and_web_search_are_the_servers_tools(server, client):
     url, log = server
     script(url, final("ok"), final("ok"), final("ok"))
     plain = client.responses.create(model=MODEL, input="Hi")
     r = client.responses.create(model=MODEL, input="Hi", tools=[
-        {"type": "code_interpreter", "container": {"type": "auto"}}, {"type": "web_search"}])  # fmt: skip
-    assert r.usage.input_tokens == plain.usage.input_tokens  # python declared either way; web_search left out
+        {"type": "code_interpreter", "container": {"type": "auto"}}, {"type": "web_search"},
+        {"type": "file_search", "vector_store_ids": ["vs_1"]}])  # fmt: skip
+    assert r.usage.input_tokens == plain.usage.input_tokens  # declared either way; file_search left out
     text = log.read_text()
-    assert "'code_interpreter' is not available" not in text and "'web_search' is not available" in text
-    # tool_choice "none": no tool is declared, python neither
+    assert "'code_interpreter' is not available" not in text and "'web_search' is not available" not in text
+    assert "'file_search' is not available" in text
+    # tool_choice "none": no tool is declared, the server's neither
     bare = client.responses.create(model=MODEL, input="Hi", tool_choice="none")
     assert bare.usage.input_tokens < plain.usage.input_tokens - 100
 
@@ -255,3 +305,125 @@ def test_python_is_refused_without_a_sandbox_unless_none_is_asked(serve_ckpt, tm
         tools["python"].shutdown()
     with pytest.raises(ValueError, match="--builtin-tools: unknown tool 'shell'"):
         make_tools(build_parser().parse_args(["serve", str(serve_ckpt), "--builtin-tools", "shell"]))
+
+
+def test_a_function_the_client_offered_still_comes_back_to_it(server, client):
+    """In one turn: python (run by the server), then the client's function (returned); the client answers
+    it on the chain, where the kernel still holds the state."""
+    url, _ = server
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    script(url, call("city = 'Paris'"), "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+           '<|message|>{"city":"Paris"}<|call|>', call("print(city)"), final("Sunny in Paris."))  # fmt: skip
+    r = client.responses.create(model=MODEL, input="Weather?", tools=[weather])
+    assert [i.type for i in r.output] == ["reasoning", "code_interpreter_call", "function_call"]
+    assert r.status == "completed" and r.output[2].name == "get_weather"
+    out = {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}
+    r2 = client.responses.create(model=MODEL, previous_response_id=r.id, input=[out], tools=[weather])
+    ci = next(i for i in r2.output if i.type == "code_interpreter_call")
+    assert ci.outputs[0].logs == "Paris\n" and r2.output_text == "Sunny in Paris."
+
+
+# ------------------------------------------------------------------------------------------------ browser
+def browse(fn: str, args: str, think: str = "Look it up.") -> str:
+    return (f"<|channel|>analysis<|message|>{think}<|end|><|start|>assistant<|channel|>analysis "
+            f"to=browser.{fn} <|constrain|>json<|message|>{args}<|call|>")  # fmt: skip
+
+
+def test_browser_search_open_find_and_a_citation(server, client):
+    url, _ = server
+    answer = "gpt-oss scales RoPE with YaRN by 32 【1†L4-L5】."
+    script(url, browse("search", '{"query": "yarn scaling"}'), browse("open", '{"id": 0}'),
+           browse("find", '{"pattern": "factor"}'), final(answer))  # fmt: skip
+    events = list(client.responses.create(model=MODEL, input="How does gpt-oss scale RoPE?", stream=True))
+    r = events[-1].response
+    assert r.status == "completed" and r.output_text == answer
+    ws = [i for i in r.output if i.type == "web_search_call"]
+    assert [(w.status, w.action.type) for w in ws] == [
+        ("completed", "search"), ("completed", "open_page"), ("completed", "find_in_page")]  # fmt: skip
+    doc = "local://index/rope.md"
+    assert ws[0].action.query == "yarn scaling" and ws[0].action.sources[0].url == doc
+    assert ws[1].action.url == doc and (ws[2].action.url, ws[2].action.pattern) == (doc, "factor")
+    (ann,) = r.output[-1].content[0].annotations
+    start = answer.index("【")
+    assert (ann.type, ann.url, ann.start_index, ann.end_index) == (
+        "url_citation",
+        doc,
+        start,
+        len(answer) - 1,
+    )
+    # the events: each call's in order, and the annotation announced before the text is done
+    for w in ws:
+        mine = [e.type for e in events if getattr(e, "item_id", None) == w.id
+                or (e.type.startswith("response.output_item") and e.item.id == w.id)]  # fmt: skip
+        assert mine == ["response.output_item.added", "response.web_search_call.in_progress",
+                        "response.web_search_call.searching", "response.web_search_call.completed",
+                        "response.output_item.done"]  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_text.annotation.added") < kinds.index("response.output_text.done")
+    # the next turn on the chain keeps the browser's pages: the citation of cursor 1 still resolves
+    script(url, final("Again: 【1†L4】"))
+    r2 = client.responses.create(model=MODEL, previous_response_id=r.id, input="Cite it again.")
+    assert r2.output[-1].content[0].annotations[0].url == doc
+
+
+def test_web_search_is_the_browser_and_a_bad_call_is_an_answer(server, client):
+    url, _ = server
+    script(url, browse("open", '{"id": 7}'), final("No such link."))
+    r = client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search_preview"}])
+    ws = next(i for i in r.output if i.type == "web_search_call")
+    assert ws.status == "completed" and r.output_text == "No such link."  # the model read the error
+
+
+# ---------------------------------------------------------------------------------------------------- MCP
+def test_an_mcp_tool_over_stdio_from_tool_server(server, client):
+    url, _ = server
+    call_add = ("<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>analysis to=tt.add "
+                '<|constrain|>json<|message|>{"a": 2, "b": 3}<|call|>')  # fmt: skip
+    script(url, call_add, final("5."))
+    r = client.responses.create(model=MODEL, input="2+3?")
+    mc = next(i for i in r.output if i.type == "mcp_call")
+    assert (mc.server_label, mc.name, mc.arguments, mc.output, mc.status) == (
+        "tt", "add", '{"a": 2, "b": 3}', "5", "completed")  # fmt: skip
+    script(url, call_add, final("5."))
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3?"}])
+    assert (
+        '[call tt.add]\n{"a": 2, "b": 3}\n\n[result tt.add]\n5'
+        in c.choices[0].message.model_extra["reasoning"]
+    )
+
+
+def test_a_responses_mcp_tool_over_http_streams_its_events(server, client, mcp_http):
+    url, _ = server
+    tool = {"type": "mcp", "server_label": "docs", "server_url": f"{mcp_http}/mcp", "require_approval": "never",
+            "allowed_tools": ["echo.v2", "fail"]}  # fmt: skip
+    script(url, "<|channel|>analysis to=docs.echo_v2 <|constrain|>json<|message|>"
+           '{"text": "hi", "times": 2}<|call|>', "<|channel|>analysis to=docs.fail <|constrain|>json<|message|>"
+           '{"reason": "test"}<|call|>', final("Echoed."))  # fmt: skip
+    events = list(client.responses.create(model=MODEL, input="Echo hi twice.", tools=[tool], stream=True))
+    r = events[-1].response
+    lt, ok, bad = r.output[0], r.output[1], r.output[2]
+    assert lt.type == "mcp_list_tools" and sorted(t.name for t in lt.tools) == ["echo.v2", "fail"]
+    assert (ok.type, ok.server_label, ok.name, ok.output, ok.status) == ("mcp_call", "docs", "echo.v2", "hi hi",
+                                                                       "completed")  # fmt: skip
+    assert bad.status == "failed" and bad.error and "failed on purpose: test" in str(bad.error)
+
+    def of(item) -> list[str]:
+        return [e.type for e in events if getattr(e, "item_id", None) == item.id
+                or (e.type.startswith("response.output_item") and e.item.id == item.id)]  # fmt: skip
+
+    added, done = "response.output_item.added", "response.output_item.done"
+    assert of(lt) == [added, "response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed", done]
+    for item, end in ((ok, "completed"), (bad, "failed")):
+        seq = of(item)
+        deltas = seq.count("response.mcp_call_arguments.delta")
+        assert deltas >= 1 and seq == [added, "response.mcp_call.in_progress",
+                                       *["response.mcp_call_arguments.delta"] * deltas,
+                                       "response.mcp_call_arguments.done", f"response.mcp_call.{end}", done]  # fmt: skip
+    # a URL the operator did not allow, and an approval this server does not ask for: 400s naming them
+    for bad_tool, param in (
+        (dict(tool, server_url="http://127.0.0.1:9/mcp"), "tools[0].server_url"),
+        (dict(tool, require_approval="always"), "tools[0].require_approval"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input="x", tools=[bad_tool])
+        assert e.value.body["param"] == param

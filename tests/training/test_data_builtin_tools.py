@@ -20,7 +20,7 @@ from gptoss_jax.api.protocol import ChatRequest, ResponsesRequest
 from gptoss_jax.api.toolloop import continuation
 from gptoss_jax.harmony import builtin_result
 from gptoss_jax.tokenizer import decode
-from gptoss_jax.tools import BrowserTool, LocalIndex, ToolCall
+from gptoss_jax.tools import BrowserTool, ToolCall
 from gptoss_jax.training.data import DataError, read_jsonl, render
 
 DAY = "2025-08-05"  # the conversation date setting (`serve --date`, or the adapters' settings)
@@ -29,14 +29,14 @@ QUESTION = "When was Aldmere founded? And what is 37 * 91?"
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
-    """The tools as `serve --builtin-tools python --python-sandbox none` makes them (nothing runs: only their
-    declarations are rendered), and the browser over a local index."""
+    """The tools as `serve --builtin-tools python,browser --python-sandbox none --browser-index DOCS` makes
+    them (no kernel starts: the python tool's declaration is rendered, the browser searches and opens)."""
     docs = tmp_path_factory.mktemp("docs")
     (docs / "aldmere.md").write_text("# Aldmere\n\nAldmere is a river town. It was founded in 1642.\n")
     (docs / "corvale.md").write_text("# Corvale\n\nCorvale is a hill town, founded in 1710.\n")
-    args = argparse.Namespace(builtin_tools="python", python_sandbox="none")
+    args = argparse.Namespace(builtin_tools="python,browser", python_sandbox="none", browser_index=str(docs))
     made = make_tools(args)
-    made["browser"] = BrowserTool(LocalIndex(docs))
+    assert isinstance(made["browser"], BrowserTool)
     yield made
     for t in made.values():
         t.shutdown()

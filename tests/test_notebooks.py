@@ -21,6 +21,7 @@ PLOTS = {
     "04_mxfp4.ipynb": ["e8m0_scales.png", "dequantization_error.png", "memory_by_format.png"],
     "05_long_context.ipynb": ["yarn.png", "kv_memory.png", "attention_by_distance.png"],
     "06_finetuning.ipynb": ["finetune_loss.png"],  # training (issue 12); the notebook asserts its own results
+    "07_tool_use.ipynb": ["tool_use_loss.png", "tool_use_by_question.png"],  # issue 22; asserts its own rates
 }  # fmt: skip
 
 
@@ -117,3 +118,14 @@ def test_research_notebooks_show_what_they_claim(ran):
     assert "max |float32 - bf16| after decoding = 0.0" in out  # dequantization is exact in bf16
     out, _ = ran("05_long_context.ipynb")
     assert "mass beyond the window: {0: 0.0, 1: " in out and ", 2: 0.0, 3: " in out  # sliding layers 0 and 2
+
+
+def test_tool_use_notebook(ran):
+    """The fine-tuned model, served, calls python and the browser unprompted on held-out questions (the notebook
+    asserts the rates; here: the table it prints, and that the server ran the calls)."""
+    out, _ = ran("07_tool_use.ipynb")
+    assert "44 conversations: 24 arithmetic, 20 look-ups" in out
+    assert 'to=browser.search<|channel|>analysis code<|message|>{"query": ' in out  # a trained call
+    assert "python '" in out and "(completed)" in out  # code_interpreter_call items, run by the server
+    assert "held-out questions" in out and "arithmetic" in out and "look-up" in out
+    assert "server exit code 0" in out

@@ -16,6 +16,25 @@ One JSON object per line, as for OpenAI's chat fine-tuning:
   commentary preamble beside tool calls); `weight` 0 keeps a message as context only.
 - tool: answered by `functions.NAME`, the function of the call its `tool_call_id` names (or its `name`).
 
+gpt-oss's built-in tools (what `gptoss-jax serve --builtin-tools python,browser` runs itself):
+  {"builtin_tools": ["python", "browser"],
+   "messages": [{"role": "user", "content": "What is 37 * 91?"},
+                {"role": "assistant", "tool_calls": [{"id": "p1", "type": "python", "code": "print(37 * 91)"}]},
+                {"role": "tool", "tool_call_id": "p1", "content": "3367\n"},
+                {"role": "assistant", "content": "3367."}]}
+- `builtin_tools` declares them in harmony's system message, exactly as the server declares them
+  (`python_tool_config()`, python's timeout that of `serve`'s default `--python-timeout`;
+  `ToolNamespaceConfig.browser()`); harmony orders the sections, so the order given does not matter.
+- a built-in call is a `tool_calls` entry whose `type` is its recipient: `python` with its `code`,
+  `browser.search` / `browser.open` / `browser.find` with `arguments` (a JSON object, or its text). It is
+  rendered as gpt-oss writes these calls and as the server's tool loop keeps them (`harmony.builtin_call`):
+  `<|start|>assistant to=python<|channel|>analysis code<|message|>...<|call|>`; `channel` may be
+  "commentary" instead of "analysis".
+- its answer is a tool message with that call's `tool_call_id` (or, without one, `name` "python",
+  "browser.search", ...), rendered as the server renders the tool's answer (`harmony.builtin_result`: from
+  the recipient to the assistant, on the call's channel). Like all analysis, built-in calls and answers on
+  the analysis channel are dropped from the prompts after the turn's final answer.
+
 The line's shape is checked here (`check_line`); the mapping to harmony messages is `gptoss_jax.harmony`'s
 (`Chat.from_messages`), the one the server and the chat CLI use.
 
@@ -45,12 +64,30 @@ import os
 from pathlib import Path
 
 import numpy as np
+from openai_harmony import ToolNamespaceConfig
 
-from ..harmony import Chat, parse_completion_messages, resolve_date
+from ..harmony import (
+    FUNCTIONS,
+    Chat,
+    OutputParser,
+    assistant_message,
+    builtin_call,
+    builtin_result,
+    parts_to_messages,
+    recipient,
+    resolve_date,
+    tool_call_message,
+    tool_result_message,
+)
+from ..harmony.conversation import arguments_text
 from ..tokenizer import END, RETURN, get_harmony_encoding
+from ..tools.python import python_tool_config
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 THINKING = ("thinking", "reasoning", "reasoning_content")
+BUILTIN_TOOLS = ("python", "browser")  # what a line's `builtin_tools` may declare (serve --builtin-tools)
+BUILTIN_CALLS = ("python", "browser.search", "browser.open", "browser.find")  # their recipients
+BUILTIN_CONTENT_TYPE = "code"  # gpt-oss writes `to=python code`, `to=browser.search code`
 
 
 class DataError(ValueError):
@@ -77,7 +114,7 @@ def _text(v, where: str) -> str:
 
 def _check_tools(obj, where="tools") -> None:
     if not isinstance(obj, list):
-        raise ValueError(f"{where} must be a list")
+        raise ValueError(f"{where} must be a list")  # noqa: TRY004 - DataError is one kind
     for i, t in enumerate(obj):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
@@ -95,23 +132,68 @@ def _check_arguments(v, where: str) -> None:
     if isinstance(v, dict):
         return
     if not isinstance(v, str):
-        raise ValueError(f"{where} must be a JSON string")
+        raise ValueError(f"{where} must be a JSON string")  # noqa: TRY004 - DataError is one kind
     try:
         json.loads(v)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+def _builtin_tools(example: dict) -> list[str]:
+    """The line's `builtin_tools`: a list of distinct names of BUILTIN_TOOLS (none when absent)."""
+    names = example.get("builtin_tools")
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("builtin_tools must be a list of tool names")
+    for i, n in enumerate(names):
+        if n not in BUILTIN_TOOLS:
+            raise ValueError(
+                f"builtin_tools[{i}]: unknown tool {n!r} (available: {', '.join(BUILTIN_TOOLS)})"
+            )
+        if n in names[:i]:
+            raise ValueError(f"builtin_tools[{i}]: {n!r} is given twice")
+    return names
+
+
+def builtin_tool_configs(names) -> list[ToolNamespaceConfig]:
+    """harmony's declarations of built-in tools, as `serve --builtin-tools NAMES` renders them in the system
+    message (python with the default `--python-timeout`)."""
+    make = {"python": python_tool_config, "browser": ToolNamespaceConfig.browser}
+    return [make[n]() for n in names]
+
+
+def _check_builtin_call(call: dict, declared: list[str], where: str) -> None:
+    kind = call["type"]
+    if kind.partition(".")[0] not in declared:
+        raise ValueError(
+            f"{where}.type: a {kind} call needs {kind.partition('.')[0]!r} in the line's builtin_tools"
+        )
+    if call.get("channel", "analysis") not in ("analysis", "commentary"):
+        raise ValueError(f"{where}.channel must be analysis or commentary, got {call['channel']!r}")
+    if kind == "python":
+        if not isinstance(call.get("code"), str) or not call["code"]:
+            raise ValueError(f"{where}.code must be a non-empty string")
+        return
+    args = call.get("arguments")
+    if args is None:
+        raise ValueError(f"{where}.arguments: field required (a JSON object)")
+    _check_arguments(args, f"{where}.arguments")
+    if not isinstance(json.loads(args) if isinstance(args, str) else args, dict):
+        raise ValueError(f"{where}.arguments must be a JSON object")  # noqa: TRY004 - DataError is one kind
+
+
 def check_line(example) -> None:
     """The shape of one line (the fields, their types, the roles and their order); ValueError naming the
     field. What the server's request models check at its edge, for the fine-tuning format."""
     if not isinstance(example, dict):
-        raise ValueError("the line must be a JSON object with a 'messages' list")
+        raise ValueError("the line must be a JSON object with a 'messages' list")  # noqa: TRY004 - DataError is one kind
     messages = example.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     if example.get("tools") is not None:
         _check_tools(example["tools"])
+    declared = _builtin_tools(example)
     started = trained = False
     for k, m in enumerate(messages):
         at = f"messages[{k}]"
@@ -136,11 +218,19 @@ def check_line(example) -> None:
         content = None if m.get("content") is None else _text(m["content"], f"{at}.content")
         tool_calls = m.get("tool_calls") or []
         if not isinstance(tool_calls, list):
-            raise ValueError(f"{at}.tool_calls must be a list")
+            raise ValueError(f"{at}.tool_calls must be a list")  # noqa: TRY004 - DataError is one kind
         if not content and not tool_calls:
             raise ValueError(f"{at}: an assistant message needs 'content' or 'tool_calls'")
         for c, call in enumerate(tool_calls):
             cat = f"{at}.tool_calls[{c}]"
+            if isinstance(call, dict) and call.get("type") in BUILTIN_CALLS:
+                _check_builtin_call(call, declared, cat)
+                continue
+            if isinstance(call, dict) and call.get("type", "function") != "function":
+                raise ValueError(
+                    f"{cat}.type must be function or a built-in call ({', '.join(BUILTIN_CALLS)}), "
+                    f"got {call['type']!r}"
+                )
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ValueError(f"{cat}.function.name must be a non-empty string")
@@ -149,21 +239,102 @@ def check_line(example) -> None:
         raise ValueError("no assistant message to train on")
 
 
+def _with_builtin_calls(messages: list, tools) -> tuple[list, list[int]]:
+    """The messages with built-in calls and their answers as harmony messages (which `Chat.from_messages`
+    takes as they are), and for each item the index of the message it came from.
+
+    An assistant message that makes a built-in call becomes all harmony messages: its reasoning, its text
+    (a commentary preamble), then its calls in order, a function call as the mapping renders it
+    (`tool_call_message`). A tool message answering one of that message's calls becomes harmony's too
+    (the mapping no longer knows those call ids); every other message is left to the mapping."""
+    functions = {c.get("function", {}).get("name") for c in tools or []} if tools else set()
+    items, origin = [], []
+    calls: dict = {}  # call id -> ("builtin", recipient, channel) | ("function", name, None), converted ones
+    last_channel: dict[str, str] = {}  # recipient -> the channel of its latest call
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and any(
+            c.get("type") in BUILTIN_CALLS for c in m.get("tool_calls") or []
+        ):
+            out = []
+            thinking = next((m[f] for f in THINKING if m.get(f) is not None), None)
+            if thinking:
+                out.append(assistant_message(_text(thinking, ""), "analysis"))
+            if m.get("content"):
+                out.append(assistant_message(_text(m["content"], ""), "commentary"))
+            for c in m["tool_calls"]:
+                if c.get("type") in BUILTIN_CALLS:
+                    to, channel = c["type"], c.get("channel", "analysis")
+                    text = c["code"] if to == "python" else arguments_text(c["arguments"])
+                    out.append(builtin_call(to, text, channel, BUILTIN_CONTENT_TYPE))
+                    calls[c.get("id")] = ("builtin", to, channel)
+                    last_channel[to] = channel
+                else:
+                    fn = c["function"]
+                    out.append(tool_call_message(fn["name"], arguments_text(fn.get("arguments"))))
+                    calls[c.get("id")] = ("function", fn["name"], None)
+            calls.pop(None, None)
+            items += out
+            origin += [k] * len(out)
+            continue
+        if m["role"] == "tool":
+            call_id, name = m.get("tool_call_id"), m.get("name")
+            text = _text(m["content"], "")
+            if call_id is None and name in BUILTIN_CALLS and name in last_channel:
+                if name in functions:
+                    raise ValueError(
+                        f"messages[{k}]: name {name!r} is both a built-in call and a function; give tool_call_id"
+                    )
+                items.append(builtin_result(name, text, last_channel[name]))
+                origin.append(k)
+                continue
+            if call_id in calls:
+                kind, to, channel = calls[call_id]
+                items.append(
+                    builtin_result(to, text, channel) if kind == "builtin" else tool_result_message(to, text)
+                )
+                origin.append(k)
+                continue
+            if call_id is None and name in BUILTIN_CALLS and name not in functions:
+                raise ValueError(f"messages[{k}]: a {name} answer before any {name} call")
+        items.append(m)
+        origin.append(k)
+    return items, origin
+
+
 def to_chat(example: dict, *, reasoning_effort: str = "medium") -> tuple[Chat, list[int]]:
     """One line -> (the conversation as the harmony mapping gives it, per message of it: 1 for a trained
     assistant message, 0 for context). ValueError naming the field for anything malformed."""
     check_line(example)
     messages = example["messages"]
-    chat = Chat.from_messages(messages, example.get("tools"), reasoning_effort=reasoning_effort)
-    trained = [
-        int(messages[k]["role"] == "assistant" and messages[k].get("weight", 1) == 1) for k in chat.sources
-    ]
+    items, origin = _with_builtin_calls(messages, example.get("tools"))
+    chat = Chat.from_messages(items, example.get("tools"), reasoning_effort=reasoning_effort)
+    chat.system_tools = builtin_tool_configs(_builtin_tools(example))
+    sources = [origin[k] for k in chat.sources]
+    trained = [int(messages[k]["role"] == "assistant" and messages[k].get("weight", 1) == 1) for k in sources]
+    chat.sources = sources
     return chat, trained
 
 
 def _ends_turn(msg) -> bool:
     # the model stops after a tool call (<|call|>) or a final answer (<|return|>)
     return msg.recipient is not None or msg.channel == "final"
+
+
+def parse_back(tokens: list[int]) -> list:
+    """A generated turn as the server takes it back: the parser's parts as harmony messages, a call of a
+    built-in tool as the tool loop keeps it (its channel and content type, `harmony.builtin_call`)."""
+    parser = OutputParser(log_problems=False)
+    for t in tokens:
+        parser.feed(t)
+    parser.finish()
+    out = []
+    for p in parser.parts:
+        if p.type == "tool_call" and p.namespace != FUNCTIONS:
+            to = recipient(p.namespace or None, p.name)
+            out.append(builtin_call(to, p.text, p.channel or "commentary", p.content_type))
+        else:
+            out += parts_to_messages([p])
+    return out
 
 
 def render(
@@ -194,7 +365,7 @@ def render(
         # the history before this turn, as the server renders it for a request that ends there
         history = Chat(
             messages=body[:i], instructions=chat.instructions, tools=chat.tools,
-            reasoning_effort=chat.reasoning_effort,
+            reasoning_effort=chat.reasoning_effort, system_tools=chat.system_tools,
         )  # fmt: skip
         prompt = history.prompt_tokens(day)
         toks, wts = [], []
@@ -208,7 +379,7 @@ def render(
             toks += t
             wts += [trained[k]] * len(t)
         if any(wts):
-            if parse_completion_messages(toks) != body[i:j]:
+            if parse_back(toks) != body[i:j]:
                 raise ValueError(
                     f"messages[{chat.sources[i]}]: its rendering does not parse back to it (a tool name "
                     "or text that breaks harmony's message header?)"

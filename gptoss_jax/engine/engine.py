@@ -159,8 +159,8 @@ class Engine:
     the cache faster. prefix_cache: reuse the KV of earlier sequences' prefixes (exact; see
     `engine.scheduler`). max_top_logprobs: the most alternatives a request may ask for (compiled in).
     detokenize: stream text and allow stop strings (o200k_harmony). seq_buckets (decode rows per data shard)
-    and token_buckets (tokens of a prefill chunk): the compiled sizes, default powers of two up to the
-    limit; every call is padded to the next one, and `warmup` compiles each reachable combination
+    and token_buckets (tokens of a prefill chunk): the compiled sizes, by default powers of two (rows, from 1)
+    and of four (chunk tokens, from 16) up to the limit; every call is padded to the next one, and `warmup` compiles each reachable combination
     (`Scheduler.shapes`: at most len(seq_buckets) x (1 + len(token_buckets)), whatever the context).
     block_sizes: the paged attention's blocks (`kernels.paged_attention.BlockSizes`).
     adapters: LoRA adapters served beside the base, {name: PEFT folder or (arrays, LoraConfig)}; a request

@@ -71,14 +71,16 @@ from .requests import RequestHandle, Result, TextStream, TokenEvent, allowed_mas
 COPIES = 2  # page copies per lane and call: one copy-on-write (a full and a sliding page) per step
 
 
-def buckets(limit: int, smallest: int = 1, given=None, name: str = "buckets") -> tuple[int, ...]:
-    """The compiled sizes of one dimension, up to `limit`: by default powers of two from `smallest`, then
-    `limit`; `given` sizes are taken as they are (capped at `limit`, which is always added)."""
+def buckets(
+    limit: int, smallest: int = 1, given=None, name: str = "buckets", factor: int = 2
+) -> tuple[int, ...]:
+    """The compiled sizes of one dimension, up to `limit`: by default powers of `factor` from `smallest`,
+    then `limit`; `given` sizes are taken as they are (capped at `limit`, which is always added)."""
     if given is None:
         out, n = [], max(1, smallest)
         while n < limit:
             out.append(n)
-            n *= 2
+            n *= factor
         return (*out, limit)
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in given):
         raise ValueError(f"{name} must be positive integers, got {given!r}")
@@ -202,7 +204,9 @@ class Scheduler:
         self.per_block = self.has_full + self.has_sliding  # pages a new block takes
         self.max_blocks = math.ceil(max_context / page_size)
         self.seq_buckets = buckets(self.slots_per_lane, 1, seq_buckets, "seq_buckets")
-        self.token_buckets = buckets(chunk, min(16, chunk), token_buckets, "token_buckets")
+        # chunk tokens go by powers of 4 (16, 64, 256, chunk): every bucket is a program per decode bucket, and
+        # the compile of each is what `serve`'s start waits for; a chunk pads to at most 4x its tokens
+        self.token_buckets = buckets(chunk, min(16, chunk), token_buckets, "token_buckets", factor=4)
         self.waiting: list[Seq] = []
         self.running: dict[int, Seq] = {}  # slot -> seq
         self.lane = [Lane(range(ln * self.pages_per_lane, (ln + 1) * self.pages_per_lane),

@@ -291,3 +291,11 @@ def test_serve_with_adapters_returns_the_learned_tool_calls(learned, chat_base, 
         assert stop_server(proc) == 0
     log = (tmp_path / "serve.log").read_text()
     assert "prompt settings of the adapters (" in log and "no conversation date" in log and "overrides" not in log
+
+
+def test_rows_of_1024_tokens_and_more_have_a_gradient(chat_base, chat_data, tmp_path):
+    """From 1024 keys the attention takes its blocked path (`_kv_blocked`); fine-tuning there once failed
+    (a loop with data bounds has no reverse-mode derivative). Rows of 1056 tokens: the loss goes down."""
+    train = TrainConfig(learning_rate=5e-3, steps=2, batch_size=1, seq_len=1056, pack=True)
+    res = finetune(chat_base, chat_data, tmp_path / "long", train=train, dtype="float32", quiet=True)
+    assert np.all(np.isfinite(res.losses)) and res.losses[1] < res.losses[0]

@@ -493,3 +493,35 @@ def test_evicted_conversations_close_their_tools_state():
     assert closed == [] and store.conversation("r2") == "conv-a"
     store.put("r4", Chat(), {}, None)  # r2 evicted: conv-a has no stored response left
     assert closed == ["conv-a"] and store.conversation("r2") is None
+
+
+def test_hostile_code_is_contained_and_the_server_keeps_serving(server, client):
+    """Through the server: a call that reads the environment, looks for the network and prints 100 MB gets a
+    clear answer (no key, only its own loopback, the output stopped), and another request is served while it
+    runs."""
+    url, _ = server
+    code = (
+        "import os, socket, time\n"
+        "print(sorted(k for k in os.environ if 'KEY' in k or 'GPTOSS' in k))\n"
+        "print(socket.if_nameindex())\n"
+        "time.sleep(6)\n"
+        "print('x' * 100_000_000)"
+    )
+    script(url, call(code))
+    box: dict = {}
+    worker = threading.Thread(
+        target=lambda: box.setdefault("r", client.responses.create(model=MODEL, input="Go.", max_output_tokens=400))
+    )  # fmt: skip
+    worker.start()
+    time.sleep(2.0)  # its script taken, the kernel starting or running the cell (it sleeps 6 s, then prints)
+    script(url, final("Still here."))
+    other = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert other.choices[0].message.content == "Still here." and worker.is_alive()
+    script(url, final("Contained."))
+    worker.join(120)
+    r = box["r"]
+    logs = next(i for i in r.output if i.type == "code_interpreter_call").outputs[0].logs
+    assert r.output_text == "Contained."
+    assert "[]" in logs and KEY not in logs  # no key, no server variable
+    assert "(1, 'lo')" in logs and "eth" not in logs  # its own loopback only
+    assert "characters printed: the rest was dropped" in logs and len(logs) < 30_000

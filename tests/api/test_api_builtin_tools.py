@@ -9,10 +9,8 @@ One server per module; each generation of the loop takes the next script of the 
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -71,24 +69,11 @@ gpt-oss uses YaRN scaling with a factor of 32.
 @pytest.fixture(scope="module")
 def mcp_http():
     """The test MCP server over streamable HTTP on a free port of 127.0.0.1 -> its base URL."""
-    import uvicorn
-
     spec = importlib.util.spec_from_file_location("mcp_test_server", MCP_SERVER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = module.build_server("Test Tools").streamable_http_app()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test MCP server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with module.http_in_thread(module.build_server("Test Tools").streamable_http_app()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,19 @@ search/fetch pair over a few in-memory documents (the browser's MCP backend).
 
     python tests/tools/mcp_server.py            # serve over stdio (what `connect("python .../mcp_server.py")` runs)
     build_server().streamable_http_app()        # the same tools over streamable HTTP (the tests run it in a thread)
+    with http_in_thread(app) as url: ...        # an ASGI app served on a free port of 127.0.0.1, in a thread
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import sys
+import threading
+import time
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -106,6 +111,28 @@ def build_server(name: str = "Test Tools") -> MCPServer:
         return json.dumps({"id": id, "title": title, "text": text, "url": ids[id], "metadata": None})
 
     return server
+
+
+@contextlib.contextmanager
+def http_in_thread(app, start_timeout_s: float = 20.0):
+    """Serves the ASGI `app` with uvicorn on a free port of 127.0.0.1, in a thread -> its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test MCP server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ from pathlib import Path
 import openai_harmony as oh
 import psutil
 import pytest
-import uvicorn
 from conftest import assert_one_line
-from mcp_server import DOCUMENTS, INSTRUCTIONS, build_server
+from mcp_server import DOCUMENTS, INSTRUCTIONS, build_server, http_in_thread
 from openai.types.responses.response_output_item import McpCall, McpListTools
 
 from gptoss_jax.tokenizer import get_harmony_encoding
@@ -86,18 +85,8 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def http_url():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(_http_app(), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test MCP server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with http_in_thread(_http_app()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

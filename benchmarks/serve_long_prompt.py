@@ -56,10 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", action="store_true", help="the CPU benchmark checkpoint, not the demo's")
     args = ap.parse_args(argv)
 
-    import jax
     import openai
 
-    from benchmarks.cpu_vs_transformers import bench_config, cpu_model
+    from benchmarks.cpu_vs_transformers import bench_config
     from gptoss_jax.checkpoint.synthetic import write_checkpoint
     from gptoss_jax.demo import demo_config
 

@@ -146,7 +146,8 @@ def report(args, argv, cfg, ckpt, cmd, ready, m) -> int:
     print(f"model     {ckpt.name}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts top-"
           f"{cfg.experts_per_token}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")  # fmt: skip
     print(f"server    {shlex.join(['gptoss-jax', *cmd[3:4], 'CKPT', *cmd[5:]])} (default flags)\n")
-    print(f"ready (start -> /health 200)             {ready:8.1f} s (warm-up {m.get('warmup_seconds', float('nan')):.1f} s)")
+    warm = m.get("warmup_seconds", float("nan"))
+    print(f"ready (start -> /health 200)             {ready:8.1f} s (warm-up {warm:.1f} s)")
     return 0
 
 

@@ -214,6 +214,8 @@ class Engine:
         self._in_flight: dict[int, list[RequestHandle]] = {}  # adapter key -> its requests not done
         self._key_names = {r.key: n for n, r in self.pool.resident.items()} if self.pool is not None else {}
         self._adapter_requests: collections.Counter[str] = collections.Counter()
+        self._ones: dict[int, np.ndarray] = {}  # rows -> the masks a call leaves out (`_with_defaults`)
+        self._zeros: dict[int, np.ndarray] = {}
         if num_pages is None and kv_memory is None:
             kv_memory = self._default_budget(max_seqs, max_context, page_size, memory_fraction,
                                              seq_buckets, token_buckets, budget)  # fmt: skip
@@ -235,8 +237,6 @@ class Engine:
         self._inbox: collections.deque = collections.deque()
         self._work = threading.Event()
         self._ids, self._arrivals = itertools.count(), itertools.count()
-        self._ones: dict[int, np.ndarray] = {}
-        self._zeros: dict[int, np.ndarray] = {}
         self._rate: collections.deque = collections.deque()  # (time, generated tokens) per step
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -274,17 +274,13 @@ class Engine:
                         max_top=self.max_top_logprobs, seq_buckets=seq_buckets,
                         token_buckets=token_buckets)  # fmt: skip
         n_dec, T = max(sch.shapes(), key=lambda sh: sh[0] + sh[1])
-        a = sch.empty_call(n_dec, T)
-        a["mask"] = np.full((len(a["n_new"]), -(-cfg.vocab_size // 8)), 255, np.uint8)
-        a["seen"] = np.zeros_like(a["mask"])
+        layout = paged_layout(cfg, num_pages=lanes, page_size=page_size)
+        n = len(layout) // 2
         with self._on_mesh():
-            layout = paged_layout(cfg, num_pages=lanes, page_size=page_size)
-            n = len(layout) // 2
             spec = {k: jax.ShapeDtypeStruct(sh, dt, sharding=cache_sharding(ax, sh))
                     for k, (sh, dt, ax) in layout.items()}  # fmt: skip
-            kv = (tuple(spec[f"k.{e}"] for e in range(n)), tuple(spec[f"v.{e}"] for e in range(n)))
-            compiled = _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, kv,
-                                  a, self._lora()).compile()  # fmt: skip
+        kv = (tuple(spec[f"k.{e}"] for e in range(n)), tuple(spec[f"v.{e}"] for e in range(n)))
+        compiled = self._compile(self._with_defaults(sch.empty_call(n_dec, T)), kv)
         analysis = compiled.memory_analysis()
         return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
 
@@ -440,11 +436,13 @@ class Engine:
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
-    def _compile(self, a: dict) -> None:
-        """Compiles the step for call `a`'s shapes (into jit's cache; nothing runs)."""
+    def _compile(self, a: dict, kv=None):
+        """The step compiled for call `a`'s shapes (into jit's cache; nothing runs), over the pool's buffers
+        or `kv` (buffers or their shapes)."""
+        kv = self._kv if kv is None else kv
         with self._on_mesh():  # the mesh context is per thread
-            _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, self._kv, a,
-                       self._lora()).compile()  # fmt: skip
+            return _run.lower(self._graphdef, self.max_top_logprobs, self.block_sizes, self._state, kv, a,
+                              self._lora()).compile()  # fmt: skip
 
     def metrics(self) -> Metrics:
         with self._lock:  # a consistent snapshot: waits for a step in flight

@@ -583,7 +583,6 @@ def _chat_turn(args, model, session, prompt: list[int], turn: int, tools: dict) 
     import asyncio
 
     from . import harmony
-    from .api.toolloop import call_recipient
     from .tools import ToolCall
 
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -597,13 +596,13 @@ def _chat_turn(args, model, session, prompt: list[int], turn: int, tools: dict) 
             return
         calls += 1
         part, tool = call
-        to = call_recipient(part)
+        to = harmony.part_recipient(part)
         result = asyncio.run(tool.call(ToolCall(to, part.text, session.conversation)))
         label, style = _LABELS["tool_result"]
         label = label.format(name=to)
         print(f"{style}{label}" if color else label, end="", flush=True)
         print(result.text.rstrip("\n") + ("\033[0m" if color else ""), flush=True)
-        session.chat.messages.append(harmony.builtin_result(to, result.text, part.channel or "commentary"))
+        session.chat.messages.append(harmony.run_result_message(part, result.text))
         prompt = session.prompt_tokens()
 
 
@@ -611,7 +610,7 @@ def _chat_generate(args, model, session, prompt: list[int], turn: int, color: bo
     """One generation, shown as it streams and added to the history -> (part, tool) of a call of --tools
     to run (the reply's last message, ended by <|call|>), else None."""
     from . import harmony, tokenizer
-    from .api.toolloop import call_recipient, tool_of
+    from .api.toolloop import tool_of
     from .generate import generate
 
     stop = tokenizer.stop_tokens_for_assistant_actions()
@@ -629,7 +628,7 @@ def _chat_generate(args, model, session, prompt: list[int], turn: int, color: bo
                 label, style = _LABELS[part.type]
                 if shown[0] is not None:
                     print("\033[0m" if color else "", flush=True)  # end the previous part's line and style
-                name = part.name if part.namespace in (harmony.FUNCTIONS, None) else call_recipient(part)
+                name = part.name if part.namespace in (harmony.FUNCTIONS, None) else harmony.part_recipient(part)
                 label = label.format(name=name)
                 print(f"{style}{label}" if color else label, end="", flush=True)
                 shown[0] = part
@@ -658,8 +657,7 @@ def _chat_generate(args, model, session, prompt: list[int], turn: int, color: bo
     # the call as the model wrote it (its channel kept), the rest as the server stores it
     for p in parser.parts:
         if tool is not None and p is last:
-            session.chat.messages.append(harmony.builtin_call(call_recipient(p), p.text, p.channel or "commentary",
-                                                              p.content_type))  # fmt: skip
+            session.chat.messages.append(harmony.run_call_message(p))
         else:
             session.add_parts([p])
     return (last, tool) if tool is not None else None

@@ -29,7 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ..harmony import FUNCTIONS, Part, builtin_call, builtin_result, parts_to_messages, recipient
+from ..harmony import FUNCTIONS, Part, part_recipient, parts_to_messages, run_call_message, run_result_message
 from ..tokenizer import CALL, START, encode, get_harmony_encoding
 from ..tools.base import Tool, ToolCall, ToolResult
 from .run import Choice, run_choice
@@ -52,10 +52,6 @@ def tool_of(part: Part, tools: dict[str, Tool]) -> Tool | None:
     return tools.get(part.namespace or part.name)
 
 
-def call_recipient(part: Part) -> str:
-    return recipient(part.namespace or None, part.name)
-
-
 @dataclasses.dataclass
 class ToolRun:
     """One call of a tool the server runs: the part the model wrote, the tool, and what came of it."""
@@ -67,7 +63,7 @@ class ToolRun:
 
     @property
     def recipient(self) -> str:
-        return call_recipient(self.part)
+        return part_recipient(self.part)
 
 
 class ToolLoop:
@@ -144,7 +140,7 @@ class ToolLoop:
             call = self.pending_call()
             for p in c.parser.parts:
                 is_call = call is not None and p is call.part
-                self.messages += [self._call_message(p)] if is_call else parts_to_messages([p])
+                self.messages += [run_call_message(p)] if is_call else parts_to_messages([p])
             spent = self.output_tokens
             if call is not None and spent >= self.budget:  # nothing left to go on with: not run (nor kept)
                 self.out_of_budget = True
@@ -171,7 +167,7 @@ class ToolLoop:
                     ToolCall(call.recipient, call.part.text, self.conversation)
                 )
             yield "result", call
-            answer = builtin_result(call.recipient, call.result.text, call.part.channel or "commentary")
+            answer = run_result_message(call.part, call.result.text)
             self.messages.append(answer)
             prompt = self.prompts[-1] + c.tokens + continuation(answer)
             left = min(self.budget - spent, self.context - len(prompt))
@@ -180,11 +176,6 @@ class ToolLoop:
                 return
             self.prompts.append(prompt)
             self.choices.append(self.make_choice(left))
-
-    @staticmethod
-    def _call_message(part: Part):
-        """The call as the model wrote it: its channel (analysis, usually) and content type kept."""
-        return builtin_call(call_recipient(part), part.text, part.channel or "commentary", part.content_type)
 
 
 def close_later(tools: dict[str, Tool], conversation: str) -> None:

@@ -520,6 +520,22 @@ def builtin_result(recipient_: str, text: str, channel: str = "analysis") -> Mes
     return Message.from_author_and_content(author, text).with_channel(channel).with_recipient("assistant")
 
 
+def part_recipient(part: Any) -> str:
+    """Whom a parsed tool-call part addresses: `NAMESPACE.NAME`, or NAME alone (`python`)."""
+    return recipient(part.namespace or None, part.name)
+
+
+def run_call_message(part: Any) -> Message:
+    """A parsed call of a tool the server (or the chat CLI) runs, as the model wrote it: its channel
+    (analysis, usually; commentary when it had none) and content type kept."""
+    return builtin_call(part_recipient(part), part.text, part.channel or "commentary", part.content_type)
+
+
+def run_result_message(part: Any, text: str) -> Message:
+    """The answer of the tool that `part` called, on the call's channel."""
+    return builtin_result(part_recipient(part), text, part.channel or "commentary")
+
+
 def builtin_call_messages(item: Any) -> list[Message]:
     """A Responses item of a tool the server ran, sent back by a client: the call and the tool's answer.
     `code_interpreter_call`: the code to `python`, its logs as the answer; `mcp_call`: the arguments to

@@ -74,8 +74,8 @@ from ..harmony import (
     builtin_call,
     builtin_result,
     parts_to_messages,
-    recipient,
     resolve_date,
+    run_call_message,
     tool_call_message,
     tool_result_message,
 )
@@ -322,7 +322,7 @@ def _ends_turn(msg) -> bool:
 
 def parse_back(tokens: list[int]) -> list:
     """A generated turn as the server takes it back: the parser's parts as harmony messages, a call of a
-    built-in tool as the tool loop keeps it (its channel and content type, `harmony.builtin_call`)."""
+    built-in tool as the tool loop keeps it (its channel and content type, `harmony.run_call_message`)."""
     parser = OutputParser(log_problems=False)
     for t in tokens:
         parser.feed(t)
@@ -330,8 +330,7 @@ def parse_back(tokens: list[int]) -> list:
     out = []
     for p in parser.parts:
         if p.type == "tool_call" and p.namespace != FUNCTIONS:
-            to = recipient(p.namespace or None, p.name)
-            out.append(builtin_call(to, p.text, p.channel or "commentary", p.content_type))
+            out.append(run_call_message(p))
         else:
             out += parts_to_messages([p])
     return out

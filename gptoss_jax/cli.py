@@ -361,7 +361,7 @@ def _config(args):
 
 def _sample_kw(args) -> dict:
     kw = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "seed": args.seed, "cache_length": args.max_context}  # fmt: skip
+          "top_k": args.top_k, "seed": args.seed, "cache_length": args.max_context}  # fmt: skip
     # passed only when set, so generate() keeps its own defaults (off)
     kw.update({k: v for k in ("min_p", "repetition_penalty") if (v := getattr(args, k)) is not None})
     return kw
